@@ -1,0 +1,180 @@
+"""Every error a user can meet, with the code and HTTP status DESIGN.md assigns it.
+
+Each class carries a stable ``code`` (what clients branch on), an HTTP ``status``
+(what the server answers), a message that says how to fix the problem, and
+structured ``details``. Where a built-in exception fits, it is a base too, so plain
+Python callers can ``except TimeoutError`` without knowing this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RbeeError(Exception):
+    """Base of all rbee errors: ``code``, ``status``, ``message``, ``details``."""
+
+    code: str = "INTERNAL_ERROR"
+    status: int = 500
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None, code: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details or {})
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON body of an HTTP error: ``{"error": {"code", "message", "details"}}``."""
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+    def __reduce__(self):  # keep code/details across process boundaries (pickling)
+        return (_rebuild, (type(self), self.message, self.details, self.code, self.status))
+
+
+def _rebuild(cls, message, details, code, status):
+    return cls(message, details=details, code=code, status=status)
+
+
+# --- bad input (400) -----------------------------------------------------------------
+
+class InvalidRequest(RbeeError, ValueError):
+    """A request body, query argument or option is malformed or out of range."""
+    code, status = "INVALID_REQUEST", 400
+
+
+class InvalidModelRef(InvalidRequest):
+    """A model reference is not one of the accepted forms."""
+    code = "INVALID_MODEL_REF"
+
+
+class DeviceNotAvailable(InvalidRequest):
+    """A device was asked for that this machine does not have (never a silent CPU fall back)."""
+    code = "DEVICE_NOT_AVAILABLE"
+
+
+class ContextTooLong(InvalidRequest):
+    """The prompt does not fit the model's context window."""
+    code = "CONTEXT_TOO_LONG"
+
+
+class InvalidCheckpoint(InvalidRequest):
+    """A model folder lacks config.json or safetensors, or a file in it is corrupt."""
+    code = "INVALID_CHECKPOINT"
+
+
+# --- auth (403) ----------------------------------------------------------------------
+
+class AccessDenied(RbeeError, PermissionError):
+    """The hub refused (private or gated repo), or the caller may not touch this job."""
+    code, status = "ACCESS_DENIED", 403
+
+
+# --- not found (404) -----------------------------------------------------------------
+
+class NotFound(RbeeError, LookupError):
+    """Base of the 404s."""
+    code, status = "NOT_FOUND", 404
+
+
+class ModelNotFound(NotFound):
+    """The repository (or local folder) does not exist."""
+    code = "MODEL_NOT_FOUND"
+
+
+class RevisionNotFound(NotFound):
+    """The repository exists but not at that branch, tag or commit."""
+    code = "REVISION_NOT_FOUND"
+
+
+class JobNotFound(NotFound):
+    """No job (download, load, inference) with that id, or it was dropped after expiry."""
+    code = "JOB_NOT_FOUND"
+
+
+class WorkerNotFound(NotFound):
+    """No worker with that id."""
+    code = "WORKER_NOT_FOUND"
+
+
+# --- time (408) ----------------------------------------------------------------------
+
+class LoadingTimeout(RbeeError, TimeoutError):
+    """Loading took longer than the configured timeout."""
+    code, status = "LOADING_TIMEOUT", 408
+
+
+class DownloadStalled(RbeeError, TimeoutError):
+    """No bytes arrived for the stall window, on every retry."""
+    code, status = "DOWNLOAD_STALLED", 408
+
+
+class InferenceStalled(RbeeError, TimeoutError):
+    """Generation produced nothing for too long."""
+    code, status = "INFERENCE_STALLED", 408
+
+
+# --- conflict (409) ------------------------------------------------------------------
+
+class Conflict(RbeeError):
+    """The request clashes with the current state (e.g. deleting a loaded model)."""
+    code, status = "CONFLICT", 409
+
+
+class ModelNotLoaded(Conflict):
+    """Inference asked for a model no worker holds."""
+    code = "MODEL_NOT_LOADED"
+
+
+# --- cancelled (499) -----------------------------------------------------------------
+
+class Cancelled(RbeeError):
+    """The job was cancelled by a user or because its client went away."""
+    code, status = "CANCELLED", 499
+
+
+# --- failures of the work itself (500/502) ------------------------------------------
+
+class ChecksumMismatch(RbeeError):
+    """A downloaded file's hash differs from the one the hub publishes, on every retry."""
+    code, status = "CHECKSUM_MISMATCH", 502
+
+
+class DownloadFailed(RbeeError):
+    """The transfer failed for a reason other than those above, after retries."""
+    code, status = "DOWNLOAD_FAILED", 502
+
+
+class WorkerDied(RbeeError):
+    """The worker process exited while it had work (crash, OOM kill, SIGKILL)."""
+    code, status = "WORKER_DIED", 500
+
+
+class OutOfMemory(RbeeError, MemoryError):
+    """A device ran out of memory while loading or generating."""
+    code, status = "OUT_OF_MEMORY", 507
+
+
+# --- busy / capacity (503, 507) ------------------------------------------------------
+
+class WorkerBusy(RbeeError):
+    """The worker's queue is full; try again or load a second worker."""
+    code, status = "WORKER_BUSY", 503
+
+
+class InsufficientDisk(RbeeError, OSError):
+    """The cache folder's disk cannot hold the download."""
+    code, status = "INSUFFICIENT_DISK", 507
+
+
+class InsufficientVram(RbeeError):
+    """The placement plan does not fit the devices' free memory."""
+    code, status = "INSUFFICIENT_VRAM", 507
+
+
+class InsufficientRam(RbeeError):
+    """A CPU load would not fit the host's available memory."""
+    code, status = "INSUFFICIENT_RAM", 507
