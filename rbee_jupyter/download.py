@@ -1,0 +1,427 @@
+"""Hub downloads with whole-repository byte progress, resume, stall detection and checks.
+
+huggingface_hub does the HTTP (its session, headers, token and endpoint handling, and
+its mapping of hub errors); this module decides *which* files, streams each one into
+the hub cache layout (``models--org--repo/blobs``, ``snapshots/<sha>``, ``refs``) so
+transformers finds them, and reports bytes as they arrive.
+
+Why not ``snapshot_download``: its progress hook does not see per-file bytes, it cannot
+be cancelled mid-file, and it drops a partial file on failure. Here a partial file lives
+next to its blob as ``<blob>.rbee-incomplete`` and every retry (and a restarted server)
+resumes from it with a ``Range`` request; it is deleted on cancel or final failure, and
+only renamed into place once its size and hash match what the hub publishes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+from huggingface_hub import HfApi
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.file_download import hf_hub_url, repo_folder_name
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+from . import __version__
+from .errors import (AccessDenied, Cancelled, ChecksumMismatch, DownloadFailed, DownloadStalled,
+                     InsufficientDisk, ModelNotFound, RbeeError, RevisionNotFound)
+from .events import DownloadProgress
+from .refs import ModelRef
+
+try:  # huggingface_hub >= 2 ships its own fork of httpx
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - older huggingface_hub
+    import httpx as _http
+
+_SKIP_WHEN_SAFETENSORS = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ot", ".ckpt", ".gguf")
+_TOKENIZER_AND_CONFIG = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    """One file of a repository at a commit, with what the hub says it must hash to."""
+
+    path: str
+    size: int
+    git_oid: str
+    sha256: str | None = None
+
+    @property
+    def etag(self) -> str:
+        """The blob name huggingface_hub uses in its cache (sha256 for LFS, git oid otherwise)."""
+        return self.sha256 or self.git_oid
+
+
+@dataclass
+class DownloadPlan:
+    """What one download will fetch: resolved before the first byte so totals are known."""
+
+    ref: ModelRef
+    commit: str
+    files: list[RepoFile]
+    repo_dir: Path
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.repo_dir / "snapshots" / self.commit
+
+    def blob(self, f: RepoFile) -> Path:
+        return self.repo_dir / "blobs" / f.etag
+
+
+def select_files(paths: list[str], gguf_file: str | None = None) -> list[str]:
+    """The files loading needs: weights in one format, config and tokenizer.
+
+    safetensors win over every other weight format; a ``.gguf`` is fetched only when
+    the ref names it. Docs, images and other formats' weights are skipped.
+    """
+    def is_meta(p: str) -> bool:
+        name = p.rsplit("/", 1)[-1]
+        return name.endswith(_TOKENIZER_AND_CONFIG) and not name.startswith(".") and name not in (
+            "requirements.txt",)
+
+    if gguf_file is not None:
+        return [p for p in paths if p == gguf_file or ("/" not in p and is_meta(p))]
+    has_safetensors = any(p.endswith(".safetensors") for p in paths)
+    chosen = []
+    for p in paths:
+        if p.endswith(".safetensors") or p.endswith(".safetensors.index.json"):
+            chosen.append(p)
+        elif p.endswith(_SKIP_WHEN_SAFETENSORS):
+            if not has_safetensors and not p.endswith(".gguf") and "/" not in p:
+                chosen.append(p)
+        elif is_meta(p):
+            chosen.append(p)
+    return chosen
+
+
+class ByteMeter:
+    """Whole-repository byte counter that only grows, with a windowed speed and a throttle.
+
+    A file that must be fetched again (bad hash) does not move the total back: each
+    file counts its high-water mark, so ``bytes_downloaded`` is monotonic.
+    """
+
+    def __init__(self, plan: DownloadPlan, emit: Callable[[DownloadProgress], None], *,
+                 min_interval_s: float = 0.1, window_s: float = 3.0) -> None:
+        self.total = plan.bytes_total
+        self.files_total = len(plan.files)
+        self.files_done = 0
+        self._emit = emit
+        self._current: dict[str, int] = {}
+        self._best: dict[str, int] = {}
+        self._reported = 0
+        self._samples: deque[tuple[float, int]] = deque()
+        self._min_interval = min_interval_s
+        self._window = window_s
+        self._last_emit = 0.0
+        self._file: str | None = None
+
+    @property
+    def bytes_downloaded(self) -> int:
+        return self._reported
+
+    def set(self, path: str, nbytes: int) -> None:
+        """The file at ``path`` now holds ``nbytes`` on disk."""
+        self._file = path
+        self._current[path] = nbytes
+        if nbytes > self._best.get(path, 0):
+            self._reported += nbytes - self._best.get(path, 0)
+            self._best[path] = nbytes
+        self.tick()
+
+    def file_done(self, path: str, size: int) -> None:
+        self.set(path, size)
+        self.files_done += 1
+        self.tick(force=self.files_done == self.files_total)
+
+    def speed_mbps(self, now: float) -> float:
+        samples = self._samples
+        samples.append((now, self._reported))
+        while len(samples) > 2 and now - samples[0][0] > self._window:
+            samples.popleft()
+        t0, b0 = samples[0]
+        return round((self._reported - b0) * 8 / 1e6 / (now - t0), 3) if now > t0 else 0.0
+
+    def tick(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_emit < self._min_interval:
+            return
+        self._last_emit = now
+        self._emit(DownloadProgress(bytes_downloaded=self._reported, bytes_total=self.total,
+                                    speed_mbps=self.speed_mbps(now), files_done=self.files_done,
+                                    files_total=self.files_total, file=self._file))
+
+
+@dataclass
+class Downloader:
+    """Fetches hub repositories into ``cache_dir`` (huggingface_hub's cache layout).
+
+    Thread-based: ``resolve`` and ``fetch`` block, so the hive runs them in threads.
+    """
+
+    cache_dir: Path
+    endpoint: str | None = None
+    token: str | None = None
+    stall_s: float = 60.0
+    retries: int = 6
+    backoff_s: float = 0.5
+    disk_reserve_bytes: int = 0
+    _api: HfApi = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir)
+        self._api = HfApi(endpoint=self.endpoint, token=self.token, library_name="rbee-jupyter",
+                          library_version=__version__)
+
+    # --- planning -----------------------------------------------------------------
+
+    def resolve(self, ref: ModelRef) -> DownloadPlan:
+        """Ask the hub for the commit and the file tree; map its errors to ours."""
+        assert ref.scheme == "hf" and ref.repo_id
+        with _hub_errors(ref):
+            info = self._api.model_info(ref.repo_id, revision=ref.revision)
+            commit = info.sha
+            tree = [e for e in self._api.list_repo_tree(ref.repo_id, revision=commit, recursive=True)
+                    if hasattr(e, "size") and hasattr(e, "blob_id")]
+        by_path = {e.path: e for e in tree}
+        if ref.filename and ref.filename not in by_path:
+            raise ModelNotFound(f"{ref.repo_id} has no file {ref.filename!r} at {ref.revision or 'main'}.",
+                                details={"model_ref": str(ref), "files": sorted(by_path)[:50]})
+        chosen = select_files(sorted(by_path), ref.filename)
+        if not chosen:
+            raise ModelNotFound(f"{ref.repo_id} holds no model weights this server can load.",
+                                details={"model_ref": str(ref)})
+        files = [RepoFile(p, by_path[p].size, by_path[p].blob_id,
+                          by_path[p].lfs.sha256 if by_path[p].lfs else None) for p in chosen]
+        repo_dir = self.cache_dir / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+        return DownloadPlan(ref, commit, files, repo_dir)
+
+    def check_disk(self, plan: DownloadPlan) -> None:
+        """Refuse before the first byte when the cache's disk cannot hold what is missing."""
+        need = sum(f.size - _size(_partial(plan.blob(f))) for f in plan.files if not plan.blob(f).exists())
+        probe = self.cache_dir if self.cache_dir.exists() else self.cache_dir.parent
+        free = shutil.disk_usage(probe).free - self.disk_reserve_bytes
+        if need > free:
+            raise InsufficientDisk(
+                f"Not enough disk space in {self.cache_dir}: the download needs {need // 2**20} MB, "
+                f"{max(free, 0) // 2**20} MB are free. Free some space or set c.RbeeApp.cache_dir.",
+                details={"need_mb": need // 2**20, "free_mb": max(free, 0) // 2**20,
+                         "folder": str(self.cache_dir)})
+
+    # --- fetching -----------------------------------------------------------------
+
+    def fetch(self, plan: DownloadPlan, *, emit: Callable[[DownloadProgress], None],
+              cancel: threading.Event, on_response: Callable[[object | None], None] | None = None) -> Path:
+        """Download every file of ``plan``; returns the snapshot folder.
+
+        Args:
+            emit: receives throttled progress (the last state is always emitted).
+            cancel: checked between chunks; when set, partial files are removed.
+            on_response: told the open HTTP response, so a canceller can close it and
+                interrupt a blocked read at once.
+        """
+        self.check_disk(plan)
+        meter = ByteMeter(plan, emit)
+        meter.tick(force=True)
+        for f in plan.files:
+            if cancel.is_set():
+                raise Cancelled("Download cancelled.")
+            self._fetch_file(plan, f, meter, cancel, on_response or (lambda r: None))
+            self._link(plan, f)
+        if plan.ref.revision != plan.commit:
+            ref_file = plan.repo_dir / "refs" / (plan.ref.revision or "main")
+            ref_file.parent.mkdir(parents=True, exist_ok=True)
+            ref_file.write_text(plan.commit)
+        return plan.snapshot_dir
+
+    def _fetch_file(self, plan: DownloadPlan, f: RepoFile, meter: ByteMeter, cancel: threading.Event,
+                    on_response: Callable[[object | None], None]) -> None:
+        blob = plan.blob(f)
+        if _size(blob) == f.size:
+            meter.file_done(f.path, f.size)
+            return
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        # The same lock file huggingface_hub takes, so another server (or transformers)
+        # fetching the same blob waits instead of writing it twice.
+        with FileLock(str(blob) + ".lock"):
+            if _size(blob) == f.size:
+                meter.file_done(f.path, f.size)
+                return
+            partial = _partial(blob)
+            try:
+                self._fetch_with_retries(plan, f, partial, meter, cancel, on_response)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            os.replace(partial, blob)
+        meter.file_done(f.path, f.size)
+
+    def _fetch_with_retries(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: ByteMeter,
+                            cancel: threading.Event, on_response: Callable[[object | None], None]) -> None:
+        last: RbeeError | None = None
+        for attempt in range(max(1, self.retries)):
+            if attempt:
+                if cancel.wait(min(self.backoff_s * 2 ** (attempt - 1), 8.0)):
+                    raise Cancelled("Download cancelled.")
+            try:
+                self._transfer(plan, f, partial, meter, cancel, on_response)
+            except _http.TimeoutException:
+                last = DownloadStalled(
+                    f"No bytes arrived for {self.stall_s:g} s while fetching {f.path} "
+                    f"({self.retries} tries). Check the network or raise c.RbeeApp.download_stall_s.",
+                    details={"file": f.path, "stall_s": self.stall_s})
+                continue
+            except RbeeError:
+                raise
+            except Exception as e:
+                if cancel.is_set():  # a canceller closed the response under us
+                    raise Cancelled("Download cancelled.") from e
+                if isinstance(e, hf_errors.HfHubHTTPError) and not _retryable(e):
+                    with _hub_errors(plan.ref):
+                        raise
+                if not isinstance(e, (_http.TransportError, hf_errors.HfHubHTTPError)):
+                    raise
+                last = DownloadFailed(f"Fetching {f.path} failed after {self.retries} tries: {e}",
+                                      details={"file": f.path})
+                continue
+            if _digest(partial, f) == (f.sha256 or f.git_oid):
+                return
+            partial.unlink(missing_ok=True)
+            meter.set(f.path, 0)
+            last = ChecksumMismatch(
+                f"{f.path} does not match the hash the hub publishes ({self.retries} tries); "
+                "the file was deleted. The mirror or a proxy may be corrupting data.",
+                details={"file": f.path, "expected": f.sha256 or f.git_oid})
+        assert last is not None
+        raise last
+
+    def _transfer(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: ByteMeter,
+                  cancel: threading.Event, on_response: Callable[[object | None], None]) -> None:
+        have = _size(partial)
+        if have > f.size:
+            partial.unlink()
+            have = 0
+        meter.set(f.path, have)
+        if have == f.size:
+            return
+        url = hf_hub_url(plan.ref.repo_id, f.path, revision=plan.commit, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self.token, library_name="rbee-jupyter", library_version=__version__)
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        timeout = _http.Timeout(self.stall_s, connect=min(self.stall_s, 30.0))
+        with get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
+            on_response(r)
+            try:
+                hf_raise_for_status(r)
+                mode = "ab" if have and r.status_code == 206 else "wb"
+                have = have if mode == "ab" else 0
+                with open(partial, mode) as out:
+                    for chunk in r.iter_bytes(_CHUNK):
+                        if cancel.is_set():
+                            raise Cancelled("Download cancelled.")
+                        _write(out, chunk, self.cache_dir)
+                        have += len(chunk)
+                        meter.set(f.path, have)
+            finally:
+                on_response(None)
+        if have != f.size:
+            raise _http.TransportError(f"connection closed after {have} of {f.size} bytes")
+
+    def _link(self, plan: DownloadPlan, f: RepoFile) -> None:
+        """Point ``snapshots/<sha>/<file>`` at its blob, as huggingface_hub does."""
+        pointer = plan.snapshot_dir / f.path
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        if pointer.is_symlink() or pointer.exists():
+            return
+        target = os.path.relpath(plan.blob(f), pointer.parent)
+        try:
+            os.symlink(target, pointer)
+        except OSError:  # filesystems without symlinks: copy, like huggingface_hub
+            shutil.copyfile(plan.blob(f), pointer)
+
+
+def _partial(blob: Path) -> Path:
+    return blob.with_name(blob.name + ".rbee-incomplete")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _write(out, chunk: bytes, folder: Path) -> None:
+    try:
+        out.write(chunk)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientDisk(f"The disk holding {folder} filled up during the download; "
+                                   "the partial file was removed. Free some space and try again.",
+                                   details={"folder": str(folder)}) from e
+        raise
+
+
+def _digest(path: Path, f: RepoFile) -> str:
+    """sha256 for LFS files; the git blob sha1 for the others (the hub publishes both)."""
+    h = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % f.size)
+    with open(path, "rb") as fh:
+        while block := fh.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _retryable(e: "hf_errors.HfHubHTTPError") -> bool:
+    status = e.response.status_code if e.response is not None else 0
+    return status >= 500 or status in (408, 429)
+
+
+class _hub_errors:
+    """Translate huggingface_hub's exceptions into the error table of DESIGN.md."""
+
+    def __init__(self, ref: ModelRef) -> None:
+        self.ref = ref
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        if exc is None or isinstance(exc, RbeeError):
+            return False
+        ref = str(self.ref)
+        if isinstance(exc, hf_errors.GatedRepoError):
+            raise AccessDenied(f"{self.ref.repo_id} is gated: accept its terms on the hub, then set HF_TOKEN "
+                               "(or c.RbeeApp.hf_token) to a token of that account.",
+                               details={"model_ref": ref}) from exc
+        if isinstance(exc, hf_errors.RevisionNotFoundError):
+            raise RevisionNotFound(f"{self.ref.repo_id} has no revision {self.ref.revision!r}.",
+                                   details={"model_ref": ref, "revision": self.ref.revision}) from exc
+        if isinstance(exc, hf_errors.RepositoryNotFoundError):
+            raise ModelNotFound(f"{self.ref.repo_id} is not on the hub (or it is private: set HF_TOKEN).",
+                                details={"model_ref": ref}) from exc
+        if isinstance(exc, hf_errors.HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else None
+            if status in (401, 403):
+                raise AccessDenied(f"The hub refused access to {self.ref.repo_id}: set HF_TOKEN.",
+                                   details={"model_ref": ref}) from exc
+            raise DownloadFailed(f"The hub answered an error for {self.ref.repo_id}: {exc}",
+                                 details={"model_ref": ref, "status": status}) from exc
+        if isinstance(exc, (_http.TransportError, OSError)):
+            raise DownloadFailed(f"Could not reach the hub for {self.ref.repo_id}: {exc}",
+                                 details={"model_ref": ref}) from exc
+        return False

@@ -1,0 +1,184 @@
+"""Event types (the JSON of DESIGN.md) and their Server-Sent Events framing.
+
+Events are small frozen dataclasses so that producers cannot get a field name wrong;
+``to_dict`` gives the wire JSON. Progress events are *skippable*: a subscriber that
+falls behind may jump to the newest one, because each carries the full state. Tokens
+and terminal events are never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+DONE = "[DONE]"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base: one JSON object on the wire."""
+
+    skippable: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# --- download -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DownloadProgress(Event):
+    """Whole-repository byte progress; ``bytes_total`` is known before the first byte."""
+
+    skippable: ClassVar[bool] = True
+    bytes_downloaded: int
+    bytes_total: int
+    speed_mbps: float
+    files_done: int = 0
+    files_total: int = 0
+    file: str | None = None
+    stage: Literal["downloading"] = "downloading"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"stage": d.pop("stage"), **d}
+
+
+@dataclass(frozen=True)
+class DownloadComplete(Event):
+    local_path: str
+    model_ref: str | None = None
+    revision: str | None = None
+    size_bytes: int | None = None
+    stage: Literal["complete"] = "complete"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"stage": d.pop("stage"), **d}
+
+
+# --- loading ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadingProgress(Event):
+    """One block placed; ``vram_mb`` is what the model holds on ``device`` afterwards."""
+
+    skippable: ClassVar[bool] = True
+    layers_loaded: int
+    layers_total: int
+    vram_mb: int
+    device: str
+    block: str | None = None
+    memory_mb: dict[str, int] | None = None
+    stage: Literal["loading_to_vram"] = "loading_to_vram"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"stage": d.pop("stage"), **d}
+
+
+@dataclass(frozen=True)
+class Ready(Event):
+    worker_id: str | None = None
+    memory_mb: dict[str, int] | None = None
+    stage: Literal["ready"] = "ready"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"stage": d.pop("stage"), **d}
+
+
+# --- inference ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InferenceStarted(Event):
+    job_id: str
+    timestamp: int = field(default_factory=lambda: int(time.time() * 1000))
+    type: Literal["started"] = "started"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"type": d.pop("type"), **d}
+
+
+@dataclass(frozen=True)
+class Token(Event):
+    t: str
+    i: int
+    type: Literal["token"] = "token"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "token", "t": self.t, "i": self.i}
+
+
+@dataclass(frozen=True)
+class InferenceEnd(Event):
+    job_id: str
+    total_tokens: int
+    duration_ms: int
+    stop_reason: str
+    prompt_tokens: int | None = None
+    time_to_first_token_ms: float | None = None
+    tokens_per_second: float | None = None
+    type: Literal["end"] = "end"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"type": d.pop("type"), **d}
+
+
+# --- errors -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    """A job's failure. Download and loading streams say ``stage``, inference says ``type``."""
+
+    message: str
+    code: str
+    details: dict[str, Any] | None = None
+    style: Literal["stage", "type"] = "stage"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {self.style: "error", "message": self.message, "code": self.code}
+        if self.details:
+            d["details"] = self.details
+        return d
+
+
+# --- server-wide feed ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FeedEvent(Event):
+    """An entry of the server-wide feed: what changed (``topic``) and its new state."""
+
+    topic: str
+    data: dict[str, Any]
+    skippable: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, **self.data}
+
+
+# --- SSE framing --------------------------------------------------------------------
+
+def sse_event(event_id: int | None, data: str | dict[str, Any]) -> bytes:
+    """Frame one event: ``id:`` (for ``Last-Event-ID``), one JSON object on ``data:``."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def sse_comment(text: str = "keep-alive") -> bytes:
+    """A comment line: proxies see traffic, clients ignore it."""
+    return f": {text}\n\n".encode()
+
+
+def sse_done() -> bytes:
+    """The last frame of every stream, after errors and cancels too."""
+    return f"data: {DONE}\n\n".encode()
+
+
+def dumps(event: Event) -> str:
+    return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,809 @@
+"""Layer-by-layer model loading: meta skeleton, then one block at a time from safetensors.
+
+Why not ``from_pretrained``: it gives no progress between layers, cannot be cancelled half
+way, and decides placement itself. This loader reproduces its result exactly (same
+logits, bit for bit, for fp32/bf16/fp16 and bitsandbytes nf4/fp4/int8) while it
+
+* builds the model on the meta device, so no memory is spent before the weights arrive;
+* reads, per block, exactly the tensors that block needs (opening shards lazily and
+  closing them at the end of the block), so host memory stays at about one block
+  beyond the loaded model;
+* casts or quantizes each tensor on its way to the block's device, reports
+  :class:`LoadProgress` after every block, and stops between blocks when cancelled.
+
+Blocks are found generically: the decoder layers are the largest ``nn.ModuleList`` of
+modules of one class; what is registered before it is ``"embeddings"``, what comes after
+it is ``"norm"`` (final norm, rotary tables, ...) and the output embeddings are ``"head"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import Cancelled, DeviceNotAvailable, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
+
+__all__ = ["BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
+           "QUANTIZATIONS", "DTYPES"]
+
+Quantization = Literal["nf4", "fp4", "int8"]
+QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "int8")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Suffixes bitsandbytes adds to a quantized ``.weight`` when transformers saves it.
+_STATS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+               "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+# --- public data ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """What the loader reports after each block (the SSE ``loading_to_vram`` event is built from it).
+
+    ``bytes_on_device`` is cumulative: the bytes the model holds on each device so far,
+    counted from the tensors themselves (quantization statistics included).
+    """
+
+    layers_loaded: int
+    layers_total: int
+    block: str
+    device: str
+    bytes_on_device: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One unit of loading and placement, as the placement planner sees it.
+
+    ``param_names`` are the model's tensor names (parameters and buffers) this block
+    materialises; ``modules`` are the module paths that make up the block (an accelerate
+    ``device_map`` is built from them); ``tied_to`` names the block that owns this block's
+    only weight when it is tied (a tied LM head lives wherever the embeddings live).
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    bytes_after_quant: int
+    modules: tuple[str, ...] = ()
+    tied_to: str | None = None
+
+    @property
+    def bytes(self) -> int:
+        """Alias the planner uses, so it accepts any object with ``name`` and ``bytes``."""
+        return self.bytes_after_quant
+
+
+# --- options ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Options:
+    """Validated load options; ``bnb`` is the transformers config we mirror (None: no quantization)."""
+
+    dtype: torch.dtype
+    bnb: Any | None  # transformers.BitsAndBytesConfig
+    prequantized: bool
+
+    @property
+    def four_bit(self) -> bool:
+        return self.bnb is not None and self.bnb.load_in_4bit
+
+
+def _parse_dtype(value: str | torch.dtype | None, what: str) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise InvalidRequest(f"Unknown {what} {value!r}: use one of {', '.join(DTYPES)} (or null for the default).",
+                         details={"field": what, "value": str(value), "accepted": list(DTYPES)})
+
+
+def _resolve_options(config, quantization: str | None, dtype, compute_dtype, double_quant: bool) -> _Options:
+    """Turn user options plus the checkpoint's own quantization into one ``_Options``.
+
+    ``dtype=None`` follows ``from_pretrained``'s default (``dtype="auto"``): the dtype
+    written in config.json, else torch's default (float32).
+    """
+    from transformers import BitsAndBytesConfig
+
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise InvalidRequest(f"Unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)} or null.",
+                             details={"field": "quantization", "value": str(quantization),
+                                      "accepted": list(QUANTIZATIONS)})
+    torch_dtype = _parse_dtype(dtype, "dtype")
+    torch_compute = _parse_dtype(compute_dtype, "compute_dtype")
+    if torch_dtype is None:
+        cfg_dtype = getattr(config, "dtype", None)
+        if isinstance(cfg_dtype, str):
+            cfg_dtype = getattr(torch, cfg_dtype, None)
+        torch_dtype = cfg_dtype if isinstance(cfg_dtype, torch.dtype) and cfg_dtype.is_floating_point \
+            else torch.get_default_dtype()
+
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None:
+        return _Options(torch_dtype, _prequantized_config(saved, quantization), prequantized=True)
+    if quantization is None:
+        return _Options(torch_dtype, None, prequantized=False)
+    if quantization == "int8":
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization,
+                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch_compute)
+    return _Options(torch_dtype, bnb, prequantized=False)
+
+
+def _prequantized_config(saved, asked: str | None):
+    """The BitsAndBytesConfig a checkpoint was saved with; refuse a conflicting request."""
+    from transformers import BitsAndBytesConfig
+
+    data = saved if isinstance(saved, dict) else saved.to_dict()
+    method = data.get("quant_method")
+    if method != "bitsandbytes":
+        raise InvalidCheckpoint(f"The checkpoint is quantized with {method!r}; only bitsandbytes checkpoints "
+                                "(nf4, fp4, int8) can be loaded.", details={"quant_method": method})
+    bnb = BitsAndBytesConfig.from_dict(dict(data))
+    have = "int8" if bnb.load_in_8bit else bnb.bnb_4bit_quant_type
+    if asked is not None and asked != have:
+        raise InvalidRequest(f"The checkpoint is already quantized as {have}; ask for quantization={have!r} "
+                             "or null, or load the unquantized model.",
+                             details={"field": "quantization", "value": asked, "checkpoint": have})
+    return bnb
+
+
+# --- checkpoint files ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _TensorMeta:
+    """Where one checkpoint tensor lives, from the safetensors header (no data read)."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _SAFETENSORS_DTYPE_BYTES.get(self.dtype, 1)
+
+
+def _read_header(file: Path) -> dict[str, _TensorMeta]:
+    """Parse and check a safetensors header, so a truncated or corrupt file fails before loading starts."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(fh.read(n))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise InvalidCheckpoint(f"{file.name} is not a valid safetensors file ({exc}); download it again.",
+                                details={"file": str(file)}) from None
+    if 8 + n + end != size:
+        raise InvalidCheckpoint(
+            f"{file.name} is truncated or corrupt: its header describes {8 + n + end} bytes but the file has "
+            f"{size}; download it again.", details={"file": str(file), "expected_bytes": 8 + n + end,
+                                                   "actual_bytes": size})
+    return {k: _TensorMeta(file, k, v["dtype"], tuple(v["shape"])) for k, v in tensors.items()}
+
+
+def _checkpoint_tensors(folder: Path) -> dict[str, _TensorMeta]:
+    """Every tensor of a single-file or sharded safetensors checkpoint, from headers only."""
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise InvalidCheckpoint(f"{index.name} is not a valid shard index ({exc}).",
+                                    details={"file": str(index)}) from None
+        files = sorted(set(weight_map.values()))
+    elif single.is_file():
+        files = [single.name]
+    else:
+        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = f" (found {', '.join(others)}: convert it to safetensors)" if others else ""
+        raise InvalidCheckpoint(f"No model.safetensors (or model.safetensors.index.json) in {folder}{hint}.",
+                                details={"path": str(folder)})
+    tensors: dict[str, _TensorMeta] = {}
+    for name in files:
+        file = folder / name
+        if not file.is_file():
+            raise InvalidCheckpoint(f"Shard {name} listed in the index is missing from {folder}; download it again.",
+                                    details={"file": str(file)})
+        tensors.update(_read_header(file))
+    return tensors
+
+
+def _load_config(folder: Path):
+    from transformers import AutoConfig
+
+    if not folder.is_dir():
+        raise ModelNotFound(f"Model folder {folder} does not exist.", details={"path": str(folder)})
+    if not (folder / "config.json").is_file():
+        raise InvalidCheckpoint(f"{folder} has no config.json; is this a transformers model folder?",
+                                details={"path": str(folder)})
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint to the user
+        raise InvalidCheckpoint(f"config.json in {folder} cannot be read: {exc}", details={"path": str(folder)}) \
+            from None
+
+
+# --- skeleton and blocks --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create modules in ``dtype``, as transformers does while it builds and converts the skeleton."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _build_skeleton(config, opts: _Options) -> nn.Module:
+    """The model with parameters on ``meta`` and buffers real (rotary tables are computed by __init__).
+
+    ``include_buffers=False`` is deliberate: non-persistent buffers are never in the file,
+    and creating them with the module is what gives them their correct values.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = _copy_config_without_quantization(config)
+    try:
+        with init_empty_weights(include_buffers=False), _default_dtype(opts.dtype):
+            model = AutoModelForCausalLM.from_config(config, dtype=opts.dtype)
+            if opts.bnb is not None:
+                _replace_linears(model, opts)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidCheckpoint(f"Cannot build a causal LM from this config: {exc}") from None
+    return model
+
+
+def _copy_config_without_quantization(config):
+    import copy
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _modules_to_not_convert(model: nn.Module, bnb) -> list[str]:
+    """The modules transformers keeps in full precision: LM head, tied weights, last module, fp32 keep-list."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    skip = list(bnb.llm_int8_skip_modules) if bnb.llm_int8_skip_modules is not None \
+        else get_keys_to_not_convert(model)
+    skip.extend(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return sorted(set(skip))
+
+
+def _replace_linears(model: nn.Module, opts: _Options) -> None:
+    """Swap ``nn.Linear``/``Conv1D`` for bitsandbytes layers exactly as transformers' bnb quantizers do."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    replace_with_bnb_linear(model, modules_to_not_convert=_modules_to_not_convert(model, opts.bnb),
+                            quantization_config=opts.bnb, pre_quantized=opts.prequantized)
+    model.is_quantized = True
+    model.quantization_method = "bitsandbytes"
+
+
+def _find_layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the ``nn.ModuleList`` of one module class holding the most parameters.
+
+    Found by structure, not attribute names, so ``model.layers``, ``transformer.h`` and
+    ``gpt_neox.layers`` all work without a table of architectures.
+    """
+    best: tuple[tuple[int, int], str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        rank = (sum(p.numel() for p in module.parameters()), len(module))
+        if best is None or rank > best[0]:
+            best = (rank, name, module)
+    if best is None:
+        raise InvalidCheckpoint(f"{type(model).__name__} has no list of repeated decoder layers to load layer by layer.")
+    return best[1], best[2]
+
+
+@dataclass
+class _Block:
+    """A block's tensors (model names) and modules, before sizes are known."""
+
+    name: str
+    tensors: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    tied_to: str | None = None
+
+
+def _owner(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
+
+
+def _split_blocks(model: nn.Module, tied_targets: set[str]) -> list[_Block]:
+    """Cut the model into embeddings, each layer, norm and head, in execution order.
+
+    Tensors outside the layer list go to "embeddings" when their module is registered
+    before the list, to "head" when they belong to the output embeddings, else to "norm".
+    """
+    list_name, layers = _find_layer_list(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    list_pos = order[list_name]
+    head_module = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head_module), None) if head_module is not None \
+        else None
+
+    embeddings, norm, head = _Block("embeddings"), _Block("norm"), _Block("head")
+    per_layer = [_Block(f"layers.{i}", modules=[f"{list_name}.{i}"]) for i in range(len(layers))]
+    for tensor in _tensor_names(model):
+        owner = _owner(tensor)
+        if owner == list_name or owner.startswith(list_name + "."):
+            index = int(owner[len(list_name) + 1:].split(".")[0])
+            per_layer[index].tensors.append(tensor)
+            continue
+        if head_name is not None and (owner == head_name or owner.startswith(head_name + ".")):
+            block = head
+        elif order.get(owner, 0) < list_pos:
+            block = embeddings
+        else:
+            block = norm
+        if tensor in tied_targets:
+            _add_module(block, owner)
+            continue
+        block.tensors.append(tensor)
+        _add_module(block, owner)
+    blocks = [b for b in (embeddings, *per_layer, norm) if b.tensors]
+    if head.modules:
+        blocks.append(head)
+    return blocks
+
+
+def _add_module(block: _Block, module: str) -> None:
+    if module not in block.modules:
+        block.modules.append(module)
+
+
+def _tensor_names(model: nn.Module) -> list[str]:
+    """Parameters then buffers, each once, tied duplicates included (the skeleton is not tied yet)."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    return list(dict.fromkeys(names))
+
+
+def _tied_targets(model: nn.Module) -> dict[str, str]:
+    """``{target: source}`` for weights tied after loading (e.g. ``lm_head.weight`` → embeddings)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None and hasattr(model, "get_expanded_tied_weights_keys"):
+        tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return dict(tied or {})
+
+
+# --- checkpoint key mapping -------------------------------------------------------------------
+
+def _split_stat(key: str, prequantized: bool) -> tuple[str, str]:
+    """Split a bitsandbytes statistic key into (the ``.weight`` it belongs to, the statistic name)."""
+    if prequantized:
+        for stat in _STATS_4BIT:
+            if key.endswith(".weight." + stat):
+                return key[: -len(stat) - 1], stat
+        if key.endswith(".SCB"):
+            return key[: -len("SCB")] + "weight", "SCB"
+        if key.endswith(".weight_format"):
+            return key[: -len("_format")], "weight_format"
+    return key, ""
+
+
+def _map_checkpoint(model: nn.Module, tensors: dict[str, _TensorMeta],
+                    prequantized: bool) -> dict[str, dict[str, _TensorMeta]]:
+    """Map checkpoint keys to model tensor names with transformers' own renaming rules.
+
+    Uses the model's registered weight renamings (e.g. GPT-NeoX ``embed_out`` → ``lm_head``,
+    legacy ``gamma``/``beta``) and adds or strips the base-model prefix (``transformer.``,
+    ``model.``) as ``from_pretrained`` does. Returns ``{model_name: {stat: meta}}`` where stat
+    ``""`` is the tensor itself and others are bitsandbytes statistics.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model, None, None)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    known = dict.fromkeys(_tensor_names(model), True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+    sources: dict[str, dict[str, _TensorMeta]] = {}
+    for key, meta in tensors.items():
+        owner, stat = _split_stat(key, prequantized)
+        renamed, converter = rename_source_key(owner, renamings, converters, prefix, known)
+        if converter is not None:
+            raise InvalidCheckpoint(f"Checkpoint tensor {key!r} needs a fused-weight conversion "
+                                    f"({converter}) that the layer-by-layer loader does not support.",
+                                    details={"key": key})
+        if renamed not in known:
+            renamed, _ = rename_source_key(owner, [], [], prefix, known)
+        if renamed in known:
+            sources.setdefault(renamed, {})[stat] = meta
+    return sources
+
+
+# --- the prepared load ----------------------------------------------------------------------
+
+@dataclass
+class _Prepared:
+    """Everything known before the first weight is read."""
+
+    folder: Path
+    opts: _Options
+    model: nn.Module
+    blocks: list[_Block]
+    sources: dict[str, dict[str, _TensorMeta]]
+    tied: dict[str, str]
+    fp32_patterns: re.Pattern | None
+
+
+def _prepare(path: str | Path, quantization, dtype, compute_dtype=None, double_quant: bool = False) -> _Prepared:
+    folder = Path(path).expanduser()
+    config = _load_config(folder)
+    opts = _resolve_options(config, quantization, dtype, compute_dtype, double_quant)
+    tensors = _checkpoint_tensors(folder)
+    _require_bitsandbytes(opts)
+    model = _build_skeleton(config, opts)
+    tied = _tied_targets(model)
+    blocks = _split_blocks(model, set(tied))
+    sources = _map_checkpoint(model, tensors, opts.prequantized)
+    _check_complete(model, sources, tied)
+    for block in blocks:
+        block.tied_to = _tied_source_block(block, blocks, tied)
+    plan = model._get_dtype_plan(opts.dtype) if hasattr(model, "_get_dtype_plan") else {}
+    fp32 = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan)) if plan else None
+    return _Prepared(folder, opts, model, blocks, sources, tied, fp32)
+
+
+def _require_bitsandbytes(opts: _Options) -> None:
+    if opts.bnb is None:
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InvalidRequest("Quantization needs the bitsandbytes package: pip install bitsandbytes.") from None
+
+
+def _check_complete(model: nn.Module, sources: dict, tied: dict[str, str]) -> None:
+    """Every parameter must come from the file (or a tie); say which are missing before loading starts."""
+    missing = [n for n, _ in model.named_parameters(remove_duplicate=False)
+               if n not in sources and n not in tied]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise InvalidCheckpoint(f"The checkpoint lacks {len(missing)} weight(s) the model needs: {shown}.",
+                                details={"missing_keys": missing[:50]})
+
+
+def _tied_source_block(block: _Block, blocks: list[_Block], tied: dict[str, str]) -> str | None:
+    """For a block whose only weight is tied (a tied LM head), the block that holds the real tensor."""
+    if block.tensors:
+        return None
+    sources = {src for tgt, src in tied.items() if _owner(tgt) in block.modules}
+    for other in blocks:
+        if sources & set(other.tensors):
+            return other.name
+    return None
+
+
+# --- sizes ----------------------------------------------------------------------------------
+
+def _planned_bytes(prep: _Prepared, name: str) -> int:
+    """Bytes a tensor will occupy once loaded, from shapes and headers alone."""
+    module, attr = _module_and_attr(prep.model, name)
+    tensor = getattr(module, attr)
+    src = prep.sources.get(name, {})
+    if _is_bnb_weight(module, attr):
+        if prep.opts.prequantized:
+            return sum(m.nbytes for stat, m in src.items() if stat != "weight_format")
+        if prep.opts.four_bit:
+            return _four_bit_bytes(tensor.numel(), tensor.blocksize, prep.opts.bnb.bnb_4bit_use_double_quant)
+        return tensor.numel() + tensor.shape[0] * 4  # int8 weight + one fp32 scale per row (SCB)
+    return tensor.numel() * _target_dtype(prep, name, tensor).itemsize
+
+
+def _four_bit_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
+    """Packed nibbles + absmax per block + the 16-entry code; nested statistics when double-quantized."""
+    blocks = -(-numel // blocksize)
+    size = (numel + 1) // 2 + 16 * 4
+    if double_quant:
+        return size + blocks + (-(-blocks // 256)) * 4 + 256 * 4 + 4
+    return size + blocks * 4
+
+
+def _loaded_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a loaded tensor holds, bitsandbytes statistics included."""
+    size = tensor.numel() * tensor.element_size()
+    state = getattr(tensor, "quant_state", None)
+    if state is not None:
+        size += state.absmax.nbytes + state.code.nbytes
+        if state.nested:
+            size += state.state2.absmax.nbytes + state.state2.code.nbytes + state.offset.nbytes
+    scb = getattr(tensor, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        size += scb.nbytes
+    return size
+
+
+def _block_infos(prep: _Prepared) -> list[BlockInfo]:
+    return [BlockInfo(name=b.name, param_names=tuple(b.tensors),
+                      bytes_after_quant=sum(_planned_bytes(prep, t) for t in b.tensors),
+                      modules=tuple(b.modules), tied_to=b.tied_to) for b in prep.blocks]
+
+
+def plan_blocks(path: str | Path, *, quantization: str | None = None, dtype: str | None = None,
+                double_quant: bool = False) -> list[BlockInfo]:
+    """The blocks ``load_model`` will load, in order, with their size after cast/quantization.
+
+    Reads config.json and the safetensors headers only, so the placement planner can
+    refuse a plan that does not fit before a single weight is read.
+    """
+    return _block_infos(_prepare(path, quantization, dtype, double_quant=double_quant))
+
+
+def device_map_for(blocks: list[BlockInfo], assignments: dict[str, str]) -> dict[str, str]:
+    """An accelerate ``device_map`` (module path → device) from a block → device plan.
+
+    A block tied to another follows it, so tied tensors never straddle devices.
+    """
+    device_map: dict[str, str] = {}
+    for block in blocks:
+        device = assignments[block.tied_to] if block.tied_to else assignments[block.name]
+        for module in block.modules:
+            device_map[module] = device
+    return device_map
+
+
+# --- materialisation ------------------------------------------------------------------------
+
+def _module_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, attr = name.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), attr
+
+
+def _is_bnb_weight(module: nn.Module, attr: str) -> bool:
+    if attr != "weight":
+        return False
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def _target_dtype(prep: _Prepared, name: str, tensor: torch.Tensor) -> torch.dtype:
+    """transformers' rule: fp32 keep-list first, else the skeleton tensor's own dtype."""
+    if prep.fp32_patterns is not None and prep.fp32_patterns.search(name):
+        return torch.float32
+    return tensor.dtype
+
+
+class _ShardReader:
+    """Reads single tensors, opening shard files on first use and closing them all on ``close``.
+
+    Closing at the end of every block releases the memory-mapped pages of the files, so
+    resident memory does not grow by the size of the checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def read(self, meta: _TensorMeta) -> torch.Tensor:
+        from safetensors import safe_open
+
+        try:
+            handle = self._handles.get(meta.file)
+            if handle is None:
+                handle = self._stack.enter_context(safe_open(str(meta.file), framework="pt", device="cpu"))
+                self._handles[meta.file] = handle
+            return handle.get_tensor(meta.key)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise InvalidCheckpoint(f"Cannot read {meta.key!r} from {meta.file.name}: {exc}; download it again.",
+                                    details={"file": str(meta.file), "key": meta.key}) from None
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+
+def _materialize(prep: _Prepared, name: str, reader: _ShardReader, device: torch.device) -> None:
+    """Read, cast or quantize, and place one tensor; mirrors transformers' loading ops."""
+    module, attr = _module_and_attr(prep.model, name)
+    old = getattr(module, attr)
+    src = prep.sources.get(name)
+    if src is None:  # a buffer the file does not carry: keep the value __init__ computed
+        module._buffers[attr] = old.to(device)
+        return
+    if _is_bnb_weight(module, attr):
+        new = _bnb_weight(prep, module, old, src, reader, device)
+    else:
+        value = reader.read(src[""]).to(device=device, dtype=_target_dtype(prep, name, old)
+                                        if old.is_floating_point() else None)
+        if attr in module._buffers:
+            module._buffers[attr] = value
+            return
+        new = nn.Parameter(value, requires_grad=old.requires_grad)
+    setattr(module, attr, new)
+
+
+def _bnb_weight(prep: _Prepared, module: nn.Module, old: torch.Tensor, src: dict[str, _TensorMeta],
+                reader: _ShardReader, device: torch.device) -> nn.Parameter:
+    """A bitsandbytes weight, quantized now or rebuilt from saved statistics.
+
+    ``Int8Params`` is built directly (accelerate's ``set_module_tensor_to_device`` cannot
+    on a machine without CUDA); quantization runs on the target device, as in transformers.
+    """
+    import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
+
+    weight = reader.read(src[""]).to(device)
+    if prep.opts.prequantized:
+        stats = {stat: reader.read(meta).to(device) for stat, meta in src.items()
+                 if stat not in ("", "weight_format")}
+        if prep.opts.four_bit:
+            return bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=stats, requires_grad=False,
+                                                       device=device, module=module)
+        kwargs = dict(old.__dict__, SCB=stats.get("SCB"))
+        return bnb.nn.Int8Params(weight, requires_grad=False, **kwargs).to(device)
+    value = weight.to(dtype=prep.opts.dtype)
+    del weight
+    if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
+        value = value.T  # Conv1D stores (in, out); bnb layers expect (out, in)
+    if prep.opts.four_bit:
+        return bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
+    kwargs = {k: v for k, v in old.__dict__.items() if k != "SCB"}
+    return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **kwargs).to(device)
+
+
+# --- public entry point -------------------------------------------------------------------
+
+def _normalise_plan(plan: dict[str, str] | str, blocks: list[_Block]) -> dict[str, str]:
+    names = [b.name for b in blocks]
+    if isinstance(plan, (str, torch.device)):
+        return dict.fromkeys(names, str(plan))
+    if not isinstance(plan, dict):
+        raise InvalidRequest("device_map must be a device string or a {block: device} mapping.")
+    unknown = sorted(set(plan) - set(names))
+    missing = [n for n in names if n not in plan]
+    if unknown or missing:
+        raise InvalidRequest(f"The placement plan does not match the model's blocks "
+                             f"(unknown: {unknown or 'none'}; missing: {missing or 'none'}).",
+                             details={"unknown": unknown, "missing": missing, "blocks": names})
+    return {n: str(plan[n]) for n in names}
+
+
+def _check_devices(devices: set[str]) -> None:
+    from .devices import check_devices_exist
+
+    check_devices_exist(sorted(devices))
+
+
+def _finish(prep: _Prepared) -> nn.Module:
+    """Tie, verify nothing is left on meta, load the generation config, switch to eval."""
+    model = prep.model
+    model.tie_weights()
+    left = [n for n in _tensor_names(model) if prep.model.get_parameter_or_buffer(n).device.type == "meta"] \
+        if hasattr(model, "get_parameter_or_buffer") else \
+        [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise InvalidCheckpoint(f"These tensors were not in the checkpoint: {', '.join(left[:8])}.",
+                                details={"missing_keys": left[:50]})
+    if (prep.folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        with contextlib.suppress(Exception):
+            model.generation_config = GenerationConfig.from_pretrained(prep.folder)
+    model.config.name_or_path = str(prep.folder)
+    if prep.opts.bnb is not None:
+        setattr(model, "is_loaded_in_4bit" if prep.opts.four_bit else "is_loaded_in_8bit", True)
+    return model.eval()
+
+
+def _dispatch(model: nn.Module, blocks: list[BlockInfo], assignments: dict[str, str]) -> None:
+    """Add accelerate hooks so hidden states follow the layers across devices."""
+    from accelerate import dispatch_model
+
+    dispatch_model(model, device_map=device_map_for(blocks, assignments),
+                   skip_keys=getattr(model, "_skip_keys_device_placement", None))
+
+
+def load_model(
+    path: str | Path,
+    *,
+    quantization: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    double_quant: bool = False,
+    compute_dtype: str | torch.dtype | None = None,
+    device_map: dict[str, str] | str = "cpu",
+    on_progress: Callable[[LoadProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> nn.Module:
+    """Load a causal LM block by block; the result equals ``from_pretrained`` with the same options.
+
+    Args:
+        path: local folder with config.json and safetensors (single file or sharded).
+        quantization: ``"nf4"``, ``"fp4"``, ``"int8"`` (bitsandbytes) or None. A checkpoint
+            saved already quantized loads as it was saved.
+        dtype: dtype of unquantized tensors; None follows config.json like ``from_pretrained``.
+        double_quant: nested 4-bit statistics (transformers' ``bnb_4bit_use_double_quant``).
+        compute_dtype: 4-bit matmul dtype (``bnb_4bit_compute_dtype``; default float32).
+        device_map: one device for everything, or ``{block name: device}`` covering every
+            block of :func:`plan_blocks` (e.g. from ``devices.plan_placement``).
+        on_progress: called after each block with a :class:`LoadProgress`.
+        cancel: set it to stop between blocks; :class:`Cancelled` is raised.
+
+    Raises:
+        InvalidRequest, InvalidCheckpoint, ModelNotFound, DeviceNotAvailable, OutOfMemory, Cancelled.
+    """
+    prep = _prepare(path, quantization, dtype, compute_dtype, double_quant)
+    assignments = _normalise_plan(device_map, prep.blocks)
+    _check_devices(set(assignments.values()))
+    infos = _block_infos(prep) if len(set(assignments.values())) > 1 else None
+    held: dict[str, int] = {}
+    total = len(prep.blocks)
+    for i, block in enumerate(prep.blocks):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"Loading was cancelled after {i} of {total} blocks.",
+                            details={"layers_loaded": i, "layers_total": total})
+        device = assignments[block.tied_to] if block.tied_to else assignments[block.name]
+        _load_block(prep, block, torch.device(device))
+        if block.name == "head":
+            prep.model.tie_weights()
+        held[device] = held.get(device, 0) + sum(
+            _loaded_bytes(prep.model.get_parameter_or_buffer(t)) for t in block.tensors)
+        if on_progress is not None:
+            on_progress(LoadProgress(i + 1, total, block.name, device, dict(held)))
+    model = _finish(prep)
+    if infos is not None:
+        _dispatch(model, infos, assignments)
+    return model
+
+
+def _load_block(prep: _Prepared, block: _Block, device: torch.device) -> None:
+    """Materialise one block; out-of-memory becomes ``OutOfMemory`` naming the block."""
+    reader = _ShardReader()
+    try:
+        for name in block.tensors:
+            _materialize(prep, name, reader, device)
+    except torch.OutOfMemoryError as exc:
+        _free_cuda()
+        raise OutOfMemory(f"{device} ran out of memory while loading {block.name}: {exc}. Free memory, "
+                          "choose a smaller quantization, or spread the model over more devices.",
+                          details={"block": block.name, "device": str(device)}) from None
+    except MemoryError:
+        raise OutOfMemory(f"Host memory ran out while loading {block.name}.",
+                          details={"block": block.name, "device": str(device)}) from None
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        if isinstance(exc, (InvalidRequest, DeviceNotAvailable)):
+            raise
+        raise InvalidCheckpoint(f"Cannot load block {block.name}: {exc}", details={"block": block.name}) from None
+    finally:
+        reader.close()
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

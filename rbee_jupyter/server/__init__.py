@@ -1,0 +1,1 @@
+"""The Jupyter server extension: configuration, thin HTTP handlers and SSE streaming."""

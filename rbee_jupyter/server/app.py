@@ -1,0 +1,129 @@
+"""``RbeeApp``: the server extension, its configuration, and the hive's lifetime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Float, Int, Unicode, default
+
+from .. import __version__
+from ..hive import Hive, HiveConfig
+from .handlers import handlers
+
+
+def _hf_cache() -> str:
+    """huggingface_hub's cache as it resolves it (``HF_HUB_CACHE``, then ``HF_HOME/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return os.path.join(home, "hub")
+
+
+class RbeeApp(ExtensionApp):
+    """Download, load and serve local LLMs from the Jupyter server (``c.RbeeApp.*``)."""
+
+    name = "rbee"
+    version = __version__
+    load_other_extensions = True
+
+    cache_dir = Unicode(
+        config=True,
+        help="Folder models are downloaded into, in huggingface_hub's cache layout so transformers "
+             "finds them. Default: huggingface_hub's cache (HF_HUB_CACHE, else HF_HOME/hub, else "
+             "~/.cache/huggingface/hub). On JupyterHub, point every server at one shared folder.",
+    )
+
+    @default("cache_dir")
+    def _default_cache_dir(self) -> str:
+        return _hf_cache()
+
+    catalog_path = Unicode(
+        config=True,
+        help="SQLite file that lists the downloaded models. Default: <jupyter data dir>/rbee/catalog.sqlite.",
+    )
+
+    @default("catalog_path")
+    def _default_catalog_path(self) -> str:
+        return os.path.join(jupyter_data_dir(), "rbee", "catalog.sqlite")
+
+    hub_endpoint = Unicode(
+        config=True,
+        help="Base URL of the Hugging Face hub (or a mirror). Default: the HF_ENDPOINT environment "
+             "variable, else https://huggingface.co.",
+    )
+
+    @default("hub_endpoint")
+    def _default_endpoint(self) -> str:
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+    hf_token = Unicode(
+        None, allow_none=True, config=True,
+        help="Hub access token for gated or private models. Default None: huggingface_hub's own "
+             "lookup (the HF_TOKEN environment variable, then the token saved by `hf auth login`).",
+    )
+
+    sse_keepalive_s = Float(
+        10.0, config=True,
+        help="Seconds of silence after which an event stream sends a ': keep-alive' comment, so "
+             "proxies and browsers keep the connection open. Default 10.",
+    )
+
+    download_stall_s = Float(
+        60.0, config=True,
+        help="Seconds without a single byte after which a transfer counts as stalled and is retried "
+             "(after the last retry: DOWNLOAD_STALLED). Default 60.",
+    )
+
+    download_retries = Int(
+        6, config=True,
+        help="Tries per file for connection resets, stalls and hash mismatches, with exponential "
+             "backoff; each try resumes from the partial file. Default 6.",
+    )
+
+    download_backoff_s = Float(
+        0.5, config=True,
+        help="First wait between tries of a download, doubled each time (at most 8 s). Default 0.5.",
+    )
+
+    max_concurrent_downloads = Int(
+        2, config=True,
+        help="Downloads running at once; more wait in line (their streams say so). Default 2.",
+    )
+
+    disk_reserve_mb = Int(
+        0, config=True,
+        help="Megabytes that must stay free on the cache's disk after a download; a download that "
+             "would eat into them is refused with INSUFFICIENT_DISK before its first byte. Default 0.",
+    )
+
+    job_retention_s = Float(
+        600.0, config=True,
+        help="Seconds a finished job (and its event log) stays reachable, for late subscribers and "
+             "Last-Event-ID resumes. Default 600.",
+    )
+
+    max_body_bytes = Int(
+        1 << 20, config=True,
+        help="Largest JSON request body accepted, in bytes; larger ones get 413. Default 1 MiB.",
+    )
+
+    def initialize_settings(self) -> None:
+        config = HiveConfig(
+            cache_dir=Path(self.cache_dir).expanduser(), catalog_path=Path(self.catalog_path).expanduser(),
+            hub_endpoint=self.hub_endpoint or None, hf_token=self.hf_token,
+            download_stall_s=self.download_stall_s, download_retries=self.download_retries,
+            download_backoff_s=self.download_backoff_s, max_concurrent_downloads=self.max_concurrent_downloads,
+            disk_reserve_mb=self.disk_reserve_mb, job_retention_s=self.job_retention_s,
+        )
+        self.hive = Hive(config)
+        self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(handlers(self))
+
+    async def stop_extension(self) -> None:
+        await self.hive.stop()

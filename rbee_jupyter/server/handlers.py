@@ -1,0 +1,151 @@
+"""Thin Tornado handlers: authenticate, parse, call the hive, serialise or stream.
+
+Every error leaves as ``{"error": {"code", "message", "details"}}`` with the status of
+DESIGN.md's table; nothing here decides anything the hive could.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from ..errors import InvalidRequest, RbeeError
+from ..hive import Hive
+from .sse import stream_job
+
+if TYPE_CHECKING:
+    from .app import RbeeApp
+
+AUTH_RESOURCE = "rbee"
+
+_HTTP_CODES = {400: "INVALID_REQUEST", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+               413: "BODY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
+
+
+class RbeeHandler(APIHandler):
+    """Base: the hive and settings come in through ``initialize``; errors become JSON."""
+
+    auth_resource = AUTH_RESOURCE
+
+    def initialize(self, app: RbeeApp) -> None:
+        self.app = app
+        self.hive: Hive = app.hive
+        self._rbee_subscription = None
+
+    def prepare(self):  # type: ignore[override]
+        if len(self.request.body or b"") > self.app.max_body_bytes:
+            raise web.HTTPError(413, f"The request body is larger than {self.app.max_body_bytes} bytes.")
+        return super().prepare()
+
+    def json_body(self) -> dict[str, Any]:
+        """The body as a JSON object, or 400 saying what is wrong with it."""
+        try:
+            body = json.loads(self.request.body or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+        if not isinstance(body, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        return body
+
+    def required_query(self, name: str) -> str:
+        value = self.get_query_argument(name, None)
+        if not value:
+            raise InvalidRequest(f"The query argument {name!r} is required.", details={"field": name})
+        return value
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url.rstrip('/')}/rbee/{path}"
+
+    @property
+    def owner(self) -> str | None:
+        user = self.current_user
+        return getattr(user, "username", None) if user is not None else None
+
+    def reply(self, status: int, body: Any = None) -> None:
+        self.set_status(status)
+        if body is None:
+            self.finish()
+        else:
+            self.finish(json.dumps(body))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, RbeeError):
+            self.set_status(exc.status, HTTPStatus(exc.status).phrase if exc.status in HTTPStatus._value2member_map_
+                            else "Client Closed Request")
+            body = exc.to_dict()
+        else:
+            message = getattr(exc, "log_message", None) or HTTPStatus(status_code).phrase
+            if status_code >= 500 and not isinstance(exc, web.HTTPError):
+                message = f"Internal error: {type(exc).__name__}: {exc}"
+            body = {"error": {"code": _HTTP_CODES.get(status_code, "INTERNAL_ERROR" if status_code >= 500
+                                                       else f"HTTP_{status_code}"),
+                              "message": message, "details": {}}}
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, RbeeError) and value.status < 500:
+            self.log.info("rbee: %s %s -> %s %s", self.request.method, self.request.path, value.status, value.code)
+            return
+        super().log_exception(typ, value, tb)
+
+    def on_connection_close(self) -> None:
+        if self._rbee_subscription is not None:
+            self._rbee_subscription.close()
+        super().on_connection_close()
+
+
+class DownloadHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = self.json_body()
+        job = self.hive.download(body.get("model_ref"), owner=self.owner)
+        self.reply(202, {"download_id": job.id, "model_ref": job.meta["model_ref"],
+                         "progress_url": self.url(f"v1/models/download/progress?id={job.id}")})
+
+
+class DownloadProgressHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        job = self.hive.job(self.required_query("id"), "download")
+        await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s)
+
+
+class DownloadCancelHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def delete(self, job_id: str) -> None:
+        self.hive.cancel(job_id, "download")
+        self.reply(204)
+
+
+class ModelsHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply(200, {"models": self.hive.models()})
+
+    @web.authenticated
+    @authorized
+    async def delete(self) -> None:
+        self.hive.delete_model(self.required_query("ref"))
+        self.reply(204)
+
+
+def handlers(app: RbeeApp) -> list[tuple[str, type, dict[str, Any]]]:
+    """The route table; ``base_url`` is prepended by ``ExtensionApp``."""
+    kw = {"app": app}
+    return [
+        (r"/rbee/v1/models/download", DownloadHandler, kw),
+        (r"/rbee/v1/models/download/progress", DownloadProgressHandler, kw),
+        (r"/rbee/v1/models/download/([^/]+)", DownloadCancelHandler, kw),
+        (r"/rbee/v1/models", ModelsHandler, kw),
+    ]

@@ -1,0 +1,54 @@
+"""Writing a job's event log to an HTTP response as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tornado.iostream import StreamClosedError
+
+from ..events import sse_comment, sse_done, sse_event
+from ..jobs import Job
+
+
+def last_event_id(handler) -> int | None:
+    """``Last-Event-ID`` (header, or ``last_event_id`` query for fetch-less clients); junk is ignored."""
+    raw = handler.request.headers.get("Last-Event-ID") or handler.get_query_argument("last_event_id", None)
+    try:
+        value = int(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value >= 0 else None
+
+
+def start_stream(handler) -> None:
+    handler.set_status(200)
+    handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.set_header("Cache-Control", "no-cache, no-transform")
+    handler.set_header("X-Accel-Buffering", "no")  # nginx / proxies: do not buffer
+
+
+async def stream_job(handler, job: Job, *, keepalive_s: float) -> None:
+    """Send ``job``'s events from the client's ``Last-Event-ID`` on, then ``[DONE]``.
+
+    Returns when the job's terminal event was sent or the client went away; the
+    subscription is closed either way (``handler.on_connection_close`` closes it
+    too, so a vanished client stops being a subscriber at once).
+    """
+    sub = job.subscribe(last_event_id=last_event_id(handler))
+    handler._rbee_subscription = sub
+    start_stream(handler)
+    try:
+        while True:
+            try:
+                record = await sub.get(timeout=keepalive_s)
+            except StopAsyncIteration:
+                break
+            handler.write(sse_comment() if record is None else sse_event(record.id, record.data))
+            await handler.flush()
+        if not sub.closed:
+            handler.write(sse_done())
+            await handler.flush()
+    except (StreamClosedError, asyncio.CancelledError):
+        pass
+    finally:
+        sub.close()
