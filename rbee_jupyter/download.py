@@ -44,7 +44,6 @@ except ImportError:  # pragma: no cover - older huggingface_hub
 
 _SKIP_WHEN_SAFETENSORS = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ot", ".ckpt", ".gguf")
 _TOKENIZER_AND_CONFIG = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -331,7 +330,7 @@ class Downloader:
                 mode = "ab" if have and r.status_code == 206 else "wb"
                 have = have if mode == "ab" else 0
                 with open(partial, mode) as out:
-                    for chunk in r.iter_bytes(_CHUNK):
+                    for chunk in r.iter_bytes():
                         if cancel.is_set():
                             raise Cancelled("Download cancelled.")
                         _write(out, chunk, self.cache_dir)

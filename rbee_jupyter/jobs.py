@@ -80,6 +80,7 @@ class Job:
         self._on_cancel: list[Callable[[], None]] = []
         self._on_finish: list[Callable[[Job], None]] = []
         self._on_publish: list[Callable[[Job, Record], None]] = []
+        self.subscriptions: set[Subscription] = set()
 
     # --- producing ----------------------------------------------------------------
 
@@ -160,7 +161,9 @@ class Job:
             start = max(0, min(last_event_id, len(self.records)))
         else:
             start = max(0, len(self.records) - 1)
-        return Subscription(self, start, max_lag)
+        sub = Subscription(self, start, max_lag)
+        self.subscriptions.add(sub)
+        return sub
 
     @property
     def last(self) -> Record | None:
@@ -221,6 +224,7 @@ class Subscription:
             if record is not None:
                 return record
             if self.job.state.finished:
+                self.job.subscriptions.discard(self)
                 raise StopAsyncIteration
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -231,9 +235,13 @@ class Subscription:
                 return None
 
     def close(self) -> None:
+        """Stop reading; a reader waiting in ``get`` wakes up and ends."""
+        if self.closed:
+            return
         self.closed = True
-        self.job._changed.set()  # wake the reader so it notices
-        self.job._changed = asyncio.Event()
+        self.job.subscriptions.discard(self)
+        changed, self.job._changed = self.job._changed, asyncio.Event()
+        changed.set()
 
     def __aiter__(self) -> AsyncIterator[Record]:
         return self

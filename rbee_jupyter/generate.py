@@ -1,0 +1,566 @@
+"""Streaming text generation with cancellation, independent of any transport.
+
+The worker process drives a :class:`Generator` and turns each :class:`TokenChunk` into an
+SSE ``token`` event; the HTTP layer only parses bodies with
+:meth:`GenerationRequest.from_json`. Keeping the decode loop here, rather than using
+``model.generate`` with a streamer, gives us three things a streamer cannot: a cancel
+check before every forward step (a client that goes away frees the slot within one token),
+stop strings that never leak into the output, and a counter of forward steps that tests and
+the pool can watch to prove that cancelled work really stopped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .errors import ContextTooLong, InvalidRequest
+
+__all__ = [
+    "GenerationRequest",
+    "GenerationStats",
+    "Generator",
+    "IncrementalDetokenizer",
+    "StopReason",
+    "StopStringMatcher",
+    "TokenChunk",
+    "TokenStream",
+]
+
+StopReason = Literal["eos", "length", "stop", "cancelled"]
+
+ROLES = frozenset({"system", "user", "assistant"})
+MAX_STOP_STRINGS = 4
+_REPLACEMENT = "\ufffd"
+# Config attributes that different model families use for the context window.
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                  "seq_length", "max_seq_len")
+
+
+# --- request -----------------------------------------------------------------------------
+
+@dataclass
+class GenerationRequest:
+    """What to generate and how; exactly one of ``prompt`` and ``messages`` is set."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_json(cls, body: Any, *, max_tokens_limit: int = 4096) -> GenerationRequest:
+        """Validate an untrusted HTTP body.
+
+        Every rejection names the field (in the message and in ``details["field"]``) so a
+        client can point at what to fix. Unknown keys are ignored on purpose: OpenAI-style
+        bodies carry ``model``, ``stream`` and more that the routing layer consumes.
+        """
+        if not isinstance(body, Mapping):
+            raise InvalidRequest("the request body must be a JSON object", details={"field": "body"})
+        prompt, messages = _prompt_or_messages(body)
+        return cls(
+            prompt=prompt,
+            messages=messages,
+            max_tokens=_max_tokens(body, max_tokens_limit),
+            temperature=_number(body, "temperature", 0.0, low=0.0, high=2.0),
+            top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
+            top_k=_int(body, "top_k", 0, low=0),
+            seed=_seed(body),
+            stop=_stop(body),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, low_open=True),
+        )
+
+
+def _bad(fld: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, details={"field": fld})
+
+
+def _is_int(value: Any) -> bool:
+    # JSON true/false arrive as bool, which Python treats as int; a client sending
+    # "max_tokens": true has a bug we should report, not read as 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt_or_messages(body: Mapping) -> tuple[str | None, list[dict] | None]:
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise _bad("prompt", "send exactly one of 'prompt' (a string) or 'messages' (a chat list)")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise _bad("prompt", "'prompt' must be a non-empty string")
+        return prompt, None
+    return None, _messages(messages)
+
+
+def _messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise _bad("messages", f"'messages[{i}]' must be an object with 'role' and 'content'")
+        if msg.get("role") not in ROLES:
+            raise _bad("messages", f"'messages[{i}].role' must be one of {sorted(ROLES)}")
+        if not isinstance(msg.get("content"), str):
+            raise _bad("messages", f"'messages[{i}].content' must be a string")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def _max_tokens(body: Mapping, limit: int) -> int:
+    default = min(GenerationRequest.max_tokens, limit)
+    return _int(body, "max_tokens", default, low=1, high=limit)
+
+
+def _int(body: Mapping, name: str, default: int, *, low: int, high: int | None = None) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    span = f"between {low} and {high}" if high is not None else f">= {low}"
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        raise _bad(name, f"'{name}' must be an integer {span}, got {value!r}")
+    return value
+
+
+def _number(body: Mapping, name: str, default: float, *, low: float, high: float | None = None,
+            low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (high is None or value <= high))
+    if not ok:
+        lo = f"> {low}" if low_open else f">= {low}"
+        span = f"{lo} and <= {high}" if high is not None else lo
+        raise _bad(name, f"'{name}' must be a number {span}, got {value!r}")
+    return float(value)
+
+
+def _seed(body: Mapping) -> int | None:
+    value = body.get("seed")
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value < 2**63:
+        raise _bad("seed", f"'seed' must be an integer between 0 and 2**63-1, got {value!r}")
+    return value
+
+
+def _stop(body: Mapping) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise _bad("stop", f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
+                           "non-empty strings")
+    return list(stops)
+
+
+# --- results -----------------------------------------------------------------------------
+
+@dataclass
+class TokenChunk:
+    """A piece of text ready to show; ``token_ids`` are the tokens it covers."""
+
+    text: str
+    index: int
+    token_ids: list[int]
+
+
+@dataclass
+class GenerationStats:
+    """Numbers for the ``end`` event; ``completion_tokens`` counts every sampled token."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float | None
+    tokens_per_second: float
+    duration_ms: float
+    stop_reason: StopReason
+
+
+# --- text assembly -----------------------------------------------------------------------
+
+class IncrementalDetokenizer:
+    """Turns token ids, one at a time, into text that is safe to show right away.
+
+    Decoding token by token is wrong twice over: byte-level BPEs split one character (an
+    emoji, a CJK ideograph) over several tokens, and SentencePiece-style decoders drop or
+    add spaces depending on what precedes a token. So, like text-generation-inference and
+    vLLM, we decode a short window ``ids[prefix:]`` and subtract the text of
+    ``ids[prefix:read]``; what remains is new. Text ending in U+FFFD is an incomplete
+    character and is held back until a later token completes it (or :meth:`flush`).
+    The concatenation of everything returned equals ``tokenizer.decode(ids,
+    skip_special_tokens=True)``.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # tokens before this have been emitted
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _pending(self) -> tuple[str, str]:
+        """The text already emitted in the window, and the window's full text."""
+        return self._decode(self._ids[self._prefix:self._read]), self._decode(self._ids[self._prefix:])
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the text that became final (often "")."""
+        self._ids.append(int(token_id))
+        seen, full = self._pending()
+        if len(full) <= len(seen) or full.endswith(_REPLACEMENT):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return full[len(seen):]
+
+    def flush(self) -> str:
+        """Release whatever is held back, even an incomplete character, at the end of a stream."""
+        seen, full = self._pending()
+        self._prefix = self._read = len(self._ids)
+        return full[len(seen):]
+
+
+class StopStringMatcher:
+    """Cuts the output at the first stop string, which itself is never shown.
+
+    Text that could be the start of a stop string is held back until the next text
+    decides it, because a stop string usually spans several tokens.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add text; return what is safe to emit. Sets ``stopped`` once a stop string appears."""
+        if self.stopped:
+            return ""
+        buf = self._held + text
+        cut = self._first_stop(buf)
+        if cut is not None:
+            self._held, self.stopped = "", True
+            return buf[:cut]
+        keep = self._partial_suffix(buf)
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        """At the end of a stream a partial match is just text: release it."""
+        held, self._held = self._held, ""
+        return held
+
+    def _first_stop(self, buf: str) -> int | None:
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def _partial_suffix(self, buf: str) -> int:
+        """Length of the longest suffix of ``buf`` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(buf)), best, -1):
+                if buf.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+class _Sampler:
+    """Picks the next token with transformers' processor order and semantics.
+
+    Order as in ``GenerationMixin._get_logits_processor``: repetition penalty (greedy too),
+    then, only when sampling, temperature, top-k, top-p. Sampling draws from a private
+    ``torch.Generator`` so that a seed reproduces text and concurrent requests never
+    disturb each other or the global RNG.
+    """
+
+    def __init__(self, req: GenerationRequest) -> None:
+        self._req = req
+        self._history: list[int] | None = [] if req.repetition_penalty != 1.0 else None
+        # Sized from the first logits, not the config: quantized heads and padded
+        # vocabularies make the config's vocab_size unreliable.
+        self._seen: torch.Tensor | None = None
+        self._rng: torch.Generator | None = None
+        if req.temperature > 0:
+            self._rng = torch.Generator(device="cpu")
+            if req.seed is None:
+                self._rng.seed()
+            else:
+                self._rng.manual_seed(req.seed)
+
+    def observe(self, token_ids: Sequence[int]) -> None:
+        """Record tokens (prompt and generated) that the repetition penalty applies to."""
+        if self._history is None:
+            return
+        if self._seen is None:
+            self._history.extend(token_ids)
+        else:
+            self._mark(token_ids)
+
+    def _mark(self, token_ids: Sequence[int]) -> None:
+        assert self._seen is not None
+        ids = [i for i in token_ids if 0 <= i < self._seen.shape[0]]
+        if ids:
+            self._seen[torch.as_tensor(ids, device=self._seen.device)] = True
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        scores = logits.float()
+        scores = self._penalise(scores)
+        if self._rng is None:
+            return int(scores.argmax())
+        scores = self._warp(scores)
+        probs = torch.softmax(scores.cpu(), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self._rng))
+
+    def _penalise(self, scores: torch.Tensor) -> torch.Tensor:
+        if self._history is None:
+            return scores
+        if self._seen is None:
+            self._seen = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            self._mark(self._history)
+        p = self._req.repetition_penalty
+        penalised = torch.where(scores < 0, scores * p, scores / p)
+        return torch.where(self._seen, penalised, scores)
+
+    def _warp(self, scores: torch.Tensor) -> torch.Tensor:
+        req = self._req
+        if req.temperature != 1.0:
+            scores = scores / req.temperature
+        if req.top_k:
+            k = min(req.top_k, scores.shape[-1])
+            scores = scores.masked_fill(scores < torch.topk(scores, k)[0][-1], -math.inf)
+        if req.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - req.top_p)
+            remove[-1] = False
+            scores = scores.masked_fill(remove.scatter(0, order, remove), -math.inf)
+        return scores
+
+
+# --- generator ---------------------------------------------------------------------------
+
+def context_length_of(config: Any) -> int | None:
+    """The model's context window from its config, looking into a nested text config too."""
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        configs.insert(0, get_text())
+    for cfg in configs:
+        for attr in _CONTEXT_ATTRS:
+            value = getattr(cfg, attr, None)
+            if _is_int(value) and value > 0:
+                return value
+    return None
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
+
+
+class Generator:
+    """Generates for one loaded model; one stream at a time per instance.
+
+    ``tokens_computed`` counts forward steps over the instance's life (each step makes one
+    token) so that a caller can check that a cancelled request stopped consuming compute.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, context_length: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length if context_length is not None else context_length_of(model.config)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.stats: GenerationStats | None = None  # of the last finished stream
+        self._tokens_computed = 0
+        self._counter_lock = threading.Lock()
+        # Computing only the last position's logits is what generate() does; it saves the
+        # prompt-length LM-head matmul and keeps greedy output bit-identical to it.
+        self._logits_to_keep = _accepts(model, "logits_to_keep")
+        # transformers 5.2x renamed the KV-cache argument and output to ``cache`` and warns
+        # on ``past_key_values``; older models and remote code still use the old name.
+        self._cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
+
+    @property
+    def tokens_computed(self) -> int:
+        return self._tokens_computed
+
+    def encode(self, req: GenerationRequest) -> list[int]:
+        """Prompt ids; raises before any compute if the request cannot fit the context."""
+        ids = self._chat_ids(req.messages) if req.messages is not None else \
+            list(self.tokenizer(req.prompt)["input_ids"])
+        if not ids:
+            raise InvalidRequest("the prompt encodes to no tokens", details={"field": "prompt"})
+        ctx = self.context_length
+        if ctx is not None and len(ids) + req.max_tokens > ctx:
+            raise ContextTooLong(
+                f"the prompt has {len(ids)} tokens and max_tokens is {req.max_tokens}, together over the "
+                f"model's context of {ctx}; shorten the prompt or lower max_tokens",
+                details={"prompt_tokens": len(ids), "max_tokens": req.max_tokens, "context_length": ctx},
+            )
+        return ids
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("model has no chat template; send a prompt instead",
+                                 details={"field": "messages"})
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding by default
+            out = out["input_ids"]
+        return [int(i) for i in out]
+
+    def stream(self, req: GenerationRequest, *, cancel: threading.Event | None = None) -> TokenStream:
+        """Start a generation; encoding errors raise here, before the first chunk is asked for."""
+        prompt_ids = self.encode(req)
+        return TokenStream(self, req, prompt_ids, cancel)
+
+    # -- the loop's pieces, used by TokenStream --
+
+    def _device(self) -> torch.device:
+        return getattr(self.model, "device", None) or next(self.model.parameters()).device
+
+    def _forward(self, ids: Sequence[int], past: Any) -> tuple[torch.Tensor, Any]:
+        """One forward step; returns the last position's logits and the grown KV cache."""
+        kwargs: dict[str, Any] = {self._cache_kw: past, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self._device())
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, **kwargs)
+        with self._counter_lock:
+            self._tokens_computed += 1
+        return out.logits[0, -1], out[self._cache_kw]
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class TokenStream(Iterator[TokenChunk]):
+    """Iterator of chunks for one request; ``stats`` is set once it ends.
+
+    Work happens only while the consumer pulls, so a consumer that stops pulling also
+    stops the model; ``cancel`` covers a consumer in another thread, and :meth:`close`
+    one that walks away (its stats then say ``"cancelled"``).
+    """
+
+    def __init__(self, gen: Generator, req: GenerationRequest, prompt_ids: list[int],
+                 cancel: threading.Event | None) -> None:
+        self.request = req
+        self.prompt_ids = prompt_ids
+        self.stats: GenerationStats | None = None
+        self._gen = gen
+        self._cancel = cancel
+        self._reason: StopReason = "cancelled"
+        self._produced = 0
+        self._started = time.perf_counter()
+        self._first_token_at: float | None = None
+        self._it = self._run()
+
+    def __next__(self) -> TokenChunk:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Abandon the generation; no further forward step runs."""
+        self._it.close()
+
+    def _run(self) -> Iterator[TokenChunk]:
+        try:
+            yield from self._chunks()
+        except GeneratorExit:
+            self._reason = "cancelled"
+            self._finish()
+            raise
+        self._finish()
+
+    def _chunks(self) -> Iterator[TokenChunk]:
+        """Text in the order it becomes final; stop strings and what follows them are dropped."""
+        detok, stops = IncrementalDetokenizer(self._gen.tokenizer), StopStringMatcher(self.request.stop)
+        index, pending = 0, []
+        for token in self._tokens():
+            pending.append(token)
+            text = stops.push(detok.add(token))
+            if text:
+                yield TokenChunk(text, index, pending)
+                index, pending = index + 1, []
+            if stops.stopped:
+                break
+        if not stops.stopped:
+            # The end of the stream decides everything held back: an incomplete character
+            # is shown as U+FFFD (as decode() would) and a partial stop string is just text.
+            text = stops.push(detok.flush())
+            text += "" if stops.stopped else stops.flush()
+            if text:
+                yield TokenChunk(text, index, pending)
+        if stops.stopped:
+            self._reason = "stop"
+
+    def _tokens(self) -> Iterator[int]:
+        """Sampled ids (EOS excluded); records why it ended in ``_reason``."""
+        gen, req = self._gen, self.request
+        sampler = _Sampler(req)
+        sampler.observe(self.prompt_ids)
+        past, step_ids = None, self.prompt_ids
+        while self._produced < req.max_tokens:
+            if self._cancel is not None and self._cancel.is_set():
+                self._reason = "cancelled"
+                return
+            logits, past = gen._forward(step_ids, past)
+            token = sampler(logits)
+            self._count_token()
+            sampler.observe([token])
+            if token in gen.eos_token_ids:
+                self._reason = "eos"
+                return
+            yield token
+            step_ids = [token]
+        self._reason = "length"
+
+    def _count_token(self) -> None:
+        self._produced += 1
+        if self._first_token_at is None:
+            self._first_token_at = time.perf_counter()
+
+    def _finish(self) -> None:
+        seconds = time.perf_counter() - self._started
+        first = self._first_token_at
+        self.stats = GenerationStats(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self._produced,
+            time_to_first_token_ms=None if first is None else (first - self._started) * 1000,
+            tokens_per_second=self._produced / seconds if seconds > 0 else 0.0,
+            duration_ms=seconds * 1000,
+            stop_reason=self._reason,
+        )
+        self._gen.stats = self.stats
