@@ -193,7 +193,9 @@ class HubServer:
     only when it is imported.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, port: int = 0) -> None:
+        self.port = port
+        """Port to listen on; 0 picks a free one."""
         self.faults = Faults()
         self.token: str | None = None
         """Gated and private repos are served only to ``Authorization: Bearer <token>``;
@@ -259,7 +261,7 @@ class HubServer:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> HubServer:
-        """Listen on a free port and serve in a daemon thread; returns self."""
+        """Listen (on ``port``, or a free one) and serve in a daemon thread; returns self."""
         if self._server is not None:
             return self
         self._stopping.clear()
@@ -361,7 +363,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, hub: HubServer) -> None:
         self.hub = hub
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", hub.port), _Handler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), slow without a network.
