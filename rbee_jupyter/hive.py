@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
 from .download import Downloader
-from .errors import Conflict, InvalidCheckpoint, ModelNotFound
+from .errors import (Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound, ModelNotLoaded, RbeeError,
+                     WorkerNotFound)
 from .events import DownloadComplete, FeedEvent
-from .jobs import Job, JobRegistry
+from .jobs import Job, JobRegistry, JobState
+from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
+
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 @dataclass
@@ -35,7 +42,53 @@ class HiveConfig:
     max_concurrent_downloads: int = 2
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0
+    pool_class: type[Pool] = LocalProcessPool
+    keep_alive_s: float | None = None
+    loading_timeout_s: float | None = 1800.0
+    queue_depth: int = 8
+    max_tokens_limit: int = 4096
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """A validated ``POST v1/workers`` body."""
+
+    ref: ModelRef
+    device: str | list[str] = "cpu"
+    quantization: str | None = None
+    dtype: str | None = None
+    double_quant: bool = False
+    max_memory: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> LoadRequest:
+        """Validate every field; each mistake is a 400 naming the field."""
+        from .devices import parse_bytes, parse_device_spec
+
+        ref = parse_ref(body.get("model_ref"))
+        device = parse_device_spec(body.get("device", "cpu"))
+        quant = body.get("quantization")
+        if quant in ("none", ""):
+            quant = None
+        if quant is not None and quant not in QUANTIZATIONS:
+            raise InvalidRequest(f"Unknown quantization {quant!r}; use one of {', '.join(QUANTIZATIONS)} or null.",
+                                 details={"field": "quantization", "accepted": list(QUANTIZATIONS)})
+        dtype = body.get("dtype")
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
+            raise InvalidRequest(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.",
+                                 details={"field": "dtype", "accepted": ["float32", "bfloat16", "float16"]})
+        double_quant = body.get("double_quant", False)
+        if not isinstance(double_quant, bool):
+            raise InvalidRequest("double_quant must be true or false.", details={"field": "double_quant"})
+        max_memory = body.get("max_memory")
+        if max_memory is not None:
+            if not isinstance(max_memory, dict):
+                raise InvalidRequest('max_memory must be an object like {"cuda:0": "20GiB"}.',
+                                     details={"field": "max_memory"})
+            for value in max_memory.values():
+                parse_bytes(value)
+        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory)
 
 
 class Hive:
@@ -51,10 +104,13 @@ class Hive:
             backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
         self._download_slots: asyncio.Semaphore | None = None
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
+        self.pool: Pool = config.pool_class(keep_alive_s=config.keep_alive_s,
+                                            loading_timeout_s=config.loading_timeout_s)
         self.catalog.resync()
 
     async def stop(self) -> None:
         await self.jobs.shutdown()
+        await self.pool.close()
         self.catalog.close()
 
     # --- downloads ----------------------------------------------------------------
@@ -85,6 +141,8 @@ class Hive:
                 self._download_slots = asyncio.Semaphore(max(1, self.config.max_concurrent_downloads))
             async with self._download_slots:
                 entry = await self._fetch(job, ref)
+        if ref.is_gguf:
+            entry = await self._import_gguf(job, ref, entry)
         self.catalog.add(entry)
         self._feed("catalog", {"action": "added", "model": entry.to_dict()})
         job.finish(DownloadComplete(local_path=entry.local_path, model_ref=entry.ref,
@@ -111,6 +169,24 @@ class Hive:
         await asyncio.sleep(0)  # let the last threadsafe progress event land before `complete`
         return CatalogEntry(ref=str(ref), repo_id=ref.repo_id, revision=plan.commit, local_path=str(path),
                             size_bytes=plan.bytes_total, files=[f.path for f in plan.files], source="hub")
+
+    async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
+        """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
+        from . import gguf
+        from .events import ImportProgress
+
+        source = Path(entry.local_path)
+        if source.is_dir():  # a hub snapshot: the ref names the file inside it
+            source = source / (ref.filename or "")
+        target = gguf.imported_dir(Path(self.config.cache_dir), source)
+        folder = await asyncio.to_thread(
+            gguf.import_gguf, source, target, cancel=job.cancel_event,
+            on_progress=lambda p: job.publish_threadsafe(ImportProgress(step=p.step, fraction=p.fraction)))
+        await asyncio.sleep(0)  # let the last threadsafe progress event land first
+        files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return CatalogEntry(ref=entry.ref, repo_id=entry.repo_id, revision=entry.revision, local_path=str(folder),
+                            size_bytes=sum((folder / f).stat().st_size for f in files), files=files,
+                            source=entry.source)
 
     def job(self, job_id: str, kind: str | None = None) -> Job:
         return self.jobs.get(job_id, kind)
@@ -145,7 +221,139 @@ class Hive:
         self._feed("catalog", {"action": "removed", "model": entry.to_dict()})
 
     def _check_not_in_use(self, ref: str) -> None:
-        """Hook for the worker pool: refuse to delete what a worker holds."""
+        holders = [w.id for w in self.pool.list() if w.model_ref == ref and w.state not in ("failed", "stopped")]
+        if holders:
+            raise Conflict(f"{ref} is loaded by worker {', '.join(holders)}; unload it first.",
+                           details={"model_ref": ref, "workers": holders})
+
+    # --- workers ------------------------------------------------------------------
+
+    def load(self, body: dict[str, Any] | LoadRequest, *, owner: str | None = None) -> Job:
+        """Start a worker for a model; one job goes from nothing (download) to ready.
+
+        Validation, and the placement plan when the model is already on disk, happen
+        here, so a bad request or a plan that cannot fit is refused before anything
+        starts (400 / 507).
+        """
+        req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
+        entry = self.catalog.get(str(req.ref))
+        plan = self._plan(req, entry.local_path) if entry is not None else None
+        worker_id = "w-" + uuid4().hex[:10]
+        job = self.jobs.create("load", owner=owner, job_id=worker_id)
+        job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
+        return self.jobs.start(job, lambda j: self._load(j, req, entry, plan))
+
+    def _plan(self, req: LoadRequest, path: str) -> dict[str, str]:
+        from .devices import inventory, plan_placement
+        from .loader import plan_blocks
+
+        blocks = plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
+        return plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory).assignments
+
+    async def _load(self, job: Job, req: LoadRequest, entry: CatalogEntry | None, plan: dict[str, str] | None) -> None:
+        if entry is None:
+            entry = await self._download_into(job, req.ref)
+            plan = await asyncio.to_thread(self._plan, req, entry.local_path)
+        assert plan is not None
+        spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
+                          quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
+                          owner=job.owner, queue_depth=self.config.queue_depth,
+                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id)
+        if job.cancel_event.is_set():
+            raise Cancelled("Loading was cancelled before it started.")
+        await self.pool.start(spec, job)
+        await job.wait()
+
+    async def _download_into(self, job: Job, ref: ModelRef) -> CatalogEntry:
+        """Run (or join) the model's download and relay its events into ``job``."""
+        download = self.download(ref, owner=job.owner)
+        job.on_cancel(download.cancel)
+        async for record in download.subscribe(last_event_id=0):
+            if record.event.to_dict().get("stage") == "error":
+                raise download.error or RbeeError(record.event.to_dict()["message"])
+            job.publish(record.event)
+        entry = self.catalog.get(str(ref))
+        if entry is None:
+            raise Cancelled("The download was cancelled.") if job.cancel_event.is_set() else ModelNotFound(
+                f"{ref} could not be downloaded.", details={"model_ref": str(ref)})
+        return entry
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [w.to_dict() for w in self.pool.list()]
+
+    def worker(self, worker_id: str) -> WorkerInfo:
+        try:
+            return self.pool.get(worker_id)
+        except WorkerNotFound:
+            job = self._load_job(worker_id)
+            return WorkerInfo.pending(worker_id, job.meta["model_ref"], owner=job.owner,
+                                      state="failed" if job.state.finished else "loading")
+
+    async def worker_detail(self, worker_id: str) -> dict[str, Any]:
+        """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
+        info = self.worker(worker_id).to_dict()
+        if info["pid"] is None or info["state"] in ("failed", "stopped"):
+            return info
+        live = await self.pool.health(worker_id)
+        keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb")
+        return {**info, **{k: live[k] for k in keys if k in live}}
+
+    def _load_job(self, worker_id: str) -> Job:
+        try:
+            return self.jobs.get(worker_id, "load")
+        except RbeeError:
+            raise WorkerNotFound(f"No worker {worker_id!r}. GET v1/workers lists the workers.",
+                                 details={"worker_id": worker_id}) from None
+
+    async def unload(self, worker_id: str) -> None:
+        """Cancel a load (between layers) or unload a worker; its process exits."""
+        job = None
+        try:
+            job = self._load_job(worker_id)
+        except WorkerNotFound:
+            pass
+        if job is not None and not job.state.finished:
+            job.cancel("Loading was cancelled by the user.")
+        try:
+            await self.pool.stop(worker_id)
+        except WorkerNotFound:
+            if job is None:
+                raise
+
+    def load_job(self, worker_id: str) -> Job:
+        return self._load_job(worker_id)
+
+    # --- inference ----------------------------------------------------------------
+
+    def infer(self, body: dict[str, Any], *, owner: str | None = None) -> Job:
+        """Start a generation on ``worker_id`` or on a loaded worker of ``model_ref``."""
+        from .generate import GenerationRequest
+
+        GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
+        worker = self._pick_worker(body)
+        job = self.jobs.create("inference", owner=owner, error_style="type")
+        job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
+        return self.jobs.start(job, lambda j: self.pool.generate(worker.id, body, j))
+
+    def _pick_worker(self, body: dict[str, Any]) -> WorkerInfo:
+        worker_id, model_ref = body.get("worker_id"), body.get("model_ref")
+        if worker_id is not None:
+            if not isinstance(worker_id, str):
+                raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
+            worker = self.worker(worker_id)
+            if worker.state not in ("idle", "busy"):
+                raise Conflict(f"Worker {worker_id} is {worker.state}, not ready for inference.",
+                               details={"worker_id": worker_id, "state": worker.state})
+            return worker
+        if model_ref is None:
+            raise InvalidRequest("Name a worker_id or a model_ref.", details={"field": "worker_id"})
+        ref = str(parse_ref(model_ref))
+        ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
+        if not ready:
+            raise ModelNotLoaded(
+                f"No worker holds {ref}. Load it first: POST v1/workers {{\"model_ref\": \"{ref}\"}} "
+                f"or %rbee load {ref}.", details={"model_ref": ref})
+        return min(ready, key=lambda w: (w.state != "idle", w.last_used))
 
     # --- server-wide feed -----------------------------------------------------------
 

@@ -75,6 +75,7 @@ class Job:
         self.cancel_event = threading.Event()
         self.meta: dict[str, Any] = {}
         self.task: asyncio.Task | None = None
+        self.error: BaseException | None = None
         self._loop = loop or asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._on_cancel: list[Callable[[], None]] = []
@@ -108,6 +109,9 @@ class Job:
 
     def fail(self, error: BaseException) -> None:
         """Finish with an error event built from ``error`` (``Cancelled`` → state cancelled)."""
+        if self.state.finished:
+            return
+        self.error = error
         if isinstance(error, RbeeError):
             code, message, details = error.code, error.message, error.details or None
         else:
@@ -263,8 +267,8 @@ class JobRegistry:
         self._ids = itertools.count(1)
 
     def create(self, kind: str, *, key: Any = None, owner: str | None = None,
-               error_style: str = "stage") -> Job:
-        job = Job(kind, key=key, owner=owner, error_style=error_style)
+               error_style: str = "stage", job_id: str | None = None) -> Job:
+        job = Job(kind, job_id=job_id, key=key, owner=owner, error_style=error_style)
         self._jobs[job.id] = job
         if key is not None:
             self._active_keys[key] = job.id

@@ -281,10 +281,10 @@ def test_messages_without_a_chat_template_are_refused(tiny):
 
 def test_context_too_long_reports_the_numbers(tiny, gen):
     n_prompt = len(tiny[1](PROMPT)["input_ids"])
-    assert gen.context_length == 256  # from config.max_position_embeddings
+    assert gen.context_length == 1024  # from config.max_position_embeddings
     with pytest.raises(ContextTooLong) as err:
-        gen.stream(GenerationRequest(prompt=PROMPT, max_tokens=256))
-    assert err.value.details == {"prompt_tokens": n_prompt, "max_tokens": 256, "context_length": 256}
+        gen.stream(GenerationRequest(prompt=PROMPT, max_tokens=1024))
+    assert err.value.details == {"prompt_tokens": n_prompt, "max_tokens": 1024, "context_length": 1024}
     assert err.value.status == 400
     small = Generator(*tiny, context_length=n_prompt + 2)
     assert small.encode(GenerationRequest(prompt=PROMPT, max_tokens=2))

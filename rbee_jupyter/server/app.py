@@ -7,11 +7,13 @@ from pathlib import Path
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Int, Unicode, default
+from traitlets import Float, Int, Type, Unicode, default
 
 from .. import __version__
 from ..hive import Hive, HiveConfig
+from ..pool import LocalProcessPool, Pool
 from .handlers import handlers
+from .openai import openai_handlers
 
 
 def _hf_cache() -> str:
@@ -111,6 +113,34 @@ class RbeeApp(ExtensionApp):
         help="Largest JSON request body accepted, in bytes; larger ones get 413. Default 1 MiB.",
     )
 
+    pool_class = Type(
+        default_value=LocalProcessPool, klass=Pool, config=True,
+        help="Where workers run: the default starts one local process per loaded model. Any "
+             "rbee_jupyter.pool.Pool subclass can be named (e.g. a Ray or external-engine pool).",
+    )
+
+    keep_alive_s = Float(
+        None, allow_none=True, config=True,
+        help="Seconds an idle worker stays loaded before it is unloaded to free its memory (like "
+             "Ollama's keep_alive). Default None: until unloaded by hand.",
+    )
+
+    loading_timeout_s = Float(
+        1800.0, allow_none=True, config=True,
+        help="Seconds a load may take before it fails with LOADING_TIMEOUT (naming the layer it was "
+             "at) and its worker is stopped. None: no limit. Default 1800.",
+    )
+
+    queue_depth = Int(
+        8, config=True,
+        help="Generations that may wait for a worker; more are refused with 503 WORKER_BUSY. Default 8.",
+    )
+
+    max_tokens_limit = Int(
+        4096, config=True,
+        help="Largest max_tokens a request may ask for. Default 4096.",
+    )
+
     def initialize_settings(self) -> None:
         config = HiveConfig(
             cache_dir=Path(self.cache_dir).expanduser(), catalog_path=Path(self.catalog_path).expanduser(),
@@ -118,12 +148,14 @@ class RbeeApp(ExtensionApp):
             download_stall_s=self.download_stall_s, download_retries=self.download_retries,
             download_backoff_s=self.download_backoff_s, max_concurrent_downloads=self.max_concurrent_downloads,
             disk_reserve_mb=self.disk_reserve_mb, job_retention_s=self.job_retention_s,
+            pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
+            queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(handlers(self))
+        self.handlers.extend(handlers(self) + openai_handlers({"app": self}))
 
     async def stop_extension(self) -> None:
         await self.hive.stop()

@@ -7,6 +7,7 @@ DESIGN.md's table; nothing here decides anything the hive could.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ class RbeeHandler(APIHandler):
         self.app = app
         self.hive: Hive = app.hive
         self._rbee_subscription = None
+        self._rbee_owned_job = None
 
     def prepare(self):  # type: ignore[override]
         if len(self.request.body or b"") > self.app.max_body_bytes:
@@ -98,6 +100,8 @@ class RbeeHandler(APIHandler):
     def on_connection_close(self) -> None:
         if self._rbee_subscription is not None:
             self._rbee_subscription.close()
+        if self._rbee_owned_job is not None and not self._rbee_owned_job.state.finished:
+            self._rbee_owned_job.cancel("The client went away.")
         super().on_connection_close()
 
 
@@ -140,6 +144,80 @@ class ModelsHandler(RbeeHandler):
         self.reply(204)
 
 
+class WorkersHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.reply(200, {"workers": self.hive.workers()})
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        job = self.hive.load(self.json_body(), owner=self.owner)
+        self.reply(202, {"worker_id": job.id, "state": "loading", "model_ref": job.meta["model_ref"],
+                         "progress_url": self.url(f"v1/loading/progress?id={job.id}")})
+
+
+class WorkerHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, worker_id: str) -> None:
+        self.reply(200, await self.hive.worker_detail(worker_id))
+
+    @web.authenticated
+    @authorized
+    async def delete(self, worker_id: str) -> None:
+        await self.hive.unload(worker_id)
+        self.reply(204)
+
+
+class WorkerReadyHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def get(self, worker_id: str) -> None:
+        worker = self.hive.worker(worker_id)
+        if worker.state in ("idle", "busy"):
+            self.reply(200, {"ready": True, "state": worker.state, "model_loaded": True})
+        else:
+            self.reply(200, {"ready": False, "state": worker.state,
+                             "progress_url": self.url(f"v1/loading/progress?id={worker_id}")})
+
+
+class LoadingProgressHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        job = self.hive.load_job(self.required_query("id"))
+        await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s)
+
+
+class DevicesHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        from ..devices import inventory
+
+        self.reply(200, {"devices": [asdict(d) for d in inventory()]})
+
+
+class InferenceHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        job = self.hive.infer(self.json_body(), owner=self.owner)
+        self.set_header("X-Request-Id", job.id)
+        await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s, refuse_early_errors=True,
+                         cancel_on_close=True)
+
+
+class InferenceCancelHandler(RbeeHandler):
+    @web.authenticated
+    @authorized
+    async def delete(self, request_id: str) -> None:
+        self.hive.cancel(request_id, "inference")
+        self.reply(204)
+
+
 def handlers(app: RbeeApp) -> list[tuple[str, type, dict[str, Any]]]:
     """The route table; ``base_url`` is prepended by ``ExtensionApp``."""
     kw = {"app": app}
@@ -148,4 +226,11 @@ def handlers(app: RbeeApp) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/rbee/v1/models/download/progress", DownloadProgressHandler, kw),
         (r"/rbee/v1/models/download/([^/]+)", DownloadCancelHandler, kw),
         (r"/rbee/v1/models", ModelsHandler, kw),
+        (r"/rbee/v1/workers", WorkersHandler, kw),
+        (r"/rbee/v1/workers/([^/]+)", WorkerHandler, kw),
+        (r"/rbee/v1/workers/([^/]+)/ready", WorkerReadyHandler, kw),
+        (r"/rbee/v1/loading/progress", LoadingProgressHandler, kw),
+        (r"/rbee/v1/devices", DevicesHandler, kw),
+        (r"/rbee/v1/inference", InferenceHandler, kw),
+        (r"/rbee/v1/inference/([^/]+)", InferenceCancelHandler, kw),
     ]

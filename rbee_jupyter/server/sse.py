@@ -6,6 +6,7 @@ import asyncio
 
 from tornado.iostream import StreamClosedError
 
+from ..errors import RbeeError
 from ..events import sse_comment, sse_done, sse_event
 from ..jobs import Job
 
@@ -27,17 +28,36 @@ def start_stream(handler) -> None:
     handler.set_header("X-Accel-Buffering", "no")  # nginx / proxies: do not buffer
 
 
-async def stream_job(handler, job: Job, *, keepalive_s: float) -> None:
+async def stream_job(handler, job: Job, *, keepalive_s: float, refuse_early_errors: bool = False,
+                     cancel_on_close: bool = False) -> None:
     """Send ``job``'s events from the client's ``Last-Event-ID`` on, then ``[DONE]``.
 
     Returns when the job's terminal event was sent or the client went away; the
     subscription is closed either way (``handler.on_connection_close`` closes it
     too, so a vanished client stops being a subscriber at once).
+
+    Args:
+        refuse_early_errors: when the job fails before its first event (a full queue, a
+            prompt too long), answer a plain HTTP error with that status instead of a
+            stream, so clients see 503/400 as they expect.
+        cancel_on_close: the client owns the job (an inference request): cancel it
+            when the client goes away, so the work stops and frees its slot.
     """
-    sub = job.subscribe(last_event_id=last_event_id(handler))
+    sub = job.subscribe(last_event_id=last_event_id(handler) if not refuse_early_errors else 0)
     handler._rbee_subscription = sub
+    if cancel_on_close:
+        handler._rbee_owned_job = job
+    first = None
+    if refuse_early_errors:
+        first = await sub.get()
+        if job.state.finished and len(job.records) == 1 and isinstance(job.error, RbeeError):
+            sub.close()
+            raise job.error
     start_stream(handler)
     try:
+        if first is not None:
+            handler.write(sse_event(first.id, first.data))
+            await handler.flush()
         while True:
             try:
                 record = await sub.get(timeout=keepalive_s)
@@ -52,3 +72,5 @@ async def stream_job(handler, job: Job, *, keepalive_s: float) -> None:
         pass
     finally:
         sub.close()
+        if cancel_on_close and not job.state.finished:
+            job.cancel("The client went away.")

@@ -21,24 +21,24 @@ _CORPUS = [
 ]
 
 
-def _config(arch: Arch, *, hidden: int, layers: int, vocab: int, tie: bool):
+def _config(arch: Arch, *, hidden: int, layers: int, vocab: int, tie: bool, context: int):
     import transformers as tf
 
     common = dict(vocab_size=vocab, tie_word_embeddings=tie)
     if arch == "gpt2":
-        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, **common,
+        return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=context, **common,
                              bos_token_id=1, eos_token_id=2)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                intermediate_size=hidden * 2, max_position_embeddings=256, **common,
+                                intermediate_size=hidden * 2, max_position_embeddings=context, **common,
                                 bos_token_id=1, eos_token_id=2)
     if arch == "phi":
         return tf.PhiConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                            intermediate_size=hidden * 2, max_position_embeddings=256, **common,
+                            intermediate_size=hidden * 2, max_position_embeddings=context, **common,
                             bos_token_id=1, eos_token_id=2)
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
     return cls(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                bos_token_id=1, eos_token_id=2, **common)
 
 
@@ -79,6 +79,7 @@ def make_tiny_model(
     max_shard_size: str | int | None = None,
     seed: int = 0,
     dtype: str = "float32",
+    context: int = 1024,
 ) -> Path:
     """Write a randomly initialised causal LM with its tokenizer to ``path``.
 
@@ -90,6 +91,7 @@ def make_tiny_model(
         max_shard_size: e.g. ``"200KB"`` to force a sharded checkpoint with an index.
         seed: weights are a pure function of the seed.
         dtype: dtype the weights are saved in.
+        context: the context window (position embeddings), in tokens.
 
     Returns:
         The folder, holding ``config.json``, ``*.safetensors`` and tokenizer files.
@@ -100,7 +102,8 @@ def make_tiny_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(vocab_size)
-    config = _config(arch, hidden=hidden, layers=layers, vocab=len(tokenizer), tie=tie_word_embeddings)
+    config = _config(arch, hidden=hidden, layers=layers, vocab=len(tokenizer), tie=tie_word_embeddings,
+                     context=context)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     # Random init gives near-uniform logits; scale up so greedy decoding is decisive

@@ -1,0 +1,310 @@
+"""Device inventory, device-spec parsing and the placement plan.
+
+The planner decides, before any weight is read, which block goes to which device, so
+that a model that does not fit is refused with numbers (``INSUFFICIENT_VRAM``) instead of
+failing half way with an out-of-memory error. It never falls back to the CPU on its own:
+a GPU asked for and missing is ``DEVICE_NOT_AVAILABLE``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from .errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest
+
+__all__ = ["Device", "Plan", "inventory", "parse_device_spec", "plan_placement", "check_devices_exist",
+           "default_margin", "parse_bytes", "normalise_device_name"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+DeviceSpec = str | list[str]
+_CUDA = re.compile(r"^cuda:(\d+)$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A place weights can live, with its memory in bytes; ``free_bytes`` is what others leave us."""
+
+    name: str  # "cpu" or "cuda:N"
+    kind: Literal["cpu", "cuda"]
+    total_bytes: int
+    free_bytes: int
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Block → device, and the bytes that puts on each device used."""
+
+    assignments: dict[str, str]
+    bytes_per_device: dict[str, int] = field(default_factory=dict)
+
+
+class BlockLike(Protocol):
+    """What the planner needs from a block (``loader.BlockInfo`` fits)."""
+
+    name: str
+
+    @property
+    def bytes(self) -> int: ...
+
+
+# --- inventory -------------------------------------------------------------------------------
+
+def inventory() -> list[Device]:
+    """The CPU (always) then every visible CUDA device, with total and free memory."""
+    return [_cpu_device(), *_cuda_devices()]
+
+
+def _cpu_device() -> Device:
+    total, free = _meminfo()
+    return Device("cpu", "cpu", total, free, label=f"CPU ({os.cpu_count() or 1} cores)")
+
+
+def _meminfo() -> tuple[int, int]:
+    """(total, available) host memory: /proc/meminfo's MemAvailable counts reclaimable cache, unlike MemFree."""
+    try:
+        fields = {}
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) * 1024
+        return fields["MemTotal"], fields.get("MemAvailable", fields["MemFree"])
+    except (OSError, KeyError, ValueError, IndexError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
+
+
+def _cuda_devices() -> list[Device]:
+    """NVML first: it does not create a CUDA context (hundreds of MB) in the calling process."""
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:  # NVML indices are physical; only then do they match torch's
+        devices = _nvml_devices()
+        if devices is not None:
+            return devices
+    return _torch_cuda_devices()
+
+
+def _nvml_devices() -> list[Device] | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver: let torch decide
+        return None
+    try:
+        devices = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            label = name.decode() if isinstance(name, bytes) else str(name)
+            devices.append(Device(f"cuda:{i}", "cuda", int(mem.total), int(mem.free), label))
+        return devices
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _torch_cuda_devices() -> list[Device]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        devices.append(Device(f"cuda:{i}", "cuda", int(total), int(free), torch.cuda.get_device_name(i)))
+    return devices
+
+
+# --- parsing -------------------------------------------------------------------------------
+
+def normalise_device_name(value: str) -> str:
+    """Lower-case and trim a device name; bare "cuda" means "cuda:0" as in torch."""
+    name = value.strip().lower()
+    return "cuda:0" if name == "cuda" else name
+
+
+def parse_device_spec(value: object) -> DeviceSpec:
+    """Validate a ``device`` field from an HTTP body: "auto", "cpu", "cuda:N" or a list of "cpu"/"cuda:N".
+
+    Returns the normalised spec ("cuda" → "cuda:0"). Malformed values are ``InvalidRequest``;
+    well-formed names of devices this build cannot use ("tpu", "mps") are ``DeviceNotAvailable``.
+    Whether "cuda:7" exists is checked by :func:`plan_placement` against the inventory.
+    """
+    if isinstance(value, str):
+        name = normalise_device_name(value)
+        if name in ("auto", "cpu") or _CUDA.match(name):
+            return name
+        if not name:
+            raise InvalidRequest("device is empty: use \"auto\", \"cpu\", \"cuda:N\" or a list of those.",
+                                 details={"field": "device"})
+        raise _not_available(name)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise InvalidRequest("device list is empty: name at least one device.", details={"field": "device"})
+        names = []
+        for item in value:
+            if not isinstance(item, str):
+                raise InvalidRequest(f"device list items must be strings, got {item!r}.", details={"field": "device"})
+            name = parse_device_spec(item)
+            if name == "auto":
+                raise InvalidRequest("\"auto\" cannot be part of a device list.", details={"field": "device"})
+            if name in names:
+                raise InvalidRequest(f"device {name} is listed twice.", details={"field": "device"})
+            names.append(name)
+        return names
+    raise InvalidRequest(f"device must be a string or a list of strings, got {type(value).__name__}.",
+                         details={"field": "device"})
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes from an int or a string like "20GiB", "512MB", "1.5 GB" (max_memory values)."""
+    if isinstance(value, bool):
+        raise InvalidRequest(f"not a memory size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidRequest(f"memory size must not be negative: {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b?)\s*", str(value).lower())
+    if not match:
+        raise InvalidRequest(f"not a memory size: {value!r} (use bytes or e.g. \"20GiB\").")
+    number, unit = float(match.group(1)), match.group(2)
+    power = " kmgt".index(unit[0]) if unit and unit[0] in "kmgt" else 0
+    base = 1024 if "i" in unit else 1000
+    return int(number * base**power)
+
+
+def _not_available(name: str, devices: Iterable[Device] | None = None) -> DeviceNotAvailable:
+    available = [d.name for d in (inventory() if devices is None else devices)]
+    return DeviceNotAvailable(f"Device {name} is not available on this machine; available: {', '.join(available)}.",
+                              details={"device": name, "available": available})
+
+
+def check_devices_exist(names: Sequence[str]) -> None:
+    """Raise ``DeviceNotAvailable`` for any name that is not "cpu" or a visible "cuda:N" (cheap: no inventory)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for name in names:
+        match = _CUDA.match(name)
+        if name == "cpu" or (match and int(match.group(1)) < count):
+            continue
+        raise _not_available(name)
+
+
+# --- planning -----------------------------------------------------------------------------
+
+def default_margin(device: Device) -> int:
+    """Memory left free on purpose: activations, the KV cache and the CUDA context need room.
+
+    GPUs keep 10% or 512 MiB, whichever is larger; the CPU keeps 5% or 1 GiB (the worker
+    process itself, Python and torch, lives there).
+    """
+    if device.kind == "cpu":
+        return max(device.total_bytes // 20, GiB)
+    return max(device.total_bytes // 10, 512 * MiB)
+
+
+def _select(spec: DeviceSpec, devices: Sequence[Device]) -> list[Device]:
+    """The devices a spec names, in fill order; "auto" means every GPU and never the CPU."""
+    by_name = {d.name: d for d in devices}
+    spec = parse_device_spec(spec)
+    if spec == "auto":
+        gpus = [d for d in devices if d.kind == "cuda"]
+        if not gpus:
+            raise DeviceNotAvailable(
+                "device \"auto\" uses GPUs, and this machine has none; ask for device \"cpu\" explicitly.",
+                details={"device": "auto", "available": [d.name for d in devices]})
+        return gpus
+    names = [spec] if isinstance(spec, str) else spec
+    for name in names:
+        if name not in by_name:
+            raise _not_available(name, devices)
+    return [by_name[n] for n in names]
+
+
+def _capacity(device: Device, max_memory: dict[str, int], margin_bytes: int | None) -> int:
+    if device.name in max_memory:
+        return min(max_memory[device.name], device.free_bytes)
+    margin = default_margin(device) if margin_bytes is None else margin_bytes
+    return max(device.free_bytes - margin, 0)
+
+
+def _block_bytes(block: object) -> int:
+    size = getattr(block, "bytes", None)
+    if size is None:
+        size = getattr(block, "bytes_after_quant")
+    return int(size)
+
+
+def plan_placement(
+    blocks: Sequence[BlockLike],
+    device_spec: DeviceSpec,
+    inventory: Sequence[Device],
+    max_memory: dict[str, int | str] | None = None,
+    margin_bytes: int | None = None,
+) -> Plan:
+    """Assign blocks, in order, to the chosen devices, filling each before moving to the next.
+
+    Filling in order keeps consecutive layers together, so hidden states cross a device
+    boundary once per device, not once per layer. A block tied to another (``tied_to``)
+    goes wherever that block went. Capacity is ``max_memory[device]`` (capped by free
+    memory) or free memory minus :func:`default_margin`.
+
+    Raises:
+        InvalidRequest: malformed spec or max_memory.
+        DeviceNotAvailable: unknown device (details list those that exist), "auto" without GPU.
+        InsufficientVram / InsufficientRam: it does not fit (details: need_mb, have_mb).
+    """
+    chosen = _select(device_spec, inventory)
+    caps_in = {}
+    for name, value in (max_memory or {}).items():
+        name = normalise_device_name(str(name))
+        if name not in {d.name for d in inventory}:
+            raise _not_available(name, inventory)
+        caps_in[name] = parse_bytes(value)
+    capacity = {d.name: _capacity(d, caps_in, margin_bytes) for d in chosen}
+
+    assignments: dict[str, str] = {}
+    used: dict[str, int] = {}
+    current = 0
+    for block in blocks:
+        tied_to = getattr(block, "tied_to", None)
+        if tied_to and tied_to in assignments:
+            assignments[block.name] = assignments[tied_to]
+            continue
+        size = _block_bytes(block)
+        while current < len(chosen) and used.get(chosen[current].name, 0) + size > capacity[chosen[current].name]:
+            current += 1
+        if current == len(chosen):
+            raise _does_not_fit(blocks, chosen, capacity, block.name, size)
+        name = chosen[current].name
+        assignments[block.name] = name
+        used[name] = used.get(name, 0) + size
+    return Plan(assignments, used)
+
+
+def _does_not_fit(blocks: Sequence[BlockLike], chosen: list[Device], capacity: dict[str, int],
+                  block: str, size: int) -> InsufficientVram | InsufficientRam:
+    need = sum(_block_bytes(b) for b in blocks)
+    have = sum(capacity.values())
+    need_mb, have_mb = -(-need // MiB), have // MiB
+    names = ", ".join(d.name for d in chosen)
+    if need <= have:
+        why = (f"it needs {need_mb} MB in total and {names} have {have_mb} MB usable, but block {block} "
+               f"({-(-size // MiB)} MB) does not fit in what is left on any device")
+    else:
+        why = f"it needs {need_mb} MB and {names} have {have_mb} MB usable (free memory minus a safety margin)"
+    hint = "use quantization (nf4 halves int8, quarters bfloat16), add devices, or free memory"
+    details = {"need_mb": need_mb, "have_mb": have_mb, "devices": [d.name for d in chosen], "block": block}
+    if all(d.kind == "cpu" for d in chosen):
+        return InsufficientRam(f"The model does not fit in host memory: {why}; {hint}.", details=details)
+    return InsufficientVram(f"The model does not fit: {why}; {hint}.", details=details)

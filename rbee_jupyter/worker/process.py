@@ -1,0 +1,200 @@
+"""The pool's handle on one worker process: spawn, handshake, stderr tail, exit watch, signals.
+
+The exit watch is what makes "every stream ends with ``WORKER_DIED`` within 2 s" true:
+instead of waiting for a socket to time out, the pool awaits the process itself, and
+the kernel tells it the moment the process is gone (crash, OOM kill, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import LoadingTimeout, RbeeError, WorkerDied
+from .protocol import SECRET_ENV, WorkerConfig, describe_exit
+
+__all__ = ["WorkerProcess", "child_worker_pids"]
+
+
+class WorkerProcess:
+    """A spawned ``python -m rbee_jupyter.worker``; create it with :meth:`spawn`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, config: WorkerConfig, secret: str,
+                 stderr_lines: int, log_path: Path | None) -> None:
+        self.proc = proc
+        self.config = config
+        self.secret = secret
+        self.port: int | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=stderr_lines)
+        self.log_path = log_path
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self._tasks = [loop.create_task(self._read_stderr(), name=f"rbee-stderr-{config.worker_id}"),
+                       loop.create_task(self._watch(), name=f"rbee-exit-{config.worker_id}")]
+
+    @classmethod
+    async def spawn(cls, config: WorkerConfig, *, python: str = sys.executable, env: dict[str, str] | None = None,
+                    stderr_lines: int = 200, log_path: Path | None = None) -> WorkerProcess:
+        """Start the process and hand it its spec; returns at once (the handshake comes later).
+
+        The worker gets its own session so a Ctrl-C at the server's terminal does not kill
+        it half way; it still dies with the server, through the stdin lifeline.
+        """
+        secret = secrets.token_urlsafe(32)
+        full_env = {**os.environ, **(env or {}), SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                python, "-m", "rbee_jupyter.worker", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=full_env,
+                start_new_session=True)
+        except OSError as exc:
+            raise RbeeError(f"Cannot start a worker process with {python!r}: {exc}",
+                            details={"python": python}) from None
+        assert proc.stdin is not None
+        proc.stdin.write(config.to_json().encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
+        return cls(proc, config, secret, stderr_lines, log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exited.result() if self.exited.done() else None
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    async def handshake(self, timeout: float) -> int:
+        """Wait for the ``{"port", "pid"}`` line; a worker that dies or stays silent is an error.
+
+        Dying raises ``WorkerDied``; silence or garbage raises without killing: the caller
+        decides how to stop it (and so knows its exit is expected, not a death).
+        """
+        assert self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except asyncio.TimeoutError:
+            raise LoadingTimeout(f"The worker process did not start within {timeout:g} s.",
+                                 details={"timeout_s": timeout, "stage": "start"}) from None
+        if not line:
+            await self.wait_exit(5.0)
+            raise self.death_error("before it started")
+        try:
+            self.port = int(json.loads(line)["port"])
+        except (ValueError, KeyError, TypeError):
+            raise RbeeError(f"The worker announced something unexpected: {line[:200]!r}") from None
+        return self.port
+
+    def death_error(self, when: str = "") -> WorkerDied:
+        """``WORKER_DIED`` naming how it exited and what it last wrote to stderr."""
+        how = describe_exit(self.returncode)
+        tail = list(self.stderr_tail)[-8:]
+        text = f" Last stderr lines:\n{chr(10).join(tail)}" if tail else ""
+        when = f" {when}" if when else ""
+        return WorkerDied(f"Worker {self.config.worker_id} died{when}: {how}.{text}",
+                          details={"worker_id": self.config.worker_id, "pid": self.pid, "exit": how,
+                                   "returncode": self.returncode, "stderr_tail": tail})
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float) -> bool:
+        """True once the process is gone (within ``timeout``)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def terminate(self, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``; returns once the process is gone."""
+        if not self.alive:
+            return
+        self.kill(signal.SIGTERM)
+        if not await self.wait_exit(grace_s):
+            self.kill(signal.SIGKILL)
+            await self.wait_exit(10.0)
+
+    def close(self) -> None:
+        """Drop the pipes and helper tasks (after exit)."""
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        for task in self._tasks:
+            if not task.done() and task.get_name().startswith("rbee-stderr"):
+                task.cancel()
+
+    async def _read_stderr(self) -> None:
+        """Keep the last lines for error messages (and the log file); always drain the pipe,
+        so a chatty worker never blocks on a full pipe."""
+        assert self.proc.stderr is not None
+        log = self.log_path.open("a", encoding="utf-8", errors="replace") if self.log_path else None
+        partial = ""
+        try:
+            while True:
+                chunk = await self.proc.stderr.read(65536)
+                if not chunk:
+                    break
+                text = partial + chunk.decode("utf-8", "replace")
+                *lines, partial = re.split(r"\r\n|\r|\n", text)
+                partial = partial[-4096:]
+                for line in lines:
+                    if line.strip():
+                        self.stderr_tail.append(line[:2000])
+                if log is not None:
+                    log.write(chunk.decode("utf-8", "replace"))
+                    log.flush()
+            if partial.strip():
+                self.stderr_tail.append(partial[:2000])
+        finally:
+            if log is not None:
+                log.close()
+
+    async def _watch(self) -> None:
+        """Resolve ``exited`` when the kernel reports the exit (asyncio reaps it: no zombie)."""
+        code = await self.proc.wait()
+        # Give the stderr reader a moment to take the last lines (the pipe is at EOF already).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._tasks[0]), 0.2)
+        if not self.exited.done():
+            self.exited.set_result(code)
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+
+
+def child_worker_pids(parent: int | None = None) -> set[int]:
+    """Live worker processes whose parent is ``parent`` (default: this process); zombies count as gone.
+
+    Linux only (reads /proc; elsewhere: empty). For shutdown checks and tests that assert no
+    worker outlives its pool.
+    """
+    parent = os.getpid() if parent is None else parent
+    pids: set[int] = set()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return pids
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+        if fields[0] != "Z" and int(fields[1]) == parent and b"rbee_jupyter.worker" in cmdline:
+            pids.add(int(entry.name))
+    return pids

@@ -1,0 +1,298 @@
+"""The worker's core: its state, the loading thread and the one-at-a-time generation queue.
+
+Nothing here knows about HTTP; ``app.py`` maps routes onto these methods. All state
+changes happen on the worker's asyncio loop; the two kinds of threads (one loading
+thread, one thread per running generation) only report back through
+``call_soon_threadsafe`` / ``Job.publish_threadsafe``, which keeps events in order.
+
+Why threads: torch releases the GIL in its kernels, so the loop keeps answering
+``/health``, cancels and new requests while a block loads or a token is computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import Cancelled, Conflict, InvalidRequest, ModelNotLoaded, OutOfMemory, RbeeError, WorkerBusy
+from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
+from ..jobs import Job
+from .protocol import WorkerConfig, mb
+
+__all__ = ["WorkerRuntime", "WorkerState", "GenerationTask"]
+
+
+class WorkerState(str, enum.Enum):
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class GenerationTask:
+    """One accepted request: its event log (``job``) and the flag its thread polls."""
+
+    request_id: str
+    request: Any  # generate.GenerationRequest (imported lazily: it pulls in torch)
+    job: Job
+    cancel: threading.Event = field(default_factory=threading.Event)
+    running: bool = False
+
+
+class WorkerRuntime:
+    """A single model in a single process: load it once, then serve generations FIFO.
+
+    ``block_delay_s`` / ``token_delay_s`` are test hooks (env ``RBEE_WORKER_BLOCK_DELAY_S``,
+    ``RBEE_WORKER_TOKEN_DELAY_S``): a pause after each block / chunk that a cancel cuts short,
+    so tests can act "between layers" or "mid-generation" deterministically.
+    """
+
+    def __init__(self, config: WorkerConfig, *, block_delay_s: float = 0.0, token_delay_s: float = 0.0) -> None:
+        self.config = config
+        self.block_delay_s = block_delay_s
+        self.token_delay_s = token_delay_s
+        self.loop = asyncio.get_running_loop()
+        self.state = WorkerState.LOADING
+        self.load_job = Job("load", job_id=config.worker_id)
+        self.load_cancel = threading.Event()
+        self.layers_loaded = 0
+        self.layers_total = 0
+        self.last_block: str | None = None
+        self.memory_bytes: dict[str, int] = {}
+        self.failure: RbeeError | None = None
+        self.started_at = time.time()
+        self.exit_requested = asyncio.Event()
+        self.exit_reason: str | None = None
+        self._generator: Any = None  # generate.Generator, set once loaded
+        self._validator: Any = None  # a Generator on its own tokenizer (fast tokenizers are not thread-safe)
+        self._queue: deque[GenerationTask] = deque()
+        self._current: GenerationTask | None = None
+        self._tasks: dict[str, GenerationTask] = {}
+
+    # --- loading -------------------------------------------------------------------------
+
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="rbee-load", daemon=True).start()
+
+    def _load(self) -> None:
+        """Loading thread: heavy imports, the layer-by-layer load, the tokenizer."""
+        try:
+            from ..generate import Generator
+            from ..loader import load_model
+
+            c = self.config
+            model = load_model(c.model_path, quantization=c.quantization, dtype=c.dtype,
+                               double_quant=c.double_quant, compute_dtype=c.compute_dtype,
+                               device_map=c.device_map, on_progress=self._on_progress, cancel=self.load_cancel)
+            generator = Generator(model, _tokenizer(c.model_path))
+            validator = Generator(model, _tokenizer(c.model_path))
+        except BaseException as exc:  # noqa: BLE001 - every failure must become an error event
+            if not isinstance(exc, RbeeError):
+                traceback.print_exc(file=sys.stderr)
+            self.loop.call_soon_threadsafe(self._load_failed, _as_rbee_error(exc))
+        else:
+            self.loop.call_soon_threadsafe(self._loaded, generator, validator)
+
+    def _on_progress(self, progress: Any) -> None:
+        """Loader callback (loading thread): publish, then honour the test delay."""
+        self.loop.call_soon_threadsafe(self._progress, progress)
+        if self.block_delay_s and progress.layers_loaded < progress.layers_total:
+            self.load_cancel.wait(self.block_delay_s)
+
+    def _progress(self, p: Any) -> None:
+        self.layers_loaded, self.layers_total, self.last_block = p.layers_loaded, p.layers_total, p.block
+        self.memory_bytes = dict(p.bytes_on_device)
+        self.load_job.publish(LoadingProgress(
+            layers_loaded=p.layers_loaded, layers_total=p.layers_total,
+            vram_mb=mb(p.bytes_on_device.get(p.device, 0)), device=p.device, block=p.block,
+            memory_mb=self.memory_mb))
+
+    def _loaded(self, generator: Any, validator: Any) -> None:
+        if self.state is not WorkerState.LOADING:  # shut down meanwhile
+            return
+        self._generator, self._validator = generator, validator
+        self.state = WorkerState.IDLE
+        self.load_job.finish(Ready(worker_id=self.config.worker_id, memory_mb=self.memory_mb))
+
+    def _load_failed(self, error: RbeeError) -> None:
+        self.failure = error
+        if self.state is not WorkerState.DRAINING:
+            self.state = WorkerState.FAILED
+        self.load_job.fail(error)
+
+    def cancel_load(self) -> bool:
+        """Stop loading at the next block boundary; the load stream ends with ``CANCELLED``."""
+        if self.state is not WorkerState.LOADING:
+            return False
+        self.load_cancel.set()
+        return True
+
+    @property
+    def memory_mb(self) -> dict[str, int]:
+        return {device: mb(n) for device, n in self.memory_bytes.items()}
+
+    # --- generation ----------------------------------------------------------------------
+
+    def submit(self, body: Any) -> GenerationTask:
+        """Validate and queue a request; raises (→ a JSON error answer) before any event.
+
+        ``body["request_id"]`` (optional) names the request so the pool can cancel it by
+        the id its own clients know.
+        """
+        if self.state is WorkerState.LOADING:
+            raise ModelNotLoaded("The model is still loading; wait for the load stream's 'ready' event.",
+                                 details={"state": self.state.value})
+        if self.state in (WorkerState.FAILED, WorkerState.DRAINING) or self._generator is None:
+            raise Conflict(f"This worker is {self.state.value} and takes no requests.",
+                           details={"state": self.state.value})
+        from ..generate import GenerationRequest
+
+        request = GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
+        self._validator.encode(request)  # CONTEXT_TOO_LONG etc. as a 400, not as a late error event
+        request_id = body.get("request_id") or uuid.uuid4().hex[:12]
+        if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+            raise InvalidRequest("'request_id' must be a non-empty string of at most 128 characters.",
+                                 details={"field": "request_id"})
+        if request_id in self._tasks:
+            raise Conflict(f"A request with id {request_id!r} is already running or queued.",
+                           details={"request_id": request_id})
+        if self._current is not None and len(self._queue) >= self.config.queue_depth:
+            raise WorkerBusy(f"The worker is busy: one request running and {len(self._queue)} queued "
+                             f"(queue_depth {self.config.queue_depth}). Retry later or load a second worker.",
+                             details={"queue_length": len(self._queue), "queue_depth": self.config.queue_depth})
+        task = GenerationTask(request_id, request, Job("inference", job_id=request_id, error_style="type"))
+        task.job.publish(InferenceStarted(job_id=request_id))
+        self._tasks[request_id] = task
+        if self._current is None:
+            self._run(task)
+        else:
+            self._queue.append(task)
+        return task
+
+    def _run(self, task: GenerationTask) -> None:
+        self._current, task.running = task, True
+        self.state = WorkerState.BUSY
+        threading.Thread(target=self._generate, args=(task,), name=f"rbee-gen-{task.request_id}",
+                         daemon=True).start()
+
+    def _generate(self, task: GenerationTask) -> None:
+        """Generation thread: pull chunks, publish them, hand the outcome back to the loop."""
+        outcome: Any
+        try:
+            stream = self._generator.stream(task.request, cancel=task.cancel)
+            for chunk in stream:
+                task.job.publish_threadsafe(Token(t=chunk.text, i=chunk.index))
+                if self.token_delay_s:
+                    task.cancel.wait(self.token_delay_s)
+            outcome = stream.stats
+        except BaseException as exc:  # noqa: BLE001 - becomes the stream's error event
+            if not isinstance(exc, RbeeError):
+                traceback.print_exc(file=sys.stderr)
+            outcome = _as_rbee_error(exc)
+        self.loop.call_soon_threadsafe(self._generation_done, task, outcome)
+
+    def _generation_done(self, task: GenerationTask, outcome: Any) -> None:
+        job = task.job
+        if isinstance(outcome, BaseException):
+            job.fail(outcome)
+        elif outcome is None or outcome.stop_reason == "cancelled":
+            job.fail(Cancelled("The generation was cancelled.", details={"request_id": task.request_id}))
+        else:
+            job.finish(InferenceEnd(
+                job_id=task.request_id, total_tokens=outcome.completion_tokens,
+                duration_ms=int(round(outcome.duration_ms)), stop_reason=outcome.stop_reason,
+                prompt_tokens=outcome.prompt_tokens,
+                time_to_first_token_ms=None if outcome.time_to_first_token_ms is None
+                else round(outcome.time_to_first_token_ms, 3),
+                tokens_per_second=round(outcome.tokens_per_second, 3)))
+        self._tasks.pop(task.request_id, None)
+        self._current = None
+        if self._queue and self.state is WorkerState.BUSY:
+            self._run(self._queue.popleft())
+        elif self.state is WorkerState.BUSY:
+            self.state = WorkerState.IDLE
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a running or queued request; unknown or finished ids are fine (idempotent DELETE).
+
+        A running one stops before its next forward step (the thread checks the flag
+        before each token); a queued one is dropped at once.
+        """
+        task = self._tasks.get(request_id)
+        if task is None:
+            return False
+        task.cancel.set()
+        if not task.running:
+            self._queue.remove(task)
+            self._tasks.pop(request_id, None)
+            task.job.fail(Cancelled("The request was cancelled while queued.", details={"request_id": request_id}))
+        return True
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def request_exit(self, reason: str) -> None:
+        """Stop everything and let the process exit (memory is freed with the process)."""
+        if self.exit_requested.is_set():
+            return
+        self.exit_reason = reason
+        self.state = WorkerState.DRAINING
+        self.load_cancel.set()
+        for request_id in list(self._tasks):
+            self.cancel(request_id)
+        self.exit_requested.set()
+
+    def health(self) -> dict[str, Any]:
+        tokens = self._generator.tokens_computed if self._generator is not None else 0
+        return {
+            "worker_id": self.config.worker_id, "pid": os.getpid(), "state": self.state.value,
+            "model_path": self.config.model_path, "devices": self.config.devices,
+            "memory_mb": self.memory_mb, "rss_mb": _rss_mb(),
+            "layers_loaded": self.layers_loaded, "layers_total": self.layers_total,
+            "tokens_computed": tokens, "queue_length": len(self._queue),
+            "queue_depth": self.config.queue_depth,
+            "running": self._current.request_id if self._current is not None else None,
+            "requests": list(self._tasks),
+            "error": self.failure.to_dict()["error"] if self.failure is not None else None,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from ..errors import InvalidCheckpoint
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
+        raise InvalidCheckpoint(f"The tokenizer in {path} cannot be loaded: {exc}",
+                                details={"path": path}) from None
+
+
+def _as_rbee_error(exc: BaseException) -> RbeeError:
+    if isinstance(exc, RbeeError):
+        return exc
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return OutOfMemory(f"Out of memory: {exc}")
+    return RbeeError(f"{type(exc).__name__}: {exc}")
+
+
+def _rss_mb() -> int | None:
+    """Resident memory of this process (Linux), for /health; None where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return mb(pages * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,0 +1,224 @@
+"""Placement planning against made-up inventories, and the device_map it turns into."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from rbee_jupyter.devices import (
+    GiB, MiB, Device, default_margin, inventory, parse_bytes, parse_device_spec, plan_placement,
+)
+from rbee_jupyter.errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    bytes: int
+    tied_to: str | None = None
+
+
+def gpu(i: int, free_gib: float, total_gib: float = 80) -> Device:
+    return Device(f"cuda:{i}", "cuda", int(total_gib * GiB), int(free_gib * GiB), f"GPU {i}")
+
+
+CPU = Device("cpu", "cpu", 64 * GiB, 48 * GiB, "CPU")
+
+
+def model(layers: int = 8, layer_gib: float = 1.0) -> list[Block]:
+    """Embeddings, N equal layers, norm and an untied head: a typical decoder."""
+    return [Block("embeddings", GiB // 2), *[Block(f"layers.{i}", int(layer_gib * GiB)) for i in range(layers)],
+            Block("norm", 4096), Block("head", GiB // 2)]
+
+
+def devices_in_order(plan) -> list[str]:
+    return list(dict.fromkeys(plan.assignments.values()))
+
+
+# --- filling --------------------------------------------------------------------------------------
+
+def test_single_gpu_takes_everything_when_it_fits():
+    plan = plan_placement(model(), "cuda:0", [CPU, gpu(0, 40)])
+    assert set(plan.assignments.values()) == {"cuda:0"}
+    assert plan.bytes_per_device == {"cuda:0": sum(b.bytes for b in model())}
+
+
+def test_spills_over_in_order_and_keeps_layers_contiguous():
+    # cuda:0 usable: 6 GiB free - 614 MiB margin (10% of its 6 GiB, more than 512 MiB) = 5.4 GiB
+    inv = [CPU, gpu(0, 6, total_gib=6), gpu(1, 40), gpu(2, 40)]
+    plan = plan_placement(model(), "auto", inv)
+    a = plan.assignments
+    assert [a[n] for n in ("embeddings", "layers.0", "layers.3", "layers.4")] == ["cuda:0"] * 2 + ["cuda:0", "cuda:1"]
+    assert a["layers.7"] == a["norm"] == a["head"] == "cuda:1"
+    assert devices_in_order(plan) == ["cuda:0", "cuda:1"]  # cuda:2 unused, the CPU never chosen by "auto"
+    assert plan.bytes_per_device["cuda:0"] == GiB // 2 + 4 * GiB
+
+
+def test_gpus_with_different_free_memory_fill_to_their_own_capacity():
+    inv = [gpu(0, 3.6, total_gib=4), gpu(1, 2.6, total_gib=4), gpu(2, 20, total_gib=24)]  # margins 512 MiB
+    plan = plan_placement(model(), ["cuda:0", "cuda:1", "cuda:2"], inv)
+    per = {d: [b for b, dev in plan.assignments.items() if dev == d] for d in ("cuda:0", "cuda:1", "cuda:2")}
+    assert per["cuda:0"] == ["embeddings", "layers.0", "layers.1"]  # 2.5 GiB of 3.1 usable
+    assert per["cuda:1"] == ["layers.2", "layers.3"]  # 2 GiB of 2.1 usable
+    assert per["cuda:2"][0] == "layers.4" and per["cuda:2"][-1] == "head"
+
+
+def test_list_order_is_fill_order():
+    plan = plan_placement(model(layers=2), ["cuda:1", "cuda:0"], [gpu(0, 40), gpu(1, 40)])
+    assert set(plan.assignments.values()) == {"cuda:1"}
+
+
+def test_max_memory_caps_a_device():
+    plan = plan_placement(model(), "auto", [gpu(0, 70), gpu(1, 70)], max_memory={"cuda:0": "2GiB"})
+    assert plan.bytes_per_device["cuda:0"] <= 2 * GiB
+    assert plan.assignments["layers.1"] == "cuda:1"
+    assert plan.assignments["layers.0"] == "cuda:0"
+
+
+def test_max_memory_never_exceeds_free_memory():
+    with pytest.raises(InsufficientVram):
+        plan_placement(model(), "cuda:0", [gpu(0, 4)], max_memory={"cuda:0": 100 * GiB})
+
+
+def test_exact_fit_is_accepted():
+    blocks = model(layers=2)
+    need = sum(b.bytes for b in blocks)
+    plan = plan_placement(blocks, "cuda:0", [gpu(0, 10)], margin_bytes=10 * GiB - need)
+    assert plan.bytes_per_device == {"cuda:0": need}
+    with pytest.raises(InsufficientVram):
+        plan_placement(blocks, "cuda:0", [gpu(0, 10)], margin_bytes=10 * GiB - need + 1)
+
+
+def test_tied_head_follows_its_embeddings():
+    blocks = [Block("embeddings", 2 * GiB), Block("layers.0", 3 * GiB), Block("layers.1", 3 * GiB),
+              Block("head", 0, tied_to="embeddings")]
+    plan = plan_placement(blocks, "auto", [gpu(0, 5.6, total_gib=6), gpu(1, 40)])
+    assert plan.assignments["layers.1"] == "cuda:1"
+    assert plan.assignments["head"] == "cuda:0"
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+def test_does_not_fit_reports_need_and_have_in_mb():
+    with pytest.raises(InsufficientVram) as info:
+        plan_placement(model(), "auto", [gpu(0, 4, total_gib=4), gpu(1, 2.5, total_gib=4)])
+    need_mb = -(-sum(b.bytes for b in model()) // MiB)
+    have_mb = (3 * GiB + 512 * MiB + 2 * GiB) // MiB  # free minus the 512 MiB margins
+    assert info.value.details["need_mb"] == need_mb and info.value.details["have_mb"] == have_mb
+    assert str(need_mb) in info.value.message and str(have_mb) in info.value.message
+    assert info.value.status == 507 and info.value.code == "INSUFFICIENT_VRAM"
+
+
+def test_fragmentation_is_explained_even_when_the_total_fits():
+    blocks = [Block("embeddings", 3 * GiB), Block("layers.0", 3 * GiB)]
+    with pytest.raises(InsufficientVram, match="layers.0"):
+        plan_placement(blocks, "auto", [gpu(0, 4.5, total_gib=5), gpu(1, 2.9, total_gib=3)], margin_bytes=0)
+
+
+def test_cpu_plan_checks_host_ram():
+    small_host = Device("cpu", "cpu", 16 * GiB, 6 * GiB, "CPU")
+    with pytest.raises(InsufficientRam) as info:
+        plan_placement(model(), "cpu", [small_host])
+    assert info.value.details["need_mb"] > info.value.details["have_mb"]
+    assert plan_placement(model(layers=2), "cpu", [small_host]).assignments["head"] == "cpu"
+
+
+@pytest.mark.parametrize("spec", ["cuda:7", ["cuda:0", "cuda:7"]])
+def test_unknown_gpu_lists_the_devices_that_exist(spec):
+    with pytest.raises(DeviceNotAvailable) as info:
+        plan_placement(model(), spec, [CPU, gpu(0, 40)])
+    assert info.value.details["available"] == ["cpu", "cuda:0"]
+    assert "cuda:7" in info.value.message and "cuda:0" in info.value.message
+    assert info.value.status == 400
+
+
+def test_auto_without_gpus_never_falls_back_to_cpu():
+    with pytest.raises(DeviceNotAvailable, match="cpu"):
+        plan_placement(model(layers=1), "auto", [CPU])
+
+
+def test_max_memory_for_unknown_device_is_refused():
+    with pytest.raises(DeviceNotAvailable):
+        plan_placement(model(), "cuda:0", [gpu(0, 40)], max_memory={"cuda:3": GiB})
+
+
+def test_default_margins():
+    assert default_margin(gpu(0, 1, total_gib=80)) == 8 * GiB
+    assert default_margin(gpu(0, 1, total_gib=4)) == 512 * MiB
+    assert default_margin(CPU) == max(CPU.total_bytes // 20, GiB)
+
+
+# --- parsing --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, parsed", [("auto", "auto"), ("cpu", "cpu"), ("CUDA:1", "cuda:1"), ("cuda", "cuda:0"),
+                                         (["cuda:1", "cuda:0"], ["cuda:1", "cuda:0"]),
+                                         (["cuda:0", "cpu"], ["cuda:0", "cpu"])])
+def test_parse_device_spec_accepts(raw, parsed):
+    assert parse_device_spec(raw) == parsed
+
+
+@pytest.mark.parametrize("raw", [None, 0, {"cuda": 0}, "", [], ["auto"], ["cuda:0", "cuda:0"], [1]])
+def test_parse_device_spec_rejects_malformed(raw):
+    with pytest.raises(InvalidRequest) as info:
+        parse_device_spec(raw)
+    assert not isinstance(info.value, DeviceNotAvailable)
+
+
+@pytest.mark.parametrize("raw", ["tpu", "mps", "cuda:x"])
+def test_parse_device_spec_unknown_kind_is_not_available(raw):
+    with pytest.raises(DeviceNotAvailable) as info:
+        parse_device_spec(raw)
+    assert "cpu" in info.value.details["available"]
+
+
+@pytest.mark.parametrize("raw, value", [(123, 123), ("2GiB", 2 * GiB), ("1.5 GB", 1_500_000_000), ("512MiB", 512 * MiB),
+                                        ("100", 100), ("64kb", 64_000)])
+def test_parse_bytes(raw, value):
+    assert parse_bytes(raw) == value
+
+
+@pytest.mark.parametrize("raw", ["lots", -1, True])
+def test_parse_bytes_rejects(raw):
+    with pytest.raises(InvalidRequest):
+        parse_bytes(raw)
+
+
+# --- the real machine ------------------------------------------------------------------------------
+
+def test_inventory_always_has_the_cpu_first():
+    devices = inventory()
+    assert devices[0].name == "cpu" and devices[0].kind == "cpu"
+    assert 0 < devices[0].free_bytes <= devices[0].total_bytes
+    assert all(d.kind == "cuda" and d.name.startswith("cuda:") for d in devices[1:])
+
+
+# --- device_map for a 2-GPU plan ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("gpt2", True)])
+def test_device_map_for_a_two_gpu_plan_covers_every_tensor(tmp_path, arch, tied):
+    from accelerate import init_empty_weights
+    from accelerate.utils import check_device_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rbee_jupyter.loader import device_map_for, plan_blocks
+    from rbee_jupyter.testing import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / arch, arch=arch, tie_word_embeddings=tied)
+    blocks = plan_blocks(folder)
+    half = sum(b.bytes for b in blocks) // 2
+    inv = [CPU, Device("cuda:0", "cuda", 10 * GiB, half + 10 * GiB, "A"),
+           Device("cuda:1", "cuda", 40 * GiB, 20 * GiB, "B")]
+    plan = plan_placement(blocks, "auto", inv, margin_bytes=10 * GiB)  # cuda:0 holds about half the model
+    device_map = device_map_for(blocks, plan.assignments)
+
+    assert set(device_map.values()) == {"cuda:0", "cuda:1"}
+    layers = [m for m in device_map if m.rsplit(".", 1)[-1].isdigit()]
+    assert len(layers) == 4 and device_map[layers[0]] == "cuda:0" and device_map[layers[-1]] == "cuda:1"
+    head = "lm_head"
+    embeddings = "transformer.wte" if arch == "gpt2" else "model.embed_tokens"
+    assert device_map[embeddings] == "cuda:0"
+    assert device_map[head] == ("cuda:0" if tied else "cuda:1")
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    check_device_map(skeleton, device_map)  # raises if any parameter is left without a device
