@@ -8,3 +8,26 @@ def _jupyter_server_extension_points() -> list[dict]:
     from .server.app import RbeeApp
 
     return [{"module": "rbee_jupyter", "app": RbeeApp}]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext rbee_jupyter``: registers the ``%rbee`` magics."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def __getattr__(name: str):
+    """Lazy exports, so ``import rbee_jupyter`` stays cheap (no httpx, no torch)."""
+    if name == "Client":
+        from .client import Client
+
+        return Client
+    if name == "load_model":
+        from .inkernel import load_model
+
+        return load_model
+    raise AttributeError(f"module 'rbee_jupyter' has no attribute {name!r}")
+
+
+__all__ = ["Client", "load_model", "load_ipython_extension", "__version__"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Cancelled, JobNotFound, RbeeError
-from .events import ErrorEvent, Event, dumps
+from .events import ErrorEvent, Event, dumps, sse_event
 
 
 class JobState(str, enum.Enum):
@@ -40,11 +40,12 @@ class JobState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Record:
-    """One published event with its stream id and its JSON, serialised once for all subscribers."""
+    """One published event with its stream id, its JSON and its SSE frame, made once for all subscribers."""
 
     id: int
     event: Event
     data: str
+    frame: bytes = b""
     created: float = field(default_factory=time.monotonic)
 
     @property
@@ -77,7 +78,7 @@ class Job:
         self.task: asyncio.Task | None = None
         self.error: BaseException | None = None
         self._loop = loop or asyncio.get_running_loop()
-        self._changed = asyncio.Event()
+        self._waiters: set[asyncio.Future] = set()
         self._on_cancel: list[Callable[[], None]] = []
         self._on_finish: list[Callable[[Job], None]] = []
         self._on_publish: list[Callable[[Job, Record], None]] = []
@@ -120,10 +121,10 @@ class Job:
         self.finish(ErrorEvent(message=message, code=code, details=details, style=self.error_style), state)
 
     def _append(self, event: Event) -> Record:
-        record = Record(len(self.records) + 1, event, dumps(event))
+        event_id, data = len(self.records) + 1, dumps(event)
+        record = Record(event_id, event, data, sse_event(event_id, data))
         self.records.append(record)
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._wake()
         for cb in self._on_publish:
             cb(self, record)
         return record
@@ -145,6 +146,31 @@ class Job:
         if self.task is None or self.task.done():
             self.fail(Cancelled(reason))
         return True
+
+    def _wake(self) -> None:
+        """Resolve every waiting reader's future: one cheap callback each, no tasks, no timers."""
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _changed(self, timeout: float | None) -> None:
+        """Wait until the next publish (or ``timeout`` seconds); returns either way.
+
+        A plain future per wait, resolved by ``_wake`` or a ``call_later`` timer: with a
+        thousand subscribers this is several times cheaper than ``asyncio.wait_for``,
+        which creates a task and a timer for every single wait.
+        """
+        fut = self._loop.create_future()
+        self._waiters.add(fut)
+        timer = None if timeout is None else self._loop.call_later(
+            max(timeout, 0), lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            self._waiters.discard(fut)
+            if timer is not None:
+                timer.cancel()
 
     def on_cancel(self, callback: Callable[[], None]) -> None:
         self._on_cancel.append(callback)
@@ -183,11 +209,13 @@ class Job:
 
     async def wait(self, timeout: float | None = None) -> JobState:
         """Wait until the job finished (bounded by ``timeout``)."""
-        async def _wait() -> JobState:
-            while not self.state.finished:
-                await self._changed.wait()
-            return self.state
-        return await asyncio.wait_for(_wait(), timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.state.finished:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise asyncio.TimeoutError(f"job {self.id} still {self.state.value} after {timeout} s")
+            await self._changed(remaining)
+        return self.state
 
 
 class Subscription:
@@ -199,6 +227,13 @@ class Subscription:
         self.max_lag = max(1, max_lag)
         self.skipped = 0
         self.closed = False
+
+    def ready(self) -> list[Record]:
+        """Every record that can be read now without waiting (a writer sends them in one go)."""
+        out = []
+        while not self.closed and (record := self._next_ready()) is not None:
+            out.append(record)
+        return out
 
     def _next_ready(self) -> Record | None:
         records = self.job.records
@@ -223,7 +258,6 @@ class Subscription:
         while True:
             if self.closed:
                 raise StopAsyncIteration
-            changed = self.job._changed
             record = self._next_ready()
             if record is not None:
                 return record
@@ -233,10 +267,7 @@ class Subscription:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
-            try:
-                await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                return None
+            await self.job._changed(remaining)
 
     def close(self) -> None:
         """Stop reading; a reader waiting in ``get`` wakes up and ends."""
@@ -244,8 +275,7 @@ class Subscription:
             return
         self.closed = True
         self.job.subscriptions.discard(self)
-        changed, self.job._changed = self.job._changed, asyncio.Event()
-        changed.set()
+        self.job._wake()
 
     def __aiter__(self) -> AsyncIterator[Record]:
         return self

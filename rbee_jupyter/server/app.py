@@ -157,5 +157,17 @@ class RbeeApp(ExtensionApp):
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers(self) + openai_handlers({"app": self}))
 
+    async def _start_jupyter_server_extension(self, serverapp) -> None:
+        """Kernels started from now on find this server (``RBEE_SERVER_URL`` / ``RBEE_TOKEN``).
+
+        Runs once the server listens, so the published port is the real one.
+        """
+        from ..kernel_env import publish
+
+        publish(serverapp)
+
     async def stop_extension(self) -> None:
+        from ..kernel_env import unpublish
+
+        unpublish()
         await self.hive.stop()

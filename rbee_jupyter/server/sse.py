@@ -7,7 +7,7 @@ import asyncio
 from tornado.iostream import StreamClosedError
 
 from ..errors import RbeeError
-from ..events import sse_comment, sse_done, sse_event
+from ..events import sse_comment, sse_done
 from ..jobs import Job
 
 
@@ -56,14 +56,17 @@ async def stream_job(handler, job: Job, *, keepalive_s: float, refuse_early_erro
     start_stream(handler)
     try:
         if first is not None:
-            handler.write(sse_event(first.id, first.data))
+            handler.write(first.frame)
             await handler.flush()
         while True:
             try:
                 record = await sub.get(timeout=keepalive_s)
             except StopAsyncIteration:
                 break
-            handler.write(sse_comment() if record is None else sse_event(record.id, record.data))
+            if record is None:
+                handler.write(sse_comment())
+            else:  # whatever else is ready goes out in the same write: a slow reader catches up at once
+                handler.write(record.frame + b"".join(r.frame for r in sub.ready()))
             await handler.flush()
         if not sub.closed:
             handler.write(sse_done())
