@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import RbeeError
+from .paths import default_cache_dir, default_catalog_path
 
 if TYPE_CHECKING:
     from .hive import Hive, HiveConfig
@@ -37,23 +38,12 @@ T = TypeVar("T")
 _END = object()
 
 
-def _hf_cache() -> str:
-    """huggingface_hub's cache as it resolves it, like the server's default (one cache for both modes)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return os.path.join(home, "hub")
-
-
 def default_config(**options: Any) -> HiveConfig:
     """The embedded hive's settings: ``options`` (any ``HiveConfig`` field), else the environment.
 
     ``RBEE_CACHE_DIR`` (else huggingface_hub's cache), ``RBEE_CATALOG_PATH`` (else the
     server's default, so both modes list the same downloads) and ``HF_ENDPOINT``.
     """
-    from jupyter_core.paths import jupyter_data_dir
-
     from .hive import HiveConfig
 
     known = {f.name for f in fields(HiveConfig)}
@@ -61,9 +51,8 @@ def default_config(**options: Any) -> HiveConfig:
     if unknown:
         raise TypeError(f"Unknown embedded hive option(s): {', '.join(sorted(unknown))}; "
                         f"use HiveConfig fields ({', '.join(sorted(known))}).")
-    cache = options.pop("cache_dir", None) or os.environ.get("RBEE_CACHE_DIR") or _hf_cache()
-    catalog = options.pop("catalog_path", None) or os.environ.get("RBEE_CATALOG_PATH") or os.path.join(
-        jupyter_data_dir(), "rbee", "catalog.sqlite")
+    cache = options.pop("cache_dir", None) or os.environ.get("RBEE_CACHE_DIR") or default_cache_dir()
+    catalog = options.pop("catalog_path", None) or os.environ.get("RBEE_CATALOG_PATH") or default_catalog_path()
     endpoint = options.pop("hub_endpoint", None) or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     return HiveConfig(cache_dir=Path(cache).expanduser(), catalog_path=Path(catalog).expanduser(),
                       hub_endpoint=endpoint.rstrip("/"), **options)

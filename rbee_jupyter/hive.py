@@ -19,7 +19,7 @@ from .download import Downloader
 from .errors import (Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound, ModelNotLoaded, RbeeError,
                      WorkerNotFound)
 from .events import DownloadComplete, FeedEvent
-from .jobs import Job, JobRegistry, JobState
+from .jobs import Job, JobRegistry
 from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 

@@ -5,24 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Float, Int, Type, Unicode, default
 
 from .. import __version__
 from ..hive import Hive, HiveConfig
+from ..paths import default_cache_dir, default_catalog_path
 from ..pool import LocalProcessPool, Pool
 from .handlers import handlers
 from .openai import openai_handlers
-
-
-def _hf_cache() -> str:
-    """huggingface_hub's cache as it resolves it (``HF_HUB_CACHE``, then ``HF_HOME/hub``)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return os.path.join(home, "hub")
 
 
 class RbeeApp(ExtensionApp):
@@ -41,7 +32,7 @@ class RbeeApp(ExtensionApp):
 
     @default("cache_dir")
     def _default_cache_dir(self) -> str:
-        return _hf_cache()
+        return default_cache_dir()
 
     catalog_path = Unicode(
         config=True,
@@ -50,7 +41,7 @@ class RbeeApp(ExtensionApp):
 
     @default("catalog_path")
     def _default_catalog_path(self) -> str:
-        return os.path.join(jupyter_data_dir(), "rbee", "catalog.sqlite")
+        return default_catalog_path()
 
     hub_endpoint = Unicode(
         config=True,
@@ -162,12 +153,18 @@ class RbeeApp(ExtensionApp):
 
         Runs once the server listens, so the published port is the real one.
         """
+        from ..feed import ensure_feed
         from ..kernel_env import publish
 
         publish(serverapp)
+        ensure_feed(self.hive)  # from now on, so resuming clients find what happened
 
     async def stop_extension(self) -> None:
         from ..kernel_env import unpublish
 
         unpublish()
+        from ..feed import FeedJob
+
+        if isinstance(self.hive.feed, FeedJob):  # its streams end with [DONE] before the server goes
+            await self.hive.feed.close()
         await self.hive.stop()
