@@ -45,6 +45,7 @@ class HiveConfig:
     pool_class: type[Pool] = LocalProcessPool
     keep_alive_s: float | None = None
     loading_timeout_s: float | None = 1800.0
+    inference_stall_s: float | None = 120.0
     queue_depth: int = 8
     max_tokens_limit: int = 4096
     extra: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +106,8 @@ class Hive:
         self._download_slots: asyncio.Semaphore | None = None
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
         self.pool: Pool = config.pool_class(keep_alive_s=config.keep_alive_s,
-                                            loading_timeout_s=config.loading_timeout_s)
+                                            loading_timeout_s=config.loading_timeout_s,
+                                            inference_stall_s=config.inference_stall_s)
         self.catalog.resync()
 
     async def stop(self) -> None:

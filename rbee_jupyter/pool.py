@@ -32,7 +32,8 @@ from typing import Any
 
 import httpx
 
-from .errors import Cancelled, Conflict, LoadingTimeout, ModelNotLoaded, RbeeError, WorkerDied, WorkerNotFound
+from .errors import (Cancelled, Conflict, InferenceStalled, LoadingTimeout, ModelNotLoaded, RbeeError, WorkerDied,
+                     WorkerNotFound)
 from .events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from .jobs import Job
 from .worker.client import GenerationStream, WorkerClient
@@ -197,6 +198,9 @@ class LocalProcessPool(Pool):
         stop_grace_s: how long a worker asked to exit may take before it is killed.
         log_dir: where each worker's stderr is also written (``{worker_id}.log``); None: memory only.
         failed_retention_s: how long failed workers stay listed (with their ``exit_reason``).
+        inference_stall_s: a started generation that sends nothing for this long is stopped
+            and ends with ``INFERENCE_STALLED``; None: wait for ever. Waiting in the queue
+            does not count.
     """
 
     cancel_grace_s = 3.0  # a cancelled load/generation must end this long after we asked
@@ -205,8 +209,9 @@ class LocalProcessPool(Pool):
     def __init__(self, *, keep_alive_s: float | None = None, loading_timeout_s: float | None = None,
                  python: str = sys.executable, env: dict[str, str] | None = None,
                  startup_timeout_s: float = 60.0, stop_grace_s: float = 5.0, log_dir: str | Path | None = None,
-                 failed_retention_s: float = 600.0) -> None:
+                 failed_retention_s: float = 600.0, inference_stall_s: float | None = 120.0) -> None:
         super().__init__()
+        self.inference_stall_s = inference_stall_s
         self.keep_alive_s = keep_alive_s
         self.loading_timeout_s = loading_timeout_s
         self.python = python
@@ -483,7 +488,16 @@ class LocalProcessPool(Pool):
             async with w.client.generate({**body, "request_id": job.id}) as stream:
                 w.streams[job] = stream  # accepted: from here a death must reach this job
                 self._update_busy(w)
-                async for _, event in stream:
+                events = stream.__aiter__()
+                while True:
+                    limit = self.inference_stall_s if job.records else None  # from "started" on
+                    try:
+                        _, event = await asyncio.wait_for(events.__anext__(), limit)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        await self._stalled(w, job, limit)
+                        break
                     if job.state.finished or self._relay_inference(job, event):
                         break
             if not job.state.finished:
@@ -515,6 +529,17 @@ class LocalProcessPool(Pool):
             job.fail(error_from_json(event))
             return True
         return False
+
+    async def _stalled(self, w: _Worker, job: Job, limit: float | None) -> None:
+        """Nothing came for ``limit`` seconds: stop the generation and say so."""
+        if w.client is not None and w.process.alive:
+            with contextlib.suppress(httpx.HTTPError, RbeeError, asyncio.TimeoutError):
+                await asyncio.wait_for(w.client.cancel_generation(job.id), self.cancel_grace_s)
+        job.fail(InferenceStalled(
+            f"Worker {w.info.id} produced nothing for {limit:g} s after {len(job.records) - 1} tokens; the "
+            "generation was stopped. The device may be overloaded; raise c.RbeeApp.inference_stall_s if "
+            "single tokens legitimately take this long.",
+            details={"worker_id": w.info.id, "stall_s": limit}))
 
     async def _cancel_generation(self, w: _Worker, job: Job) -> None:
         """``job.cancel()`` (e.g. the client went away): stop the worker's generation now."""

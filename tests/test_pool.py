@@ -255,7 +255,7 @@ async def test_a_corrupt_checkpoint_fails_with_invalid_checkpoint(rbee_tiny_mode
 
 # --- generation: refusals and cancels ------------------------------------------------------------
 
-async def test_queue_full_is_worker_busy_and_cancel_frees_the_slot(rbee_tiny_model):
+async def test_queue_full_is_worker_busy_cancel_frees_the_slot_and_a_stall_is_reported(rbee_tiny_model):
     async with opened(env=SLOW_TOKENS) as pool:
         info = await loaded(pool, rbee_tiny_model, queue_depth=0)
         with pytest.raises(InvalidRequest) as bad:  # the worker's 400, rebuilt as its own class
@@ -280,6 +280,13 @@ async def test_queue_full_is_worker_busy_and_cancel_frees_the_slot(rbee_tiny_mod
         assert pool.get(info.id).state == "idle" and time.monotonic() - asked < 1.0
         await asyncio.sleep(0.3)  # six token delays: a generation still running would have counted
         assert (await pool.health(info.id))["tokens_computed"] == health["tokens_computed"]
+
+        pool.inference_stall_s = 0.02  # shorter than one token (0.05 s): the next generation stalls
+        stalled = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 200})
+        assert await stalled.wait(5) is JobState.ERROR
+        error = error_of(stalled)
+        assert error["code"] == "INFERENCE_STALLED" and "produced nothing for 0.02 s" in error["message"]
+        await until(lambda: pool.get(info.id).state == "idle", 3, "the worker to be idle again")
 
 
 # --- deaths ---------------------------------------------------------------------------------------

@@ -122,6 +122,12 @@ class RbeeApp(ExtensionApp):
              "at) and its worker is stopped. None: no limit. Default 1800.",
     )
 
+    inference_stall_s = Float(
+        120.0, allow_none=True, config=True,
+        help="Seconds a started generation may go without producing a token before it is stopped "
+             "with INFERENCE_STALLED. None: no limit. Default 120.",
+    )
+
     queue_depth = Int(
         8, config=True,
         help="Generations that may wait for a worker; more are refused with 503 WORKER_BUSY. Default 8.",
@@ -140,6 +146,7 @@ class RbeeApp(ExtensionApp):
             download_backoff_s=self.download_backoff_s, max_concurrent_downloads=self.max_concurrent_downloads,
             disk_reserve_mb=self.disk_reserve_mb, job_retention_s=self.job_retention_s,
             pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
+            inference_stall_s=self.inference_stall_s,
             queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
         )
         self.hive = Hive(config)
