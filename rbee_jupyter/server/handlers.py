@@ -200,6 +200,17 @@ class DevicesHandler(RbeeHandler):
         self.reply(200, {"devices": [asdict(d) for d in inventory()]})
 
 
+class EventsHandler(RbeeHandler):
+    """The server-wide feed: a ``snapshot`` first (without ``Last-Event-ID``), then every change."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        from ..feed import ensure_feed
+
+        await stream_job(self, ensure_feed(self.hive), keepalive_s=self.app.sse_keepalive_s)
+
+
 class InferenceHandler(RbeeHandler):
     @web.authenticated
     @authorized
@@ -231,6 +242,7 @@ def handlers(app: RbeeApp) -> list[tuple[str, type, dict[str, Any]]]:
         (r"/rbee/v1/workers/([^/]+)/ready", WorkerReadyHandler, kw),
         (r"/rbee/v1/loading/progress", LoadingProgressHandler, kw),
         (r"/rbee/v1/devices", DevicesHandler, kw),
+        (r"/rbee/v1/events", EventsHandler, kw),
         (r"/rbee/v1/inference", InferenceHandler, kw),
         (r"/rbee/v1/inference/([^/]+)", InferenceCancelHandler, kw),
     ]

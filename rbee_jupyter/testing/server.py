@@ -34,7 +34,7 @@ class ServerProcess:
 
     def __init__(self, folder: str | Path, *, rbee: dict[str, Any] | None = None, base_url: str = "/",
                  server: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 startup_timeout: float = 60.0) -> None:
+                 startup_timeout: float = 60.0, module: str = "jupyter_server") -> None:
         self.folder = Path(folder)
         self.token = secrets.token_hex(16)
         self.port = free_port()
@@ -44,6 +44,7 @@ class ServerProcess:
         self.server = dict(server or {})
         self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
+        self.module = module  # "jupyterlab" for a `jupyter lab` with the sidebar
         self.proc: subprocess.Popen | None = None
         self.log_path = self.folder / "server.log"
         self.client = httpx.Client(base_url=self.url + "rbee/", headers=self.auth_header, timeout=30)
@@ -68,7 +69,7 @@ class ServerProcess:
                "JUPYTER_DATA_DIR": str(self.folder / "data"), "JUPYTER_RUNTIME_DIR": str(self.folder / "runtime"),
                "JUPYTER_PLATFORM_DIRS": "0", **self.extra_env}
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "jupyter_server"], env=env, stdout=log,
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         self._wait_ready()

@@ -1,0 +1,287 @@
+"""The server-wide event feed: one stream that keeps a UI current (``GET v1/events``).
+
+The feed is a long-lived ``Job`` of kind ``"feed"`` that never finishes. It publishes
+``FeedEvent``s (``{"topic": ..., ...}``):
+
+- ``job``: ``action`` ``created`` / ``progress`` / ``finished`` with the job's summary
+  (``id``, ``kind``, ``state``, ``model_ref``, ``worker_id``, ``last_event``); progress is
+  throttled to ``progress_interval_s`` per job, the newest always arriving in the end;
+- ``worker``: ``action`` is the pool's event (``loading``, ``progress``, ``ready``, ``busy``,
+  ``idle``, ``draining``, ``stopped``, ``failed``...) with the worker's info;
+- ``catalog``: ``action`` ``added`` / ``removed`` with the model (from ``Hive._feed``);
+- ``devices``: every device with total and free memory, every ``devices_interval_s``
+  while at least one subscriber is connected.
+
+Its log is bounded: only the last ``keep`` records are kept. A subscriber that comes
+without ``Last-Event-ID`` (or whose id fell out of the window) first gets one
+``snapshot`` event with the whole current state (devices, models, workers, active
+jobs), whose id is the newest record's, so resuming from it loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from .events import FeedEvent, dumps, sse_event
+from .jobs import Job, JobState, Record
+
+if TYPE_CHECKING:
+    from .hive import Hive
+    from .pool import WorkerInfo
+
+__all__ = ["FeedJob", "ensure_feed"]
+
+log = logging.getLogger(__name__)
+
+_WORKER_PROGRESS = frozenset({"progress"})
+
+
+class FeedJob(Job):
+    """The feed's log: a window of recent records plus a snapshot for newcomers."""
+
+    def __init__(self, hive: Hive, *, keep: int = 512, progress_interval_s: float = 0.25,
+                 devices_interval_s: float = 3.0) -> None:
+        super().__init__("feed", job_id="feed")
+        self.hive = hive
+        self.keep = max(16, keep)
+        self.progress_interval_s = progress_interval_s
+        self.devices_interval_s = devices_interval_s
+        self.window: collections.deque[Record] = collections.deque(maxlen=self.keep)
+        # ids start from the clock: an id kept from before a server restart is below this
+        # feed's window, so that client gets a fresh snapshot instead of a wrong resume
+        self.last_id = int(time.time()) * 100_000
+        self.state = JobState.RUNNING
+        self._closed = False
+        self._last_sent: dict[Any, float] = {}
+        self._pending: dict[Any, asyncio.TimerHandle] = {}
+        self._unannounced: set[str] = set()
+        self._devices_task: asyncio.Task | None = None
+        self._unlisten = [hive.pool.listen(self._on_worker)]
+        hive.jobs.listen(self._on_job)
+        for job in hive.jobs.list():
+            if not job.state.finished:
+                job.on_publish(self._job_published)
+
+    # --- producing ----------------------------------------------------------------
+
+    def _append(self, event: Any) -> Record:
+        self.last_id += 1
+        data = dumps(event)
+        record = Record(self.last_id, event, data, sse_event(self.last_id, data))
+        self.window.append(record)
+        self._wake()
+        return record
+
+    def publish(self, event: Any) -> Record | None:
+        if self._closed:
+            return None
+        return self._append(event)
+
+    def emit(self, topic: str, **data: Any) -> None:
+        self.publish(FeedEvent(topic=topic, data=data))
+
+    def _on_job(self, what: str, job: Job) -> None:
+        if what == "created":  # announced once the creator filled in its meta (model_ref...)
+            job.on_publish(self._job_published)
+            self._unannounced.add(job.id)
+            self._loop.call_soon(self._announce, job)
+            return
+        self._announce(job)
+        self._cancel_pending(("job", job.id))
+        self._last_sent.pop(("job", job.id), None)
+        self.emit("job", action=what, job=_summary(job))
+
+    def _announce(self, job: Job) -> None:
+        if job.id in self._unannounced:
+            self._unannounced.discard(job.id)
+            self.emit("job", action="created", job=_summary(job))
+
+    def _job_published(self, job: Job, record: Record) -> None:
+        if job.state.finished:  # the terminal event: "finished" from the registry says it
+            return
+        self._announce(job)
+        self._throttled(("job", job.id), lambda: self.emit("job", action="progress", job=_summary(job)),
+                        alive=lambda: not job.state.finished)
+
+    def _on_worker(self, event: str, info: WorkerInfo) -> None:
+        key = ("worker", info.id)
+        payload = info.to_dict()
+        if event in _WORKER_PROGRESS:
+            self._throttled(key, lambda: self.emit("worker", action=event, worker=payload))
+            return
+        self._cancel_pending(key)
+        if event in ("stopped", "removed"):
+            self._last_sent.pop(key, None)
+        self.emit("worker", action=event, worker=payload)
+
+    def _throttled(self, key: Any, send: Any, alive: Any = None) -> None:
+        """Send now if the key was quiet for ``progress_interval_s``; else once, at the end of it."""
+        now = time.monotonic()
+        wait = self._last_sent.get(key, 0.0) + self.progress_interval_s - now
+        self._cancel_pending(key)
+        if wait <= 0:
+            self._last_sent[key] = now
+            send()
+            return
+
+        def later() -> None:
+            self._pending.pop(key, None)
+            if alive is None or alive():
+                self._last_sent[key] = time.monotonic()
+                send()
+        self._pending[key] = self._loop.call_later(wait, later)
+
+    def _cancel_pending(self, key: Any) -> None:
+        handle = self._pending.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    # --- devices ------------------------------------------------------------------
+
+    async def _devices_loop(self) -> None:
+        while self.subscriptions and not self._closed:
+            try:
+                self.emit("devices", devices=await asyncio.to_thread(_devices))
+            except Exception:  # a failing probe must not end the feed
+                log.exception("rbee feed: device inventory failed")
+            await asyncio.sleep(self.devices_interval_s)
+
+    def _subscribers_changed(self) -> None:
+        running = self._devices_task is not None and not self._devices_task.done()
+        if self.subscriptions and not running and not self._closed:
+            self._devices_task = self._loop.create_task(self._devices_loop(), name="rbee-feed-devices")
+        elif not self.subscriptions and running:
+            self._devices_task.cancel()
+
+    # --- consuming ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole current state, as one ``snapshot`` event's fields."""
+        hive = self.hive
+        return {"devices": _devices(), "models": hive.models(), "workers": hive.workers(),
+                "jobs": [_summary(j) for j in hive.jobs.list() if not j.state.finished and j is not self]}
+
+    def subscribe(self, *, last_event_id: int | None = None, max_lag: int = 256) -> FeedSubscription:  # type: ignore[override]
+        oldest = self.window[0].id if self.window else self.last_id + 1
+        if last_event_id is not None and oldest - 1 <= last_event_id <= self.last_id:
+            sub = FeedSubscription(self, cursor=last_event_id, first=None)
+        else:  # a newcomer, or one whose place fell out of the window
+            data = dumps(FeedEvent(topic="snapshot", data=self.snapshot()))
+            first = Record(self.last_id, None, data, sse_event(self.last_id, data))  # type: ignore[arg-type]
+            sub = FeedSubscription(self, cursor=self.last_id, first=first)
+        self.subscriptions.add(sub)
+        self._subscribers_changed()
+        return sub
+
+    @property
+    def last(self) -> Record | None:
+        return self.window[-1] if self.window else None
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "state": self.state.value, "last_id": self.last_id,
+                "subscribers": len(self.subscriptions)}
+
+    def cancel(self, reason: str = "") -> bool:  # the feed is not cancellable by users
+        return False
+
+    async def close(self) -> None:
+        """End every subscription (their streams end with ``[DONE]``) and stop the timers."""
+        self._closed = True
+        for unlisten in self._unlisten:
+            unlisten()
+        for handle in self._pending.values():
+            handle.cancel()
+        self._pending.clear()
+        for sub in list(self.subscriptions):
+            sub.ended = True
+        self._wake()
+        if self._devices_task is not None:
+            self._devices_task.cancel()
+            await asyncio.gather(self._devices_task, return_exceptions=True)
+
+
+class FeedSubscription:
+    """A cursor (the last id sent) into the feed's window; the same interface as ``Subscription``."""
+
+    def __init__(self, feed: FeedJob, *, cursor: int, first: Record | None) -> None:
+        self.feed = feed
+        self.cursor = cursor
+        self.first = first
+        self.closed = False
+        self.ended = False
+        self.skipped = 0
+
+    def _next_ready(self) -> Record | None:
+        if self.first is not None:
+            record, self.first = self.first, None
+            return record
+        window = self.feed.window
+        if not window or self.cursor >= self.feed.last_id:
+            return None
+        oldest = window[0].id
+        if self.cursor + 1 < oldest:  # fell behind the window: the reader jumps ahead
+            self.skipped += oldest - self.cursor - 1
+            self.cursor = oldest - 1
+        record = window[self.cursor + 1 - oldest]
+        self.cursor = record.id
+        return record
+
+    def ready(self) -> list[Record]:
+        out = []
+        while not self.closed and (record := self._next_ready()) is not None:
+            out.append(record)
+        return out
+
+    async def get(self, timeout: float | None = None) -> Record | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.closed:
+                raise StopAsyncIteration
+            record = self._next_ready()
+            if record is not None:
+                return record
+            if self.ended:
+                self.close()
+                raise StopAsyncIteration
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            await self.feed._changed(remaining)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.feed.subscriptions.discard(self)  # type: ignore[arg-type]
+        self.feed._subscribers_changed()
+        self.feed._wake()
+
+    def __aiter__(self) -> FeedSubscription:
+        return self
+
+    async def __anext__(self) -> Record:
+        record = await self.get()
+        assert record is not None
+        return record
+
+
+def _summary(job: Job) -> dict[str, Any]:
+    return job.summary()
+
+
+def _devices() -> list[dict[str, Any]]:
+    from .devices import inventory
+
+    return [asdict(d) for d in inventory()]
+
+
+def ensure_feed(hive: Hive, **options: Any) -> FeedJob:
+    """The hive's feed, made (and wired) on first use; needs the running event loop."""
+    if not isinstance(hive.feed, FeedJob):
+        hive.feed = FeedJob(hive, **options)
+    return hive.feed
