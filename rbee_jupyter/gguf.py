@@ -350,6 +350,7 @@ def import_gguf(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP_INFIX}{os.getpid()}-", dir=out_dir.parent))
     started = time.monotonic()
+    quiet = _transformers_bars_off()  # our events are the progress; its own bars would leak into cells
     try:
         config = _config(tmp, gguf_file, architecture)
         check_cancel("dequantizing")
@@ -371,8 +372,20 @@ def import_gguf(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        quiet()
     report("done", _F_DONE)
     return out_dir
+
+
+def _transformers_bars_off() -> Callable[[], None]:
+    """Switch transformers' tqdm bars off; returns how to switch them back on if they were on."""
+    from transformers.utils import logging as tf_logging
+
+    if not tf_logging.is_progress_bar_enabled():
+        return lambda: None
+    tf_logging.disable_progress_bar()
+    return tf_logging.enable_progress_bar
 
 
 def _version(dist: str) -> str | None:
