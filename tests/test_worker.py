@@ -221,7 +221,7 @@ async def test_generation_stream_equals_the_in_process_generator(worker, referen
 @pytest.mark.parametrize("body, code, field", [
     ({"prompt": ""}, "INVALID_REQUEST", "prompt"),
     ({"prompt": PROMPT, "max_tokens": 201}, "INVALID_REQUEST", "max_tokens"),  # over max_tokens_limit
-    ({"prompt": PROMPT * 100, "max_tokens": 1000}, "CONTEXT_TOO_LONG", None),
+    ({"prompt": PROMPT * 300, "max_tokens": 100}, "CONTEXT_TOO_LONG", None),
     ({"prompt": PROMPT, "request_id": 7}, "INVALID_REQUEST", "request_id"),
     ("not json", "INVALID_REQUEST", "body"),
 ])
