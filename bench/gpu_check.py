@@ -1,0 +1,355 @@
+"""GPU check: a ~1B-parameter Llama loaded nf4 on cuda:0 by rbee (a real worker, and in-process)
+against transformers ``from_pretrained`` + ``BitsAndBytesConfig``.
+
+Run it through ``bash bench/gpu_check.sh`` (checks CUDA, installs the project if needed
+without touching torch). Steps, each measured load in a fresh subprocess (so CUDA memory
+and allocator state belong to that one load; imports and CUDA initialisation happen before
+the clock):
+
+1. Write a random Llama (hidden 2048, 20 layers, intermediate 5632, 32 heads, 4 KV heads,
+   vocab 32000: ~1.0B parameters, ~2 GB of bf16 safetensors in 1 GB shards) to local disk;
+   EOS is an id the model cannot emit, so generations have a fixed length.
+2. rbee worker: ``Hive`` + ``LocalProcessPool`` (the server's own code path, without HTTP),
+   ``load {device: cuda:0, quantization: nf4, dtype: bfloat16}``: request -> ``ready`` time,
+   the ``vram_mb`` of its loading events, then a greedy generation through the worker.
+3. rbee in-process: ``loader.load_model(..., device_map="cuda:0")``: load time,
+   ``torch.cuda.memory_allocated``, the loader's own byte count, logits of a fixed input,
+   and a greedy generation with ``generate.Generator`` (the worker's code) to check the
+   worker's text.
+4. transformers: ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+   bnb_4bit_quant_type="nf4"), dtype=bfloat16, device_map="cuda:0")``, same numbers; its
+   logits must equal rbee's (``torch.equal``).
+5. With 2+ GPUs: rbee in-process split half/half over cuda:0 and cuda:1 (an explicit block
+   plan); logits must equal the single-device ones.
+
+The 4-bit compute dtype is transformers' default (float32) on both sides, because that is
+what the worker API gives; ``--compute-dtype bfloat16`` sets it for the in-process pair
+(the worker's text is then not compared).
+
+``--cpu-dry-run`` runs every step on the CPU with a tiny model (hidden 64, 4 layers), so
+the script is known to work on a machine without a GPU; step 5 then "splits" over cpu+cpu.
+Exit code 0 when every check passed, 1 when one failed, 2 when CUDA is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+PROMPT = "Once upon a time, in a notebook far away,"
+FULL = {"hidden": 2048, "layers": 20, "intermediate": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000}
+TINY = {"hidden": 64, "layers": 4, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 512}
+
+
+# --- children (each a fresh process) --------------------------------------------------------------
+
+def child_make(folder: str, shape: dict, device: str) -> dict:
+    """Random bf16 Llama + a tokenizer that covers every id (tiny BPE padded with added tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    from rbee_jupyter.testing.tiny_model import make_tokenizer
+
+    tok = make_tokenizer(512)
+    vocab = max(shape["vocab"], len(tok))
+    if len(tok) < vocab:
+        tok.add_tokens([f"<w{i}>" for i in range(vocab - len(tok))])
+    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                         num_key_value_heads=shape["kv_heads"], vocab_size=vocab, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=vocab)
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=vocab, pad_token_id=vocab,
+                                               do_sample=False)
+    model.save_pretrained(folder, max_shard_size="1GB")
+    tok.save_pretrained(folder)
+    return {"params": sum(p.numel() for p in model.parameters()), "vocab": vocab}
+
+
+def _logits_input(vocab: int):
+    import torch
+
+    return (torch.arange(32) * 7919 % min(vocab, 500) + 3).unsqueeze(0)
+
+
+def _sync(devices: list[str]) -> None:
+    import torch
+
+    for d in devices:
+        if d.startswith("cuda"):
+            torch.cuda.synchronize(d)
+
+
+def _warm_imports(folder: str) -> None:
+    """What either loader imports lazily, imported before the clock (as bench/load.py does)."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    for name in ("accelerate", "safetensors.torch", "transformers.core_model_loading", "transformers.conversion_mapping",
+                 "transformers.initialization", "transformers.quantizers.auto", "transformers.integrations.bitsandbytes",
+                 f"transformers.models.{model_type}.modeling_{model_type}"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a module some transformers version does not have
+            pass
+
+
+def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str | None, tokens: int) -> dict:
+    """One in-process load: ``rbee`` (load_model), ``hf`` (from_pretrained) or ``split`` (rbee over 2 devices)."""
+    import bitsandbytes  # noqa: F401 - imported before the clock, like everything else
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from rbee_jupyter.generate import GenerationRequest, Generator
+    from rbee_jupyter.loader import load_model, plan_blocks
+
+    _warm_imports(folder)
+    cuda = device.startswith("cuda")
+    devices = [device] if impl != "split" else (["cuda:0", "cuda:1"] if cuda else ["cpu", "cpu"])
+    if cuda:
+        for d in devices:
+            torch.empty(1, device=d)  # CUDA context before the clock
+        for d in devices:
+            torch.cuda.reset_peak_memory_stats(d)
+    base = {d: torch.cuda.memory_allocated(d) for d in dict.fromkeys(devices)} if cuda else {}
+    compute = getattr(torch, compute_dtype) if compute_dtype else None
+    progress: list[Any] = []
+    plan: Any = device
+    if impl == "split":
+        names = [b.name for b in plan_blocks(folder, quantization="nf4", dtype="bfloat16")]
+        plan = {n: devices[0] if i < len(names) // 2 else devices[1] for i, n in enumerate(names)}
+    if impl == "hf":
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 **({"bnb_4bit_compute_dtype": compute} if compute else {}))
+    _sync(devices)
+    t0 = time.perf_counter()
+    if impl == "hf":
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=torch.bfloat16,
+                                                     device_map=device)
+    else:
+        model = load_model(folder, quantization="nf4", dtype="bfloat16", compute_dtype=compute, device_map=plan,
+                           on_progress=progress.append)
+    _sync(devices)
+    seconds = time.perf_counter() - t0
+    result: dict[str, Any] = {"impl": impl, "seconds": seconds, "devices": devices}
+    if cuda:
+        result["allocated_mb"] = {d: (torch.cuda.memory_allocated(d) - base[d]) / 2**20 for d in base}
+        result["peak_mb"] = {d: (torch.cuda.max_memory_allocated(d) - base[d]) / 2**20 for d in base}
+    else:  # no allocator to ask: the tensors' own bytes
+        from rbee_jupyter.loader import _loaded_bytes
+
+        total = sum(_loaded_bytes(t) for t in [*model.parameters(), *model.buffers()])
+        result["allocated_mb"] = {"cpu": total / 2**20}
+    if progress:
+        last = progress[-1]
+        result["events_mb"] = {d: b / 2**20 for d, b in last.bytes_on_device.items()}
+        result["blocks"] = last.layers_total
+    first = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(_logits_input(model.config.vocab_size).to(first)).logits.float().cpu()
+    torch.save(logits, out)
+    tok = AutoTokenizer.from_pretrained(folder)
+
+    def greedy(n_tokens: int) -> tuple[str, int]:
+        if impl == "hf":
+            ids = tok(PROMPT, return_tensors="pt").input_ids.to(first)
+            with torch.inference_mode():
+                gen = model.generate(ids, max_new_tokens=n_tokens, do_sample=False)
+            return tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True), gen.shape[1] - ids.shape[1]
+        stream = Generator(model, tok).stream(GenerationRequest(prompt=PROMPT, max_tokens=n_tokens, temperature=0.0))
+        text = "".join(c.text for c in stream)
+        return text, stream.stats.completion_tokens
+
+    greedy(4)  # one-time costs (kernel selection, workspaces) off the clock, as for the worker
+    _sync(devices)
+    t1 = time.perf_counter()
+    text, n = greedy(tokens)
+    _sync(devices)
+    result.update(text=text, tokens=n, tps=n / (time.perf_counter() - t1))
+    return result
+
+
+# --- the worker, through the hive -------------------------------------------------------------------
+
+async def worker_run(folder: Path, work: Path, device: str, tokens: int) -> dict:
+    from rbee_jupyter.hive import Hive, HiveConfig
+
+    hive = Hive(HiveConfig(cache_dir=work / "cache", catalog_path=work / "catalog.sqlite",
+                           loading_timeout_s=900.0))
+    try:
+        t0 = time.monotonic()
+        job = hive.load({"model_ref": f"file://{folder}", "device": device, "quantization": "nf4",
+                         "dtype": "bfloat16"})
+        events = [(r.created, r.event.to_dict()) async for r in job.subscribe(last_event_id=0)]
+        last = events[-1][1]
+        if last.get("stage") != "ready":
+            raise RuntimeError(f"the worker did not load: {last}")
+        loading = [(t, e) for t, e in events if e.get("stage") == "loading_to_vram"]
+        wid = job.meta["worker_id"]
+        result: dict[str, Any] = {
+            "seconds": events[-1][0] - t0, "first_block_s": loading[0][0] - t0,
+            "blocks_s": events[-1][0] - loading[0][0], "blocks": loading[-1][1]["layers_total"],
+            "events_mb": {loading[-1][1]["device"]: loading[-1][1]["vram_mb"]},
+            "ready_memory_mb": last.get("memory_mb"),
+            "monotonic": [e["layers_loaded"] for _, e in loading] == list(range(1, len(loading) + 1))}
+        for _ in range(2):  # the first pays one-time costs (kernel selection, workspaces): report the second
+            inf = hive.infer({"worker_id": wid, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0})
+            text, end = [], {}
+            async for r in inf.subscribe(last_event_id=0):
+                e = r.event.to_dict()
+                if e.get("type") == "token":
+                    text.append(e["t"])
+                elif e.get("type") in ("end", "error"):
+                    end = e
+            if end.get("type") != "end":
+                raise RuntimeError(f"the worker's generation failed: {end}")
+            result.setdefault("first_ttft_ms", end.get("time_to_first_token_ms"))
+        result.update(text="".join(text), tokens=end["total_tokens"], tps=end.get("tokens_per_second"),
+                      ttft_ms=end.get("time_to_first_token_ms"))
+        await hive.unload(wid)
+        return result
+    finally:
+        await hive.stop()
+
+
+# --- parent ------------------------------------------------------------------------------------------
+
+def run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args[0]} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt_mb(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return " + ".join(f"{v:.0f}" if v >= 10 else f"{v:.2f}" for v in d.values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-dry-run", action="store_true", help="the same steps on the CPU with a tiny model")
+    ap.add_argument("--dir", type=Path, default=None, help="folder under which the model is written (default: the system temp folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated model")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 20: ~1.0B parameters)")
+    ap.add_argument("--tokens", type=int, default=32, help="greedy tokens generated by each side")
+    ap.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="bnb_4bit_compute_dtype of the in-process pair (default: transformers' default, float32)")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        kind, rest = args.child[0], args.child[1:]
+        if kind == "make":
+            out = child_make(rest[0], json.loads(rest[1]), rest[2])
+        else:
+            out = child_load(kind, rest[0], rest[1], rest[2], rest[3] or None, int(rest[4]))
+        print(json.dumps(out))
+        return 0
+
+    import torch
+
+    dry = args.cpu_dry_run
+    if not dry and not torch.cuda.is_available():
+        print(f"gpu_check: CUDA is not available (torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+              "run it on a machine with an NVIDIA GPU and CUDA torch, or use --cpu-dry-run.", file=sys.stderr)
+        return 2
+    device = "cpu" if dry else "cuda:0"
+    n_gpus = 0 if dry else torch.cuda.device_count()
+    shape = dict(TINY if dry else FULL)
+    if args.layers:
+        shape["layers"] = args.layers
+    gpu = "cpu dry run" if dry else f"{n_gpus} x {torch.cuda.get_device_name(0)}"
+    print(f"gpu_check: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="rbee-gpu-check-", dir=args.dir))
+    folder, work = tmp / "model", tmp / "work"
+    work.mkdir()
+    checks: list[tuple[str, bool]] = []
+    try:
+        t = time.perf_counter()
+        made = run_child("make", str(folder), json.dumps(shape), device)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        print(f"model: {made['params'] / 1e6:.1f}M parameters, {size / 1e9:.2f} GB bf16 safetensors "
+              f"({len(list(folder.glob('*.safetensors')))} files), written in {time.perf_counter() - t:.1f} s",
+              flush=True)
+
+        w = asyncio.run(worker_run(folder, work, device, args.tokens))
+        print(f"worker: ready in {w['seconds']:.1f} s (first block at {w['first_block_s']:.1f} s); generation TTFT "
+              f"{w['first_ttft_ms']:.0f} ms the first time, {w['ttft_ms']:.0f} ms the second", flush=True)
+        cd = args.compute_dtype or ""
+        ours = run_child("rbee", str(folder), device, str(work / "rbee.pt"), cd, str(args.tokens))
+        print(f"rbee in-process: {ours['seconds']:.2f} s", flush=True)
+        theirs = run_child("hf", str(folder), device, str(work / "hf.pt"), cd, str(args.tokens))
+        print(f"from_pretrained: {theirs['seconds']:.2f} s", flush=True)
+        split = None
+        if dry or n_gpus >= 2:
+            split = run_child("split", str(folder), device, str(work / "split.pt"), cd, str(args.tokens))
+
+        la, lb = torch.load(work / "rbee.pt"), torch.load(work / "hf.pt")
+        equal = torch.equal(la, lb)
+        diff = (la - lb).abs().max().item()
+        checks.append(("logits rbee == from_pretrained (torch.equal)", equal))
+        checks.append(("worker loading events: layers_loaded 1..N", w["monotonic"]))
+        if not cd:
+            checks.append(("greedy text: worker == rbee in-process (Generator)", w["text"] == ours["text"]))
+        checks.append(("vram_mb of the worker's events == in-process loader's count",
+                       abs(next(iter(w["events_mb"].values())) - next(iter(ours["events_mb"].values()))) <= 1))
+        if split is not None:
+            checks.append((f"logits split {'+'.join(split['devices'])} == single device",
+                           torch.equal(torch.load(work / "split.pt"), la)))
+
+        gb = size / 1e9
+        alloc = "memory_allocated MB" if not dry else "tensor bytes MB (cpu)"
+        print(f"\nnf4 load of {made['params'] / 1e6:.1f}M params ({gb:.3f} GB bf16 checkpoint, page cache warm) "
+              f"on {'cpu (dry run)' if dry else device}")
+        print(f"| {'loader':38s} | {'load s':>7s} | {'GB/s':>5s} | {'vram_mb (events)':>16s} | {alloc:>21s} | "
+              f"{'peak MB':>8s} | {'tok/s':>6s} |")
+        print(f"|{'-' * 40}|{'-' * 9}|{'-' * 7}|{'-' * 18}|{'-' * 23}|{'-' * 10}|{'-' * 8}|")
+        rows = [("rbee worker (hive, request -> ready)", w["seconds"], w["events_mb"], None, None, w["tps"]),
+                (f"  of it: blocks 2..{w['blocks']} (after 1st event)", w["blocks_s"], None, None, None, None),
+                ("rbee load_model in-process", ours["seconds"], ours.get("events_mb"), ours["allocated_mb"],
+                 ours.get("peak_mb"), ours["tps"]),
+                ("from_pretrained + BitsAndBytesConfig", theirs["seconds"], None, theirs["allocated_mb"],
+                 theirs.get("peak_mb"), theirs["tps"])]
+        if split is not None:
+            rows.append((f"rbee load_model split {'+'.join(split['devices'])}", split["seconds"],
+                         split.get("events_mb"), split["allocated_mb"], split.get("peak_mb"), split["tps"]))
+        for label, s, ev, al, pk, tps in rows:
+            gbs = f"{gb / s:5.2f}" if not label.startswith("  ") else "    -"
+            print(f"| {label:38s} | {s:7.2f} | {gbs} | {fmt_mb(ev):>16s} | {fmt_mb(al):>21s} | {fmt_mb(pk):>8s} | "
+                  f"{(f'{tps:6.1f}' if tps else '     -')} |")
+        print(f"\nlogits max |rbee - from_pretrained| = {diff:g}; greedy text from_pretrained.generate == "
+              f"rbee Generator: {'yes' if theirs['text'] == ours['text'] else 'no'} ({args.tokens} tokens)")
+        for name, ok in checks:
+            print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+        return 0 if all(ok for _, ok in checks) else 1
+    finally:
+        if args.keep:
+            print(f"(kept {tmp})")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
