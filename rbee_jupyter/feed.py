@@ -28,7 +28,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .events import FeedEvent, dumps, sse_event
-from .jobs import Job, JobState, Record
+from .jobs import Job, JobState, Record, Subscription
 
 if TYPE_CHECKING:
     from .hive import Hive
@@ -205,23 +205,21 @@ class FeedJob(Job):
             await asyncio.gather(self._devices_task, return_exceptions=True)
 
 
-class FeedSubscription:
-    """A cursor (the last id sent) into the feed's window; the same interface as ``Subscription``."""
+class FeedSubscription(Subscription):
+    """A cursor (the last id sent) into the feed's window, read like any ``Subscription``."""
 
     def __init__(self, feed: FeedJob, *, cursor: int, first: Record | None) -> None:
-        self.feed = feed
-        self.cursor = cursor
+        super().__init__(feed, cursor, max_lag=1)
         self.first = first
-        self.closed = False
         self.ended = False
-        self.skipped = 0
 
     def _next_ready(self) -> Record | None:
         if self.first is not None:
             record, self.first = self.first, None
             return record
-        window = self.feed.window
-        if not window or self.cursor >= self.feed.last_id:
+        feed: FeedJob = self.job  # type: ignore[assignment]
+        window = feed.window
+        if not window or self.cursor >= feed.last_id:
             return None
         oldest = window[0].id
         if self.cursor + 1 < oldest:  # fell behind the window: the reader jumps ahead
@@ -231,43 +229,12 @@ class FeedSubscription:
         self.cursor = record.id
         return record
 
-    def ready(self) -> list[Record]:
-        out = []
-        while not self.closed and (record := self._next_ready()) is not None:
-            out.append(record)
-        return out
+    def _source_ended(self) -> bool:
+        return self.ended
 
-    async def get(self, timeout: float | None = None) -> Record | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self.closed:
-                raise StopAsyncIteration
-            record = self._next_ready()
-            if record is not None:
-                return record
-            if self.ended:
-                self.close()
-                raise StopAsyncIteration
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return None
-            await self.feed._changed(remaining)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.feed.subscriptions.discard(self)  # type: ignore[arg-type]
-        self.feed._subscribers_changed()
-        self.feed._wake()
-
-    def __aiter__(self) -> FeedSubscription:
-        return self
-
-    async def __anext__(self) -> Record:
-        record = await self.get()
-        assert record is not None
-        return record
+    def _detach(self) -> None:
+        self.job.subscriptions.discard(self)
+        self.job._subscribers_changed()  # type: ignore[attr-defined]
 
 
 def _summary(job: Job) -> dict[str, Any]:

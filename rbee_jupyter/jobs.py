@@ -261,8 +261,8 @@ class Subscription:
             record = self._next_ready()
             if record is not None:
                 return record
-            if self.job.state.finished:
-                self.job.subscriptions.discard(self)
+            if self._source_ended():
+                self._detach()
                 raise StopAsyncIteration
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -274,8 +274,15 @@ class Subscription:
         if self.closed:
             return
         self.closed = True
-        self.job.subscriptions.discard(self)
+        self._detach()
         self.job._wake()
+
+    def _source_ended(self) -> bool:
+        """No record will come after those already read."""
+        return self.job.state.finished
+
+    def _detach(self) -> None:
+        self.job.subscriptions.discard(self)
 
     def __aiter__(self) -> AsyncIterator[Record]:
         return self
