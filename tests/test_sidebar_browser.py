@@ -1,8 +1,8 @@
 """The JupyterLab sidebar in a real browser (Debian's Chromium + playwright-core) against `jupyter lab`.
 
 The scenario lives in ``labextension/test/browser.mjs``; this test starts the lab server
-with the extension and the local hub, runs the script, restarts the server when the script
-says ``RESTART``, and prints where the screenshots are. ``labextension/ci.sh`` installs
+with the extension and the local hub, runs the script, stops the server when the script
+says ``RESTART`` and starts it again on ``START``, and prints where the screenshots are. ``labextension/ci.sh`` installs
 Chromium and the node packages.
 """
 
@@ -54,10 +54,10 @@ def test_sidebar_in_chromium(rbee_hub, tmp_path):
             for line in proc.stdout:
                 out.append(line)
                 sys.stdout.write(line)
-                if line.strip() == "RESTART":
-                    server.stop()
-                    server.start()
-                    proc.stdin.write("RESTARTED\n")
+                command = line.strip()
+                if command in ("RESTART", "START"):  # stop, let the panel see it, then start again
+                    server.stop() if command == "RESTART" else server.start()
+                    proc.stdin.write("STOPPED\n" if command == "RESTART" else "RESTARTED\n")
                     proc.stdin.flush()
             proc.wait()
         finally:

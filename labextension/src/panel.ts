@@ -304,7 +304,12 @@ export class RbeePanel extends Widget {
     this.feed?.close();
     this.feed = new SSEConnection(streamRequester('v1/events'), {
       onEvent: data => this.onFeed(data),
-      onStatus: (ok, why) => this.setStatus(ok ? 'Live' : `Reconnecting… (${why ?? 'connection lost'})`, ok)
+      onStatus: (ok, why) => this.setStatus(ok ? 'Live' : `Reconnecting… (${why ?? 'connection lost'})`, ok),
+      // the feed only ends when the server shuts down: wait for it to come back
+      onDone: () => {
+        this.setStatus('Reconnecting… (the server is restarting)', false);
+        window.setTimeout(() => this.isDisposed || this.connect(), 1000);
+      }
     }, { reconnect: true, delayMs: 500, maxDelayMs: 4000 });
   }
 

@@ -176,9 +176,11 @@ try {
   step('stop works');
 
   // --- the server restarts: the panel reconnects and re-reads the feed -----------------------------
-  console.log('RESTART');
+  console.log('RESTART'); // the harness stops the server and says STOPPED ...
+  assert((await nextLine()) === 'STOPPED', 'the harness stopped the server');
   await panel.locator('.rbee-status', { hasText: 'Reconnecting' }).waitFor({ timeout: T });
   await shot(page, 'server-down');
+  console.log('START'); // ... and starts it again only once the panel has seen it gone
   assert((await nextLine()) === 'RESTARTED', 'the harness restarted the server');
   await panel.locator('.rbee-status', { hasText: 'Live' }).waitFor({ timeout: T });
   await panel.locator('.rbee-workers .rbee-empty').waitFor({ timeout: T }); // workers died with the server
