@@ -339,7 +339,7 @@ def run_case(n: int, n_clients: int, rate: float, seconds: float, profile_to: st
             while b"data: " not in buf or not buf.endswith(b"\r\n"):
                 buf += s.recv(65536)
         _wait_stats(port, lambda s: s["subscribers"] == 0)
-        time.sleep(0.3)
+        time.sleep(0.3)  # let the freed connection's memory settle before the baseline RSS is read
         base = _get(port, "/stats")
 
         per = [n // n_clients + (1 if i < n % n_clients else 0) for i in range(n_clients)]
@@ -352,7 +352,7 @@ def run_case(n: int, n_clients: int, rate: float, seconds: float, profile_to: st
             if line != "connected":
                 raise RuntimeError(f"a client process failed to connect: {line!r}")
         full = _wait_stats(port, lambda s: s["subscribers"] == n)
-        time.sleep(0.5)
+        time.sleep(0.5)  # RSS with N subscribers: let their buffers settle before reading it
         full = _get(port, "/stats")
         _get(port, "/publish")
         results = [json.loads(p.stdout.readline()) for p in procs]

@@ -1,39 +1,25 @@
 """The server-wide feed ``GET v1/events`` through a real Jupyter server and the local hub."""
 
-import asyncio
 import itertools
 import json
-import time
 
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
-from rbee_jupyter.testing.sse import Frame, parse_frames
+from rbee_jupyter.testing.sse import read_stream
 
 TINY = f"hf:{TINY_REPO}"
 
 
 async def follow(http, until, *, headers=None, on_frame=None, timeout=60.0):
-    """Read ``v1/events`` until ``until(frames)`` holds; frames carry their arrival time."""
-    frames: list[tuple[float, Frame]] = []
+    """Read ``v1/events`` until ``until(frames)`` holds; returns (arrival time, frame) pairs."""
+    async def data_frame(frame):
+        if frame.comment is None and on_frame is not None:
+            await on_frame(frame)
 
-    async def run():
-        async with http.stream("GET", "v1/events", headers=headers or {}) as r:
-            assert r.status_code == 200
-            assert r.headers["content-type"].startswith("text/event-stream")
-            buf = ""
-            async for chunk in r.aiter_text():
-                buf += chunk
-                while "\n\n" in buf:
-                    block, buf = buf.split("\n\n", 1)
-                    for frame in parse_frames(block + "\n\n"):
-                        if frame.comment is not None:
-                            continue
-                        frames.append((time.monotonic(), frame))
-                        if on_frame is not None:
-                            await on_frame(frame)
-                        if until([f for _, f in frames]):
-                            return
-    await asyncio.wait_for(run(), timeout)
-    return frames
+    stream = await read_stream(http, "GET", "v1/events", headers=headers or {}, until=until, on_frame=data_frame,
+                               timeout=timeout)
+    assert stream.status == 200
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    return [(f.arrived, f) for f in stream.frames if f.comment is None]
 
 
 def of_job(frames, job_id):

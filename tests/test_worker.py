@@ -39,6 +39,7 @@ class Spawned:
     proc: subprocess.Popen
     port: int
     stop_draining: threading.Event = field(default_factory=threading.Event)
+    drainer: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -72,7 +73,8 @@ def spawn(model_path: Path, *, env: dict[str, str] | None = None, stderr_pipe: b
                 readable, _, _ = select.select([fd], [], [], 0.05)
                 if readable and not os.read(fd, 65536):
                     return
-        threading.Thread(target=drain, daemon=True).start()
+        spawned.drainer = threading.Thread(target=drain, daemon=True)
+        spawned.drainer.start()
     return spawned
 
 
@@ -99,7 +101,8 @@ def worker(rbee_tiny_model: Path) -> Iterator[Spawned]:
     # The parent "dies": every pipe end it held closes. The loaded worker must notice (stdin EOF),
     # survive its stderr being gone (EPIPE), and exit at once without a slow interpreter teardown.
     w.stop_draining.set()
-    time.sleep(0.1)  # the drain thread's select tick
+    w.drainer.join(5)  # it no longer reads the pipe we are about to close
+    assert not w.drainer.is_alive()
     w.proc.stderr.close()
     w.proc.stdin.close()
     gone = time.monotonic()

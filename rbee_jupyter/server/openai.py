@@ -8,6 +8,7 @@ events into OpenAI's objects; errors take OpenAI's shape.
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 from typing import Any
@@ -98,20 +99,23 @@ class ModelsHandler(OpenAIHandler):
         self.reply(200, {"object": "list", "data": list(seen.values())})
 
 
-class _CompletionBase(OpenAIHandler):
+class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
     """Shared by chat and text completions; subclasses shape the request and the chunks."""
 
     object_name = ""
     chunk_object = ""
 
+    @abc.abstractmethod
     def request_fields(self, body: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The route's own fields (``messages`` or ``prompt``) in the hive's vocabulary."""
 
+    @abc.abstractmethod
     def chunk_choice(self, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-        raise NotImplementedError
+        """One streamed choice: the first (role), a piece of text, or the finish."""
 
+    @abc.abstractmethod
     def full_choice(self, text: str, finish: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The single choice of a non-streamed answer."""
 
     @web.authenticated
     @authorized

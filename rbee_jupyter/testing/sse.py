@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,7 @@ class Frame:
     id: int | None
     data: Any
     comment: str | None = None
+    arrived: float = field(default_factory=time.monotonic, compare=False)
 
 
 @dataclass
@@ -66,11 +69,12 @@ def parse_frames(text: str) -> list[Frame]:
 
 
 async def read_stream(client, method: str, url: str, *, timeout: float = 30.0, stop_after: int | None = None,
-                      on_frame=None, **kwargs: Any) -> Stream:
+                      until: Callable[[list[Frame]], bool] | None = None, on_frame=None, **kwargs: Any) -> Stream:
     """Read a whole SSE response (until the server ends it) within ``timeout`` seconds.
 
-    ``stop_after`` closes the connection after that many JSON events (a client that
-    goes away); ``on_frame(frame)`` is awaited for each frame as it arrives.
+    ``stop_after`` closes the connection after that many JSON events, ``until(frames)``
+    as soon as it holds for the data frames so far (a client that goes away);
+    ``on_frame(frame)`` is awaited for each frame as it arrives.
     """
     async def run() -> Stream:
         async with client.stream(method, url, **kwargs) as r:
@@ -88,6 +92,8 @@ async def read_stream(client, method: str, url: str, *, timeout: float = 30.0, s
                         if on_frame is not None:
                             await on_frame(frame)
                     if stop_after is not None and len(stream.events) >= stop_after:
+                        return stream
+                    if until is not None and until([f for f in stream.frames if f.comment is None]):
                         return stream
             return stream
     return await asyncio.wait_for(run(), timeout)
