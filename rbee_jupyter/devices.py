@@ -4,6 +4,12 @@ The planner decides, before any weight is read, which block goes to which device
 that a model that does not fit is refused with numbers (``INSUFFICIENT_VRAM``) instead of
 failing half way with an out-of-memory error. It never falls back to the CPU on its own:
 a GPU asked for and missing is ``DEVICE_NOT_AVAILABLE``.
+
+On a node shared by several servers (JupyterHub) the administrator may limit each server
+to some devices (``allowed``) and to a share of each (a :class:`Quota`). The quota is just
+one more cap on a device's capacity, so a multi-device plan spills onto the next allowed
+device before it is refused, and a refusal caused by the quota alone (the device has room)
+is ``QUOTA_EXCEEDED`` with what this server's workers hold.
 """
 
 from __future__ import annotations
@@ -14,10 +20,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from .errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest
+from .errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest, QuotaExceeded
 
-__all__ = ["Device", "Plan", "inventory", "parse_device_spec", "plan_placement", "check_devices_exist",
-           "default_margin", "parse_bytes", "normalise_device_name"]
+__all__ = ["Device", "Plan", "Holder", "Quota", "inventory", "parse_device_spec", "plan_placement",
+           "check_devices_exist", "check_allowed", "allowed_inventory", "default_margin", "parse_bytes",
+           "normalise_device_name", "is_device_name"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -42,6 +49,37 @@ class Plan:
 
     assignments: dict[str, str]
     bytes_per_device: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Memory one worker of this server holds (or, while loading, will hold) on one device."""
+
+    worker_id: str
+    model_ref: str
+    device: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Quota:
+    """This server's share of each device (bytes) and what its workers hold there.
+
+    Devices without a limit are not capped. Holders are counted whatever the limits, so the
+    numbers can be shown (``GET v1/devices``) without a quota configured.
+    """
+
+    limits: dict[str, int] = field(default_factory=dict)
+    holders: tuple[Holder, ...] = ()
+
+    def in_use(self, device: str) -> int:
+        return sum(h.bytes for h in self.holders if h.device == device)
+
+    def left(self, device: str) -> int | None:
+        """Bytes this server may still place on ``device``; None: no limit."""
+        if device not in self.limits:
+            return None
+        return max(self.limits[device] - self.in_use(device), 0)
 
 
 class BlockLike(Protocol):
@@ -182,6 +220,51 @@ def parse_bytes(value: int | str) -> int:
     return int(number * base**power)
 
 
+def is_device_name(name: str) -> bool:
+    """"cpu" or "cuda:N" (after :func:`normalise_device_name`)."""
+    return name == "cpu" or bool(_CUDA.match(name))
+
+
+def _not_allowed(name: str, allowed: Sequence[str]) -> DeviceNotAvailable:
+    shown = ", ".join(allowed) or "none"
+    return DeviceNotAvailable(
+        f"Device {name} is not one this server may use; allowed: {shown}. The administrator sets them "
+        "with c.RbeeApp.allowed_devices.", details={"device": name, "available": list(allowed), "allowed": list(allowed)})
+
+
+def check_allowed(spec: DeviceSpec, allowed: Sequence[str] | None,
+                  max_memory: dict[str, object] | None = None) -> None:
+    """Refuse (400) a device spec or ``max_memory`` key outside ``allowed``; cheap, no inventory.
+
+    Done when a load is asked for, so that a model which must be downloaded first is not
+    downloaded only to be refused. "auto" needs at least one allowed GPU.
+    """
+    if allowed is None:
+        return
+    spec = parse_device_spec(spec)
+    if spec == "auto":
+        if not any(_CUDA.match(a) for a in allowed):
+            raise DeviceNotAvailable(
+                f"device \"auto\" uses GPUs, and this server may use none; allowed: {', '.join(allowed) or 'none'}. "
+                "Ask for one of those explicitly.", details={"device": "auto", "available": list(allowed),
+                                                             "allowed": list(allowed)})
+        names: list[str] = []
+    else:
+        names = [spec] if isinstance(spec, str) else list(spec)
+    names += [normalise_device_name(str(k)) for k in (max_memory or {})]
+    for name in names:
+        if name not in allowed:
+            raise _not_allowed(name, allowed)
+
+
+def allowed_inventory(devices: Sequence[Device], allowed: Sequence[str] | None) -> list[Device]:
+    """The devices this server may use, in the order ``allowed`` lists them (its preference)."""
+    if allowed is None:
+        return list(devices)
+    by_name = {d.name: d for d in devices}
+    return [by_name[name] for name in allowed if name in by_name]
+
+
 def _not_available(name: str, devices: Iterable[Device] | None = None) -> DeviceNotAvailable:
     available = [d.name for d in (inventory() if devices is None else devices)]
     return DeviceNotAvailable(f"Device {name} is not available on this machine; available: {', '.join(available)}.",
@@ -251,20 +334,31 @@ def plan_placement(
     inventory: Sequence[Device],
     max_memory: dict[str, int | str] | None = None,
     margin_bytes: int | None = None,
+    *,
+    allowed: Sequence[str] | None = None,
+    quota: Quota | None = None,
 ) -> Plan:
     """Assign blocks, in order, to the chosen devices, filling each before moving to the next.
 
     Filling in order keeps consecutive layers together, so hidden states cross a device
     boundary once per device, not once per layer. A block tied to another (``tied_to``)
     goes wherever that block went. Capacity is ``max_memory[device]`` (capped by free
-    memory) or free memory minus :func:`default_margin`.
+    memory) or free memory minus :func:`default_margin`, and at most what ``quota`` leaves.
+
+    Args:
+        allowed: the devices this server may use (None: all); "auto" means its GPUs.
+        quota: this server's limits per device and what its workers already hold.
 
     Raises:
         InvalidRequest: malformed spec or max_memory.
-        DeviceNotAvailable: unknown device (details list those that exist), "auto" without GPU.
+        DeviceNotAvailable: unknown or not allowed device (details list those that may be used),
+            "auto" without GPU.
         InsufficientVram / InsufficientRam: it does not fit (details: need_mb, have_mb).
+        QuotaExceeded: it fits the devices but not this server's quota (details: need_mb,
+            quota_mb, in_use_mb, workers).
     """
-    chosen = _select(device_spec, inventory)
+    check_allowed(device_spec, allowed, max_memory)
+    chosen = _select(device_spec, allowed_inventory(inventory, allowed))
     caps_in = {}
     for name, value in (max_memory or {}).items():
         name = normalise_device_name(str(name))
@@ -272,7 +366,24 @@ def plan_placement(
             raise _not_available(name, inventory)
         caps_in[name] = parse_bytes(value)
     capacity = {d.name: _capacity(d, caps_in, margin_bytes) for d in chosen}
+    capped = dict(capacity)
+    for name in capped:
+        left = quota.left(name) if quota is not None else None
+        if left is not None:
+            capped[name] = min(capped[name], left)
 
+    fitted = _fill(blocks, chosen, capped)
+    if isinstance(fitted, Plan):
+        return fitted
+    if capped != capacity and isinstance(_fill(blocks, chosen, capacity), Plan):
+        assert quota is not None
+        raise _over_quota(blocks, chosen, quota)
+    block, size = fitted
+    raise _does_not_fit(blocks, chosen, capacity, block, size)
+
+
+def _fill(blocks: Sequence[BlockLike], chosen: list[Device], capacity: dict[str, int]) -> Plan | tuple[str, int]:
+    """The plan, or the first block (name, bytes) that fits nowhere."""
     assignments: dict[str, str] = {}
     used: dict[str, int] = {}
     current = 0
@@ -285,11 +396,33 @@ def plan_placement(
         while current < len(chosen) and used.get(chosen[current].name, 0) + size > capacity[chosen[current].name]:
             current += 1
         if current == len(chosen):
-            raise _does_not_fit(blocks, chosen, capacity, block.name, size)
+            return block.name, size
         name = chosen[current].name
         assignments[block.name] = name
         used[name] = used.get(name, 0) + size
     return Plan(assignments, used)
+
+
+def _over_quota(blocks: Sequence[BlockLike], chosen: list[Device], quota: Quota) -> QuotaExceeded:
+    need_mb = -(-sum(_block_bytes(b) for b in blocks) // MiB)
+    limited = [d.name for d in chosen if d.name in quota.limits]
+    quota_mb = {n: quota.limits[n] // MiB for n in limited}
+    in_use_mb = {n: -(-quota.in_use(n) // MiB) for n in limited}
+    holders = [h for h in quota.holders if h.device in limited]
+    workers = [{"id": h.worker_id, "model_ref": h.model_ref, "device": h.device, "mb": -(-h.bytes // MiB)}
+               for h in holders]
+    parts = []
+    for n in limited:
+        held = ", ".join(f"{w['id']} ({w['model_ref']}, {w['mb']} MB)" for w in workers if w["device"] == n)
+        parts.append(f"{n}: quota {quota_mb[n]} MB, {in_use_mb[n]} MB in use" + (f" by {held}" if held else ""))
+    unlimited = [d.name for d in chosen if d.name not in quota.limits]
+    where = f" (and the free memory of {', '.join(unlimited)})" if unlimited else ""
+    return QuotaExceeded(
+        f"Loading needs {need_mb} MB, more than this server's device quota leaves{where}: {'; '.join(parts)}. "
+        "Unload a worker you no longer need (DELETE v1/workers/<id>, or %rbee unload), use a smaller "
+        "quantization, or ask the administrator to raise c.RbeeApp.device_quota_mb.",
+        details={"need_mb": need_mb, "quota_mb": quota_mb, "in_use_mb": in_use_mb, "workers": workers,
+                 "devices": [d.name for d in chosen]})
 
 
 def _does_not_fit(blocks: Sequence[BlockLike], chosen: list[Device], capacity: dict[str, int],

@@ -10,14 +10,25 @@ be cancelled mid-file, and it drops a partial file on failure. Here a partial fi
 next to its blob as ``<blob>.rbee-incomplete`` and every retry (and a restarted server)
 resumes from it with a ``Range`` request; it is deleted on cancel or final failure, and
 only renamed into place once its size and hash match what the hub publishes.
+
+Several servers may share one cache (JupyterHub: ``c.RbeeApp.cache_dir`` on a shared
+folder). Each blob is fetched under huggingface_hub's own lock file
+(``.locks/models--org--repo/<etag>.lock``), so another server, or transformers in a
+kernel, fetching the same blob waits instead of transferring it twice. The waiting side
+is not blind: it reports the holder's partial file as its own progress, checks the blob
+it gets, and if the holder dies (the lock is released, the partial left behind) it
+takes over and resumes from that partial file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import hashlib
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -25,14 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from huggingface_hub import HfApi
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import hf_hub_url, repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from . import __version__
-from .errors import (AccessDenied, Cancelled, ChecksumMismatch, DownloadFailed, DownloadStalled,
+from .errors import (AccessDenied, CacheNotWritable, Cancelled, ChecksumMismatch, DownloadFailed, DownloadStalled,
                      InsufficientDisk, ModelNotFound, RbeeError, RevisionNotFound)
 from .events import DownloadProgress
 from .refs import ModelRef
@@ -80,6 +91,10 @@ class DownloadPlan:
 
     def blob(self, f: RepoFile) -> Path:
         return self.repo_dir / "blobs" / f.etag
+
+    def lock(self, f: RepoFile) -> Path:
+        """huggingface_hub's lock file for this blob: sharing it is what makes the wait mutual."""
+        return self.repo_dir.parent / ".locks" / self.repo_dir.name / f"{f.etag}.lock"
 
 
 def select_files(paths: list[str], gguf_file: str | None = None) -> list[str]:
@@ -180,6 +195,8 @@ class Downloader:
     retries: int = 6
     backoff_s: float = 0.5
     disk_reserve_bytes: int = 0
+    lock_poll_s: float = 0.25
+    """While another process holds a blob's lock: how often its partial file is measured."""
     _api: HfApi = field(init=False)
 
     def __post_init__(self) -> None:
@@ -222,6 +239,27 @@ class Downloader:
                 details={"need_mb": need // 2**20, "free_mb": max(free, 0) // 2**20,
                          "folder": str(self.cache_dir)})
 
+    def check_writable(self, ref: ModelRef) -> None:
+        """Refuse before anything starts when the cache, or a folder of this repo in it, cannot be written.
+
+        Probes by creating (and removing) a file, because permission bits say nothing
+        about read-only mounts, ACLs, or root. Only the folders this download writes into
+        are probed (for one that does not exist yet: the parent it will be created in), so
+        a repository whose folders all exist needs no write access to the cache's top.
+
+        Raises:
+            CacheNotWritable: names the first folder that cannot be written.
+        """
+        folders = []
+        if ref.scheme == "hf" and ref.repo_id:
+            repo_dir = self.cache_dir / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+            folders += [self.cache_dir / ".locks" / repo_dir.name, repo_dir / "blobs", repo_dir / "snapshots",
+                        repo_dir / "refs"]
+        if ref.is_gguf:  # imported into <cache>/rbee-gguf/
+            folders.append(self.cache_dir / "rbee-gguf")
+        for folder in dict.fromkeys(_nearest_existing(f) for f in folders):
+            _probe_writable(folder)
+
     # --- fetching -----------------------------------------------------------------
 
     def fetch(self, plan: DownloadPlan, *, emit: Callable[[DownloadProgress], None],
@@ -234,18 +272,17 @@ class Downloader:
             on_response: told the open HTTP response, so a canceller can close it and
                 interrupt a blocked read at once.
         """
-        self.check_disk(plan)
-        meter = ByteMeter(plan, emit)
-        meter.tick(force=True)
-        for f in plan.files:
-            if cancel.is_set():
-                raise Cancelled("Download cancelled.")
-            self._fetch_file(plan, f, meter, cancel, on_response or (lambda r: None))
-            self._link(plan, f)
-        if plan.ref.revision != plan.commit:
-            ref_file = plan.repo_dir / "refs" / (plan.ref.revision or "main")
-            ref_file.parent.mkdir(parents=True, exist_ok=True)
-            ref_file.write_text(plan.commit)
+        with _cache_errors(self.cache_dir):
+            self.check_disk(plan)
+            meter = ByteMeter(plan, emit)
+            meter.tick(force=True)
+            for f in plan.files:
+                if cancel.is_set():
+                    raise Cancelled("Download cancelled.")
+                self._fetch_file(plan, f, meter, cancel, on_response or (lambda r: None))
+                self._link(plan, f)
+            if plan.ref.revision != plan.commit:
+                _write_atomic(plan.repo_dir / "refs" / (plan.ref.revision or "main"), plan.commit)
         return plan.snapshot_dir
 
     def _fetch_file(self, plan: DownloadPlan, f: RepoFile, meter: ByteMeter, cancel: threading.Event,
@@ -255,20 +292,60 @@ class Downloader:
             meter.file_done(f.path, f.size)
             return
         blob.parent.mkdir(parents=True, exist_ok=True)
-        # The same lock file huggingface_hub takes, so another server (or transformers)
-        # fetching the same blob waits instead of writing it twice.
-        with FileLock(str(blob) + ".lock"):
+        lock_path = plan.lock(f)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path), mode=0o664)  # group-writable, as huggingface_hub makes it
+        waited = self._acquire(lock, plan, f, meter, cancel)
+        try:
             if _size(blob) == f.size:
-                meter.file_done(f.path, f.size)
-                return
+                if not waited or _digest(blob, f) == f.etag:
+                    meter.file_done(f.path, f.size)
+                    return
+                blob.unlink()  # whoever wrote it did not check it: fetch it again, ourselves
             partial = _partial(blob)
             try:
                 self._fetch_with_retries(plan, f, partial, meter, cancel, on_response)
             except BaseException:
-                partial.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    partial.unlink(missing_ok=True)
                 raise
-            os.replace(partial, blob)
+            os.replace(partial, blob)  # atomic: a reader sees no blob or the whole, checked blob
+        finally:
+            lock.release()
         meter.file_done(f.path, f.size)
+
+    def _acquire(self, lock: FileLock, plan: DownloadPlan, f: RepoFile, meter: ByteMeter,
+                 cancel: threading.Event) -> bool:
+        """Take the blob's lock; while another process holds it, show its progress as ours.
+
+        Returns whether we had to wait (then the blob we find was written by someone else
+        and gets checked). Gives up with ``DOWNLOAD_STALLED`` when the holder's partial file
+        has not grown for longer than our own stall budget (every retry stalling), since a
+        holder that is alive but stuck would otherwise keep us waiting for ever.
+        """
+        waited = False
+        blob = plan.blob(f)
+        patience = self.stall_s * (max(1, self.retries) + 1)
+        seen, since = -1, time.monotonic()
+        while True:
+            try:
+                lock.acquire(timeout=self.lock_poll_s)
+                return waited
+            except Timeout:
+                waited = True
+            if cancel.is_set():
+                raise Cancelled("Download cancelled.")
+            have = f.size if _size(blob) == f.size else _holder_progress(blob)
+            meter.set(f.path, min(have, f.size))
+            now = time.monotonic()
+            if have != seen:
+                seen, since = have, now
+            elif now - since > patience:
+                raise DownloadStalled(
+                    f"Another process has been fetching {f.path} into the shared cache, and its partial file "
+                    f"has not grown for {patience:g} s. If that process is stuck, stop it (it holds "
+                    f"{plan.lock(f)}) and try again.",
+                    details={"file": f.path, "stall_s": patience, "lock": str(plan.lock(f))})
 
     def _fetch_with_retries(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: ByteMeter,
                             cancel: threading.Event, on_response: Callable[[object | None], None]) -> None:
@@ -336,6 +413,9 @@ class Downloader:
                         _write(out, chunk, self.cache_dir)
                         have += len(chunk)
                         meter.set(f.path, have)
+                    if have == f.size:  # on disk before the rename publishes it, even across a crash
+                        out.flush()
+                        os.fsync(out.fileno())
             finally:
                 on_response(None)
         if have != f.size:
@@ -350,12 +430,89 @@ class Downloader:
         target = os.path.relpath(plan.blob(f), pointer.parent)
         try:
             os.symlink(target, pointer)
-        except OSError:  # filesystems without symlinks: copy, like huggingface_hub
-            shutil.copyfile(plan.blob(f), pointer)
+        except FileExistsError:  # another server linked it a moment ago
+            return
+        except OSError as e:  # filesystems without symlinks: copy, like huggingface_hub
+            if e.errno in _NOT_WRITABLE:
+                raise
+            tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.rbee-incomplete")
+            shutil.copyfile(plan.blob(f), tmp)
+            os.replace(tmp, pointer)
 
 
 def _partial(blob: Path) -> Path:
     return blob.with_name(blob.name + ".rbee-incomplete")
+
+
+def _holder_progress(blob: Path) -> int:
+    """Bytes another process has of ``blob``: ours (``.rbee-incomplete``) or huggingface_hub's
+    (``<etag>.<random>.incomplete``) partial file, whichever is larger."""
+    sizes = [_size(_partial(blob))]
+    with contextlib.suppress(OSError):
+        sizes += [_size(p) for p in blob.parent.glob(glob.escape(blob.name) + ".*incomplete")]
+    return max(sizes)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers (transformers, another server) see the old content or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.rbee-incomplete")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
+
+
+def _not_writable(folder: Path, e: OSError) -> CacheNotWritable:
+    why = "is not a folder" if e.errno in (errno.ENOTDIR, errno.EEXIST) else (
+        f"cannot be written ({e.strerror or e})")
+    return CacheNotWritable(
+        f"The model cache folder {folder} {why}. Make it writable for the user running this server (for a "
+        "cache shared on JupyterHub: a group-writable folder, e.g. chmod 2775 with a common group), or point "
+        "c.RbeeApp.cache_dir at a folder this user can write.",
+        details={"folder": str(folder), "errno": errno.errorcode.get(e.errno or 0, str(e.errno)),
+                 "setting": "c.RbeeApp.cache_dir"})
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """Where writing into ``folder`` happens first: itself, or the parent it will be created in."""
+    while not (folder.exists() or folder.is_symlink()) and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def _probe_writable(folder: Path) -> None:
+    if not folder.is_dir():
+        raise _not_writable(folder, NotADirectoryError(errno.ENOTDIR, "not a folder", str(folder)))
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".rbee-probe-")
+    except OSError as e:
+        raise _not_writable(folder, e) from e
+    os.close(fd)
+    os.unlink(name)
+
+
+class _cache_errors:
+    """Turn a permission error met while writing the cache into ``CACHE_NOT_WRITABLE`` naming the folder."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        if isinstance(exc, OSError) and not isinstance(exc, RbeeError) and exc.errno in _NOT_WRITABLE + (
+                errno.EEXIST,):
+            target = Path(exc.filename) if exc.filename else self.cache_dir
+            folder = target if exc.errno == errno.EEXIST else target.parent
+            raise _not_writable(folder if folder != Path(".") else self.cache_dir, exc) from exc
+        return False
 
 
 def _size(path: Path) -> int:

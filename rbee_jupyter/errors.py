@@ -73,6 +73,15 @@ class AccessDenied(RbeeError, PermissionError):
     code, status = "ACCESS_DENIED", 403
 
 
+class CacheNotWritable(RbeeError, PermissionError):
+    """The model cache (``c.RbeeApp.cache_dir``) or one of its folders cannot be written.
+
+    On a shared JupyterHub cache this is usually a folder created by another user without
+    group write permission, or a read-only mount; ``details["folder"]`` names it.
+    """
+    code, status = "CACHE_NOT_WRITABLE", 403
+
+
 # --- not found (404) -----------------------------------------------------------------
 
 class NotFound(RbeeError, LookupError):
@@ -178,3 +187,13 @@ class InsufficientVram(RbeeError):
 class InsufficientRam(RbeeError):
     """A CPU load would not fit the host's available memory."""
     code, status = "INSUFFICIENT_RAM", 507
+
+
+class QuotaExceeded(RbeeError):
+    """The load would take this server past its share of a device (``c.RbeeApp.device_quota_mb``).
+
+    The device itself may have room: the limit is the administrator's, shared between the
+    servers of one node. ``details`` says what is needed, the quota, what is in use and
+    which workers hold it, so the user knows what to unload.
+    """
+    code, status = "QUOTA_EXCEEDED", 507

@@ -48,6 +48,8 @@ class HiveConfig:
     inference_stall_s: float | None = 120.0
     queue_depth: int = 8
     max_tokens_limit: int = 4096
+    allowed_devices: list[str] | None = None
+    device_quota_mb: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,6 +110,7 @@ class Hive:
         self.pool: Pool = config.pool_class(keep_alive_s=config.keep_alive_s,
                                             loading_timeout_s=config.loading_timeout_s,
                                             inference_stall_s=config.inference_stall_s)
+        self._planned: dict[str, dict[str, int]] = {}  # worker id -> bytes per device its plan reserved
         self.catalog.resync()
 
     async def stop(self) -> None:
@@ -131,6 +134,7 @@ class Hive:
         existing = self.jobs.find_active(key)
         if existing is not None:
             return existing
+        self._check_cache(ref)
         job = self.jobs.create("download", key=key, owner=owner)
         job.meta["model_ref"] = str(ref)
         return self.jobs.start(job, lambda j: self._download(j, ref))
@@ -190,6 +194,11 @@ class Hive:
                             size_bytes=sum((folder / f).stat().st_size for f in files), files=files,
                             source=entry.source)
 
+    def _check_cache(self, ref: ModelRef) -> None:
+        """403 ``CACHE_NOT_WRITABLE`` now, not an error event later, when the download could not be stored."""
+        if ref.scheme == "hf" or ref.is_gguf:
+            self.downloader.check_writable(ref)
+
     def job(self, job_id: str, kind: str | None = None) -> Job:
         return self.jobs.get(job_id, kind)
 
@@ -237,25 +246,81 @@ class Hive:
         here, so a bad request or a plan that cannot fit is refused before anything
         starts (400 / 507).
         """
+        from .devices import check_allowed
+
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
+        check_allowed(req.device, self.config.allowed_devices, req.max_memory)
         entry = self.catalog.get(str(req.ref))
-        plan = self._plan(req, entry.local_path) if entry is not None else None
+        if entry is None:
+            self._check_cache(req.ref)
         worker_id = "w-" + uuid4().hex[:10]
+        plan = self._place(req, self._blocks(req, entry.local_path), worker_id) if entry is not None else None
         job = self.jobs.create("load", owner=owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan))
 
-    def _plan(self, req: LoadRequest, path: str) -> dict[str, str]:
-        from .devices import inventory, plan_placement
+    @staticmethod
+    def _blocks(req: LoadRequest, path: str) -> list[Any]:
         from .loader import plan_blocks
 
-        blocks = plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
-        return plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory).assignments
+        return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
+
+    def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str]:
+        """Plan against free memory, the allowed devices and the quota; reserve what the plan takes.
+
+        Runs on the event loop, never in a thread, so the quota check and the reservation
+        are one step: two loads asked for at once cannot both pass on the same room.
+        """
+        from .devices import inventory, plan_placement
+
+        plan = plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory,
+                              allowed=self.config.allowed_devices, quota=self.quota())
+        self._planned[worker_id] = dict(plan.bytes_per_device)
+        return plan.assignments
+
+    def quota(self) -> Any:
+        """This server's device limits and what its workers hold (planned size while loading,
+        the larger of planned and measured afterwards)."""
+        from .devices import MiB, Holder, Quota, normalise_device_name
+
+        live = {w.id: w for w in self.pool.list() if w.state not in ("failed", "stopped")}
+        for worker_id in list(self._planned):
+            if worker_id not in live and self._load_over(worker_id):
+                del self._planned[worker_id]
+        holders = []
+        for worker_id in sorted(live.keys() | self._planned.keys()):
+            w = live.get(worker_id)
+            planned = self._planned.get(worker_id, {})
+            measured = {d: int(mb) * MiB for d, mb in (w.memory_mb if w is not None else {}).items()}
+            model_ref = w.model_ref if w is not None else self.jobs.get(worker_id, "load").meta.get("model_ref", "")
+            for device in sorted(planned.keys() | measured.keys()):
+                held = max(planned.get(device, 0), measured.get(device, 0))
+                if held:
+                    holders.append(Holder(worker_id, model_ref, device, held))
+        limits = {normalise_device_name(k): int(v * MiB) for k, v in self.config.device_quota_mb.items()}
+        return Quota(limits, tuple(holders))
+
+    def _load_over(self, worker_id: str) -> bool:
+        try:
+            return self.jobs.get(worker_id, "load").state.finished
+        except RbeeError:
+            return True
+
+    def devices(self) -> list[dict[str, Any]]:
+        """``GET v1/devices``: the devices this server may use, with its quota and use of each."""
+        from dataclasses import asdict
+
+        from .devices import MiB, allowed_inventory, inventory
+
+        quota = self.quota()
+        return [{**asdict(d), "quota_mb": quota.limits[d.name] // MiB if d.name in quota.limits else None,
+                 "in_use_mb": -(-quota.in_use(d.name) // MiB)}
+                for d in allowed_inventory(inventory(), self.config.allowed_devices)]
 
     async def _load(self, job: Job, req: LoadRequest, entry: CatalogEntry | None, plan: dict[str, str] | None) -> None:
         if entry is None:
             entry = await self._download_into(job, req.ref)
-            plan = await asyncio.to_thread(self._plan, req, entry.local_path)
+            plan = self._place(req, await asyncio.to_thread(self._blocks, req, entry.local_path), job.id)
         assert plan is not None
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,

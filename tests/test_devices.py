@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import pytest
 
 from rbee_jupyter.devices import (
-    GiB, MiB, Device, default_margin, inventory, parse_bytes, parse_device_spec, plan_placement,
+    GiB, MiB, Device, Holder, Quota, allowed_inventory, check_allowed, default_margin, inventory, parse_bytes,
+    parse_device_spec, plan_placement,
 )
-from rbee_jupyter.errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest
+from rbee_jupyter.errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest, QuotaExceeded
 
 
 @dataclass(frozen=True)
@@ -222,3 +223,115 @@ def test_device_map_for_a_two_gpu_plan_covers_every_tensor(tmp_path, arch, tied)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     check_device_map(skeleton, device_map)  # raises if any parameter is left without a device
+
+
+# --- allowed devices (a server's share of a shared node) -------------------------------------------
+
+NODE = [CPU, gpu(0, 70), gpu(1, 70), gpu(2, 70)]
+
+
+def test_auto_means_the_allowed_gpus_in_their_listed_order():
+    plan = plan_placement(model(), "auto", NODE, allowed=["cuda:2", "cuda:1", "cpu"],
+                          max_memory={"cuda:2": "3GiB"})
+    assert devices_in_order(plan) == ["cuda:2", "cuda:1"]  # never cuda:0, never the CPU
+
+
+@pytest.mark.parametrize("spec", ["cuda:0", ["cuda:1", "cuda:0"]])
+def test_a_device_outside_allowed_is_refused_listing_the_allowed_ones(spec):
+    with pytest.raises(DeviceNotAvailable) as info:
+        plan_placement(model(), spec, NODE, allowed=["cuda:1", "cpu"])
+    assert info.value.status == 400 and info.value.code == "DEVICE_NOT_AVAILABLE"
+    assert info.value.details == {"device": "cuda:0", "available": ["cuda:1", "cpu"], "allowed": ["cuda:1", "cpu"]}
+    assert "cuda:0" in info.value.message and "cuda:1, cpu" in info.value.message
+    assert "c.RbeeApp.allowed_devices" in info.value.message
+
+
+def test_auto_with_only_the_cpu_allowed_is_refused_not_moved_to_the_cpu():
+    with pytest.raises(DeviceNotAvailable, match="allowed: cpu"):
+        plan_placement(model(layers=1), "auto", NODE, allowed=["cpu"])
+    assert plan_placement(model(layers=1), "cpu", NODE, allowed=["cpu"]).assignments["head"] == "cpu"
+
+
+def test_max_memory_for_a_device_outside_allowed_is_refused():
+    with pytest.raises(DeviceNotAvailable, match="cuda:2"):
+        check_allowed("cuda:0", ["cuda:0"], {"cuda:2": "1GiB"})
+
+
+def test_an_allowed_device_the_machine_lacks_is_not_available():
+    with pytest.raises(DeviceNotAvailable) as info:
+        plan_placement(model(), "cuda:5", NODE, allowed=["cuda:5", "cuda:1"])
+    assert info.value.details["available"] == ["cuda:1"]
+
+
+def test_allowed_inventory_keeps_the_allowed_order_and_drops_the_rest():
+    assert [d.name for d in allowed_inventory(NODE, ["cuda:1", "cpu", "cuda:9"])] == ["cuda:1", "cpu"]
+    assert allowed_inventory(NODE, None) == NODE
+
+
+# --- per-server quota -------------------------------------------------------------------------------
+
+def held(worker_id: str, device: str, mb: int, ref: str = "hf:org/other") -> Holder:
+    return Holder(worker_id, ref, device, mb * MiB)
+
+
+def test_quota_counts_what_the_workers_hold():
+    quota = Quota({"cuda:0": 6000 * MiB}, (held("w-a", "cuda:0", 2500), held("w-b", "cuda:0", 1500),
+                                           held("w-a", "cpu", 10)))
+    assert quota.in_use("cuda:0") == 4000 * MiB and quota.left("cuda:0") == 2000 * MiB
+    assert quota.left("cpu") is None  # no limit there
+    assert Quota({"cuda:0": MiB}, (held("w-a", "cuda:0", 5),)).left("cuda:0") == 0
+
+
+def test_the_quota_caps_a_device_and_the_plan_spills_to_the_next_allowed_one():
+    # cuda:0 has 70 GiB free, but this server may hold 4 GiB there and already holds 1 GiB
+    quota = Quota({"cuda:0": 4 * GiB}, (held("w-a", "cuda:0", 1024),))
+    plan = plan_placement(model(), "auto", NODE, allowed=["cuda:0", "cuda:1"], quota=quota)
+    assert plan.bytes_per_device["cuda:0"] == GiB // 2 + 2 * GiB  # embeddings + 2 layers: <= 3 GiB left
+    assert plan.assignments["layers.2"] == "cuda:1" and plan.assignments["head"] == "cuda:1"
+
+
+def test_the_quota_and_max_memory_both_cap_the_smaller_wins():
+    quota = Quota({"cuda:0": 8 * GiB})
+    plan = plan_placement(model(), "auto", NODE, max_memory={"cuda:0": "3GiB"}, quota=quota)
+    assert plan.bytes_per_device["cuda:0"] <= 3 * GiB
+    plan = plan_placement(model(), "auto", NODE, max_memory={"cuda:0": "30GiB"}, quota=quota)
+    assert 7 * GiB < plan.bytes_per_device["cuda:0"] <= 8 * GiB
+
+
+def test_over_quota_is_refused_with_need_quota_in_use_and_the_holders():
+    quota = Quota({"cuda:0": 6000 * MiB}, (held("w-a", "cuda:0", 2500, "hf:org/big"),
+                                           held("w-b", "cuda:0", 1500, "hf:org/small")))
+    with pytest.raises(QuotaExceeded) as info:
+        plan_placement(model(), "cuda:0", NODE, quota=quota)  # 9 GiB; the GPU has 70 GiB free
+    e = info.value
+    assert e.status == 507 and e.code == "QUOTA_EXCEEDED"
+    assert e.details == {
+        "need_mb": 9 * 1024 + 1, "quota_mb": {"cuda:0": 6000}, "in_use_mb": {"cuda:0": 4000},
+        "workers": [{"id": "w-a", "model_ref": "hf:org/big", "device": "cuda:0", "mb": 2500},
+                    {"id": "w-b", "model_ref": "hf:org/small", "device": "cuda:0", "mb": 1500}],
+        "devices": ["cuda:0"]}
+    for text in ("9217 MB", "quota 6000 MB", "4000 MB in use", "w-a (hf:org/big, 2500 MB)", "w-b",
+                 "c.RbeeApp.device_quota_mb"):
+        assert text in e.message
+
+
+def test_over_quota_on_every_allowed_gpu_of_an_auto_plan():
+    quota = Quota({"cuda:0": 4 * GiB, "cuda:1": 4 * GiB}, (held("w-a", "cuda:1", 1024),))
+    with pytest.raises(QuotaExceeded) as info:
+        plan_placement(model(), "auto", NODE, allowed=["cuda:0", "cuda:1"], quota=quota)
+    assert info.value.details["quota_mb"] == {"cuda:0": 4096, "cuda:1": 4096}
+    assert info.value.details["in_use_mb"] == {"cuda:0": 0, "cuda:1": 1024}
+
+
+def test_a_model_too_big_for_the_device_itself_is_insufficient_vram_not_quota():
+    quota = Quota({"cuda:0": 100 * GiB})
+    with pytest.raises(InsufficientVram):
+        plan_placement(model(), "cuda:0", [gpu(0, 4, total_gib=4)], quota=quota)
+    with pytest.raises(InsufficientVram):  # the quota is not the reason, so it is not the answer
+        plan_placement(model(), "cuda:0", [gpu(0, 4, total_gib=4)], quota=Quota({"cuda:0": GiB}))
+
+
+def test_a_cpu_quota_is_quota_exceeded_not_insufficient_ram():
+    with pytest.raises(QuotaExceeded) as info:
+        plan_placement(model(layers=2), "cpu", NODE, quota=Quota({"cpu": 1000 * MiB}))
+    assert info.value.details["need_mb"] == 3 * 1024 + 1 and info.value.details["workers"] == []

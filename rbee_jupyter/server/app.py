@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Int, Type, Unicode, default
+from traitlets import Dict, Float, Int, List, TraitError, Type, Unicode, default, validate
 
 from .. import __version__
 from ..hive import Hive, HiveConfig
@@ -14,6 +14,20 @@ from ..paths import default_cache_dir, default_catalog_path
 from ..pool import LocalProcessPool, Pool
 from .handlers import handlers
 from .openai import openai_handlers
+
+
+def under_jupyterhub() -> bool:
+    """Whether this server was spawned by JupyterHub (it sets these for every single-user server)."""
+    return bool(os.environ.get("JUPYTERHUB_API_TOKEN") or os.environ.get("JUPYTERHUB_SERVICE_PREFIX"))
+
+
+def _device_name(value: object, trait: str) -> str:
+    from ..devices import is_device_name, normalise_device_name
+
+    name = normalise_device_name(value) if isinstance(value, str) else ""
+    if not is_device_name(name):
+        raise TraitError(f"c.RbeeApp.{trait}: {value!r} is not a device name; use \"cpu\" or \"cuda:N\".")
+    return name
 
 
 class RbeeApp(ExtensionApp):
@@ -113,8 +127,45 @@ class RbeeApp(ExtensionApp):
     keep_alive_s = Float(
         None, allow_none=True, config=True,
         help="Seconds an idle worker stays loaded before it is unloaded to free its memory (like "
-             "Ollama's keep_alive). Default None: until unloaded by hand.",
+             "Ollama's keep_alive). None: until unloaded by hand. Default: 1800 (30 min) when the "
+             "server runs under JupyterHub (JUPYTERHUB_API_TOKEN or JUPYTERHUB_SERVICE_PREFIX is set), "
+             "because there a forgotten model holds memory other users need; None otherwise.",
     )
+
+    @default("keep_alive_s")
+    def _default_keep_alive(self) -> float | None:
+        return 1800.0 if under_jupyterhub() else None
+
+    allowed_devices = List(
+        Unicode(), default_value=None, allow_none=True, config=True,
+        help="Devices this server's workers may use, e.g. [\"cuda:0\", \"cpu\"], so that the users of one "
+             "node can be given separate GPUs. A load asking for another device is refused with 400 "
+             "DEVICE_NOT_AVAILABLE; device \"auto\" means every allowed GPU, in this order; GET v1/devices "
+             "lists only these. Default None: every device of the machine.",
+    )
+
+    @validate("allowed_devices")
+    def _check_allowed_devices(self, proposal):
+        names = proposal["value"]
+        return None if names is None else [_device_name(n, "allowed_devices") for n in names]
+
+    device_quota_mb = Dict(
+        config=True,
+        help="Memory, in MB, this server's workers together may hold per device, e.g. "
+             "{\"cuda:0\": 20000, \"cpu\": 8000}, so that one user cannot take a shared GPU. A load whose plan "
+             "would go over it spills to the next device it may use, else is refused with 507 QUOTA_EXCEEDED "
+             "naming the workers that hold the memory. Loading workers count with their planned size. A "
+             "device not listed is limited only by its free memory. Default {}: no quota.",
+    )
+
+    @validate("device_quota_mb")
+    def _check_quota(self, proposal):
+        quota = {}
+        for name, mb in proposal["value"].items():
+            if isinstance(mb, bool) or not isinstance(mb, (int, float)) or mb < 0:
+                raise TraitError(f"c.RbeeApp.device_quota_mb[{name!r}] must be a number of MB >= 0, got {mb!r}.")
+            quota[_device_name(name, "device_quota_mb")] = mb
+        return quota
 
     loading_timeout_s = Float(
         1800.0, allow_none=True, config=True,
@@ -148,9 +199,13 @@ class RbeeApp(ExtensionApp):
             pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
             inference_stall_s=self.inference_stall_s,
             queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
+            allowed_devices=self.allowed_devices, device_quota_mb=dict(self.device_quota_mb),
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
+        self.log.info("rbee: keep_alive_s=%s%s, allowed_devices=%s, device_quota_mb=%s", config.keep_alive_s,
+                      " (under JupyterHub)" if under_jupyterhub() else "", config.allowed_devices,
+                      config.device_quota_mb)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers(self) + openai_handlers({"app": self}))

@@ -7,7 +7,6 @@ DESIGN.md's table; nothing here decides anything the hive could.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -195,9 +194,7 @@ class DevicesHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        from ..devices import inventory
-
-        self.reply(200, {"devices": [asdict(d) for d in inventory()]})
+        self.reply(200, {"devices": self.hive.devices()})
 
 
 class EventsHandler(RbeeHandler):
