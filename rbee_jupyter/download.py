@@ -281,8 +281,9 @@ class Downloader:
                     raise Cancelled("Download cancelled.")
                 self._fetch_file(plan, f, meter, cancel, on_response or (lambda r: None))
                 self._link(plan, f)
-            if plan.ref.revision != plan.commit:
-                _write_atomic(plan.repo_dir / "refs" / (plan.ref.revision or "main"), plan.commit)
+            ref_file = plan.repo_dir / "refs" / (plan.ref.revision or "main")
+            if plan.ref.revision != plan.commit and _read(ref_file) != plan.commit:
+                _write_atomic(ref_file, plan.commit)
         return plan.snapshot_dir
 
     def _fetch_file(self, plan: DownloadPlan, f: RepoFile, meter: ByteMeter, cancel: threading.Event,
@@ -451,6 +452,13 @@ def _holder_progress(blob: Path) -> int:
     with contextlib.suppress(OSError):
         sizes += [_size(p) for p in blob.parent.glob(glob.escape(blob.name) + ".*incomplete")]
     return max(sizes)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def _write_atomic(path: Path, text: str) -> None:
