@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")
+_BLOCKS_LOCK = threading.Lock()
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 
@@ -263,7 +265,10 @@ class Hive:
     def _blocks(req: LoadRequest, path: str) -> list[Any]:
         from .loader import plan_blocks
 
-        return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
+        # One at a time: the first call imports transformers, whose lazy imports fail
+        # ("cannot import name AutoConfig") in a second thread while the first is mid-way.
+        with _BLOCKS_LOCK:
+            return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
 
     def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str]:
         """Plan against free memory, the allowed devices and the quota; reserve what the plan takes.
