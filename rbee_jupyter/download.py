@@ -271,6 +271,10 @@ class Downloader:
             cancel: checked between chunks; when set, partial files are removed.
             on_response: told the open HTTP response, so a canceller can close it and
                 interrupt a blocked read at once.
+
+        Raises:
+            CacheNotWritable: a folder of the cache cannot be written (named in the error).
+            DownloadStalled: also when another process holding a blob's lock stops making progress.
         """
         with _cache_errors(self.cache_dir):
             self.check_disk(plan)
@@ -344,8 +348,8 @@ class Downloader:
             elif now - since > patience:
                 raise DownloadStalled(
                     f"Another process has been fetching {f.path} into the shared cache, and its partial file "
-                    f"has not grown for {patience:g} s. If that process is stuck, stop it (it holds "
-                    f"{plan.lock(f)}) and try again.",
+                    f"has not grown for {patience:g} s. If that process is stuck, stop it; if it is gone and the "
+                    f"lock stayed (filesystems without flock), delete {plan.lock(f)}. Then try again.",
                     details={"file": f.path, "stall_s": patience, "lock": str(plan.lock(f))})
 
     def _fetch_with_retries(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: ByteMeter,
@@ -433,9 +437,7 @@ class Downloader:
             os.symlink(target, pointer)
         except FileExistsError:  # another server linked it a moment ago
             return
-        except OSError as e:  # filesystems without symlinks: copy, like huggingface_hub
-            if e.errno in _NOT_WRITABLE:
-                raise
+        except OSError:  # filesystems without symlinks: copy, like huggingface_hub
             tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.rbee-incomplete")
             shutil.copyfile(plan.blob(f), tmp)
             os.replace(tmp, pointer)

@@ -193,6 +193,36 @@ def test_the_waiting_server_takes_over_when_the_downloading_one_dies(servers, rb
     assert incomplete_files(cache) == []
 
 
+def test_a_server_waits_for_huggingface_hub_fetching_the_same_blob(rbee_hub, rbee_tiny_model, tmp_path):
+    """transformers in a kernel (huggingface_hub's own download) and the server share one lock."""
+    from huggingface_hub import hf_hub_download
+
+    repo = "rbee-test/shared-with-hf"
+    rbee_hub.add_repo(repo, rbee_tiny_model)
+    cache = tmp_path / "cache"
+    server = start_server(tmp_path, rbee_hub, cache, "erin")
+    try:
+        rbee_hub.faults.chunk_delay_s = 0.15
+        with ThreadPoolExecutor(1) as pool:
+            kernel = pool.submit(hf_hub_download, repo, BIG, cache_dir=str(cache), endpoint=rbee_hub.url)
+            assert rbee_hub.wait_until(lambda: any(g.bytes_sent > 0 for g in rbee_hub.file_gets(repo, BIG)), 30)
+            # When: the server is asked for the model while huggingface_hub is fetching its weights
+            events, done = stream_events(server, post_download(server, f"hf:{repo}")["progress_url"])
+            hf_path = Path(kernel.result(timeout=60))
+        # Then: the server waited for that transfer instead of repeating it, and both see the same checked
+        # file (huggingface_hub writes its partial file in 10 MB steps: for this small file the waiting
+        # stream sees no bytes in between, unlike when the other side is a server)
+        assert done and events[-1]["stage"] == "complete", events[-1]
+        assert_progress_shape(events, sizes(rbee_tiny_model)[2])
+        assert len(rbee_hub.file_gets(repo, BIG)) == 1
+        assert hf_path.resolve() == (Path(events[-1]["local_path"]) / BIG).resolve()
+        assert_matches_the_model(Path(events[-1]["local_path"]), rbee_tiny_model)
+        assert incomplete_files(cache) == []
+    finally:
+        server.client.close()
+        server.stop()
+
+
 # --- a cache this server cannot write ---------------------------------------------------------
 
 @contextlib.contextmanager
