@@ -223,6 +223,59 @@ def test_a_server_waits_for_huggingface_hub_fetching_the_same_blob(rbee_hub, rbe
         server.stop()
 
 
+def test_a_waiting_download_gives_up_on_a_stuck_holder_and_can_be_cancelled(rbee_hub, rbee_tiny_model, tmp_path):
+    """The waiting side in-process: a lock held by someone whose partial file stops growing."""
+    from filelock import FileLock
+
+    from rbee_jupyter.download import Downloader
+    from rbee_jupyter.errors import Cancelled, DownloadStalled
+    from rbee_jupyter.refs import parse_ref
+
+    repo = "rbee-test/shared-stuck"
+    rbee_hub.add_repo(repo, rbee_tiny_model)
+    downloader = Downloader(cache_dir=tmp_path / "cache", endpoint=rbee_hub.url, stall_s=0.2, retries=1,
+                            lock_poll_s=0.05)
+    plan = downloader.resolve(parse_ref(f"hf:{repo}"))
+    (big,) = [f for f in plan.files if f.path == BIG]
+    before, _, _ = sizes(rbee_tiny_model)
+    partial = plan.blob(big).with_name(big.etag + ".rbee-incomplete")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * 1000)  # what the stuck holder got so far
+    plan.lock(big).parent.mkdir(parents=True)
+    holder = FileLock(str(plan.lock(big)))
+    holder.acquire()
+    try:
+        # When: the holder makes no progress for longer than the stall budget (0.2 s x (1 try + 1))
+        events: list[Any] = []
+        with pytest.raises(DownloadStalled) as info:
+            downloader.fetch(plan, emit=events.append, cancel=threading.Event())
+        # Then: the error names the lock, the holder's partial file is left alone, its bytes were shown
+        assert str(plan.lock(big)) in info.value.message and info.value.details["stall_s"] == 0.4
+        assert partial.read_bytes() == b"x" * 1000
+        assert events[-1].bytes_downloaded == before + 1000 and events[-1].file == BIG
+
+        # When: a waiting download is cancelled
+        cancel, waiting = threading.Event(), threading.Event()
+        events = []
+
+        def emit(e: Any) -> None:
+            events.append(e)
+            if e.file == BIG and e.bytes_downloaded == before + 1000:
+                waiting.set()
+
+        with ThreadPoolExecutor(1) as pool:
+            run = pool.submit(downloader.fetch, plan, emit=emit, cancel=cancel)
+            assert waiting.wait(10)
+            cancel.set()
+            # Then: it stops at once, and still leaves the holder's partial file alone
+            with pytest.raises(Cancelled):
+                run.result(timeout=2)
+        assert partial.read_bytes() == b"x" * 1000
+        assert rbee_hub.file_gets(repo, BIG) == []
+    finally:
+        holder.release()
+
+
 # --- a cache this server cannot write ---------------------------------------------------------
 
 @contextlib.contextmanager
