@@ -367,10 +367,10 @@ def plan_placement(
         caps_in[name] = parse_bytes(value)
     capacity = {d.name: _capacity(d, caps_in, margin_bytes) for d in chosen}
     capped = dict(capacity)
-    for name in capped:
+    for name, cap in capacity.items():
         left = quota.left(name) if quota is not None else None
         if left is not None:
-            capped[name] = min(capped[name], left)
+            capped[name] = min(cap, left)
 
     fitted = _fill(blocks, chosen, capped)
     if isinstance(fitted, Plan):

@@ -286,7 +286,7 @@ class Hive:
     def quota(self) -> Any:
         """This server's device limits and what its workers hold (planned size while loading,
         the larger of planned and measured afterwards)."""
-        from .devices import MiB, Holder, Quota, normalise_device_name
+        from .devices import Holder, MiB, Quota, normalise_device_name
 
         live = {w.id: w for w in self.pool.list() if w.state not in ("failed", "stopped")}
         for worker_id in list(self._planned):
