@@ -109,23 +109,26 @@ def test_events_pass_the_proxy_as_they_happen_and_so_do_keepalives(hub, tokens, 
     rbee_hub.faults.stall_after_bytes = CHUNK_SIZE  # ... with a silent stretch in it, filled by keep-alives
     rbee_hub.faults.stall_s = 1.5
     api = httpx.Client(base_url=hub.server_url("alice") + "rbee/", headers=auth(tokens["alice"]), timeout=30)
-    served_when_first_arrived: list[int] = []
+    served_at_arrival: list[tuple[dict, int]] = []  # each event, with the weights' bytes served when it arrived
 
     def on_frame(frame: Frame) -> None:
-        if frame.comment is None and not served_when_first_arrived:
-            served_when_first_arrived.append(rbee_hub.bytes_served(repo, "model.safetensors"))
+        if frame.comment is None and isinstance(frame.data, dict):
+            served_at_arrival.append((frame.data, rbee_hub.bytes_served(repo, "model.safetensors")))
 
     # When
     job = api.post("v1/models/download", json={"model_ref": f"hf:{repo}"}).json()
     frames = read_sse(api, "GET", hub.url + job["progress_url"].lstrip("/"), on_frame=on_frame)
 
-    # Then: the first event was through the proxy while the weights were still being served
-    assert served_when_first_arrived[0] < size
+    # Then: progress from the middle of the transfer reached us while the weights were still being served
     assert rbee_hub.bytes_served(repo, "model.safetensors") == size
+    assert any(e["stage"] == "downloading" and 0 < e["bytes_downloaded"] < e["bytes_total"] and served < size
+               for e, served in served_at_arrival), served_at_arrival
     stages = [e["stage"] for e in events(frames)[:-1]]
     assert stages[-1] == "complete" and set(stages[:-1]) <= {"queued", "downloading"}, stages
-    kinds = ["keep-alive" if f.comment == "keep-alive" else "event" for f in frames]
-    assert "keep-alive" in kinds[:kinds.index("event", len(kinds) - 2)]  # comments came before the end
+    assert events(frames)[-1] == "[DONE]"
+    # and the keep-alives of the silent stretch passed too, before the end
+    end = next(i for i, f in enumerate(frames) if isinstance(f.data, dict) and f.data["stage"] == "complete")
+    assert "keep-alive" in [f.comment for f in frames[:end]]
     assert all(f.comment in (None, "keep-alive") for f in frames)
 
 
@@ -264,3 +267,31 @@ def test_service_users_carry_their_admin_flag(hub, tokens, user, admin):
     assert r.status_code == 200, r.text
     assert r.json()["identity"]["username"] == user and r.json()["identity"]["admin"] is admin
     assert r.json()["permissions"]["rbee"] == ["read", "write"] and r.json()["permissions"]["kernels"] == []
+
+
+# --- configuration ----------------------------------------------------------------------------------------
+
+
+def test_service_mode_is_on_when_the_hub_started_the_process(monkeypatch):
+    from traitlets.config import Config
+
+    from rbee_jupyter.server.app import RbeeApp
+
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_NAME", raising=False)
+    assert RbeeApp().service_mode is False and RbeeApp().admin_users == set()
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_NAME", "rbee")
+    assert RbeeApp().service_mode is True
+    app = RbeeApp(config=Config({"RbeeApp": {"service_mode": False, "admin_users": ["ann", "ann", "ben"]}}))
+    assert app.service_mode is False and app.admin_users == {"ann", "ben"}
+
+
+def test_service_mode_outside_a_hub_says_what_is_missing():
+    from rbee_jupyter.server.hub_auth import service_server_config
+
+    with pytest.raises(RuntimeError, match="JUPYTERHUB_SERVICE_URL.*c.RbeeApp.service_mode = False"):
+        service_server_config({})
+    config = service_server_config({"JUPYTERHUB_SERVICE_URL": "http://10.0.0.5:9999",
+                                    "JUPYTERHUB_API_TOKEN": "t", "JUPYTERHUB_SERVICE_PREFIX": "/services/rbee/"},
+                                   tornado_settings={"headers": {"X-A": "1"}, "xsrf_cookies": True})
+    assert (config["ip"], config["port"], config["base_url"]) == ("10.0.0.5", 9999, "/services/rbee/")
+    assert config["tornado_settings"] == {"headers": {"X-A": "1"}, "xsrf_cookies": False}

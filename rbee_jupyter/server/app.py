@@ -164,7 +164,7 @@ class RbeeApp(ExtensionApp):
         if self.service_mode:
             from .hub_auth import service_server_config
 
-            config["ServerApp"].update(service_server_config())
+            config["ServerApp"].update(service_server_config(tornado_settings=self.serverapp.tornado_settings))
         return config
 
     def initialize_settings(self) -> None:

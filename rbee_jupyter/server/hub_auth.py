@@ -81,7 +81,8 @@ class HubServiceAuthorizer(Authorizer):
         return bool(hub_auth.check_scopes(hub_auth.access_scopes, user.hub_user))
 
 
-def service_server_config(environ: dict[str, str] | None = None) -> dict[str, Any]:
+def service_server_config(environ: dict[str, str] | None = None, *,
+                          tornado_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """``c.ServerApp`` settings for running as a hub service, from the environment the hub sets.
 
     The hub tells a managed service where to listen (``JUPYTERHUB_SERVICE_URL``) and under
@@ -90,6 +91,10 @@ def service_server_config(environ: dict[str, str] | None = None) -> dict[str, An
     is off as in the hub's single-user servers: it runs before authentication, so it would
     refuse token-authenticated POSTs; the server checks ``_xsrf`` after authentication, for
     cookie sessions only.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+        tornado_settings: the server's configured ``tornado_settings``, kept apart from ``xsrf_cookies``.
 
     Raises:
         RuntimeError: the variables are missing (not started by a hub, or no ``url`` set for
@@ -110,5 +115,5 @@ def service_server_config(environ: dict[str, str] | None = None) -> dict[str, An
         "ip": where.hostname or "127.0.0.1", "port": port, "port_retries": 0,
         "base_url": env.get("JUPYTERHUB_SERVICE_PREFIX") or "/",
         "open_browser": False, "trust_xheaders": True, "terminals_enabled": False,
-        "tornado_settings": {"xsrf_cookies": False},
+        "tornado_settings": {**(tornado_settings or {}), "xsrf_cookies": False},
     }

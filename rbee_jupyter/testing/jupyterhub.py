@@ -240,7 +240,7 @@ class JupyterHubProcess:
             root = self.folder / "service"
             services.append({
                 "name": SERVICE_NAME, "url": f"http://127.0.0.1:{self.service_port}",
-                "command": [sys.executable, "-c", "from rbee_jupyter.server.app import main; main()"],
+                "command": self._service_command(),
                 "cwd": str(root), "oauth_no_confirm": True,
                 "environment": {**self._jupyter_env(root), "HOME": str(root), MARKER_ENV: self.id,
                                 **self.extra_env},
@@ -261,6 +261,8 @@ class JupyterHubProcess:
             f"c.ConfigurableHTTPProxy.pid_file = {str(self.folder / 'proxy.pid')!r}",
             f"c.JupyterHub.db_url = {'sqlite:///' + str(self.folder / 'jupyterhub.sqlite')!r}",
             f"c.JupyterHub.cookie_secret_file = {str(self.folder / 'jupyterhub_cookie_secret')!r}",
+            # answer a spawn request at once (202), so that several servers start side by side
+            "c.JupyterHub.tornado_settings = {'slow_spawn_timeout': 0}",
             "c.JupyterHub.authenticator_class = 'dummy'",
             f"c.DummyAuthenticator.password = {self.password!r}",
             f"c.Authenticator.allowed_users = {set(self.users)!r}",
@@ -285,6 +287,12 @@ class JupyterHubProcess:
         if server_scopes is not None:
             lines.append(f"c.Spawner.server_token_scopes = {server_scopes!r}")
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _service_command() -> list[str]:
+        """``jupyter-rbee`` where the package is installed with its scripts, else the same ``main``."""
+        script = shutil.which("jupyter-rbee")
+        return [script] if script else [sys.executable, "-c", "from rbee_jupyter.server.app import main; main()"]
 
     # --- the hub's REST API ---------------------------------------------------------------------
 
