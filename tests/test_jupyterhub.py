@@ -249,6 +249,25 @@ def test_the_service_refuses_requests_without_a_hub_token(hub, tokens):
     assert r.status_code == 403
 
 
+def test_a_browser_logs_into_the_service_through_the_hubs_oauth(hub):
+    http = hub.login("bob")
+
+    # When: the service's login page, followed through the hub's OAuth
+    r = hub.open(http, hub.service_url + "login")
+
+    # Then: back on the service with its own session cookie, which reads, and posts with _xsrf only
+    assert str(r.url) == hub.service_url + "rbee/v1/models" and "models" in r.json()
+    assert hub.cookie(http, "service-rbee", "/services/rbee/")
+    body = {"model_ref": f"hf:{TINY_REPO}"}
+    r = http.post(hub.service_url + "rbee/v1/models/download", json=body)
+    assert r.status_code == 403 and "_xsrf" in r.json()["error"]["message"], r.text
+    xsrf = hub.cookie(http, "_xsrf", "/services/rbee/")
+    r = http.post(hub.service_url + "rbee/v1/models/download", json=body, headers={"X-XSRFToken": xsrf})
+    assert r.status_code == 202, r.text
+    r = http.get(hub.service_url + "login", params={"next": "https://elsewhere.example/"}, follow_redirects=False)
+    assert r.status_code == 302 and r.headers["location"] == "/services/rbee/rbee/v1/models"
+
+
 def test_the_service_offers_the_hive_only(hub, tokens):
     """Every hub user can reach the service: it must not hand them kernels, files or terminals."""
     for path in ("api/kernels", "api/contents", "api/sessions", "api/terminals"):

@@ -3,7 +3,8 @@
 When one hive serves a whole JupyterHub node, it runs as a hub service (``jupyter rbee``
 started by the hub, reached at ``/services/rbee/``). Users arrive with their own hub
 tokens (``Authorization: token ...``, e.g. ``%rbee connect URL --token T``) or a browser
-session (the hub's OAuth, with its callback at ``/services/rbee/oauth_callback``); the
+session (the hub's OAuth, started at ``/services/rbee/login``, with its callback at
+``/services/rbee/oauth_callback``); the
 hub decides whether they hold the service's access scope (``JUPYTERHUB_OAUTH_ACCESS_SCOPES``,
 granted to users by a role with ``access:services!service=rbee``).
 
@@ -26,11 +27,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 from jupyter_server.auth import Authorizer
+from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.utils import url_path_join
 from jupyterhub.singleuser.extension import JupyterHubIdentityProvider, JupyterHubUser
+from tornado import web
 
 from .handlers import AUTH_RESOURCE
 
-__all__ = ["HubUser", "HubServiceIdentityProvider", "HubServiceAuthorizer", "service_server_config"]
+__all__ = ["HubUser", "HubServiceIdentityProvider", "HubServiceAuthorizer", "HubLoginHandler",
+           "service_server_config"]
 
 
 class HubUser(JupyterHubUser):
@@ -64,11 +69,31 @@ class HubServiceIdentityProvider(JupyterHubIdentityProvider):
         handler._jupyterhub_user = found  # what the base class caches for this request
         return found
 
+    def get_handlers(self) -> list[tuple[str, Any]]:
+        return [*super().get_handlers(), ("/login", HubLoginHandler)]
+
     def identity_model(self, user: Any) -> dict[str, Any]:
         """``GET api/me`` says whether the caller is an admin (the sidebar offers more to admins)."""
         model = super().identity_model(user)
         model["admin"] = bool(getattr(user, "admin", False))
         return model
+
+
+class HubLoginHandler(JupyterHandler):
+    """``GET login?next=PATH``: a browser's way in, since the service has no page of its own.
+
+    API routes answer 403 rather than start the hub's OAuth; this page starts it (when
+    there is no session yet), then sends the browser on to ``next``, a path of this service
+    (default: the model list), with the session cookie and ``_xsrf`` set.
+    """
+
+    @web.authenticated
+    def get(self) -> None:
+        home = url_path_join(self.base_url, "rbee/v1/models")
+        next_url = self.get_argument("next", "") or home
+        if not next_url.startswith(self.base_url) or next_url.startswith("//") or "\\" in next_url:
+            next_url = home  # never an open redirect
+        self.redirect(next_url)
 
 
 class HubServiceAuthorizer(Authorizer):

@@ -122,21 +122,31 @@ class JupyterHubProcess:
             self._write_service_config()
         config = self.folder / "jupyterhub_config.py"
         config.write_text(self._hub_config(proxy))
-        env = {**os.environ, MARKER_ENV: self.id}
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=self.folder,
-                                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        log.close()
-        try:
-            self._wait(lambda: self.api.get("").status_code == 200, "the hub to answer through its proxy")
-            if self.service is not None:
-                self._wait(lambda: self.api.get(self.service_url + "rbee/v1/workers").status_code == 200,
-                           f"the {SERVICE_NAME} service to answer")
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in (1, 2):
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._launch(config)
+            try:
+                self._wait(lambda: self.api.get("").status_code == 200, "the hub to answer through its proxy")
+                if self.service is not None:
+                    self._wait(lambda: self.api.get(self.service_url + "rbee/v1/workers").status_code == 200,
+                               f"the {SERVICE_NAME} service to answer")
+                return self
+            except BaseException as exc:
+                self._terminate()
+                # The hub gives a managed service ~10 s (not configurable) to answer, then exits. A machine
+                # busy with other work can take longer just to import jupyter_server: one more try.
+                slow = f"Cannot connect to {SERVICE_NAME} service" in self.log()[log_start:]
+                if attempt == 2 or not slow or not isinstance(exc, RuntimeError):
+                    self.api.close()
+                    raise
         return self
+
+    def _launch(self, config: Path) -> None:
+        env = {**os.environ, MARKER_ENV: self.id}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=self.folder,
+                                         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
 
     def stop(self, timeout: float = 30.0) -> list[str]:
         """Stop the hub (it stops servers, services and the proxy); kill what is left.
@@ -144,6 +154,9 @@ class JupyterHubProcess:
         Returns a line per straggler that had to be killed (empty when the hub cleaned up).
         """
         self.api.close()
+        return self._terminate(timeout)
+
+    def _terminate(self, timeout: float = 30.0) -> list[str]:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -152,7 +165,7 @@ class JupyterHubProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         stragglers = self._marked_processes()
-        for pid, cmdline in stragglers:
+        for pid, _ in stragglers:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
