@@ -15,17 +15,15 @@ import time
 
 import httpx
 import pytest
+from jupyter_client import BlockingKernelClient
+
+from rbee_jupyter.client import Client
+from rbee_jupyter.testing.hub import CHUNK_SIZE
+from rbee_jupyter.testing.jupyterhub import JupyterHubProcess, find_proxy
+from rbee_jupyter.testing.pytest_plugin import TINY_REPO
+from rbee_jupyter.testing.sse import Frame, parse_frames
 
 pytest.importorskip("jupyterhub", reason="pip install 'jupyterhub>=5' (the test extra has it)")
-
-from jupyter_client import BlockingKernelClient  # noqa: E402
-
-from rbee_jupyter.client import Client  # noqa: E402
-from rbee_jupyter.testing.hub import CHUNK_SIZE  # noqa: E402
-from rbee_jupyter.testing.jupyterhub import JupyterHubProcess, find_proxy  # noqa: E402
-from rbee_jupyter.testing.pytest_plugin import TINY_REPO  # noqa: E402
-from rbee_jupyter.testing.sse import Frame, parse_frames  # noqa: E402
-
 pytestmark = [
     pytest.mark.jupyterhub,
     pytest.mark.skipif(find_proxy() is None, reason="npm install -g configurable-http-proxy"),

@@ -17,7 +17,17 @@ its ``_xsrf`` rules for cookie sessions) and adds what the hive needs on top:
   not hand them kernels, files or terminals of the account it runs as.
 
 jupyterhub is an optional dependency (``pip install rbee-jupyter[hub]``); only this module
-imports it.
+imports it. The hub's side, in ``jupyterhub_config.py`` (what tests/test_jupyterhub.py runs)::
+
+    c.JupyterHub.services = [{"name": "rbee", "url": "http://127.0.0.1:10101",
+                              "command": ["jupyter-rbee"], "oauth_no_confirm": True}]
+    c.JupyterHub.load_roles = [{"name": "user", "scopes": ["self", "access:services!service=rbee"]}]
+    # optional: kernels reach the service with their server's own token (`%rbee connect URL`, or
+    # RBEE_SERVER_URL set for single-user servers that do not run the extension themselves)
+    c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
+                                     "access:services!service=rbee"]
+
+The hub must see the service answer within about 10 s of starting it, or it exits.
 """
 
 from __future__ import annotations
