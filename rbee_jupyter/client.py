@@ -646,7 +646,7 @@ class Client:
 
     @property
     def discovered_by(self) -> str:
-        """``explicit``, ``environment``, ``jpy_parent_pid`` or ``embedded``."""
+        """``explicit``, ``environment``, ``jupyterhub``, ``jpy_parent_pid`` or ``embedded``."""
         return self.connection.source
 
     def status(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The contract between the server and its kernels: where the hive is and how to log in.
 
 The server side (:func:`publish`) puts a few variables into the environment of the
-kernels it starts; the kernel side (:func:`discover`) reads them, then falls back to
-``JPY_PARENT_PID``, then to embedded mode.
+kernels it starts; the kernel side (:func:`discover`) reads them, then falls back to the
+variables JupyterHub gives every single-user server (and so its kernels and terminals),
+then to ``JPY_PARENT_PID``, then to embedded mode.
 
 Kernels started by a Jupyter server inherit the server's ``os.environ`` as it was when
 the kernel started, so publishing is setting a few variables in the server process:
@@ -31,6 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -48,6 +50,13 @@ ENV_VERIFY = "RBEE_SSL_VERIFY"
 """``0`` to skip TLS verification (a self-signed certificate on the loopback address)."""
 
 VARIABLES = (ENV_URL, ENV_TOKEN, ENV_PID, ENV_SOCK, ENV_VERIFY)
+
+HUB_URL = "JUPYTERHUB_SERVICE_URL"
+"""Set by JupyterHub for a single-user server: where it listens, with its prefix (``/user/alice/``)."""
+HUB_PREFIX = "JUPYTERHUB_SERVICE_PREFIX"
+"""Set by JupyterHub: the server's URL prefix (``/user/alice/``)."""
+HUB_TOKEN = "JUPYTERHUB_API_TOKEN"
+"""Set by JupyterHub: the server's own token, which the server accepts from its user's processes."""
 _WILDCARDS = {"", "0.0.0.0", "::", "*"}
 _previous: dict[str, str | None] | None = None
 
@@ -122,7 +131,7 @@ class Connection:
     """Where the hive is: ``mode`` "server" (``url``, ``token``) or "embedded"; ``source`` says how it was found."""
 
     mode: str
-    source: str  # "explicit" | "environment" | "jpy_parent_pid" | "embedded"
+    source: str  # "explicit" | "environment" | "jupyterhub" | "jpy_parent_pid" | "embedded"
     url: str | None = None
     token: str | None = None
     sock: str | None = None
@@ -169,13 +178,42 @@ def _from_environment(notes: list[str]) -> Connection | None:
     if pid.isdigit() and not _pid_alive(int(pid)):
         notes.append(f"{ENV_URL}={url}: that server (pid {pid}) has exited")
         return None
-    token, sock = os.environ.get(ENV_TOKEN) or None, os.environ.get(ENV_SOCK) or None
+    # unset (not empty) RBEE_TOKEN: an administrator's RBEE_SERVER_URL (e.g. the node's rbee hub
+    # service, via c.Spawner.environment), reached with the server's own hub token
+    token = os.environ.get(ENV_TOKEN, os.environ.get(HUB_TOKEN)) or None
+    sock = os.environ.get(ENV_SOCK) or None
     verify = os.environ.get(ENV_VERIFY, "1") not in ("0", "false", "no")
     why = _probe(url, token, sock=sock, verify=verify)
     if why is not None:
         notes.append(f"{ENV_URL}: {why}")
         return None
     return Connection("server", "environment", url=url, token=token, sock=sock, verify=verify)
+
+
+def _from_jupyterhub(notes: list[str]) -> Connection | None:
+    """A process of a JupyterHub single-user server: that server, at the address it binds, with its hub token.
+
+    Kernels the server starts find it through ``RBEE_SERVER_URL`` already; this serves the
+    ones that do not have it (started from a terminal, by nbclient, or by a server that
+    predates the extension's variables). Not inside a hub: no note, nothing to explain.
+    """
+    url, token = os.environ.get(HUB_URL, ""), os.environ.get(HUB_TOKEN, "")
+    if not url or not token:
+        return None
+    where = urlsplit(url)
+    host = where.hostname or "127.0.0.1"
+    if host in _WILDCARDS:  # the bind address (e.g. 0.0.0.0 in a container): the kernel runs beside it
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{where.port}" if where.port else ""
+    path = (where.path if where.path.strip("/") else os.environ.get(HUB_PREFIX, "")).strip("/")
+    url = f"{where.scheme or 'http'}://{host}{port}/{path + '/' if path else ''}"
+    why = _probe(url, token)
+    if why is not None:
+        notes.append(f"{HUB_URL}: {why}")
+        return None
+    return Connection("server", "jupyterhub", url=url, token=token)
 
 
 def _from_parent_pid(notes: list[str]) -> Connection | None:
@@ -207,9 +245,12 @@ def _from_parent_pid(notes: list[str]) -> Connection | None:
 
 
 def discover() -> Connection:
-    """Find the hive: ``RBEE_SERVER_URL``, then ``JPY_PARENT_PID``, else embedded; ``notes`` say why not earlier."""
+    """Find the hive: ``RBEE_SERVER_URL``, the JupyterHub server, ``JPY_PARENT_PID``, else embedded.
+
+    ``notes`` of the result say why the earlier ways did not apply.
+    """
     notes: list[str] = []
-    for way in (_from_environment, _from_parent_pid):
+    for way in (_from_environment, _from_jupyterhub, _from_parent_pid):
         found = way(notes)
         if found is not None:
             found.notes = notes

@@ -23,7 +23,7 @@ from rbee_jupyter.testing.server import ServerProcess, free_port
 
 BASE_URL = "/hub/user/bob/"
 DISCOVERY_VARS = ("RBEE_SERVER_URL", "RBEE_TOKEN", "RBEE_SERVER_PID", "RBEE_SERVER_SOCK", "RBEE_SSL_VERIFY",
-                  "JPY_PARENT_PID")
+                  "JPY_PARENT_PID", "JUPYTERHUB_SERVICE_URL", "JUPYTERHUB_SERVICE_PREFIX", "JUPYTERHUB_API_TOKEN")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,22 @@ def test_stale_environment_falls_through(server, clean_env):
     clean_env.setenv("RBEE_SERVER_URL", server.url)
     clean_env.setenv("RBEE_SERVER_PID", "999999999")  # the server it names has exited
     assert "has exited" in discover().notes[0]
+
+
+def test_jupyterhub_variables(server, clean_env):
+    """A process of a hub's single-user server without RBEE_SERVER_URL: the address the server binds."""
+    clean_env.setenv("JUPYTERHUB_SERVICE_URL", f"http://0.0.0.0:{server.port}/")  # a container's bind address
+    clean_env.setenv("JUPYTERHUB_SERVICE_PREFIX", BASE_URL)
+    clean_env.setenv("JUPYTERHUB_API_TOKEN", server.token)
+    client = Client()
+    assert (client.mode, client.discovered_by, client.url) == ("server", "jupyterhub", server.url)
+    assert client.workers() == []
+    clean_env.setenv("JUPYTERHUB_API_TOKEN", "wrong")
+    found = discover()
+    assert found.mode == "embedded" and found.notes[1] == f"JUPYTERHUB_SERVICE_URL: {server.url} refused the token (403)"
+    clean_env.setenv("RBEE_SERVER_URL", server.url)  # an administrator's variable, without RBEE_TOKEN:
+    clean_env.setenv("JUPYTERHUB_API_TOKEN", server.token)  # the hub token goes with it
+    assert (Client().discovered_by, Client().url) == ("environment", server.url)
 
 
 def test_jpy_parent_pid_with_a_base_url(server, clean_env):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Dict, Float, Int, List, TraitError, Type, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Int, List, Set, TraitError, Type, Unicode, default, validate
 
 from .. import __version__
 from ..hive import Hive, HiveConfig
@@ -35,7 +35,9 @@ class RbeeApp(ExtensionApp):
 
     name = "rbee"
     version = __version__
-    load_other_extensions = True
+    # Only read when launched as an app (`jupyter rbee`, :func:`main`): the hive alone. As a hub
+    # service every hub user can reach it, and must not also get its kernels, files or terminals.
+    load_other_extensions = False
 
     cache_dir = Unicode(
         config=True,
@@ -189,6 +191,33 @@ class RbeeApp(ExtensionApp):
         help="Largest max_tokens a request may ask for. Default 4096.",
     )
 
+    service_mode = Bool(
+        config=True,
+        help="Run as a JupyterHub service shared by the node's users (`jupyter rbee` started by the "
+             "hub): requests are authenticated by the hub (its tokens and OAuth), and jobs and workers "
+             "belong to whoever started them. Default: True when the hub started this process "
+             "(JUPYTERHUB_SERVICE_NAME is set), else False.",
+    )
+
+    @default("service_mode")
+    def _default_service_mode(self) -> bool:
+        return bool(os.environ.get("JUPYTERHUB_SERVICE_NAME"))
+
+    admin_users = Set(
+        Unicode(), config=True,
+        help="Names of users who may act on everyone's jobs and workers (cancel, unload), in addition "
+             "to the hub's own admins. Default: empty (hub admins only).",
+    )
+
+    def _jupyter_server_config(self) -> dict:
+        """Server settings when launched as `jupyter rbee`: in service mode, the hub's auth and address."""
+        config = super()._jupyter_server_config()
+        if self.service_mode:
+            from .hub_auth import service_server_config
+
+            config["ServerApp"].update(service_server_config(tornado_settings=self.serverapp.tornado_settings))
+        return config
+
     def initialize_settings(self) -> None:
         config = HiveConfig(
             cache_dir=Path(self.cache_dir).expanduser(), catalog_path=Path(self.catalog_path).expanduser(),
@@ -230,3 +259,12 @@ class RbeeApp(ExtensionApp):
         if isinstance(self.hive.feed, FeedJob):  # its streams end with [DONE] before the server goes
             await self.hive.feed.close()
         await self.hive.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``jupyter rbee``: the hive as a server of its own, e.g. once per node as a JupyterHub service.
+
+    A hub starts it as a managed service (``c.JupyterHub.services``, ``command: ["jupyter-rbee"]``);
+    the hub's environment switches on :attr:`RbeeApp.service_mode`.
+    """
+    RbeeApp.launch_instance(argv)
