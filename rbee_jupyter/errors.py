@@ -73,6 +73,11 @@ class AccessDenied(RbeeError, PermissionError):
     code, status = "ACCESS_DENIED", 403
 
 
+class NotOwner(AccessDenied):
+    """In service mode: someone other than the owner (or an admin) tried to cancel or unload a job."""
+    code = "NOT_OWNER"
+
+
 # --- not found (404) -----------------------------------------------------------------
 
 class NotFound(RbeeError, LookupError):

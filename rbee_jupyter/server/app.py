@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Int, Type, Unicode, default
+from traitlets import Bool, Float, Int, List, Set, TraitError, Type, Unicode, default, validate
 
 from .. import __version__
 from ..hive import Hive, HiveConfig
@@ -138,6 +138,42 @@ class RbeeApp(ExtensionApp):
         help="Largest max_tokens a request may ask for. Default 4096.",
     )
 
+    service_mode = Bool(
+        False, config=True,
+        help="Run as one hive shared by a team (e.g. a JupyterHub service): jobs and workers have an owner "
+             "and only the owner or an admin (admin_users) may cancel or unload them; file:// refs are "
+             "limited to allowed_local_dirs; each user's hub token (X-HF-Token) serves only that user, and "
+             "gated models one user downloaded stay hidden from users without access. Default False: a "
+             "single-user server, whose user owns everything.",
+    )
+
+    admin_users = Set(
+        Unicode(), config=True,
+        help="User names that may cancel or unload anyone's jobs and workers in service_mode (an identity "
+             "provider may also mark admins itself, as JupyterHub's does). Default: none.",
+    )
+
+    allowed_local_dirs = List(
+        Unicode(), config=True,
+        help="Absolute folders whose models users may load with file:// refs in service_mode; a ref must "
+             "resolve (symlinks followed) inside one of them, else 403 ACCESS_DENIED. Default: none, so "
+             "only hub models. Ignored outside service_mode, where file:// reads any folder.",
+    )
+
+    @validate("allowed_local_dirs")
+    def _absolute_dirs(self, proposal: dict) -> list[str]:
+        relative = [d for d in proposal["value"] if not os.path.isabs(os.path.expanduser(d))]
+        if relative:
+            raise TraitError(f"c.RbeeApp.allowed_local_dirs must list absolute folders, got {relative}.")
+        return [os.path.expanduser(d) for d in proposal["value"]]
+
+    share_server_token = Bool(
+        False, config=True,
+        help="In service_mode, use hf_token (or HF_TOKEN) for requests of users who send no token of their "
+             "own, so everyone can reach what the server's account can. Default False: the server's token "
+             "is never used for users' requests. Ignored outside service_mode.",
+    )
+
     def initialize_settings(self) -> None:
         config = HiveConfig(
             cache_dir=Path(self.cache_dir).expanduser(), catalog_path=Path(self.catalog_path).expanduser(),
@@ -148,6 +184,8 @@ class RbeeApp(ExtensionApp):
             pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
             inference_stall_s=self.inference_stall_s,
             queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
+            service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
+            allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
