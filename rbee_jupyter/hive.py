@@ -220,7 +220,7 @@ class Hive:
 
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
-            check_local_path(ref.path or "", self.config.allowed_local_dirs)
+            check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
 
     def _may_use(self, principal: Principal | None, entry: CatalogEntry) -> bool:
         """Whether ``principal`` may use a catalog entry without asking the hub again."""
@@ -470,6 +470,9 @@ class Hive:
     # --- server-wide feed -----------------------------------------------------------
 
     def _feed(self, topic: str, data: dict[str, Any]) -> None:
+        model = data.get("model") or {}
+        if self.config.service_mode and model.get("restricted"):  # the feed goes to every user
+            return
         if self.feed is not None:
             self.feed.publish(FeedEvent(topic=topic, data=data))
 

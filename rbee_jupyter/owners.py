@@ -30,16 +30,23 @@ class Principal:
     admin: bool = False
 
 
+ANYONE = Principal("")
+"""Whoever may be listening: what the server-wide feed shows (no one's gated models)."""
+
+
 def principal_of(user: Any, admin_users: Iterable[str] = ()) -> Principal | None:
     """The principal of a Jupyter ``User`` (None when unauthenticated).
 
-    An identity provider may mark admins itself (an ``admin`` attribute, as JupyterHub's
-    user model has); ``admin_users`` names more of them in the server's config.
+    An identity provider may mark admins itself (an ``admin`` attribute, or the ``admin``
+    field of JupyterHub's user model in ``hub_user``); ``admin_users`` names more of them
+    in the server's config.
     """
     name = getattr(user, "username", None) if user is not None else None
     if not name:
         return None
-    return Principal(name, admin=bool(getattr(user, "admin", False)) or name in set(admin_users))
+    hub_user = getattr(user, "hub_user", None)
+    marked = getattr(user, "admin", False) or (isinstance(hub_user, dict) and hub_user.get("admin"))
+    return Principal(name, admin=bool(marked) or name in set(admin_users))
 
 
 def may_control(principal: Principal | None, owner: str | None) -> bool:
@@ -67,20 +74,29 @@ def check_control(principal: Principal | None, owner: str | None, *, what: str) 
                    details={"owner": owner, "user": principal.name if principal else None})
 
 
-def check_local_path(path: str, allowed_dirs: Iterable[str]) -> None:
+def check_local_path(path: str, allowed_dirs: Iterable[str], *, cache_dir: str | None = None) -> None:
     """Raise ``AccessDenied`` unless ``path`` resolves (symlinks followed) inside an allowed folder.
 
     The real path is compared, not the text, so a symlink inside an allowed folder that
-    points elsewhere does not open the rest of the machine.
+    points elsewhere does not open the rest of the machine. The model cache is never a
+    local folder, even when listed: a gated model's files there are only handed out
+    after the hub said yes.
     """
     real = os.path.realpath(path)
     roots = [os.path.realpath(d) for d in allowed_dirs]
-    if any(os.path.commonpath([real, root]) == root for root in roots):
+    if cache_dir is not None and _inside(real, os.path.realpath(cache_dir)):
+        raise AccessDenied(f"{path} is inside the model cache; ask for the model by its hub ref (hf:org/repo).",
+                           details={"path": path})
+    if any(_inside(real, root) for root in roots):
         return
     listed = ", ".join(roots) if roots else "none are listed"
     raise AccessDenied(f"{path} is outside the folders this shared server may read models from ({listed}). "
                        "Ask the administrator to add its folder to c.RbeeApp.allowed_local_dirs, or download "
                        "the model from the hub.", details={"path": path, "allowed_local_dirs": roots})
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
 
 
 def token_fingerprint(token: str) -> str:

@@ -12,12 +12,14 @@ import json
 import secrets
 import shutil
 import sqlite3
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from traitlets import TraitError
 
 from rbee_jupyter.catalog import Catalog
+from rbee_jupyter.owners import Principal, principal_of
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import read_stream
 
@@ -227,6 +229,10 @@ async def test_file_refs_reach_only_the_allowed_folders(team, rbee_tiny_model):
                 error = error_of(await c["bob"].post(route, json=body), 403, "ACCESS_DENIED")
                 assert "c.RbeeApp.allowed_local_dirs" in error["message"], error
                 assert error["details"]["allowed_local_dirs"] == [str(team.allowed.resolve())]
+        # the model cache is no local folder: gated files there are handed out only after the hub said yes
+        error = error_of(await c["carol"].post("v1/models/download", json={"model_ref": f"file://{team.folder}/cache"}),
+                         403, "ACCESS_DENIED")
+        assert "inside the model cache" in error["message"]
         # '..' never gets that far: the ref itself is malformed
         r = await c["bob"].post("v1/models/download", json={"model_ref": f"file://{team.allowed}/../escape"})
         error_of(r, 400, "INVALID_MODEL_REF")
@@ -292,7 +298,9 @@ async def test_a_users_hub_token_serves_only_that_user(team, rbee_hub):
         assert GATED in [m["id"] for m in (await c["alice"].get("openai/v1/models")).json()["data"]]
         for who in ("alice", "bob"):
             seen.append((await c[who].get("v1/workers")).text)
-        feed = await read_stream(c["alice"], "GET", "v1/events", stop_after=1)
+        feed = await read_stream(c["bob"], "GET", "v1/events", stop_after=1)  # the server-wide feed
+        assert feed.events[0]["topic"] == "snapshot", feed.events[0]
+        assert ref not in [m["ref"] for m in feed.events[0]["models"]]
         seen.append(json.dumps(feed.events))
         assert (await c["alice"].delete(f"v1/workers/{worker_id}")).status_code == 204
 
@@ -350,6 +358,14 @@ async def test_without_service_mode_everyone_may_do_everything(hub, rbee_hub, rb
 
 
 # --- configuration and storage ----------------------------------------------------------
+
+def test_admins_are_named_by_the_identity_provider_or_the_config():
+    assert principal_of(SimpleNamespace(username="eve")) == Principal("eve", admin=False)
+    assert principal_of(SimpleNamespace(username="eve", admin=True)).admin
+    assert principal_of(SimpleNamespace(username="eve", hub_user={"name": "eve", "admin": True})).admin  # JupyterHub
+    assert principal_of(SimpleNamespace(username="eve"), admin_users={"eve"}).admin
+    assert principal_of(None) is None
+
 
 def test_allowed_local_dirs_must_be_absolute():
     from rbee_jupyter.server.app import RbeeApp
