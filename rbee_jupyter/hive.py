@@ -247,7 +247,7 @@ class Hive:
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         return CatalogEntry(ref=entry.ref, repo_id=entry.repo_id, revision=entry.revision, local_path=str(folder),
                             size_bytes=sum((folder / f).stat().st_size for f in files), files=files,
-                            source=entry.source)
+                            source=entry.source, restricted=entry.restricted)
 
     def job(self, job_id: str, kind: str | None = None) -> Job:
         return self.jobs.get(job_id, kind)

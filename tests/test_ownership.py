@@ -124,8 +124,8 @@ def error_of(r, status, code):
     return error
 
 
-async def load(client, ref, **extra):
-    r = await client.post("v1/workers", json={"model_ref": ref, "device": "cpu", **extra})
+async def load(client, ref, *, headers=None):
+    r = await client.post("v1/workers", json={"model_ref": ref, "device": "cpu"}, headers=headers)
     assert r.status_code == 202, r.text
     worker_id = r.json()["worker_id"]
     stream = await read_stream(client, "GET", f"v1/loading/progress?id={worker_id}&last_event_id=0", timeout=120)
@@ -296,8 +296,18 @@ async def test_a_users_hub_token_serves_only_that_user(team, rbee_hub):
         error_of(r, 403, "ACCESS_DENIED")
         assert GATED not in [m["id"] for m in (await c["bob"].get("openai/v1/models")).json()["data"]]
         assert GATED in [m["id"] for m in (await c["alice"].get("openai/v1/models")).json()["data"]]
+
+        # bob loads it himself only with a token the hub accepts; then that worker is his to use
+        r = await c["bob"].post("v1/workers", json={"model_ref": ref, "device": "cpu", "hf_token": "hf_wrong"})
+        assert r.status_code == 202, r.text
+        refused = await read_stream(c["bob"], "GET", r.json()["progress_url"].split("/rbee/", 1)[1])
+        assert refused.events[-1]["code"] == "ACCESS_DENIED" and refused.done
+        bobs = await load(c["bob"], ref, headers={"X-HF-Token": ALICE_HF})
+        stream, _ = await generate(c["bob"], {"worker_id": bobs, "prompt": PROMPT, "max_tokens": 2})
+        assert stream.events[-1]["type"] == "end"
         for who in ("alice", "bob"):
             seen.append((await c[who].get("v1/workers")).text)
+        assert (await c["bob"].delete(f"v1/workers/{bobs}")).status_code == 204
         feed = await read_stream(c["bob"], "GET", "v1/events", stop_after=1)  # the server-wide feed
         assert feed.events[0]["topic"] == "snapshot", feed.events[0]
         assert ref not in [m["ref"] for m in feed.events[0]["models"]]
