@@ -19,6 +19,8 @@ import pytest
 from traitlets import TraitError
 
 from rbee_jupyter.catalog import Catalog
+from rbee_jupyter.hive import Hive, HiveConfig
+from rbee_jupyter.jobs import JobState
 from rbee_jupyter.owners import Principal, principal_of
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import read_stream
@@ -346,6 +348,31 @@ async def test_one_transfer_for_users_downloading_the_same_public_repo(team, rbe
             assert len(rbee_hub.file_gets(repo, name)) == 1, (repo, name)
     tokens_on = {x.headers.get("authorization") for x in rbee_hub.requests if x.repo_id == PUBLIC[4]}
     assert tokens_on == {None, f"Bearer {ALICE_HF}"}
+
+
+async def test_a_malformed_token_is_refused(team):
+    async with clients(team) as c:
+        for body, headers in (({"model_ref": f"hf:{GATED}", "hf_token": 5}, None),
+                              ({"model_ref": f"hf:{GATED}", "hf_token": ""}, None),
+                              ({"model_ref": f"hf:{GATED}", "hf_token": "hf_a"}, {"X-HF-Token": "hf_b"})):
+            r = await c["bob"].post("v1/models/download", json=body, headers=headers)
+            assert error_of(r, 400, "INVALID_REQUEST")["details"] == {"field": "hf_token"}, body
+
+
+async def test_share_server_token_lends_the_servers_access_to_everyone(hub, rbee_hub, tmp_path):
+    # an in-process hive whose own token (here: the one the hub accepts) is shared on purpose
+    hive = Hive(HiveConfig(cache_dir=tmp_path / "cache", catalog_path=tmp_path / "catalog.sqlite",
+                           hub_endpoint=hub.url, hf_token=ALICE_HF, service_mode=True, share_server_token=True,
+                           download_retries=1))
+    try:
+        job = hive.download(f"hf:{GATED}", principal=Principal("bob"))
+        assert await job.wait(60) is JobState.COMPLETE, job.records[-1].data
+        entry = hive.catalog.get(f"hf:{GATED}")
+        assert (entry.owner, entry.restricted) == ("bob", True)
+        assert {x.headers.get("authorization") for x in rbee_hub.requests if x.repo_id == GATED} == {
+            f"Bearer {ALICE_HF}"}
+    finally:
+        await hive.stop()
 
 
 # --- outside service mode ---------------------------------------------------------------

@@ -56,7 +56,8 @@ class RbeeApp(ExtensionApp):
     hf_token = Unicode(
         None, allow_none=True, config=True,
         help="Hub access token for gated or private models. Default None: huggingface_hub's own "
-             "lookup (the HF_TOKEN environment variable, then the token saved by `hf auth login`).",
+             "lookup (the HF_TOKEN environment variable, then the token saved by `hf auth login`). "
+             "In service_mode it serves users' requests only if share_server_token is True.",
     )
 
     sse_keepalive_s = Float(
@@ -189,6 +190,10 @@ class RbeeApp(ExtensionApp):
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
+        if config.service_mode:
+            self.log.info("rbee: service mode; admins: %s; file:// folders: %s; server token shared: %s",
+                          ", ".join(sorted(config.admin_users)) or "none",
+                          ", ".join(config.allowed_local_dirs) or "none", config.share_server_token)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers(self) + openai_handlers({"app": self}))
