@@ -114,10 +114,6 @@ class ServerProcess:
 
     # --- requests -----------------------------------------------------------------
 
-    def client_for(self, token: str) -> httpx.Client:
-        """A client of the rbee API that authenticates with another token (another user)."""
-        return httpx.Client(base_url=self.url + "rbee/", headers={"Authorization": f"token {token}"}, timeout=30)
-
     def get(self, path: str, **kw: Any) -> httpx.Response:
         return self.client.get(path, **kw)
 
