@@ -24,9 +24,16 @@ CREATE TABLE IF NOT EXISTS models (
     size_bytes    INTEGER NOT NULL,
     files         TEXT NOT NULL,
     downloaded_at REAL NOT NULL,
-    source        TEXT NOT NULL
+    source        TEXT NOT NULL,
+    owner         TEXT,
+    restricted    INTEGER NOT NULL DEFAULT 0
 )
 """
+
+# Columns added after the first release: (name, definition) for ALTER TABLE on older catalogs.
+_ADDED_COLUMNS = [("owner", "TEXT"), ("restricted", "INTEGER NOT NULL DEFAULT 0")]
+_COLUMNS = ("ref", "repo_id", "revision", "local_path", "size_bytes", "files", "downloaded_at", "source",
+            "owner", "restricted")
 
 
 @dataclass
@@ -41,6 +48,10 @@ class CatalogEntry:
     repo_id: str | None = None
     source: str = "hub"
     downloaded_at: float = field(default_factory=time.time)
+    owner: str | None = None
+    """Who downloaded it, on a shared server (service mode); None otherwise."""
+    restricted: bool = False
+    """The hub repo is gated or private: on a shared server only users with access may use it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,13 +69,21 @@ class Catalog:
         with self._lock, self._db:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(_SCHEMA)
+            have = {r["name"] for r in self._db.execute("PRAGMA table_info(models)")}
+            for name, definition in _ADDED_COLUMNS:  # catalogs written by older versions
+                if name not in have:
+                    try:
+                        self._db.execute(f"ALTER TABLE models ADD COLUMN {name} {definition}")
+                    except sqlite3.OperationalError as e:  # another server sharing the catalog was first
+                        if "duplicate column" not in str(e):
+                            raise
 
     def add(self, entry: CatalogEntry) -> None:
         with self._lock, self._db:
             self._db.execute(
-                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO models ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                 (entry.ref, entry.repo_id, entry.revision, entry.local_path, entry.size_bytes,
-                 json.dumps(entry.files), entry.downloaded_at, entry.source),
+                 json.dumps(entry.files), entry.downloaded_at, entry.source, entry.owner, int(entry.restricted)),
             )
 
     def get(self, ref: str) -> CatalogEntry | None:
@@ -99,4 +118,4 @@ def _entry(row: sqlite3.Row) -> CatalogEntry:
     return CatalogEntry(ref=row["ref"], repo_id=row["repo_id"], revision=row["revision"],
                         local_path=row["local_path"], size_bytes=row["size_bytes"],
                         files=json.loads(row["files"]), downloaded_at=row["downloaded_at"],
-                        source=row["source"])
+                        source=row["source"], owner=row["owner"], restricted=bool(row["restricted"]))

@@ -80,6 +80,10 @@ class DownloadPlan:
     commit: str
     files: list[RepoFile]
     repo_dir: Path
+    restricted: bool = False
+    """The repo is gated or private: the cache alone must not stand in for the hub's permission."""
+    token: str | bool | None = field(default=None, repr=False, compare=False)
+    """The token for this plan's requests (one user's, on a shared server); None: the downloader's."""
 
     @property
     def bytes_total(self) -> int:
@@ -206,13 +210,17 @@ class Downloader:
 
     # --- planning -----------------------------------------------------------------
 
-    def resolve(self, ref: ModelRef) -> DownloadPlan:
-        """Ask the hub for the commit and the file tree; map its errors to ours."""
+    def resolve(self, ref: ModelRef, *, token: str | bool | None = None) -> DownloadPlan:
+        """Ask the hub for the commit and the file tree; map its errors to ours.
+
+        Args:
+            token: used for this plan's requests instead of the downloader's (False: none).
+        """
         assert ref.scheme == "hf" and ref.repo_id
         with _hub_errors(ref):
-            info = self._api.model_info(ref.repo_id, revision=ref.revision)
+            info = self._api.model_info(ref.repo_id, revision=ref.revision, token=token)
             commit = info.sha
-            tree = [e for e in self._api.list_repo_tree(ref.repo_id, revision=commit, recursive=True)
+            tree = [e for e in self._api.list_repo_tree(ref.repo_id, revision=commit, recursive=True, token=token)
                     if hasattr(e, "size") and hasattr(e, "blob_id")]
         by_path = {e.path: e for e in tree}
         if ref.filename and ref.filename not in by_path:
@@ -225,7 +233,27 @@ class Downloader:
         files = [RepoFile(p, by_path[p].size, by_path[p].blob_id,
                           by_path[p].lfs.sha256 if by_path[p].lfs else None) for p in chosen]
         repo_dir = self.cache_dir / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
-        return DownloadPlan(ref, commit, files, repo_dir)
+        return DownloadPlan(ref, commit, files, repo_dir, restricted=bool(info.gated or info.private), token=token)
+
+    def check_access(self, plan: DownloadPlan) -> None:
+        """Ask the hub whether the plan's token may read the repo's files (``HEAD`` of one file).
+
+        Files already in the cache are never fetched again, so for a gated or private repo
+        this question must be put to the hub explicitly before they are handed out.
+
+        Raises:
+            AccessDenied: the hub refused.
+        """
+        f = plan.files[0]
+        url = hf_hub_url(plan.ref.repo_id, f.path, revision=plan.commit, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self._token(plan), library_name="rbee-jupyter", library_version=__version__)
+        with _hub_errors(plan.ref):
+            r = get_session().head(url, headers=headers, timeout=min(self.stall_s, 30.0), follow_redirects=False)
+            if r.status_code >= 400:
+                hf_raise_for_status(r)
+
+    def _token(self, plan: DownloadPlan) -> str | bool | None:
+        return self.token if plan.token is None else plan.token
 
     def check_disk(self, plan: DownloadPlan) -> None:
         """Refuse before the first byte when the cache's disk cannot hold what is missing."""
@@ -401,7 +429,7 @@ class Downloader:
         if have == f.size:
             return
         url = hf_hub_url(plan.ref.repo_id, f.path, revision=plan.commit, endpoint=self.endpoint)
-        headers = build_hf_headers(token=self.token, library_name="rbee-jupyter", library_version=__version__)
+        headers = build_hf_headers(token=self._token(plan), library_name="rbee-jupyter", library_version=__version__)
         if have:
             headers["Range"] = f"bytes={have}-"
         timeout = _http.Timeout(self.stall_s, connect=min(self.stall_s, 30.0))

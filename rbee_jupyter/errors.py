@@ -82,6 +82,11 @@ class CacheNotWritable(RbeeError, PermissionError):
     code, status = "CACHE_NOT_WRITABLE", 403
 
 
+class NotOwner(AccessDenied):
+    """In service mode: someone other than the owner (or an admin) tried to cancel or unload a job."""
+    code = "NOT_OWNER"
+
+
 # --- not found (404) -----------------------------------------------------------------
 
 class NotFound(RbeeError, LookupError):

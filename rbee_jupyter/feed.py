@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .events import FeedEvent, dumps, sse_event
 from .jobs import Job, JobState, Record, Subscription
+from .owners import ANYONE
 
 if TYPE_CHECKING:
     from .hive import Hive
@@ -163,7 +164,7 @@ class FeedJob(Job):
     def snapshot(self) -> dict[str, Any]:
         """The whole current state, as one ``snapshot`` event's fields."""
         hive = self.hive
-        return {"devices": _devices(), "models": hive.models(), "workers": hive.workers(),
+        return {"devices": _devices(), "models": hive.models(principal=ANYONE), "workers": hive.workers(),
                 "jobs": [_summary(j) for j in hive.jobs.list() if not j.state.finished and j is not self]}
 
     def subscribe(self, *, last_event_id: int | None = None, max_lag: int = 256) -> FeedSubscription:  # type: ignore[override]

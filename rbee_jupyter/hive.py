@@ -17,10 +17,11 @@ from typing import Any
 
 from .catalog import Catalog, CatalogEntry
 from .download import Downloader
-from .errors import (Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound, ModelNotLoaded, RbeeError,
-                     WorkerNotFound)
+from .errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
+                     ModelNotLoaded, RbeeError, WorkerNotFound)
 from .events import DownloadComplete, FeedEvent
 from .jobs import Job, JobRegistry
+from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
 from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
@@ -52,6 +53,11 @@ class HiveConfig:
     max_tokens_limit: int = 4096
     allowed_devices: list[str] | None = None
     device_quota_mb: dict[str, float] = field(default_factory=dict)
+    service_mode: bool = False
+    """One hive shared by a team: owners, allowed local folders, per-user hub tokens (owners.py)."""
+    admin_users: frozenset[str] = frozenset()
+    allowed_local_dirs: tuple[str, ...] = ()
+    share_server_token: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,42 +128,57 @@ class Hive:
 
     # --- downloads ----------------------------------------------------------------
 
-    def download(self, model_ref: str | ModelRef, *, owner: str | None = None) -> Job:
+    def download(self, model_ref: str | ModelRef, *, owner: str | None = None, principal: Principal | None = None,
+                 hf_token: str | None = None) -> Job:
         """Start (or join) the download of ``model_ref``; returns its job at once.
 
         The same ref asked for while it is downloading gives the same job: one
-        transfer, any number of watchers.
+        transfer, any number of watchers. A request with its own ``hf_token`` only
+        joins a download made with the same token, so nobody rides on another's access.
+
+        Args:
+            hf_token: the caller's hub token, for this download's requests only; it is
+                kept in no job, event or catalog row.
 
         Raises:
             InvalidModelRef: the ref is malformed (nothing is started).
+            AccessDenied: in service mode, a ``file://`` ref outside ``allowed_local_dirs``.
         """
         ref = model_ref if isinstance(model_ref, ModelRef) else parse_ref(model_ref)
-        key = ("download", str(ref))
+        owner = principal.name if principal is not None else owner
+        self._check_local(ref)
+        key = ("download", str(ref)) if not hf_token else ("download", str(ref), token_fingerprint(hf_token))
         existing = self.jobs.find_active(key)
         if existing is not None:
             return existing
         self._check_cache(ref)
         job = self.jobs.create("download", key=key, owner=owner)
         job.meta["model_ref"] = str(ref)
-        return self.jobs.start(job, lambda j: self._download(j, ref))
+        token = self._hub_token(hf_token)
+        return self.jobs.start(job, lambda j: self._download(j, ref, token))
 
-    async def _download(self, job: Job, ref: ModelRef) -> None:
+    async def _download(self, job: Job, ref: ModelRef, token: str | bool | None = None) -> None:
         if ref.scheme == "file":
             entry = register_local(ref)
         else:
             if self._download_slots is None:
                 self._download_slots = asyncio.Semaphore(max(1, self.config.max_concurrent_downloads))
             async with self._download_slots:
-                entry = await self._fetch(job, ref)
+                entry = await self._fetch(job, ref, token)
         if ref.is_gguf:
             entry = await self._import_gguf(job, ref, entry)
+        if self.config.service_mode:  # the first to download it owns it
+            known = self.catalog.get(entry.ref)
+            entry.owner = known.owner if known is not None and known.owner else job.owner
         self.catalog.add(entry)
         self._feed("catalog", {"action": "added", "model": entry.to_dict()})
         job.finish(DownloadComplete(local_path=entry.local_path, model_ref=entry.ref,
                                     revision=entry.revision, size_bytes=entry.size_bytes))
 
-    async def _fetch(self, job: Job, ref: ModelRef) -> CatalogEntry:
-        plan = await asyncio.to_thread(self.downloader.resolve, ref)
+    async def _fetch(self, job: Job, ref: ModelRef, token: str | bool | None = None) -> CatalogEntry:
+        plan = await asyncio.to_thread(self.downloader.resolve, ref, token=token)
+        if plan.restricted and self.config.service_mode:  # cached files must not bypass the hub's say
+            await asyncio.to_thread(self._check_hub_access, plan, token)
         job.meta.update(revision=plan.commit, bytes_total=plan.bytes_total)
         active: list[Any] = []
 
@@ -176,7 +197,45 @@ class Hive:
                                        cancel=job.cancel_event, on_response=remember)
         await asyncio.sleep(0)  # let the last threadsafe progress event land before `complete`
         return CatalogEntry(ref=str(ref), repo_id=ref.repo_id, revision=plan.commit, local_path=str(path),
-                            size_bytes=plan.bytes_total, files=[f.path for f in plan.files], source="hub")
+                            size_bytes=plan.bytes_total, files=[f.path for f in plan.files], source="hub",
+                            restricted=plan.restricted)
+
+    def _check_hub_access(self, plan: Any, token: str | bool | None) -> None:
+        try:
+            self.downloader.check_access(plan)
+        except AccessDenied as e:
+            whose = {None: "the server's hub token", False: "a request without a hub token"}.get(
+                token, "your hub token")  # type: ignore[arg-type]
+            raise AccessDenied(
+                f"{plan.ref.repo_id} is gated or private and the hub refused {whose}. This server is shared: send "
+                "your own token (header X-HF-Token, or the field hf_token of the request body) from an account "
+                "that has access.", details=e.details) from e
+
+    # --- service mode ---------------------------------------------------------------
+
+    def _hub_token(self, user_token: str | None) -> str | bool | None:
+        """The token for one request's hub calls: the user's own, else the server's unless it is private.
+
+        False means none at all, so huggingface_hub does not fall back to HF_TOKEN either.
+        """
+        if user_token:
+            return user_token
+        if self.config.service_mode and not self.config.share_server_token:
+            return False
+        return None
+
+    def _check_local(self, ref: ModelRef) -> None:
+        if self.config.service_mode and ref.scheme == "file":
+            check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
+
+    def _may_use(self, principal: Principal | None, entry: CatalogEntry) -> bool:
+        """Whether ``principal`` may use a catalog entry without asking the hub again."""
+        return not (self.config.service_mode and entry.restricted) or may_control(principal, entry.owner)
+
+    def may_use_worker(self, principal: Principal | None, worker: WorkerInfo) -> bool:
+        """In service mode a worker holding a gated or private model serves its owner, the model's, and admins."""
+        entry = self.catalog.get(worker.model_ref) if self.config.service_mode else None
+        return entry is None or self._may_use(principal, entry) or may_control(principal, worker.owner)
 
     async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
         """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
@@ -194,7 +253,7 @@ class Hive:
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         return CatalogEntry(ref=entry.ref, repo_id=entry.repo_id, revision=entry.revision, local_path=str(folder),
                             size_bytes=sum((folder / f).stat().st_size for f in files), files=files,
-                            source=entry.source)
+                            source=entry.source, restricted=entry.restricted)
 
     def _check_cache(self, ref: ModelRef) -> None:
         """403 ``CACHE_NOT_WRITABLE`` now, not an error event later, when the download could not be stored."""
@@ -204,28 +263,39 @@ class Hive:
     def job(self, job_id: str, kind: str | None = None) -> Job:
         return self.jobs.get(job_id, kind)
 
-    def cancel(self, job_id: str, kind: str | None = None) -> None:
-        """Cancel a job; cancelling a finished job is not an error (idempotent)."""
-        self.jobs.get(job_id, kind).cancel()
+    def cancel(self, job_id: str, kind: str | None = None, *, principal: Principal | None = None) -> None:
+        """Cancel a job; cancelling a finished job is not an error (idempotent).
+
+        Raises:
+            NotOwner: in service mode, ``principal`` is neither the job's owner nor an admin.
+        """
+        job = self.jobs.get(job_id, kind)
+        if self.config.service_mode:
+            check_control(principal, job.owner, what=f"{job.kind} {job_id}")
+        job.cancel()
 
     # --- catalog ------------------------------------------------------------------
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self, *, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """The catalog; in service mode without gated or private models others downloaded."""
         self.catalog.resync()
-        return [e.to_dict() for e in self.catalog.list()]
+        return [e.to_dict() for e in self.catalog.list() if self._may_use(principal, e)]
 
-    def delete_model(self, model_ref: str | ModelRef) -> None:
+    def delete_model(self, model_ref: str | ModelRef, *, principal: Principal | None = None) -> None:
         """Remove a model from disk and catalog (a ``file://`` folder is only forgotten).
 
         Raises:
             ModelNotFound: not in the catalog.
+            NotOwner: in service mode, ``principal`` did not download it and is not an admin.
             Conflict: a worker holds it, or it is downloading.
         """
         ref = model_ref if isinstance(model_ref, ModelRef) else parse_ref(model_ref)
         entry = self.catalog.get(str(ref))
-        if entry is None:
+        if entry is None or not self._may_use(principal, entry):
             raise ModelNotFound(f"{ref} is not in the catalog.", details={"model_ref": str(ref)})
-        if self.jobs.find_active(("download", str(ref))) is not None:
+        if self.config.service_mode:
+            check_control(principal, entry.owner, what=f"model {ref}")
+        if any(j.meta.get("model_ref") == str(ref) and not j.state.finished for j in self.jobs.list("download")):
             raise Conflict(f"{ref} is downloading; cancel the download first.", details={"model_ref": str(ref)})
         self._check_not_in_use(str(ref))
         self.catalog.remove(str(ref))
@@ -241,25 +311,42 @@ class Hive:
 
     # --- workers ------------------------------------------------------------------
 
-    def load(self, body: dict[str, Any] | LoadRequest, *, owner: str | None = None) -> Job:
+    def load(self, body: dict[str, Any] | LoadRequest, *, owner: str | None = None, principal: Principal | None = None,
+             hf_token: str | None = None) -> Job:
         """Start a worker for a model; one job goes from nothing (download) to ready.
 
         Validation, and the placement plan when the model is already on disk, happen
         here, so a bad request or a plan that cannot fit is refused before anything
         starts (400 / 507).
+
+        Args:
+            hf_token: the caller's hub token, for the download and (service mode) for
+                proving access to a gated model another user downloaded.
+
+        Raises:
+            AccessDenied: in service mode, a ``file://`` ref outside ``allowed_local_dirs``,
+                or a gated model someone else downloaded and the caller sent no token.
         """
         from .devices import check_allowed
 
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
         check_allowed(req.device, self.config.allowed_devices, req.max_memory)
+        owner = principal.name if principal is not None else owner
+        self._check_local(req.ref)
         entry = self.catalog.get(str(req.ref))
         if entry is None:
             self._check_cache(req.ref)
+        token = self._hub_token(hf_token)
+        prove = entry is not None and not self._may_use(principal, entry)
+        if prove and token is False:
+            raise AccessDenied(f"{req.ref} is gated or private and was downloaded by another user; to load it, "
+                               "send your own hub token (header X-HF-Token, or the field hf_token of the body).",
+                               details={"model_ref": str(req.ref)})
         worker_id = "w-" + uuid4().hex[:10]
         plan = self._place(req, self._blocks(req, entry.local_path), worker_id) if entry is not None else None
         job = self.jobs.create("load", owner=owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
-        return self.jobs.start(job, lambda j: self._load(j, req, entry, plan))
+        return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=hf_token, prove=prove))
 
     @staticmethod
     def _blocks(req: LoadRequest, path: str) -> list[Any]:
@@ -322,9 +409,14 @@ class Hive:
                  "in_use_mb": -(-quota.in_use(d.name) // MiB)}
                 for d in allowed_inventory(inventory(), self.config.allowed_devices)]
 
-    async def _load(self, job: Job, req: LoadRequest, entry: CatalogEntry | None, plan: dict[str, str] | None) -> None:
+    async def _load(self, job: Job, req: LoadRequest, entry: CatalogEntry | None, plan: dict[str, str] | None, *,
+                    hf_token: str | None = None, prove: bool = False) -> None:
+        if prove:  # another user's gated model: the hub, not our cache, says whether this user may
+            token = self._hub_token(hf_token)
+            hub_plan = await asyncio.to_thread(self.downloader.resolve, req.ref, token=token)
+            await asyncio.to_thread(self._check_hub_access, hub_plan, token)
         if entry is None:
-            entry = await self._download_into(job, req.ref)
+            entry = await self._download_into(job, req.ref, hf_token)
             plan = self._place(req, await asyncio.to_thread(self._blocks, req, entry.local_path), job.id)
         assert plan is not None
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
@@ -336,9 +428,9 @@ class Hive:
         await self.pool.start(spec, job)
         await job.wait()
 
-    async def _download_into(self, job: Job, ref: ModelRef) -> CatalogEntry:
+    async def _download_into(self, job: Job, ref: ModelRef, hf_token: str | None = None) -> CatalogEntry:
         """Run (or join) the model's download and relay its events into ``job``."""
-        download = self.download(ref, owner=job.owner)
+        download = self.download(ref, owner=job.owner, hf_token=hf_token)
         job.on_cancel(download.cancel)
         async for record in download.subscribe(last_event_id=0):
             if record.event.to_dict().get("stage") == "error":
@@ -377,8 +469,14 @@ class Hive:
             raise WorkerNotFound(f"No worker {worker_id!r}. GET v1/workers lists the workers.",
                                  details={"worker_id": worker_id}) from None
 
-    async def unload(self, worker_id: str) -> None:
-        """Cancel a load (between layers) or unload a worker; its process exits."""
+    async def unload(self, worker_id: str, *, principal: Principal | None = None) -> None:
+        """Cancel a load (between layers) or unload a worker; its process exits.
+
+        Raises:
+            NotOwner: in service mode, ``principal`` is neither the worker's owner nor an admin.
+        """
+        if self.config.service_mode:
+            check_control(principal, self.worker(worker_id).owner, what=f"worker {worker_id}")
         job = None
         try:
             job = self._load_job(worker_id)
@@ -397,17 +495,23 @@ class Hive:
 
     # --- inference ----------------------------------------------------------------
 
-    def infer(self, body: dict[str, Any], *, owner: str | None = None) -> Job:
-        """Start a generation on ``worker_id`` or on a loaded worker of ``model_ref``."""
+    def infer(self, body: dict[str, Any], *, owner: str | None = None, principal: Principal | None = None) -> Job:
+        """Start a generation on ``worker_id`` or on a loaded worker of ``model_ref``.
+
+        Raises:
+            AccessDenied: in service mode, the worker holds a gated or private model
+                the caller has not shown access to.
+        """
         from .generate import GenerationRequest
 
         GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
-        worker = self._pick_worker(body)
+        owner = principal.name if principal is not None else owner
+        worker = self._pick_worker(body, principal)
         job = self.jobs.create("inference", owner=owner, error_style="type")
         job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
         return self.jobs.start(job, lambda j: self.pool.generate(worker.id, body, j))
 
-    def _pick_worker(self, body: dict[str, Any]) -> WorkerInfo:
+    def _pick_worker(self, body: dict[str, Any], principal: Principal | None = None) -> WorkerInfo:
         worker_id, model_ref = body.get("worker_id"), body.get("model_ref")
         if worker_id is not None:
             if not isinstance(worker_id, str):
@@ -416,11 +520,17 @@ class Hive:
             if worker.state not in ("idle", "busy"):
                 raise Conflict(f"Worker {worker_id} is {worker.state}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
+            if not self.may_use_worker(principal, worker):
+                raise _not_yours(worker)
             return worker
         if model_ref is None:
             raise InvalidRequest("Name a worker_id or a model_ref.", details={"field": "worker_id"})
         ref = str(parse_ref(model_ref))
         ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
+        usable = [w for w in ready if self.may_use_worker(principal, w)]
+        if ready and not usable:
+            raise _not_yours(ready[0])
+        ready = usable
         if not ready:
             raise ModelNotLoaded(
                 f"No worker holds {ref}. Load it first: POST v1/workers {{\"model_ref\": \"{ref}\"}} "
@@ -430,8 +540,17 @@ class Hive:
     # --- server-wide feed -----------------------------------------------------------
 
     def _feed(self, topic: str, data: dict[str, Any]) -> None:
+        model = data.get("model") or {}
+        if self.config.service_mode and model.get("restricted"):  # the feed goes to every user
+            return
         if self.feed is not None:
             self.feed.publish(FeedEvent(topic=topic, data=data))
+
+
+def _not_yours(worker: WorkerInfo) -> AccessDenied:
+    return AccessDenied(f"Worker {worker.id} holds {worker.model_ref}, a gated or private model that {worker.owner} "
+                        "downloaded; load your own worker of it with your hub token (X-HF-Token).",
+                        details={"worker_id": worker.id, "model_ref": worker.model_ref, "owner": worker.owner})
 
 
 def register_local(ref: ModelRef) -> CatalogEntry:

@@ -72,7 +72,8 @@ class RbeeApp(ExtensionApp):
     hf_token = Unicode(
         None, allow_none=True, config=True,
         help="Hub access token for gated or private models. Default None: huggingface_hub's own "
-             "lookup (the HF_TOKEN environment variable, then the token saved by `hf auth login`).",
+             "lookup (the HF_TOKEN environment variable, then the token saved by `hf auth login`). "
+             "In service_mode it serves users' requests only if share_server_token is True.",
     )
 
     sse_keepalive_s = Float(
@@ -193,10 +194,12 @@ class RbeeApp(ExtensionApp):
 
     service_mode = Bool(
         config=True,
-        help="Run as a JupyterHub service shared by the node's users (`jupyter rbee` started by the "
-             "hub): requests are authenticated by the hub (its tokens and OAuth), and jobs and workers "
-             "belong to whoever started them. Default: True when the hub started this process "
-             "(JUPYTERHUB_SERVICE_NAME is set), else False.",
+        help="Run as one hive shared by a team (e.g. a JupyterHub service): jobs and workers have an owner "
+             "and only the owner or an admin (admin_users) may cancel or unload them; file:// refs are "
+             "limited to allowed_local_dirs; each user's hub token (X-HF-Token) serves only that user, and "
+             "gated models one user downloaded stay hidden from users without access. Outside it: a "
+             "single-user server, whose user owns everything. Default: True when JupyterHub started this "
+             "process as a service (JUPYTERHUB_SERVICE_NAME is set), else False.",
     )
 
     @default("service_mode")
@@ -205,8 +208,29 @@ class RbeeApp(ExtensionApp):
 
     admin_users = Set(
         Unicode(), config=True,
-        help="Names of users who may act on everyone's jobs and workers (cancel, unload), in addition "
-             "to the hub's own admins. Default: empty (hub admins only).",
+        help="User names that may cancel or unload anyone's jobs and workers in service_mode (an identity "
+             "provider may also mark admins itself, as JupyterHub's does). Default: none.",
+    )
+
+    allowed_local_dirs = List(
+        Unicode(), config=True,
+        help="Absolute folders whose models users may load with file:// refs in service_mode; a ref must "
+             "resolve (symlinks followed) inside one of them, else 403 ACCESS_DENIED. Default: none, so "
+             "only hub models. Ignored outside service_mode, where file:// reads any folder.",
+    )
+
+    @validate("allowed_local_dirs")
+    def _absolute_dirs(self, proposal: dict) -> list[str]:
+        relative = [d for d in proposal["value"] if not os.path.isabs(os.path.expanduser(d))]
+        if relative:
+            raise TraitError(f"c.RbeeApp.allowed_local_dirs must list absolute folders, got {relative}.")
+        return [os.path.expanduser(d) for d in proposal["value"]]
+
+    share_server_token = Bool(
+        False, config=True,
+        help="In service_mode, use hf_token (or HF_TOKEN) for requests of users who send no token of their "
+             "own, so everyone can reach what the server's account can. Default False: the server's token "
+             "is never used for users' requests. Ignored outside service_mode.",
     )
 
     def _jupyter_server_config(self) -> dict:
@@ -229,12 +253,18 @@ class RbeeApp(ExtensionApp):
             inference_stall_s=self.inference_stall_s,
             queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
             allowed_devices=self.allowed_devices, device_quota_mb=dict(self.device_quota_mb),
+            service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
+            allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
         self.log.info("rbee: keep_alive_s=%s%s, allowed_devices=%s, device_quota_mb=%s", config.keep_alive_s,
                       " (under JupyterHub)" if under_jupyterhub() else "", config.allowed_devices,
                       config.device_quota_mb)
+        if config.service_mode:
+            self.log.info("rbee: service mode; admins: %s; file:// folders: %s; server token shared: %s",
+                          ", ".join(sorted(config.admin_users)) or "none",
+                          ", ".join(config.allowed_local_dirs) or "none", config.share_server_token)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers(self) + openai_handlers({"app": self}))

@@ -16,6 +16,7 @@ from tornado import web
 
 from ..errors import InvalidRequest, RbeeError
 from ..hive import Hive
+from ..owners import TOKEN_HEADER, Principal, parse_user_token, principal_of
 from .sse import stream_job
 
 if TYPE_CHECKING:
@@ -67,6 +68,15 @@ class RbeeHandler(APIHandler):
         user = self.current_user
         return getattr(user, "username", None) if user is not None else None
 
+    @property
+    def principal(self) -> Principal | None:
+        """The caller, for the hive's ownership checks (service mode)."""
+        return principal_of(self.current_user, self.hive.config.admin_users)
+
+    def user_token(self, body: dict[str, Any]) -> str | None:
+        """The caller's own hub token (header ``X-HF-Token`` or body ``hf_token``), taken out of ``body``."""
+        return parse_user_token(self.request.headers.get(TOKEN_HEADER), body)
+
     def reply(self, status: int, body: Any = None) -> None:
         self.set_status(status)
         if body is None:
@@ -105,11 +115,19 @@ class RbeeHandler(APIHandler):
 
 
 class DownloadHandler(RbeeHandler):
+    """``POST v1/models/download``.
+
+    The caller may send their own hub token for a gated or private repo, as the header
+    ``X-HF-Token`` or the body field ``hf_token``: it serves this download alone and is
+    kept in no job, event, catalog row, response or log line.
+    """
+
     @web.authenticated
     @authorized
     async def post(self) -> None:
         body = self.json_body()
-        job = self.hive.download(body.get("model_ref"), owner=self.owner)
+        token = self.user_token(body)
+        job = self.hive.download(body.get("model_ref"), principal=self.principal, hf_token=token)
         self.reply(202, {"download_id": job.id, "model_ref": job.meta["model_ref"],
                          "progress_url": self.url(f"v1/models/download/progress?id={job.id}")})
 
@@ -126,7 +144,7 @@ class DownloadCancelHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def delete(self, job_id: str) -> None:
-        self.hive.cancel(job_id, "download")
+        self.hive.cancel(job_id, "download", principal=self.principal)
         self.reply(204)
 
 
@@ -134,16 +152,18 @@ class ModelsHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(200, {"models": self.hive.models()})
+        self.reply(200, {"models": self.hive.models(principal=self.principal)})
 
     @web.authenticated
     @authorized
     async def delete(self) -> None:
-        self.hive.delete_model(self.required_query("ref"))
+        self.hive.delete_model(self.required_query("ref"), principal=self.principal)
         self.reply(204)
 
 
 class WorkersHandler(RbeeHandler):
+    """``GET``/``POST v1/workers``; a load takes the caller's hub token as a download does."""
+
     @web.authenticated
     @authorized
     async def get(self) -> None:
@@ -152,7 +172,9 @@ class WorkersHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        job = self.hive.load(self.json_body(), owner=self.owner)
+        body = self.json_body()
+        token = self.user_token(body)
+        job = self.hive.load(body, principal=self.principal, hf_token=token)
         self.reply(202, {"worker_id": job.id, "state": "loading", "model_ref": job.meta["model_ref"],
                          "progress_url": self.url(f"v1/loading/progress?id={job.id}")})
 
@@ -166,7 +188,7 @@ class WorkerHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def delete(self, worker_id: str) -> None:
-        await self.hive.unload(worker_id)
+        await self.hive.unload(worker_id, principal=self.principal)
         self.reply(204)
 
 
@@ -212,7 +234,7 @@ class InferenceHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        job = self.hive.infer(self.json_body(), owner=self.owner)
+        job = self.hive.infer(self.json_body(), principal=self.principal)
         self.set_header("X-Request-Id", job.id)
         await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s, refuse_early_errors=True,
                          cancel_on_close=True)
@@ -222,7 +244,7 @@ class InferenceCancelHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def delete(self, request_id: str) -> None:
-        self.hive.cancel(request_id, "inference")
+        self.hive.cancel(request_id, "inference", principal=self.principal)
         self.reply(204)
 
 

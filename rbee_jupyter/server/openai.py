@@ -56,7 +56,9 @@ class OpenAIHandler(RbeeHandler):
         """An OpenAI ``model`` → a ready worker: by worker id, ref, or ``org/repo``."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
-        ready = [w for w in self.hive.pool.list() if w.state in ("idle", "busy")]
+        principal = self.principal
+        ready = [w for w in self.hive.pool.list()
+                 if w.state in ("idle", "busy") and self.hive.may_use_worker(principal, w)]
         for w in sorted(ready, key=lambda w: (w.state != "idle", w.last_used)):
             if model in (w.id, w.model_ref, _model_id(w.model_ref)):
                 return w.id
@@ -92,8 +94,9 @@ class ModelsHandler(OpenAIHandler):
     @authorized
     async def get(self) -> None:
         seen: dict[str, Any] = {}
+        principal = self.principal
         for w in self.hive.pool.list():
-            if w.state in ("idle", "busy"):
+            if w.state in ("idle", "busy") and self.hive.may_use_worker(principal, w):
                 seen.setdefault(_model_id(w.model_ref), {"id": _model_id(w.model_ref), "object": "model",
                                                          "created": int(w.created_at), "owned_by": "rbee"})
         self.reply(200, {"object": "list", "data": list(seen.values())})
@@ -123,7 +126,7 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
         body = self.json_body()
         request = {**_common(body), **self.request_fields(body), "worker_id": self.resolve_worker(body.get("model"))}
         model = body["model"]
-        job = self.hive.infer(request, owner=self.owner)
+        job = self.hive.infer(request, principal=self.principal)
         self._rbee_owned_job = job
         sub = job.subscribe(last_event_id=0)
         self._rbee_subscription = sub

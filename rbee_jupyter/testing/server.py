@@ -34,7 +34,8 @@ class ServerProcess:
 
     def __init__(self, folder: str | Path, *, rbee: dict[str, Any] | None = None, base_url: str = "/",
                  server: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 startup_timeout: float = 60.0, module: str = "jupyter_server") -> None:
+                 startup_timeout: float = 60.0, module: str = "jupyter_server",
+                 config: dict[str, dict[str, Any]] | None = None) -> None:
         self.folder = Path(folder)
         self.token = secrets.token_hex(16)
         self.port = free_port()
@@ -42,6 +43,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}{self.base_url}"
         self.rbee = dict(rbee or {})
         self.server = dict(server or {})
+        self.config = dict(config or {})  # more sections, e.g. {"TokenUsersIdentityProvider": {...}}
         self.extra_env = dict(env or {})
         self.startup_timeout = startup_timeout
         self.module = module  # "jupyterlab" for a `jupyter lab` with the sidebar
@@ -63,6 +65,7 @@ class ServerProcess:
                           "base_url": self.base_url, "root_dir": str(self.folder / "root"), **self.server},
             "IdentityProvider": {"token": self.token},
             "RbeeApp": self.rbee,
+            **self.config,
         }
         (config_dir / "jupyter_server_config.json").write_text(json.dumps(config))
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir),
