@@ -20,6 +20,7 @@ from .errors import (Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, Mod
                      WorkerNotFound)
 from .events import DownloadComplete, FeedEvent
 from .jobs import Job, JobRegistry
+from .engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
@@ -48,6 +49,8 @@ class HiveConfig:
     inference_stall_s: float | None = 120.0
     queue_depth: int = 8
     max_tokens_limit: int = 4096
+    engine_timeout_s: float = 5.0
+    engine_health_interval_s: float | None = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,9 +108,12 @@ class Hive:
             backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
         self._download_slots: asyncio.Semaphore | None = None
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
-        self.pool: Pool = config.pool_class(keep_alive_s=config.keep_alive_s,
-                                            loading_timeout_s=config.loading_timeout_s,
-                                            inference_stall_s=config.inference_stall_s)
+        primary = config.pool_class(keep_alive_s=config.keep_alive_s, loading_timeout_s=config.loading_timeout_s,
+                                    inference_stall_s=config.inference_stall_s)
+        engines = OpenAIEnginePool(timeout_s=config.engine_timeout_s,
+                                   health_interval_s=config.engine_health_interval_s,
+                                   inference_stall_s=config.inference_stall_s)
+        self.pool: Pool = CompositePool(primary, engines)  # external engines sit beside the primary pool
         self.catalog.resync()
 
     async def stop(self) -> None:
@@ -237,6 +243,8 @@ class Hive:
         here, so a bad request or a plan that cannot fit is refused before anything
         starts (400 / 507).
         """
+        if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
+            return self._register_engine(EngineSpec.from_json(body), owner=owner)
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
         entry = self.catalog.get(str(req.ref))
         plan = self._plan(req, entry.local_path) if entry is not None else None
@@ -244,6 +252,16 @@ class Hive:
         job = self.jobs.create("load", owner=owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan))
+
+    def _register_engine(self, spec: EngineSpec, *, owner: str | None) -> Job:
+        """An external engine becomes a worker; its load job ends ``ready`` once the engine answers."""
+        job = self.jobs.create("load", owner=owner, job_id="w-" + uuid4().hex[:10])
+        job.meta.update(model_ref=spec.model_ref, worker_id=job.id, backend="openai")
+
+        async def register(job: Job) -> None:
+            await self.pool.start(spec, job)
+            await job.wait()
+        return self.jobs.start(job, register)
 
     def _plan(self, req: LoadRequest, path: str) -> dict[str, str]:
         from .devices import inventory, plan_placement
@@ -294,6 +312,8 @@ class Hive:
     async def worker_detail(self, worker_id: str) -> dict[str, Any]:
         """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
         info = self.worker(worker_id).to_dict()
+        if info.get("backend") == "openai":
+            return await self.pool.health(worker_id)  # probes the engine now
         if info["pid"] is None or info["state"] in ("failed", "stopped"):
             return info
         live = await self.pool.health(worker_id)
@@ -344,12 +364,13 @@ class Hive:
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
             worker = self.worker(worker_id)
             if worker.state not in ("idle", "busy"):
-                raise Conflict(f"Worker {worker_id} is {worker.state}, not ready for inference.",
+                why = f" ({worker.exit_reason})" if worker.exit_reason else ""
+                raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
             return worker
         if model_ref is None:
             raise InvalidRequest("Name a worker_id or a model_ref.", details={"field": "worker_id"})
-        ref = str(parse_ref(model_ref))
+        ref = model_ref if str(model_ref).startswith("openai:") else str(parse_ref(model_ref))  # engines: as listed
         ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
         if not ready:
             raise ModelNotLoaded(
