@@ -343,6 +343,15 @@ def test_chat_and_model_ref_routing(server, engine, worker):
     assert got[-2][1]["type"] == "end" and got[-1][1] == "[DONE]"
 
 
+def test_what_the_engine_refuses_comes_back_as_our_error(server, worker):
+    # transformers serve refuses fields that are not OpenAI's (top_k): a 400 naming them, before any stream
+    r = server.post("v1/inference", {"worker_id": worker, "prompt": PROMPT, "max_tokens": 4, "top_k": 5})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "INVALID_REQUEST"
+    assert r.json()["error"]["message"].startswith("The request was refused: the engine at ")
+    assert "top_k" in r.json()["error"]["message"] and r.json()["error"]["details"]["engine_status"] == 422
+    assert server.get(f"v1/workers/{worker}").json()["state"] == "idle"
+
+
 def test_openai_routes_with_the_official_client(server, engine, admin_worker):
     client = openai.OpenAI(base_url=server.url + "rbee/openai/v1", api_key=server.token, max_retries=0)
     prompt = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0}
