@@ -15,11 +15,18 @@ alternating, of the same greedy request (``max_tokens`` tokens, temperature 0):
 
 tok/s = completion tokens / time (the ``usage`` the engine reports, equal for both; checked),
 and the texts must be equal. Ratio = median hive tok/s / median direct tok/s (goal >= 0.97).
+CPU ms per token of the engine and of the jupyter server process (``/proc/<pid>/stat``) say
+what relaying costs: on a machine with fewer free cores than busy processes, the hive's CPU
+is taken from the engine.
 
 The default model is the test suite's tiny Llama, whose tokens come fastest, so the relay's cost
 per token weighs the most; ``--model-dir`` names any other transformers folder.
 
-Usage: python bench/engine.py [--rounds 5] [--tokens 128] [--model-dir DIR] [--nice -10] [--quiet-wait 60]
+``--engine-threads 1`` leaves the engine one core fewer than the machine has, the way a GPU
+engine leaves the host's CPU to others: then the relay's CPU does not come out of the engine's.
+
+Usage: python bench/engine.py [--rounds 5] [--tokens 128] [--engine-threads N] [--model-dir DIR] [--nice -10]
+                              [--quiet-wait 60]
 """
 
 from __future__ import annotations
@@ -65,8 +72,10 @@ class Load(MachineLoad):
         return super()._own() + sum(cpu_of(p) for p in self.pids)
 
 
-def start_engine(model: Path, port: int, log: Path) -> subprocess.Popen:
+def start_engine(model: Path, port: int, log: Path, threads: int | None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(model),
                                  "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
@@ -113,7 +122,7 @@ def run_direct(client: httpx.Client, model: str, tokens: int) -> dict[str, Any]:
 
 def run_hive(server, worker_id: str, tokens: int) -> dict[str, Any]:
     body = {"worker_id": worker_id, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
-    text, ttft, end = [], None, {}
+    text, ttft, end, events = [], None, {}, 0
     t0 = time.perf_counter()
     with server.client.stream("POST", "v1/inference", json=body, timeout=120) as r:
         r.raise_for_status()
@@ -122,6 +131,7 @@ def run_hive(server, worker_id: str, tokens: int) -> dict[str, Any]:
                 break
             event = json.loads(data)
             if event["type"] == "token":
+                events += 1
                 ttft = ttft or time.perf_counter() - t0
                 text.append(event["t"])
             elif event["type"] == "end":
@@ -130,7 +140,7 @@ def run_hive(server, worker_id: str, tokens: int) -> dict[str, Any]:
                 raise RuntimeError(event)
     s = time.perf_counter() - t0
     n = int(end.get("total_tokens") or 0)
-    return {"s": s, "tokens": n, "tps": n / s, "ttft_ms": 1000 * (ttft or s), "text": "".join(text)}
+    return {"s": s, "tokens": n, "tps": n / s, "ttft_ms": 1000 * (ttft or s), "text": "".join(text), "events": events}
 
 
 def main() -> None:
@@ -138,6 +148,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--model-dir", type=Path, default=None, help="a transformers folder; default: the tiny test Llama")
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="torch threads of the engine (OMP_NUM_THREADS); default: torch's, i.e. every core")
     ap.add_argument("--nice", type=int, default=0, help="as in the other benches (e.g. -10, as root)")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="as in the other benches")
     args = ap.parse_args()
@@ -152,7 +164,7 @@ def main() -> None:
         model = args.model_dir or make_tiny_model(Path(tmp) / "tiny-llama")
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1"
-        engine = start_engine(model, port, Path(tmp) / "engine.log")
+        engine = start_engine(model, port, Path(tmp) / "engine.log", args.engine_threads)
         settings = {"cache_dir": str(Path(tmp) / "cache"), "catalog_path": str(Path(tmp) / "catalog.sqlite")}
         direct = httpx.Client(base_url=url + "/")  # kept open like the hive's and the bench's hive client
         try:
@@ -170,8 +182,11 @@ def main() -> None:
                         wait_for_quiet()
                         order = ("direct", "hive") if i % 2 == 0 else ("hive", "direct")
                         for who in order:
+                            cpu0 = {"engine": cpu_of(engine.pid), "server": cpu_of(server.proc.pid)}
                             run = run_direct(direct, str(model), args.tokens) if who == "direct" else \
                                 run_hive(server, worker_id, args.tokens)
+                            for part, pid in (("engine", engine.pid), ("server", server.proc.pid)):
+                                run[f"{part}_cpu_ms"] = 1000 * (cpu_of(pid) - cpu0[part]) / max(run["tokens"], 1)
                             res[who].append(run)
                             print(f"round {i + 1} {who:6s}: {run['tokens']} tokens in {run['s']:.3f} s, "
                                   f"{run['tps']:.2f} tok/s, TTFT {run['ttft_ms']:.1f} ms", flush=True)
@@ -186,15 +201,19 @@ def report(args, res: dict, load: MachineLoad) -> None:
     med = statistics.median
     same_text = len({r["text"] for r in res["direct"] + res["hive"]}) == 1
     same_tokens = len({r["tokens"] for r in res["direct"] + res["hive"]}) == 1
-    print(f"\n`transformers serve` relayed by the hive vs direct, greedy, {args.tokens} tokens, "
-          f"{args.rounds} rounds alternating (median)")
-    print(f"| {'path':44s} | {'tok/s':>7s} | {'TTFT ms':>7s} | {'total s':>7s} |")
-    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
+    threads = f"engine threads {args.engine_threads}" if args.engine_threads else "engine threads: torch's default"
+    events = med(x["events"] for x in res["hive"])
+    print(f"\n`transformers serve` relayed by the hive vs direct, greedy, {args.tokens} tokens ({events:.0f} token "
+          f"events), {args.rounds} rounds alternating (median), {os.cpu_count()} cores, {threads}")
+    print(f"| {'path':44s} | {'tok/s':>7s} | {'TTFT ms':>7s} | {'total s':>7s} | engine CPU ms/token | "
+          f"hive CPU ms/token |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 21}|{'-' * 19}|")
     for who, label in (("direct", "engine direct (POST /v1/completions stream)"),
                        ("hive", "hive (POST rbee/v1/inference -> [DONE])")):
         xs = res[who]
         print(f"| {label:44s} | {med(x['tps'] for x in xs):7.2f} | {med(x['ttft_ms'] for x in xs):7.1f} | "
-              f"{med(x['s'] for x in xs):7.3f} |")
+              f"{med(x['s'] for x in xs):7.3f} | {med(x['engine_cpu_ms'] for x in xs):19.2f} | "
+              f"{med(x['server_cpu_ms'] for x in xs):17.2f} |")
     ratio = med(x["tps"] for x in res["hive"]) / med(x["tps"] for x in res["direct"])
     ttft = med(x["ttft_ms"] for x in res["hive"]) - med(x["ttft_ms"] for x in res["direct"])
     print(f"\nratio hive/direct tok/s: {ratio:.3f} (goal >= 0.97: {'PASS' if ratio >= 0.97 else 'FAIL'}); "
