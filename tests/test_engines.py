@@ -459,9 +459,11 @@ def test_engine_killed_fails_the_worker_and_its_stream_and_comes_back(server, rb
         assert r.status_code == 409 and r.json()["error"]["message"].startswith(
             f"The model 'doomed' (worker {worker_id}) is failed (ENGINE_UNREACHABLE")
         # When: the engine is back on its port, the health check makes the worker idle again
-        with server.client.stream("GET", "v1/events", timeout=120) as feed:
+        with server.client.stream("GET", "v1/events", timeout=30) as feed:
             engine.start()
-            for line in feed.iter_lines():
+            deadline = time.monotonic() + 60
+            for line in feed.iter_lines():  # keep-alives every 0.5 s: the deadline is checked often
+                assert time.monotonic() < deadline, "the worker did not come back within 60 s of the engine"
                 if line.startswith("data:") and worker_id in line:
                     event = json.loads(line[5:])
                     if event.get("topic") == "worker" and event["action"] == "ready":
@@ -472,3 +474,22 @@ def test_engine_killed_fails_the_worker_and_its_stream_and_comes_back(server, rb
         assert server.delete(f"v1/workers/{worker_id}").status_code == 204
     finally:
         engine.stop()
+
+
+# --- configuration -----------------------------------------------------------------------------------
+
+def test_configured_engines_are_checked_when_the_config_is_read(monkeypatch):
+    from traitlets import TraitError
+    from traitlets.config import Config
+
+    from rbee_jupyter.server.app import RbeeApp, _engine_body
+
+    config = Config()
+    config.RbeeApp.engines = [{"url": "http://gpu:8000/v1", "model": ""}]
+    with pytest.raises(TraitError, match=r"c\.RbeeApp\.engines: model must be the model's name on the engine"):
+        RbeeApp(config=config)
+    entry = {"name": "big", "url": "http://gpu:8000/v1", "model": "m", "api_key_env": "RBEE_TEST_KEY"}
+    monkeypatch.setenv("RBEE_TEST_KEY", KEY)
+    assert RbeeApp(engines=[entry]).engines == [entry]
+    assert _engine_body(entry) == {"backend": "openai", "name": "big", "url": "http://gpu:8000/v1", "model": "m",
+                                   "api_key": KEY}
