@@ -370,7 +370,9 @@ class Hive:
             return worker
         if model_ref is None:
             raise InvalidRequest("Name a worker_id or a model_ref.", details={"field": "worker_id"})
-        ref = model_ref if str(model_ref).startswith("openai:") else str(parse_ref(model_ref))  # engines: as listed
+        engines = {n: w.model_ref for w in self.pool.list() if getattr(w, "backend", None) == "openai"
+                   for n in (w.model_ref, getattr(w, "name", None)) if n}  # an engine: by its ref or its name
+        ref = (engines.get(model_ref) if isinstance(model_ref, str) else None) or str(parse_ref(model_ref))
         ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
         if not ready:
             raise ModelNotLoaded(

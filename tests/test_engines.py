@@ -333,7 +333,7 @@ def test_inference_relays_the_engine_stream_with_our_framing(server, engine, wor
     assert server.get(f"v1/workers/{worker}").json()["state"] == "idle"
 
 
-def test_chat_and_model_ref_routing(server, engine, worker):
+def test_chat_and_model_ref_routing(server, engine, worker, admin_worker):
     messages = [{"role": "user", "content": "Hello there"}]
     expected = engine.stream_text("chat/completions", {"messages": messages, "max_tokens": 8, "temperature": 0})
     model_ref = server.get(f"v1/workers/{worker}").json()["model_ref"]
@@ -341,6 +341,9 @@ def test_chat_and_model_ref_routing(server, engine, worker):
                                                       "temperature": 0})
     assert "".join(d["t"] for _, d in got if isinstance(d, dict) and d["type"] == "token") == expected
     assert got[-2][1]["type"] == "end" and got[-1][1] == "[DONE]"
+    _, got = frames(server, "POST", "v1/inference", {"model_ref": "tiny-admin", "messages": messages, "max_tokens": 8,
+                                                      "temperature": 0})  # an engine's name works as a model_ref
+    assert "".join(d["t"] for _, d in got if isinstance(d, dict) and d["type"] == "token") == expected
 
 
 def test_what_the_engine_refuses_comes_back_as_our_error(server, worker):
