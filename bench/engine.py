@@ -27,8 +27,8 @@ per token weighs the most; ``--model-dir`` names any other transformers folder.
 ``--engine-threads 1`` leaves the engine one core fewer than the machine has, the way a GPU
 engine leaves the host's CPU to others: then the relay's CPU does not come out of the engine's.
 
-Usage: python bench/engine.py [--rounds 5] [--tokens 128] [--engine-threads N] [--model-dir DIR] [--nice -10]
-                              [--quiet-wait 60]
+Usage: python bench/engine.py [--rounds 5] [--tokens 128] [--engine-threads N] [--engine-device cuda:0]
+                              [--model-dir DIR] [--nice -10] [--quiet-wait 60]
 """
 
 from __future__ import annotations
@@ -74,13 +74,13 @@ class Load(MachineLoad):
         return super()._own() + sum(cpu_of(p) for p in self.pids)
 
 
-def start_engine(model: Path, port: int, log: Path, threads: int | None) -> subprocess.Popen:
+def start_engine(model: Path, port: int, log: Path, threads: int | None, device: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(model),
-                                 "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                                 "--device", device, "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=None, help="a transformers folder; default: the tiny test Llama")
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads of the engine (OMP_NUM_THREADS); default: torch's, i.e. every core")
+    ap.add_argument("--engine-device", default="cpu", help="the engine's --device (e.g. cuda:0 on a GPU box)")
     ap.add_argument("--nice", type=int, default=0, help="as in the other benches (e.g. -10, as root)")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="as in the other benches")
     args = ap.parse_args()
@@ -166,7 +167,7 @@ def main() -> None:
         model = args.model_dir or make_tiny_model(Path(tmp) / "tiny-llama")
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1"
-        engine = start_engine(model, port, Path(tmp) / "engine.log", args.engine_threads)
+        engine = start_engine(model, port, Path(tmp) / "engine.log", args.engine_threads, args.engine_device)
         settings = {"cache_dir": str(Path(tmp) / "cache"), "catalog_path": str(Path(tmp) / "catalog.sqlite")}
         direct = httpx.Client(base_url=url + "/")  # kept open like the hive's and the bench's hive client
         try:
