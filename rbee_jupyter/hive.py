@@ -16,11 +16,11 @@ from typing import Any
 
 from .catalog import Catalog, CatalogEntry
 from .download import Downloader
+from .engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from .errors import (Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound, ModelNotLoaded, RbeeError,
                      WorkerNotFound)
 from .events import DownloadComplete, FeedEvent
 from .jobs import Job, JobRegistry
-from .engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
