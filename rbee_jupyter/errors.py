@@ -167,6 +167,16 @@ class WorkerDied(RbeeError):
     code, status = "WORKER_DIED", 500
 
 
+class EngineUnreachable(RbeeError, ConnectionError):
+    """An external OpenAI-compatible engine (vLLM, TGI, llama.cpp...) does not answer at its URL."""
+    code, status = "ENGINE_UNREACHABLE", 502
+
+
+class EngineError(RbeeError):
+    """An external engine answered, but with an error or something that is not OpenAI's protocol."""
+    code, status = "ENGINE_ERROR", 502
+
+
 class OutOfMemory(RbeeError, MemoryError):
     """A device ran out of memory while loading or generating."""
     code, status = "OUT_OF_MEMORY", 507

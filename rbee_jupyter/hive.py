@@ -17,6 +17,7 @@ from typing import Any
 
 from .catalog import Catalog, CatalogEntry
 from .download import Downloader
+from .engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from .errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
                      ModelNotLoaded, RbeeError, WorkerNotFound)
 from .events import DownloadComplete, FeedEvent
@@ -58,6 +59,8 @@ class HiveConfig:
     admin_users: frozenset[str] = frozenset()
     allowed_local_dirs: tuple[str, ...] = ()
     share_server_token: bool = False
+    engine_timeout_s: float = 5.0
+    engine_health_interval_s: float | None = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,9 +118,12 @@ class Hive:
             backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
         self._download_slots: asyncio.Semaphore | None = None
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
-        self.pool: Pool = config.pool_class(keep_alive_s=config.keep_alive_s,
-                                            loading_timeout_s=config.loading_timeout_s,
-                                            inference_stall_s=config.inference_stall_s)
+        primary = config.pool_class(keep_alive_s=config.keep_alive_s, loading_timeout_s=config.loading_timeout_s,
+                                    inference_stall_s=config.inference_stall_s)
+        engines = OpenAIEnginePool(timeout_s=config.engine_timeout_s,
+                                   health_interval_s=config.engine_health_interval_s,
+                                   inference_stall_s=config.inference_stall_s)
+        self.pool: Pool = CompositePool(primary, engines)  # external engines sit beside the primary pool
         self._planned: dict[str, dict[str, int]] = {}  # worker id -> bytes per device its plan reserved
         self.catalog.resync()
 
@@ -327,11 +333,13 @@ class Hive:
             AccessDenied: in service mode, a ``file://`` ref outside ``allowed_local_dirs``,
                 or a gated model someone else downloaded and the caller sent no token.
         """
+        owner = principal.name if principal is not None else owner
+        if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
+            return self._register_engine(EngineSpec.from_json(body), owner=owner)
         from .devices import check_allowed
 
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
         check_allowed(req.device, self.config.allowed_devices, req.max_memory)
-        owner = principal.name if principal is not None else owner
         self._check_local(req.ref)
         entry = self.catalog.get(str(req.ref))
         if entry is None:
@@ -347,6 +355,16 @@ class Hive:
         job = self.jobs.create("load", owner=owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=hf_token, prove=prove))
+
+    def _register_engine(self, spec: EngineSpec, *, owner: str | None) -> Job:
+        """An external engine becomes a worker; its load job ends ``ready`` once the engine answers."""
+        job = self.jobs.create("load", owner=owner, job_id="w-" + uuid4().hex[:10])
+        job.meta.update(model_ref=spec.model_ref, worker_id=job.id, backend="openai")
+
+        async def register(job: Job) -> None:
+            await self.pool.start(spec, job)
+            await job.wait()
+        return self.jobs.start(job, register)
 
     @staticmethod
     def _blocks(req: LoadRequest, path: str) -> list[Any]:
@@ -456,6 +474,8 @@ class Hive:
     async def worker_detail(self, worker_id: str) -> dict[str, Any]:
         """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
         info = self.worker(worker_id).to_dict()
+        if info.get("backend") == "openai":
+            return await self.pool.health(worker_id)  # probes the engine now
         if info["pid"] is None or info["state"] in ("failed", "stopped"):
             return info
         live = await self.pool.health(worker_id)
@@ -518,14 +538,17 @@ class Hive:
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
             worker = self.worker(worker_id)
             if worker.state not in ("idle", "busy"):
-                raise Conflict(f"Worker {worker_id} is {worker.state}, not ready for inference.",
+                why = f" ({worker.exit_reason})" if worker.exit_reason else ""
+                raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
             if not self.may_use_worker(principal, worker):
                 raise _not_yours(worker)
             return worker
         if model_ref is None:
             raise InvalidRequest("Name a worker_id or a model_ref.", details={"field": "worker_id"})
-        ref = str(parse_ref(model_ref))
+        engines = {n: w.model_ref for w in self.pool.list() if getattr(w, "backend", None) == "openai"
+                   for n in (w.model_ref, getattr(w, "name", None)) if n}  # an engine: by its ref or its name
+        ref = (engines.get(model_ref) if isinstance(model_ref, str) else None) or str(parse_ref(model_ref))
         ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
         usable = [w for w in ready if self.may_use_worker(principal, w)]
         if ready and not usable:

@@ -242,6 +242,39 @@ class RbeeApp(ExtensionApp):
             config["ServerApp"].update(service_server_config(tornado_settings=self.serverapp.tornado_settings))
         return config
 
+    engines = List(
+        Dict(), config=True,
+        help="External OpenAI-compatible engines (vLLM, TGI, llama.cpp server, Ollama /v1, transformers serve) "
+             "registered as workers at start, e.g. [{\"name\": \"vllm-70b\", \"url\": \"http://gpu-node:8000/v1\", "
+             "\"model\": \"meta-llama/Llama-3.1-70B-Instruct\", \"api_key_env\": \"VLLM_API_KEY\"}]. Each needs url "
+             "and model; api_key (or api_key_env, the name of an environment variable of the server holding it) "
+             "and name (the model name clients use) are optional. Keys are never shown. Default: none.",
+    )
+
+    @validate("engines")
+    def _check_engines(self, proposal):
+        from ..engines import EngineSpec
+
+        for entry in proposal["value"]:
+            try:
+                EngineSpec.from_json(_engine_body(entry))
+            except Exception as e:
+                raise TraitError(f"c.RbeeApp.engines: {getattr(e, 'message', e)}") from e
+        return proposal["value"]
+
+    engine_timeout_s = Float(
+        5.0, config=True,
+        help="Seconds an external engine may take to accept a connection or answer GET /models before it "
+             "counts as unreachable (ENGINE_UNREACHABLE). Default 5.",
+    )
+
+    engine_health_interval_s = Float(
+        10.0, allow_none=True, config=True,
+        help="Seconds between health checks of every external engine: one that stops answering turns its "
+             "worker failed and ends its streams; one that answers again turns it idle. None or 0: check "
+             "only at registration and when a stream breaks. Default 10.",
+    )
+
     def initialize_settings(self) -> None:
         config = HiveConfig(
             cache_dir=Path(self.cache_dir).expanduser(), catalog_path=Path(self.catalog_path).expanduser(),
@@ -255,6 +288,7 @@ class RbeeApp(ExtensionApp):
             allowed_devices=self.allowed_devices, device_quota_mb=dict(self.device_quota_mb),
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
+            engine_timeout_s=self.engine_timeout_s, engine_health_interval_s=self.engine_health_interval_s,
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
@@ -279,6 +313,10 @@ class RbeeApp(ExtensionApp):
 
         publish(serverapp)
         ensure_feed(self.hive)  # from now on, so resuming clients find what happened
+        for entry in self.engines:  # registered in the background: an engine that is down shows as failed
+            job = self.hive.load(_engine_body(entry))
+            self.log.info("rbee: engine %s at %s registering as worker %s", entry.get("name") or entry.get("model"),
+                          entry.get("url"), job.id)
 
     async def stop_extension(self) -> None:
         from ..kernel_env import unpublish
@@ -298,3 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     the hub's environment switches on :attr:`RbeeApp.service_mode`.
     """
     RbeeApp.launch_instance(argv)
+def _engine_body(entry: dict) -> dict:
+    """A configured engine as a ``POST v1/workers`` body; ``api_key_env`` names the variable holding the key.
+
+    Only the administrator's configuration may read the server's environment: the HTTP API
+    never does, or a user could send any variable's value to a URL of their choosing.
+    """
+    body = {"backend": "openai", **{k: v for k, v in entry.items() if k != "api_key_env"}}
+    if entry.get("api_key_env"):
+        body["api_key"] = os.environ.get(str(entry["api_key_env"])) or None
+    return body

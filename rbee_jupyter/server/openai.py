@@ -17,7 +17,7 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..errors import InvalidRequest, ModelNotFound, RbeeError
+from ..errors import Conflict, InvalidRequest, ModelNotFound, RbeeError
 from ..events import sse_done
 from ..refs import parse_ref
 from .handlers import RbeeHandler
@@ -34,6 +34,15 @@ def _model_id(ref: str) -> str:
         return parse_ref(ref).display_name
     except RbeeError:
         return ref
+
+
+def _names(w: Any) -> list[str]:
+    """Every ``model`` a worker answers to; the first is the one ``GET models`` lists.
+
+    An external engine answers to its configured name and its model's name on the engine.
+    """
+    engine = [n for n in (getattr(w, "name", None), getattr(w, "model", None)) if n]
+    return [*engine, _model_id(w.model_ref), w.model_ref, w.id]
 
 
 class OpenAIHandler(RbeeHandler):
@@ -57,13 +66,18 @@ class OpenAIHandler(RbeeHandler):
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
         principal = self.principal
-        ready = [w for w in self.hive.pool.list()
-                 if w.state in ("idle", "busy") and self.hive.may_use_worker(principal, w)]
+        workers = [w for w in self.hive.pool.list() if self.hive.may_use_worker(principal, w)]
+        ready = [w for w in workers if w.state in ("idle", "busy")]
         for w in sorted(ready, key=lambda w: (w.state != "idle", w.last_used)):
-            if model in (w.id, w.model_ref, _model_id(w.model_ref)):
+            if model in _names(w):
                 return w.id
+        for w in workers:  # there, but not usable: say why rather than "not loaded"
+            if model in _names(w):
+                why = f" ({w.exit_reason})" if w.exit_reason else ""
+                raise Conflict(f"The model {model!r} (worker {w.id}) is {w.state}{why}.",
+                               details={"field": "model", "worker_id": w.id, "state": w.state})
         raise ModelNotFound(f"The model {model!r} is not loaded. Load it first (POST rbee/v1/workers or "
-                            f"%rbee load); loaded: {', '.join(_model_id(w.model_ref) for w in ready) or 'none'}.",
+                            f"%rbee load); loaded: {', '.join(_names(w)[0] for w in ready) or 'none'}.",
                             details={"field": "model"})
 
 
@@ -97,8 +111,8 @@ class ModelsHandler(OpenAIHandler):
         principal = self.principal
         for w in self.hive.pool.list():
             if w.state in ("idle", "busy") and self.hive.may_use_worker(principal, w):
-                seen.setdefault(_model_id(w.model_ref), {"id": _model_id(w.model_ref), "object": "model",
-                                                         "created": int(w.created_at), "owned_by": "rbee"})
+                name = _names(w)[0]
+                seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee"})
         self.reply(200, {"object": "list", "data": list(seen.values())})
 
 

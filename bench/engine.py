@@ -1,0 +1,230 @@
+"""Benchmark: tokens per second through the hive relaying an external engine vs the engine directly.
+
+One ``transformers serve`` (the real OpenAI-compatible engine of tests/test_engines.py, offline,
+loopback, pinned to one model folder) and one ``jupyter server`` with the extension, where the
+engine is registered as a worker (``POST v1/workers {"backend": "openai", ...}``). Both are
+started, and the engine warmed up, before any clock. Then ``--rounds`` rounds, order
+alternating, of the same greedy request (``max_tokens`` tokens, temperature 0):
+
+* direct: ``POST {engine}/v1/completions`` with ``stream: true``, read with an httpx client kept
+  open across rounds (as the hive keeps its connection to the engine, and the bench its own to the hive);
+  time = request -> the engine's last chunk (its stream end), TTFT = request -> first text chunk.
+* hive: ``POST rbee/v1/inference {"worker_id", ...}`` read with httpx; time = request -> ``[DONE]``,
+  TTFT = request -> first ``token`` event. The hive opens its own streaming request to the engine
+  and translates every chunk into our events.
+
+tok/s = completion tokens / time (the ``usage`` the engine reports, equal for both; checked),
+and the texts must be equal. Ratio = median hive tok/s / median direct tok/s (goal >= 0.97); the
+median of the per-round ratios (the two runs of a round are back to back) drifts less with the
+machine's load.
+CPU ms per token of the engine and of the jupyter server process (``/proc/<pid>/stat``) say
+what relaying costs: on a machine with fewer free cores than busy processes, the hive's CPU
+is taken from the engine.
+
+The default model is the test suite's tiny Llama, whose tokens come fastest, so the relay's cost
+per token weighs the most; ``--model-dir`` names any other transformers folder.
+
+``--engine-threads 1`` leaves the engine one core fewer than the machine has, the way a GPU
+engine leaves the host's CPU to others: then the relay's CPU does not come out of the engine's.
+
+Usage: python bench/engine.py [--rounds 5] [--tokens 128] [--engine-threads N] [--engine-device cuda:0]
+                              [--model-dir DIR] [--nice -10] [--quiet-wait 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import httpx
+
+import machine
+from machine import MachineLoad, set_nice, wait_for_quiet
+
+PROMPT = "Once upon a time"
+
+
+def cpu_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Load(MachineLoad):
+    """MachineLoad that counts the engine and the server (live children) as our own."""
+
+    pids: tuple[int, ...] = ()
+
+    def _own(self) -> float:
+        return super()._own() + sum(cpu_of(p) for p in self.pids)
+
+
+def start_engine(model: Path, port: int, log: Path, threads: int | None, device: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(model),
+                                 "--device", device, "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited:\n{log.read_text(errors='replace')}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)  # a starting process: nothing to wait on instead
+    proc.kill()
+    raise TimeoutError("transformers serve did not start within 180 s")
+
+
+def sse_data(lines):
+    for line in lines:
+        if line.startswith("data:"):
+            yield line[5:].strip()
+
+
+def run_direct(client: httpx.Client, model: str, tokens: int) -> dict[str, Any]:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+    text, ttft, usage = [], None, {}
+    t0 = time.perf_counter()
+    with client.stream("POST", "completions", json=body, timeout=120) as r:
+        r.raise_for_status()
+        for data in sse_data(r.iter_lines()):
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                if choice.get("text"):
+                    ttft = ttft or time.perf_counter() - t0
+                    text.append(choice["text"])
+    s = time.perf_counter() - t0
+    n = int(usage.get("completion_tokens") or 0)
+    return {"s": s, "tokens": n, "tps": n / s, "ttft_ms": 1000 * (ttft or s), "text": "".join(text)}
+
+
+def run_hive(server, worker_id: str, tokens: int) -> dict[str, Any]:
+    body = {"worker_id": worker_id, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    text, ttft, end, events = [], None, {}, 0
+    t0 = time.perf_counter()
+    with server.client.stream("POST", "v1/inference", json=body, timeout=120) as r:
+        r.raise_for_status()
+        for data in sse_data(r.iter_lines()):
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if event["type"] == "token":
+                events += 1
+                ttft = ttft or time.perf_counter() - t0
+                text.append(event["t"])
+            elif event["type"] == "end":
+                end = event
+            elif event["type"] == "error":
+                raise RuntimeError(event)
+    s = time.perf_counter() - t0
+    n = int(end.get("total_tokens") or 0)
+    return {"s": s, "tokens": n, "tps": n / s, "ttft_ms": 1000 * (ttft or s), "text": "".join(text), "events": events}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--model-dir", type=Path, default=None, help="a transformers folder; default: the tiny test Llama")
+    ap.add_argument("--engine-threads", type=int, default=None,
+                    help="torch threads of the engine (OMP_NUM_THREADS); default: torch's, i.e. every core")
+    ap.add_argument("--engine-device", default="cpu", help="the engine's --device (e.g. cuda:0 on a GPU box)")
+    ap.add_argument("--nice", type=int, default=0, help="as in the other benches (e.g. -10, as root)")
+    ap.add_argument("--quiet-wait", type=float, default=60.0, help="as in the other benches")
+    args = ap.parse_args()
+    machine.quiet_budget[0] = args.quiet_wait
+    if args.nice:
+        set_nice(args.nice)
+
+    from rbee_jupyter.testing.server import ServerProcess, free_port
+    from rbee_jupyter.testing.tiny_model import make_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="rbee-bench-engine-") as tmp:
+        model = args.model_dir or make_tiny_model(Path(tmp) / "tiny-llama")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/v1"
+        engine = start_engine(model, port, Path(tmp) / "engine.log", args.engine_threads, args.engine_device)
+        settings = {"cache_dir": str(Path(tmp) / "cache"), "catalog_path": str(Path(tmp) / "catalog.sqlite")}
+        direct = httpx.Client(base_url=url + "/")  # kept open like the hive's and the bench's hive client
+        try:
+            with ServerProcess(Path(tmp) / "server", rbee=settings) as server:
+                r = server.post("v1/workers", {"backend": "openai", "url": url, "model": str(model)})
+                r.raise_for_status()
+                worker_id = r.json()["worker_id"]
+                ready = server.events(r.json()["progress_url"])[-1]
+                assert ready["stage"] == "ready", ready
+                run_direct(direct, str(model), 8), run_hive(server, worker_id, 8)  # warm-up, off the clock
+                res: dict[str, list] = {"direct": [], "hive": []}
+                with Load() as load:
+                    Load.pids = (engine.pid, server.proc.pid)
+                    for i in range(args.rounds):
+                        wait_for_quiet()
+                        order = ("direct", "hive") if i % 2 == 0 else ("hive", "direct")
+                        for who in order:
+                            cpu0 = {"engine": cpu_of(engine.pid), "server": cpu_of(server.proc.pid)}
+                            run = run_direct(direct, str(model), args.tokens) if who == "direct" else \
+                                run_hive(server, worker_id, args.tokens)
+                            for part, pid in (("engine", engine.pid), ("server", server.proc.pid)):
+                                run[f"{part}_cpu_ms"] = 1000 * (cpu_of(pid) - cpu0[part]) / max(run["tokens"], 1)
+                            res[who].append(run)
+                            print(f"round {i + 1} {who:6s}: {run['tokens']} tokens in {run['s']:.3f} s, "
+                                  f"{run['tps']:.2f} tok/s, TTFT {run['ttft_ms']:.1f} ms", flush=True)
+        finally:
+            direct.close()
+            engine.terminate()
+            engine.wait(15)
+    report(args, res, load)
+
+
+def report(args, res: dict, load: MachineLoad) -> None:
+    med = statistics.median
+    same_text = len({r["text"] for r in res["direct"] + res["hive"]}) == 1
+    same_tokens = len({r["tokens"] for r in res["direct"] + res["hive"]}) == 1
+    threads = f"engine threads {args.engine_threads}" if args.engine_threads else "engine threads: torch's default"
+    events = med(x["events"] for x in res["hive"])
+    print(f"\n`transformers serve` relayed by the hive vs direct, greedy, {args.tokens} tokens ({events:.0f} token "
+          f"events), {args.rounds} rounds alternating (median), {os.cpu_count()} cores, {threads}")
+    print(f"| {'path':44s} | {'tok/s':>7s} | {'TTFT ms':>7s} | {'total s':>7s} | engine CPU ms/token | "
+          f"hive CPU ms/token |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 21}|{'-' * 19}|")
+    for who, label in (("direct", "engine direct (POST /v1/completions stream)"),
+                       ("hive", "hive (POST rbee/v1/inference -> [DONE])")):
+        xs = res[who]
+        print(f"| {label:44s} | {med(x['tps'] for x in xs):7.2f} | {med(x['ttft_ms'] for x in xs):7.1f} | "
+              f"{med(x['s'] for x in xs):7.3f} | {med(x['engine_cpu_ms'] for x in xs):19.2f} | "
+              f"{med(x['server_cpu_ms'] for x in xs):17.2f} |")
+    ratio = med(x["tps"] for x in res["hive"]) / med(x["tps"] for x in res["direct"])
+    paired = med(h["tps"] / d["tps"] for h, d in zip(res["hive"], res["direct"]))
+    ttft = med(x["ttft_ms"] for x in res["hive"]) - med(x["ttft_ms"] for x in res["direct"])
+    print(f"\nratio hive/direct tok/s: {ratio:.3f} (goal >= 0.97: {'PASS' if ratio >= 0.97 else 'FAIL'}); "
+          f"median of the per-round ratios {paired:.3f}; TTFT overhead {ttft:+.1f} ms; same text: {same_text}; "
+          f"same token count: {same_tokens}")
+    print(load.note())
+
+
+if __name__ == "__main__":
+    main()

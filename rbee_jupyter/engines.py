@@ -1,0 +1,604 @@
+"""External OpenAI-compatible engines (vLLM, TGI, llama.cpp server, Ollama, ``transformers serve``) as workers.
+
+A team that already runs a serving engine on a GPU box should not load the model a second
+time to use it from Jupyter: it registers the engine by URL (``POST v1/workers {"backend":
+"openai", "url", "model", "api_key"}`` or ``c.RbeeApp.engines``) and gets a worker like any
+other, listed in ``ps``, the sidebar and ``openai/v1/models``, streaming through
+``v1/inference``, the OpenAI routes and the magics with our framing (``id:``, ``[DONE]``,
+keep-alives). The engine's own SSE is translated into our ``started`` / ``token`` / ``end`` /
+``error`` events, so nothing downstream knows where the tokens came from.
+
+What the hive still owns for an engine: whether it answers (``GET {url}/models`` at
+registration, every ``health_interval_s`` and whenever a stream breaks: a dead engine turns
+its worker ``failed`` and ends its open streams with ``ENGINE_UNREACHABLE`` + ``[DONE]``; an
+engine that answers again makes the worker ``idle`` again, because engines restart on their
+own schedule), and cancellation (a cancelled job closes the upstream HTTP request, which is
+how every OpenAI-compatible engine learns to stop). Unloading only forgets the engine.
+
+The API key is sent to the engine as ``Authorization: Bearer`` and nowhere else: it is not
+in any ``WorkerInfo``, event, error or log line, and URLs that carry credentials (user info,
+query) are refused so the key cannot hide in them.
+
+:class:`CompositePool` lets the hive keep one ``pool``: workers of the primary pool (local
+processes, Ray...) and engines side by side, each call routed to the pool that owns the id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from .errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
+                     InvalidRequest, ModelNotFound, RbeeError, WorkerBusy, WorkerNotFound)
+from .events import InferenceEnd, InferenceStarted, Ready, Token
+from .jobs import Job
+from .pool import Pool, WorkerInfo, _snapshot
+from .sse_client import SSEParser
+
+__all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "CompositePool", "backend_of"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "openai")
+_FIELDS = ("backend", "url", "model", "api_key", "name")
+_EXAMPLE_URL = "http://gpu-node:8000/v1"
+
+
+# --- request ------------------------------------------------------------------------------
+
+def backend_of(body: Any) -> str:
+    """Which backend a ``POST v1/workers`` body asks for (``local`` when it does not say)."""
+    backend = body.get("backend", "local") if isinstance(body, Mapping) else "local"
+    if backend not in BACKENDS:
+        raise InvalidRequest(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)} "
+                             "(local: load a model here; openai: an OpenAI-compatible engine by URL).",
+                             details={"field": "backend", "accepted": list(BACKENDS)})
+    return backend
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A validated engine registration; ``url`` is the OpenAI base (``.../v1``) without a trailing slash."""
+
+    url: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    name: str | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> EngineSpec:
+        """Validate an untrusted body; each mistake is a 400 naming the field.
+
+        Unknown keys are refused: a misspelt ``apikey`` would otherwise register the engine
+        without its key and fail later with a confusing 401.
+        """
+        if not isinstance(body, Mapping):
+            raise InvalidRequest("The engine registration must be a JSON object.", details={"field": "body"})
+        unknown = sorted(set(body) - set(_FIELDS))
+        if unknown:
+            raise InvalidRequest(f"Unknown field(s) {', '.join(unknown)} for an openai engine; accepted: "
+                                 f"{', '.join(_FIELDS)}.", details={"field": unknown[0], "accepted": list(_FIELDS)})
+        url = _url(body.get("url"))
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip() or len(model) > 256:
+            raise InvalidRequest("model must be the model's name on the engine (what its GET /v1/models lists), "
+                                 "a non-empty string.", details={"field": "model"})
+        api_key = body.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise InvalidRequest("api_key must be a string (or left out for an engine without a key).",
+                                 details={"field": "api_key"})
+        name = body.get("name")
+        if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 128):
+            raise InvalidRequest("name must be a non-empty string: the model name clients use.",
+                                 details={"field": "name"})
+        return cls(url=url, model=model.strip(), api_key=api_key or None, name=name.strip() if name else None)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def model_ref(self) -> str:
+        return f"openai:{self.model}@{self.host}"
+
+
+def _url(value: Any) -> str:
+    bad = InvalidRequest(f"url must be the engine's OpenAI base URL with http or https, e.g. {_EXAMPLE_URL!r}.",
+                         details={"field": "url"})
+    if not isinstance(value, str) or not value.strip():
+        raise bad
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise bad
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise InvalidRequest("url must not carry credentials or a query: put the key in api_key, which is never "
+                             "shown back.", details={"field": "url"})
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+# --- registry -----------------------------------------------------------------------------
+
+@dataclass
+class EngineInfo(WorkerInfo):
+    """A worker that is an external engine: where it is and what it serves (never its key)."""
+
+    backend: str = "openai"
+    url: str = ""
+    model: str = ""
+    name: str | None = None
+
+
+@dataclass(eq=False)
+class _Engine:
+    info: EngineInfo
+    spec: EngineSpec
+    client: httpx.AsyncClient
+    load_job: Job
+    streams: dict[Job, asyncio.Task] = field(default_factory=dict)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+    slow_probes: int = 0  # health probes in a row that timed out
+
+
+class OpenAIEnginePool(Pool):
+    """Workers that are external OpenAI-compatible engines, reached over HTTP.
+
+    Args:
+        timeout_s: connect timeout, and how long ``GET {url}/models`` may take before the
+            engine counts as not answering.
+        health_interval_s: seconds between health probes of every engine; None or 0: only
+            at registration and when a stream breaks. A probe that times out counts only on
+            the second time in a row (a busy engine can be slow to answer); a refused
+            connection counts at once.
+        inference_stall_s: a generation whose engine sends nothing for this long is stopped
+            with ``INFERENCE_STALLED`` (the upstream request is closed); None: no limit.
+    """
+
+    slow_probes_allowed = 1
+
+    def __init__(self, *, timeout_s: float = 5.0, health_interval_s: float | None = 10.0,
+                 inference_stall_s: float | None = 120.0) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+        self.health_interval_s = health_interval_s
+        self.inference_stall_s = inference_stall_s
+        self._engines: dict[str, _Engine] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    # --- registry ------------------------------------------------------------------------
+
+    def _get(self, worker_id: str) -> _Engine:
+        e = self._engines.get(worker_id)
+        if e is None:
+            raise WorkerNotFound(f"No engine worker with id {worker_id!r}.", details={"worker_id": worker_id})
+        return e
+
+    def get(self, worker_id: str) -> WorkerInfo:
+        return _snapshot(self._get(worker_id).info)
+
+    def list(self) -> list[WorkerInfo]:
+        return [_snapshot(e.info) for e in self._engines.values()]
+
+    def _spawn(self, e: _Engine, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        e.tasks.add(task)
+        task.add_done_callback(e.tasks.discard)
+        return task
+
+    # --- registration --------------------------------------------------------------------
+
+    async def start(self, spec: EngineSpec, job: Job) -> WorkerInfo:  # type: ignore[override]
+        """Register ``spec`` as worker ``job.id``; ``job`` ends ``ready`` once the engine answers."""
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, timeout=httpx.Timeout(
+            self.inference_stall_s, connect=self.timeout_s))
+        now = time.time()
+        info = EngineInfo(id=job.id, model_ref=spec.model_ref, state="loading", devices=[], memory_mb={}, pid=None,
+                          quantization=None, dtype=None, owner=job.owner, created_at=now, last_used=now,
+                          url=spec.url, model=spec.model, name=spec.name)
+        e = _Engine(info, spec, client, job)
+        self._engines[info.id] = e
+        job.meta.setdefault("worker_id", info.id)
+        check = self._spawn(e, self._register(e))
+        if job.task is None:
+            job.task = check
+        job.on_cancel(lambda: self._drop(e, "registration cancelled", Cancelled(
+            f"Registering the engine at {spec.url} was cancelled.", details={"worker_id": info.id}), close=True))
+        self._notify("loading", info)
+        return _snapshot(info)
+
+    async def _register(self, e: _Engine) -> None:
+        try:
+            await self._probe(e)
+        except RbeeError as error:
+            self._failed(e, error)
+            e.load_job.fail(error)
+        else:
+            e.info.state = "idle"
+            e.load_job.finish(Ready(worker_id=e.info.id, memory_mb={}))
+            self._notify("ready", e.info)
+        if self.health_interval_s:
+            self._spawn(e, self._watch(e))
+
+    # --- health --------------------------------------------------------------------------
+
+    async def _probe(self, e: _Engine) -> float:
+        """``GET {url}/models``: the engine answers and serves the model; returns the latency in ms.
+
+        Raises:
+            EngineUnreachable: no connection, or no answer within ``timeout_s``.
+            AccessDenied: the engine refused the key.
+            EngineError: an answer that is not OpenAI's model list.
+            ModelNotFound: the engine does not serve ``model`` (the message lists what it serves).
+        """
+        url, t0 = e.spec.url, time.monotonic()
+        where = {"worker_id": e.info.id, "url": url}
+        try:
+            r = await e.client.get("models", timeout=self.timeout_s)
+        except httpx.TimeoutException:
+            raise EngineUnreachable(f"The engine at {url} did not answer GET {url}/models within "
+                                    f"{self.timeout_s:g} s.", details={**where, "reason": "timeout"}) from None
+        except httpx.TransportError as exc:
+            raise EngineUnreachable(f"The engine at {url} does not answer ({type(exc).__name__}: {exc}). Check that "
+                                    "it is running and that the URL is right (it usually ends in /v1).",
+                                    details={**where, "reason": "connection"}) from None
+        if r.status_code in (401, 403):
+            raise AccessDenied(f"The engine at {url} refused the API key (HTTP {r.status_code}): register it again "
+                               "with the right api_key.", details=where)
+        if r.status_code != 200:
+            raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({_message(r)}); is this the engine's "
+                              f"OpenAI base URL (e.g. {_EXAMPLE_URL})?", details=where)
+        try:
+            served = [m["id"] for m in r.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise EngineError(f"GET {url}/models did not answer an OpenAI model list; is this the engine's OpenAI "
+                              f"base URL (e.g. {_EXAMPLE_URL})?", details=where) from None
+        if e.spec.model not in served:
+            raise ModelNotFound(f"The engine at {url} does not serve {e.spec.model!r}; it serves: "
+                                f"{', '.join(map(str, served)) or 'nothing'}. Register it with one of these names.",
+                                details={**where, "served": served})
+        return (time.monotonic() - t0) * 1000
+
+    async def _check(self, e: _Engine) -> float | None:
+        """Probe and update the state; the latency when the engine is healthy, else None."""
+        try:
+            latency = await self._probe(e)
+        except RbeeError as error:
+            slow = error.details.get("reason") == "timeout"
+            e.slow_probes = e.slow_probes + 1 if slow else 0
+            if not slow or e.slow_probes > self.slow_probes_allowed:
+                self._failed(e, error)
+            return None
+        e.slow_probes = 0
+        if e.info.state == "failed" and self._engines.get(e.info.id) is e:  # the engine is back
+            e.info.state, e.info.exit_reason = "idle", None
+            log.info("rbee: engine %s at %s answers again", e.info.id, e.spec.url)
+            self._notify("ready", e.info)
+        return latency
+
+    async def _watch(self, e: _Engine) -> None:
+        while self._engines.get(e.info.id) is e:
+            await asyncio.sleep(self.health_interval_s or 0)
+            await self._check(e)
+
+    def _failed(self, e: _Engine, error: RbeeError) -> None:
+        """The engine does not answer (or not properly): fail the worker and every stream it feeds."""
+        if self._engines.get(e.info.id) is not e:
+            return
+        reason = f"{error.code}: {error.message}"
+        if e.info.state != "failed":
+            log.warning("rbee: engine %s failed: %s", e.info.id, reason)
+            e.info.state, e.info.exit_reason = "failed", reason
+            self._notify("failed", e.info)
+        if e.streams:
+            cut = type(error)(f"The engine stopped answering during the generation: {error.message}",
+                              details=error.details)
+            for job, task in list(e.streams.items()):
+                job.fail(cut)
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+    async def health(self, worker_id: str) -> dict[str, Any]:
+        """A live probe now (on demand): the worker's info plus ``reachable`` and ``latency_ms``."""
+        e = self._get(worker_id)
+        latency = await self._check(e)
+        return {**e.info.to_dict(), "reachable": latency is not None,
+                "latency_ms": round(latency, 1) if latency is not None else None}
+
+    # --- generation ------------------------------------------------------------------------
+
+    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
+        e = self._get(worker_id)
+        if e.info.state not in ("idle", "busy"):
+            raise Conflict(f"Engine worker {worker_id} is {e.info.state}"
+                           f"{f' ({e.info.exit_reason})' if e.info.exit_reason else ''}.",
+                           details={"worker_id": worker_id, "state": e.info.state})
+        from .generate import GenerationRequest  # torch is imported on first use, not with the server
+
+        req = GenerationRequest.from_json(body, max_tokens_limit=2**31 - 1)  # the hive checked its own limit
+        path, payload = _upstream_request(req, e.spec.model)
+        relay = asyncio.get_running_loop().create_task(self._relay(e, job, path, payload, bool(req.stop)))
+        e.streams[job] = relay
+        job.on_cancel(relay.cancel)  # closes the upstream request: the engine stops generating
+        self._set_busy(e)
+        try:
+            await asyncio.wait({relay})
+        except asyncio.CancelledError:  # server shutting down
+            relay.cancel()
+            raise
+        finally:
+            e.streams.pop(job, None)
+            e.info.last_used = time.time()
+            self._set_busy(e)
+        if relay.cancelled():
+            job.fail(Cancelled("The generation was cancelled.", details={"request_id": job.id}))
+        elif relay.exception() is not None:
+            raise relay.exception()  # type: ignore[misc]
+
+    async def _relay(self, e: _Engine, job: Job, path: str, payload: dict[str, Any], has_stops: bool) -> None:
+        """POST the request with ``stream: true`` and translate the engine's chunks into ``job``'s events."""
+        t0 = time.monotonic()
+        first: float | None = None
+        count, finish, usage, done = 0, None, None, False
+        try:
+            async with e.client.stream("POST", path, json=payload) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    raise _refusal(e, r)
+                job.publish(InferenceStarted(job_id=job.id))
+                parser = SSEParser()
+                async for line in r.aiter_lines():
+                    message = parser.feed_line(line)
+                    if message is None or message.data is None:
+                        continue
+                    if message.done:
+                        done = True
+                        break
+                    chunk = _chunk(e, message.data)
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        text = _text(choice)
+                        if text:
+                            first = first or time.monotonic()
+                            job.publish(Token(t=text, i=count))
+                            count += 1
+                        finish = choice.get("finish_reason") or finish
+        except httpx.TimeoutException:
+            raise InferenceStalled(
+                f"The engine at {e.spec.url} sent nothing for {self.inference_stall_s:g} s; the request was closed. "
+                "Raise c.RbeeApp.inference_stall_s if it legitimately takes this long.",
+                details={"worker_id": e.info.id, "stall_s": self.inference_stall_s}) from None
+        except httpx.TransportError as exc:
+            raise await self._broken(e, f"{type(exc).__name__}: {exc}") from None
+        if finish is None and not done:
+            raise await self._broken(e, "the stream ended before a finish_reason")
+        duration = time.monotonic() - t0
+        usage = usage if isinstance(usage, dict) else {}
+        total = int(usage.get("completion_tokens") or count)
+        job.finish(InferenceEnd(
+            job_id=job.id, total_tokens=total, duration_ms=int(duration * 1000),
+            stop_reason=_stop_reason(finish, has_stops), prompt_tokens=usage.get("prompt_tokens"),
+            time_to_first_token_ms=round((first - t0) * 1000, 1) if first else None,
+            tokens_per_second=round(total / duration, 2) if duration > 0 else None))
+
+    async def _broken(self, e: _Engine, what: str) -> RbeeError:
+        """A stream broke off: a probe says whether the engine is gone or just hiccupped.
+
+        When it is gone, ``_failed`` has already ended this stream (and every other one of
+        the engine) with the probe's error; what is returned then only reaches the log.
+        """
+        if await self._check(e) is None and e.info.state == "failed":
+            return EngineUnreachable(f"The engine at {e.spec.url} stopped answering during the generation ({what}).",
+                                     details={"worker_id": e.info.id, "url": e.spec.url})
+        return EngineError(f"The engine at {e.spec.url} broke off the stream ({what}) but still answers; try again.",
+                           details={"worker_id": e.info.id, "url": e.spec.url})
+
+    def _set_busy(self, e: _Engine) -> None:
+        if e.info.state not in ("idle", "busy"):
+            return
+        state = "busy" if e.streams else "idle"
+        if e.info.state != state:
+            e.info.state = state
+            self._notify(state, e.info)
+
+    # --- stopping --------------------------------------------------------------------------
+
+    async def stop(self, worker_id: str) -> None:
+        """Forget the engine (it keeps running); its open streams end with ``CANCELLED``."""
+        e = self._get(worker_id)
+        self._drop(e, "unloaded", Cancelled(f"Worker {worker_id} was unloaded.", details={"worker_id": worker_id}))
+        await self._closed(e)
+
+    def _drop(self, e: _Engine, reason: str, error: RbeeError, *, close: bool = False) -> None:
+        """Forget ``e`` now (synchronously, so a cancel callback can call it); ``close``: release it later."""
+        if self._engines.get(e.info.id) is not e:
+            return
+        del self._engines[e.info.id]
+        for job, task in list(e.streams.items()):
+            job.fail(error)
+            task.cancel()
+        e.load_job.fail(error)
+        for task in list(e.tasks):
+            task.cancel()
+        e.info.state, e.info.exit_reason = "stopped", reason
+        self._notify("stopped", e.info)
+        if close:
+            task = asyncio.get_running_loop().create_task(self._closed(e))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _closed(e: _Engine) -> None:
+        tasks = [t for t in e.tasks if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        with contextlib.suppress(Exception):
+            await e.client.aclose()
+
+    async def close(self) -> None:
+        engines = list(self._engines.values())
+        for e in engines:
+            self._drop(e, "server shutting down", Cancelled("The server is shutting down."))
+        for e in engines:
+            await self._closed(e)
+        if self._closing:
+            await asyncio.wait(list(self._closing), timeout=5)
+
+
+# --- translation ----------------------------------------------------------------------------
+
+def _upstream_request(req: Any, model: str) -> tuple[str, dict[str, Any]]:
+    """Our request in OpenAI's words: the path and a streaming body.
+
+    Only what the request sets goes out: ``top_k`` and ``repetition_penalty`` are not OpenAI
+    fields, and strict engines (``transformers serve``) refuse unknown ones.
+    """
+    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True},
+                            "max_tokens": req.max_tokens, "temperature": req.temperature}
+    if req.top_p != 1.0:
+        body["top_p"] = req.top_p
+    if req.seed is not None:
+        body["seed"] = req.seed
+    if req.stop:
+        body["stop"] = list(req.stop)
+    if req.top_k:
+        body["top_k"] = req.top_k
+    if req.repetition_penalty != 1.0:
+        body["repetition_penalty"] = req.repetition_penalty
+    if req.messages is not None:
+        return "chat/completions", {**body, "messages": req.messages}
+    return "completions", {**body, "prompt": req.prompt}
+
+
+def _chunk(e: _Engine, data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not JSON: {data[:200]!r}.",
+                          details={"worker_id": e.info.id}) from None
+    if not isinstance(chunk, dict):
+        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not an object.",
+                          details={"worker_id": e.info.id})
+    if chunk.get("error"):
+        raise EngineError(f"The engine at {e.spec.url} failed during the generation: {_error_text(chunk)}.",
+                          details={"worker_id": e.info.id})
+    return chunk
+
+
+def _text(choice: Any) -> str | None:
+    """The new text of one streamed choice: ``text`` (completions) or ``delta.content`` (chat)."""
+    if not isinstance(choice, dict):
+        return None
+    if "text" in choice:
+        return choice["text"] if isinstance(choice["text"], str) else None
+    delta = choice.get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else None
+
+
+def _stop_reason(finish: str | None, has_stops: bool) -> str:
+    """OpenAI's ``finish_reason`` in our words; ``stop`` is a stop string only if the request had any."""
+    if finish == "length":
+        return "length"
+    return "stop" if has_stops and finish == "stop" else "eos"
+
+
+def _error_text(data: Any) -> str:
+    """The message of an engine's error body, whatever its shape (OpenAI, FastAPI, TGI)."""
+    if isinstance(data, dict):
+        for key in ("error", "detail", "message"):
+            value = data.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or value.get("msg")
+            if isinstance(value, list) and value and isinstance(value[0], dict):
+                value = value[0].get("msg")
+            if value:
+                return str(value)[:500]
+    return str(data)[:500]
+
+
+def _message(r: httpx.Response) -> str:
+    try:
+        return _error_text(r.json())
+    except ValueError:
+        return r.text[:200] or r.reason_phrase
+
+
+def _refusal(e: _Engine, r: httpx.Response) -> RbeeError:
+    """An engine that said no before streaming: the same error class a local worker would give."""
+    details = {"worker_id": e.info.id, "engine_status": r.status_code}
+    said = f"the engine at {e.spec.url} answered HTTP {r.status_code}: {_message(r)}"
+    if r.status_code in (400, 413, 422):
+        return InvalidRequest(f"The request was refused: {said}.", details=details)
+    if r.status_code in (401, 403):
+        return AccessDenied(f"{said[0].upper()}{said[1:]}; register the engine again with the right api_key.",
+                            details=details)
+    if r.status_code == 404:
+        return ModelNotFound(f"{said[0].upper()}{said[1:]}; check the model name with GET {e.spec.url}/models.",
+                             details=details)
+    if r.status_code in (429, 503):
+        return WorkerBusy(f"The engine is busy ({said}); try again shortly.", details=details)
+    return EngineError(f"The generation failed: {said}.", details=details)
+
+
+# --- one pool for the hive -------------------------------------------------------------------
+
+class CompositePool(Pool):
+    """The primary pool and the engine pool seen as one: each call goes to the pool that owns the id."""
+
+    def __init__(self, primary: Pool, engines: OpenAIEnginePool) -> None:
+        super().__init__()
+        self.primary = primary
+        self.engines = engines
+        self._pools: tuple[Pool, ...] = (primary, engines)
+
+    def _owner(self, worker_id: str) -> Pool:
+        for pool in self._pools:
+            try:
+                pool.get(worker_id)
+                return pool
+            except WorkerNotFound:
+                continue
+        return self.primary  # which raises the WorkerNotFound the caller expects
+
+    async def start(self, spec: Any, job: Job) -> WorkerInfo:
+        pool = self.engines if isinstance(spec, EngineSpec) else self.primary
+        return await pool.start(spec, job)
+
+    async def stop(self, worker_id: str) -> None:
+        await self._owner(worker_id).stop(worker_id)
+
+    def get(self, worker_id: str) -> WorkerInfo:
+        return self._owner(worker_id).get(worker_id)
+
+    def list(self) -> list[WorkerInfo]:
+        return [w for pool in self._pools for w in pool.list()]
+
+    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
+        await self._owner(worker_id).generate(worker_id, body, job)
+
+    async def health(self, worker_id: str) -> dict[str, Any]:
+        return await self._owner(worker_id).health(worker_id)
+
+    def listen(self, callback: Callable[[str, WorkerInfo], None]) -> Callable[[], None]:
+        unsubscribes = [pool.listen(callback) for pool in self._pools]
+
+        def unsubscribe() -> None:
+            for each in unsubscribes:
+                each()
+        return unsubscribe
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self._pools))
