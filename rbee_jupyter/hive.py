@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")
+_PLAN_LOCK = threading.Lock()
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 
@@ -48,6 +50,7 @@ class HiveConfig:
     inference_stall_s: float | None = 120.0
     queue_depth: int = 8
     max_tokens_limit: int = 4096
+    pool_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for pool_class
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,6 +64,7 @@ class LoadRequest:
     dtype: str | None = None
     double_quant: bool = False
     max_memory: dict[str, Any] | None = None
+    node: str | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LoadRequest:
@@ -89,7 +93,11 @@ class LoadRequest:
                                      details={"field": "max_memory"})
             for value in max_memory.values():
                 parse_bytes(value)
-        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory)
+        node = body.get("node")
+        if node is not None and (not isinstance(node, str) or not node.strip()):
+            raise InvalidRequest("node must be a non-empty string: a node's name or id (GET v1/workers shows "
+                                 "where workers run).", details={"field": "node"})
+        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node)
 
 
 class Hive:
@@ -107,7 +115,7 @@ class Hive:
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
         self.pool: Pool = config.pool_class(keep_alive_s=config.keep_alive_s,
                                             loading_timeout_s=config.loading_timeout_s,
-                                            inference_stall_s=config.inference_stall_s)
+                                            inference_stall_s=config.inference_stall_s, **config.pool_options)
         self.catalog.resync()
 
     async def stop(self) -> None:
@@ -238,6 +246,8 @@ class Hive:
         starts (400 / 507).
         """
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
+        if req.node is not None:
+            self.pool.check_node(req.node)
         entry = self.catalog.get(str(req.ref))
         plan = self._plan(req, entry.local_path) if entry is not None else None
         worker_id = "w-" + uuid4().hex[:10]
@@ -249,7 +259,10 @@ class Hive:
         from .devices import inventory, plan_placement
         from .loader import plan_blocks
 
-        blocks = plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
+        # Plans run in threads; two first loads at once would import transformers' lazy modules
+        # from two threads, which fails ("cannot import name 'AutoConfig'"): one plan at a time.
+        with _PLAN_LOCK:
+            blocks = plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
         return plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory).assignments
 
     async def _load(self, job: Job, req: LoadRequest, entry: CatalogEntry | None, plan: dict[str, str] | None) -> None:
@@ -260,7 +273,7 @@ class Hive:
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
-                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id)
+                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node)
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)

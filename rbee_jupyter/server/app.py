@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Float, Int, Type, Unicode, default
+from traitlets import Dict, Float, Int, Type, Unicode, default
 
 from .. import __version__
 from ..hive import Hive, HiveConfig
@@ -110,6 +110,21 @@ class RbeeApp(ExtensionApp):
              "rbee_jupyter.pool.Pool subclass can be named (e.g. a Ray or external-engine pool).",
     )
 
+    ray_address = Unicode(
+        None, allow_none=True, config=True,
+        help="Ray cluster the Ray pool (pool_class = 'rbee_jupyter.ray_pool.RayPool', pip install "
+             "'rbee-jupyter[ray]') runs workers on: a GCS address 'host:6379', or 'auto' for the cluster "
+             "this machine belongs to (RAY_ADDRESS, else the one `ray start` made here). Default None: a "
+             "private Ray instance on this machine. Ignored by other pools.",
+    )
+
+    ray_resources = Dict(
+        config=True,
+        help="Ray resources every worker actor of the Ray pool asks for besides its GPUs, e.g. "
+             "{\"llm-node\": 0.01} to keep workers on nodes started with --resources '{\"llm-node\": 1}'. "
+             "Default {}: any node. Ignored by other pools.",
+    )
+
     keep_alive_s = Float(
         None, allow_none=True, config=True,
         help="Seconds an idle worker stays loaded before it is unloaded to free its memory (like "
@@ -148,6 +163,7 @@ class RbeeApp(ExtensionApp):
             pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
             inference_stall_s=self.inference_stall_s,
             queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
+            pool_options={name: getattr(self, name) for name in self.pool_class.app_traits},
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
