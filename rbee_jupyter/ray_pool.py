@@ -425,17 +425,13 @@ class RayPool(Pool):
         return node_id
 
     def _actor_needs(self, a: _Actor) -> str:
-        opts = self._actor_options_summary(a)
-        return ", ".join(f"{k}={v:g}" for k, v in opts.items()) or "room"
-
-    def _actor_options_summary(self, a: _Actor) -> dict[str, float]:
+        """What the actor waits for, for messages: "GPU=1, llm-node=0.01, node node-b"."""
         gpus = len({d for d in _devices(a.spec.device_map) if d.startswith("cuda")})
-        needs = dict(self.ray_resources)
-        if gpus:
-            needs["GPU"] = gpus
+        needs = [f"GPU={gpus}"] if gpus else []
+        needs += [f"{k}={v:g}" for k, v in self.ray_resources.items()]
         if a.spec.node:
-            needs[f"node {a.spec.node}"] = 1
-        return needs
+            needs.append(f"node {a.spec.node}")
+        return ", ".join(needs) or "room"
 
     def _on_progress(self, a: _Actor, event: dict[str, Any]) -> None:
         info = a.info
