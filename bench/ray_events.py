@@ -30,14 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import machine  # noqa: E402
-from machine import MachineLoad, set_nice, wait_for_quiet  # noqa: E402
+import machine
+from machine import MachineLoad, set_nice, wait_for_quiet
 
 
 def read_delays(server, model_ref: str, node: str | None, timeout: float = 300.0) -> tuple[list[float], str]:
@@ -67,7 +65,7 @@ def read_delays(server, model_ref: str, node: str | None, timeout: float = 300.0
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def main() -> int:
@@ -108,8 +106,8 @@ def main() -> int:
             settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
                         **common, **extra}
             servers[name] = ServerProcess(folder, rbee=settings, env=env, startup_timeout=120).start()
-        for name in servers:  # warm-up: first actor / process start, imports, the catalog entry
-            read_delays(servers[name], ref, "node-a" if name == "ray" else None)
+        for name, server in servers.items():  # warm-up: first actor / process start, imports, the catalog entry
+            read_delays(server, ref, "node-a" if name == "ray" else None)
         delays: dict[str, list[float]] = {"ray": [], "local": []}
         nodes: dict[str, str] = {}
         with MachineLoad() as load:

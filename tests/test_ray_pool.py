@@ -28,14 +28,14 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from ray.cluster_utils import Cluster  # noqa: E402
+from ray.cluster_utils import Cluster
 
-from rbee_jupyter.events import LoadingProgress, Ready  # noqa: E402
-from rbee_jupyter.jobs import Job, JobState  # noqa: E402
-from rbee_jupyter.pool import WorkerSpec  # noqa: E402
-from rbee_jupyter.testing.server import ServerProcess  # noqa: E402
-from rbee_jupyter.testing.sse import Frame, read_stream  # noqa: E402
-from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV  # noqa: E402
+from rbee_jupyter.events import LoadingProgress, Ready
+from rbee_jupyter.jobs import Job, JobState
+from rbee_jupyter.pool import WorkerSpec
+from rbee_jupyter.testing.server import ServerProcess
+from rbee_jupyter.testing.sse import Frame, read_stream
+from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 
 pytestmark = [
     pytest.mark.ray,
@@ -231,7 +231,7 @@ def test_a_removed_node_ends_its_streams_with_worker_died_and_the_other_node_sti
     last = stream.events[-1]
     assert stream.done and last["type"] == "error" and last["code"] == "WORKER_DIED", last
     assert "node-c" in last["message"]
-    error_frame = [f for f in stream.frames if isinstance(f.data, dict) and f.data.get("type") == "error"][0]
+    error_frame = next(f for f in stream.frames if isinstance(f.data, dict) and f.data.get("type") == "error")
     print(f"WORKER_DIED {error_frame.arrived - removed_at[0]:.2f} s after the node was removed")
     info = server.get(f"v1/workers/{victim}").json()
     assert info["state"] == "failed" and info["node"] == "node-c"
