@@ -205,6 +205,7 @@ class RayPool(Pool):
 
     cancel_grace_s = 3.0
     kill_timeout_s = 10.0
+    check_connect_timeout_s = 5.0
 
     def __init__(self, *, keep_alive_s: float | None = None, loading_timeout_s: float | None = None,
                  inference_stall_s: float | None = 120.0, failed_retention_s: float = 600.0,
@@ -244,12 +245,13 @@ class RayPool(Pool):
             log.error("rbee: cannot connect to the Ray cluster at %s: %s", self.ray_address or "(local)", exc)
             self._connect_error = exc
 
-    def _ensure_connected(self) -> None:
-        self._connector.join(self.connect_timeout_s)
+    def _ensure_connected(self, timeout: float | None = None) -> None:
+        timeout = self.connect_timeout_s if timeout is None else timeout
+        self._connector.join(timeout)
         where = self.ray_address or "a local Ray instance"
         if self._connector.is_alive():
-            raise ClusterUnavailable(f"Still connecting to the Ray cluster at {where} after "
-                                     f"{self.connect_timeout_s:g} s; check c.RbeeApp.ray_address and retry.",
+            raise ClusterUnavailable(f"Still connecting to the Ray cluster at {where} after {timeout:g} s; "
+                                     "retry in a moment, and check c.RbeeApp.ray_address if this persists.",
                                      details={"ray_address": self.ray_address})
         if self._connect_error is not None or not ray.is_initialized():
             raise ClusterUnavailable(f"Cannot connect to the Ray cluster at {where}: {self._connect_error}. "
@@ -263,6 +265,8 @@ class RayPool(Pool):
                  "resources": dict(n.get("Resources", {}))} for n in _alive_nodes()]
 
     def check_node(self, node: str) -> None:
+        # Runs on the server's loop (before the 202): wait briefly for a connection still being made.
+        self._ensure_connected(self.check_connect_timeout_s)
         self._placement(node)
 
     def _placement(self, node: str | None) -> dict[str, Any]:
