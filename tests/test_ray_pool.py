@@ -352,3 +352,33 @@ def test_a_load_asking_for_a_resource_no_node_has_fails_clearly(cluster, rbee_ti
     assert event["code"] == "CLUSTER_UNAVAILABLE" and "no-such-hardware" in event["message"], event
     assert [w.state for w in listed] == ["failed"]
     assert actor_gone("w-nowhere", None)
+
+
+def test_a_load_past_its_timeout_fails_naming_the_block_and_the_actor_is_gone(cluster, rbee_tiny_model, slow_loads):
+    from rbee_jupyter.ray_pool import RayPool
+
+    async def scenario():
+        pool = RayPool(ray_address=cluster.address)
+        try:
+            job = Job("load", job_id="w-timeout")
+            await pool.start(WorkerSpec(model_ref="tiny", model_path=str(rbee_tiny_model), worker_id=job.id,
+                                        node="node-b"), job)
+            await _first(job, LoadingProgress, LOAD_S)
+            pid = pool.get(job.id).pid
+
+            # When: the limit passes while the actor sits after its first block (read at every check)
+            pool.loading_timeout_s = 0.5
+            await asyncio.wait_for(job.wait(), 20)
+            return job, pid, pool.get(job.id)
+        finally:
+            await pool.close()
+
+    job, pid, info = asyncio.run(scenario())
+
+    # Then: LOADING_TIMEOUT naming where it was stuck; the worker is listed as failed; the actor is gone
+    event = job.records[-1].event.to_dict()
+    assert job.state is JobState.ERROR and event["code"] == "LOADING_TIMEOUT", event
+    assert "stuck after block embeddings (1/" in event["message"]
+    assert event["details"]["block"] == "embeddings" and event["details"]["node"] == "node-b"
+    assert info.state == "failed" and info.exit_reason.startswith("loading timeout")
+    assert actor_gone("w-timeout", pid)
