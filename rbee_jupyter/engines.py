@@ -573,6 +573,9 @@ class CompositePool(Pool):
                 continue
         return self.primary  # which raises the WorkerNotFound the caller expects
 
+    def check_node(self, node: str) -> None:
+        self.primary.check_node(node)  # engines are placed by their URL, never by node
+
     async def start(self, spec: Any, job: Job) -> WorkerInfo:
         pool = self.engines if isinstance(spec, EngineSpec) else self.primary
         return await pool.start(spec, job)

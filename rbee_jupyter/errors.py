@@ -184,6 +184,11 @@ class OutOfMemory(RbeeError, MemoryError):
 
 # --- busy / capacity (503, 507) ------------------------------------------------------
 
+class ClusterUnavailable(RbeeError):
+    """The cluster that runs workers (Ray) cannot be reached, or no node can take the worker."""
+    code, status = "CLUSTER_UNAVAILABLE", 503
+
+
 class WorkerBusy(RbeeError):
     """The worker's queue is full; try again or load a second worker."""
     code, status = "WORKER_BUSY", 503

@@ -86,6 +86,8 @@ class LoadingProgress(Event):
     device: str
     block: str | None = None
     memory_mb: dict[str, int] | None = None
+    node: str | None = None  # the cluster node the worker runs on (pools that place workers remotely)
+    timestamp: int | None = None  # ms since the epoch when the block was placed, on the worker's clock
     stage: Literal["loading_to_vram"] = "loading_to_vram"
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +99,7 @@ class LoadingProgress(Event):
 class Ready(Event):
     worker_id: str | None = None
     memory_mb: dict[str, int] | None = None
+    node: str | None = None
     stage: Literal["ready"] = "ready"
 
     def to_dict(self) -> dict[str, Any]:

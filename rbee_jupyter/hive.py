@@ -61,6 +61,7 @@ class HiveConfig:
     share_server_token: bool = False
     engine_timeout_s: float = 5.0
     engine_health_interval_s: float | None = 10.0
+    pool_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for pool_class
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,6 +75,7 @@ class LoadRequest:
     dtype: str | None = None
     double_quant: bool = False
     max_memory: dict[str, Any] | None = None
+    node: str | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LoadRequest:
@@ -102,7 +104,11 @@ class LoadRequest:
                                      details={"field": "max_memory"})
             for value in max_memory.values():
                 parse_bytes(value)
-        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory)
+        node = body.get("node")
+        if node is not None and (not isinstance(node, str) or not node.strip()):
+            raise InvalidRequest("node must be a non-empty string: a node's name or id (GET v1/workers shows "
+                                 "where workers run).", details={"field": "node"})
+        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node)
 
 
 class Hive:
@@ -119,7 +125,7 @@ class Hive:
         self._download_slots: asyncio.Semaphore | None = None
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
         primary = config.pool_class(keep_alive_s=config.keep_alive_s, loading_timeout_s=config.loading_timeout_s,
-                                    inference_stall_s=config.inference_stall_s)
+                                    inference_stall_s=config.inference_stall_s, **config.pool_options)
         engines = OpenAIEnginePool(timeout_s=config.engine_timeout_s,
                                    health_interval_s=config.engine_health_interval_s,
                                    inference_stall_s=config.inference_stall_s)
@@ -341,6 +347,8 @@ class Hive:
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
         check_allowed(req.device, self.config.allowed_devices, req.max_memory)
         self._check_local(req.ref)
+        if req.node is not None:
+            self.pool.check_node(req.node)
         entry = self.catalog.get(str(req.ref))
         if entry is None:
             self._check_cache(req.ref)
@@ -440,7 +448,7 @@ class Hive:
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
-                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id)
+                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node)
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)

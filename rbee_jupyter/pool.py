@@ -32,15 +32,15 @@ from typing import Any
 
 import httpx
 
-from .errors import (Cancelled, Conflict, InferenceStalled, LoadingTimeout, ModelNotLoaded, RbeeError, WorkerDied,
-                     WorkerNotFound)
+from .errors import (Cancelled, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout, ModelNotLoaded, RbeeError,
+                     WorkerDied, WorkerNotFound)
 from .events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from .jobs import Job
 from .worker.client import GenerationStream, WorkerClient
 from .worker.process import WorkerProcess
 from .worker.protocol import WorkerConfig, describe_exit, error_from_json
 
-__all__ = ["Pool", "LocalProcessPool", "WorkerSpec", "WorkerInfo", "Listener"]
+__all__ = ["Pool", "LocalProcessPool", "WorkerSpec", "WorkerInfo", "Listener", "relay_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class WorkerSpec:
     queue_depth: int = 8
     max_tokens_limit: int = 4096
     worker_id: str | None = None  # the hive names workers before they start (their load job's id)
+    node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class WorkerInfo:
     exit_reason: str | None = None
     layers_loaded: int = 0
     layers_total: int = 0
+    node: str | None = None  # the cluster node it runs on; None: this machine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,8 +104,21 @@ Listener = Callable[[str, WorkerInfo], None]
 class Pool(abc.ABC):
     """Where models run. Implementations relay their progress and tokens into hive jobs."""
 
+    #: ``RbeeApp`` traits the server passes to this class's constructor as keyword arguments
+    #: (besides keep_alive_s, loading_timeout_s and inference_stall_s, which every pool takes).
+    app_traits: tuple[str, ...] = ()
+
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+
+    def check_node(self, node: str) -> None:
+        """Refuse a load's ``node`` option that this pool cannot honour (``InvalidRequest``, a 400).
+
+        Called before anything starts. This machine's pools have no nodes to choose from.
+        """
+        raise InvalidRequest(f"This server runs workers on its own machine; it cannot place one on node {node!r}. "
+                             "Drop 'node', or run the hive with c.RbeeApp.pool_class = "
+                             "'rbee_jupyter.ray_pool.RayPool'.", details={"field": "node"})
 
     @abc.abstractmethod
     async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
@@ -160,6 +175,29 @@ class Pool(abc.ABC):
 
 def _snapshot(info: WorkerInfo) -> WorkerInfo:
     return replace(info, devices=list(info.devices), memory_mb=dict(info.memory_mb))
+
+
+def relay_inference(job: Job, event: dict[str, Any]) -> bool:
+    """Publish one worker event (its JSON) into ``job``; True when it was the terminal one.
+
+    Shared by the pools whose workers run :class:`~.worker.runtime.WorkerRuntime` (processes, Ray actors).
+    """
+    kind = event.get("type")
+    if kind == "token":
+        job.publish(Token(t=str(event.get("t", "")), i=int(event.get("i", 0))))
+    elif kind == "started":
+        job.publish(InferenceStarted(job_id=job.id, timestamp=int(event.get("timestamp") or time.time() * 1000)))
+    elif kind == "end":
+        job.finish(InferenceEnd(
+            job_id=job.id, total_tokens=int(event.get("total_tokens", 0)),
+            duration_ms=int(event.get("duration_ms", 0)), stop_reason=str(event.get("stop_reason", "")),
+            prompt_tokens=event.get("prompt_tokens"), time_to_first_token_ms=event.get("time_to_first_token_ms"),
+            tokens_per_second=event.get("tokens_per_second")))
+        return True
+    elif kind == "error":
+        job.fail(error_from_json(event))
+        return True
+    return False
 
 
 # --- local processes ----------------------------------------------------------------------
@@ -338,7 +376,7 @@ class LocalProcessPool(Pool):
         w.last_block = event.get("block")
         w.load_job.publish(LoadingProgress(layers_loaded=info.layers_loaded, layers_total=info.layers_total,
                                            vram_mb=vram_mb, device=device, block=w.last_block,
-                                           memory_mb=dict(info.memory_mb)))
+                                           memory_mb=dict(info.memory_mb), timestamp=event.get("timestamp")))
         self._notify("progress", info)
 
     def _on_ready(self, w: _Worker, event: dict[str, Any]) -> None:
@@ -498,7 +536,7 @@ class LocalProcessPool(Pool):
                     except asyncio.TimeoutError:
                         await self._stalled(w, job, limit)
                         break
-                    if job.state.finished or self._relay_inference(job, event):
+                    if job.state.finished or relay_inference(job, event):
                         break
             if not job.state.finished:
                 raise httpx.RemoteProtocolError("the generation stream ended without end or error")
@@ -509,26 +547,6 @@ class LocalProcessPool(Pool):
             if w.info.state in ("idle", "busy"):
                 self._update_busy(w)
                 self._touch(w)
-
-    @staticmethod
-    def _relay_inference(job: Job, event: dict[str, Any]) -> bool:
-        """Publish one worker event into ``job``; True when it was the terminal one."""
-        kind = event.get("type")
-        if kind == "token":
-            job.publish(Token(t=str(event.get("t", "")), i=int(event.get("i", 0))))
-        elif kind == "started":
-            job.publish(InferenceStarted(job_id=job.id, timestamp=int(event.get("timestamp") or time.time() * 1000)))
-        elif kind == "end":
-            job.finish(InferenceEnd(
-                job_id=job.id, total_tokens=int(event.get("total_tokens", 0)),
-                duration_ms=int(event.get("duration_ms", 0)), stop_reason=str(event.get("stop_reason", "")),
-                prompt_tokens=event.get("prompt_tokens"), time_to_first_token_ms=event.get("time_to_first_token_ms"),
-                tokens_per_second=event.get("tokens_per_second")))
-            return True
-        elif kind == "error":
-            job.fail(error_from_json(event))
-            return True
-        return False
 
     async def _stalled(self, w: _Worker, job: Job, limit: float | None) -> None:
         """Nothing came for ``limit`` seconds: stop the generation and say so."""

@@ -115,6 +115,8 @@ def test_load_goes_from_nothing_to_ready_in_one_stream(server, rbee_hub_session)
     ({"model_ref": TINY, "device": "auto"}, 400, "DEVICE_NOT_AVAILABLE"),
     ({"model_ref": TINY, "dtype": "float7"}, 400, "INVALID_REQUEST"),
     ({"model_ref": TINY, "device": 3}, 400, "INVALID_REQUEST"),
+    ({"model_ref": TINY, "node": "node-b"}, 400, "INVALID_REQUEST"),  # a local pool has no nodes to pick
+    ({"model_ref": TINY, "node": ""}, 400, "INVALID_REQUEST"),
     ({"model_ref": "hf:../x"}, 400, "INVALID_MODEL_REF"),
     ({}, 400, "INVALID_MODEL_REF"),
 ])

@@ -127,6 +127,21 @@ class RbeeApp(ExtensionApp):
              "rbee_jupyter.pool.Pool subclass can be named (e.g. a Ray or external-engine pool).",
     )
 
+    ray_address = Unicode(
+        None, allow_none=True, config=True,
+        help="Ray cluster the Ray pool (pool_class = 'rbee_jupyter.ray_pool.RayPool', pip install "
+             "'rbee-jupyter[ray]') runs workers on: a GCS address 'host:6379', or 'auto' for the cluster "
+             "this machine belongs to (RAY_ADDRESS, else the one `ray start` made here). Default None: a "
+             "private Ray instance on this machine. Ignored by other pools.",
+    )
+
+    ray_resources = Dict(
+        config=True,
+        help="Ray resources every worker actor of the Ray pool asks for besides its GPUs, e.g. "
+             "{\"llm-node\": 0.01} to keep workers on nodes started with --resources '{\"llm-node\": 1}'. "
+             "Default {}: any node. Ignored by other pools.",
+    )
+
     keep_alive_s = Float(
         None, allow_none=True, config=True,
         help="Seconds an idle worker stays loaded before it is unloaded to free its memory (like "
@@ -289,6 +304,7 @@ class RbeeApp(ExtensionApp):
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
             engine_timeout_s=self.engine_timeout_s, engine_health_interval_s=self.engine_health_interval_s,
+            pool_options={name: getattr(self, name) for name in self.pool_class.app_traits},
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import Cancelled, Conflict, InvalidRequest, ModelNotLoaded, OutOfMemory, RbeeError, WorkerBusy
 from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from ..jobs import Job
-from .protocol import WorkerConfig, mb
+from .protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV, WorkerConfig, mb
 
 __all__ = ["WorkerRuntime", "WorkerState", "GenerationTask"]
 
@@ -80,6 +80,11 @@ class WorkerRuntime:
         self._current: GenerationTask | None = None
         self._tasks: dict[str, GenerationTask] = {}
 
+    @classmethod
+    def from_env(cls, config: WorkerConfig) -> WorkerRuntime:
+        """A runtime with the test delays of this process's environment (a worker process or a Ray actor)."""
+        return cls(config, block_delay_s=_seconds_env(BLOCK_DELAY_ENV), token_delay_s=_seconds_env(TOKEN_DELAY_ENV))
+
     # --- loading -------------------------------------------------------------------------
 
     def start_loading(self) -> None:
@@ -116,7 +121,7 @@ class WorkerRuntime:
         self.load_job.publish(LoadingProgress(
             layers_loaded=p.layers_loaded, layers_total=p.layers_total,
             vram_mb=mb(p.bytes_on_device.get(p.device, 0)), device=p.device, block=p.block,
-            memory_mb=self.memory_mb))
+            memory_mb=self.memory_mb, timestamp=int(time.time() * 1000)))
 
     def _loaded(self, generator: Any, validator: Any) -> None:
         if self.state is not WorkerState.LOADING:  # shut down meanwhile
@@ -266,6 +271,13 @@ class WorkerRuntime:
             "error": self.failure.to_dict()["error"] if self.failure is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
+
+
+def _seconds_env(name: str) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name, "") or 0.0))
+    except ValueError:
+        return 0.0
 
 
 def _tokenizer(path: str) -> Any:

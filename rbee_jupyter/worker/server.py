@@ -15,16 +15,9 @@ import os
 import sys
 from typing import IO
 
-from .protocol import BLOCK_DELAY_ENV, SECRET_ENV, TOKEN_DELAY_ENV, WorkerConfig
+from .protocol import SECRET_ENV, WorkerConfig
 
 __all__ = ["main", "serve"]
-
-
-def _float_env(name: str) -> float:
-    try:
-        return max(0.0, float(os.environ.get(name, "") or 0.0))
-    except ValueError:
-        return 0.0
 
 
 async def serve(config: WorkerConfig, secret: str, announce: IO[str]) -> str:
@@ -36,8 +29,7 @@ async def serve(config: WorkerConfig, secret: str, announce: IO[str]) -> str:
     from .lifeline import watch_parent
     from .runtime import WorkerRuntime
 
-    runtime = WorkerRuntime(config, block_delay_s=_float_env(BLOCK_DELAY_ENV),
-                            token_delay_s=_float_env(TOKEN_DELAY_ENV))
+    runtime = WorkerRuntime.from_env(config)
     sockets = bind_sockets(0, "127.0.0.1")
     server = HTTPServer(make_app(runtime, secret))
     server.add_sockets(sockets)
