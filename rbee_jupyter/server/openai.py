@@ -18,7 +18,7 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..errors import InvalidRequest, ModelNotFound, RbeeError
-from ..events import sse_done
+from ..events import sse_done, to_json
 from ..refs import parse_ref
 from .handlers import RbeeHandler
 
@@ -153,7 +153,7 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
         start_stream(self)
 
         async def send(obj: dict[str, Any]) -> None:
-            self.write(f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode())
+            self.write(f"data: {to_json(obj)}\n\n".encode())
             await self.flush()
 
         chunk = {**base, "object": self.chunk_object}
