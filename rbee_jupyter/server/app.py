@@ -153,7 +153,10 @@ class RbeeApp(ExtensionApp):
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(handlers(self) + openai_handlers({"app": self}))
+        from .handlers import NotFoundHandler
+
+        self.handlers.extend(handlers(self) + openai_handlers({"app": self})
+                             + [(r"/rbee/.*", NotFoundHandler, {"app": self})])  # last: what nothing else matched
 
     async def _start_jupyter_server_extension(self, serverapp) -> None:
         """Kernels started from now on find this server (``RBEE_SERVER_URL`` / ``RBEE_TOKEN``).
