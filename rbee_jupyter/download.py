@@ -222,6 +222,14 @@ class Downloader:
                 details={"need_mb": need // 2**20, "free_mb": max(free, 0) // 2**20,
                          "folder": str(self.cache_dir)})
 
+    def partial_files(self) -> list[tuple[str, Path]]:
+        """``(repo_id, path)`` of every partial file in the cache: transfers that have not finished."""
+        out = []
+        for partial in sorted(self.cache_dir.glob("models--*/blobs/*.rbee-incomplete")):
+            repo_id = partial.parent.parent.name.removeprefix("models--").replace("--", "/")
+            out.append((repo_id, partial))
+        return out
+
     # --- fetching -----------------------------------------------------------------
 
     def fetch(self, plan: DownloadPlan, *, emit: Callable[[DownloadProgress], None],

@@ -132,7 +132,7 @@ class Hive:
         if existing is not None:
             return existing
         job = self.jobs.create("download", key=key, owner=owner)
-        job.meta["model_ref"] = str(ref)
+        job.meta.update(model_ref=str(ref), repo_id=ref.repo_id)
         return self.jobs.start(job, lambda j: self._download(j, ref))
 
     async def _download(self, job: Job, ref: ModelRef) -> None:
@@ -202,6 +202,23 @@ class Hive:
     def models(self) -> list[dict[str, Any]]:
         self.catalog.resync()
         return [e.to_dict() for e in self.catalog.list()]
+
+    def incomplete_downloads(self) -> list[dict[str, Any]]:
+        """Partial files that no running download is writing: what a killed server left behind.
+
+        Asking for the model again resumes them from their size (a ``Range`` request), so
+        they are kept; until then they take disk space, which is why they are listed.
+        """
+        running = {job.meta.get("repo_id") for job in self.jobs.list("download") if not job.state.finished}
+        out = []
+        for repo_id, path in self.downloader.partial_files():
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:  # finished or removed since the listing
+                continue
+            if repo_id not in running:
+                out.append({"repo_id": repo_id, "file": path.name, "bytes": size, "path": str(path)})
+        return out
 
     def delete_model(self, model_ref: str | ModelRef) -> None:
         """Remove a model from disk and catalog (a ``file://`` folder is only forgotten).

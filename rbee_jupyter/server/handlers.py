@@ -146,7 +146,7 @@ class ModelsHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(200, {"models": self.hive.models()})
+        self.reply(200, {"models": self.hive.models(), "incomplete": self.hive.incomplete_downloads()})
 
     @web.authenticated
     @authorized
