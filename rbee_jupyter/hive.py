@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from .jobs import Job, JobRegistry
 from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
+_PLAN_LOCK = threading.Lock()
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -263,11 +265,14 @@ class Hive:
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan))
 
     def _plan(self, req: LoadRequest, path: str) -> dict[str, str]:
-        from .devices import inventory, plan_placement
-        from .loader import plan_blocks
+        # One at a time: plans run on the loop and in threads, and two first imports of
+        # transformers' lazy modules racing each other fail ("cannot import name AutoConfig").
+        with _PLAN_LOCK:
+            from .devices import inventory, plan_placement
+            from .loader import plan_blocks
 
-        blocks = plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
-        return plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory).assignments
+            blocks = plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
+            return plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory).assignments
 
     async def _load(self, job: Job, req: LoadRequest, entry: CatalogEntry | None, plan: dict[str, str] | None) -> None:
         if entry is None:
