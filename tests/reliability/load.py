@@ -120,9 +120,14 @@ class LoadResult:
     generations: list[list[Any]] = field(default_factory=list)
     connect_s: float = 0.0
     run_s: float = 0.0
+    connected_at: float = 0.0  # time.monotonic() once every subscriber had its first event
 
     def delays(self) -> list[float]:
-        """Every delivery's delay behind the first delivery of the same (stream, event id)."""
+        """Every delivery's delay behind the first delivery of the same (stream, event id).
+
+        Only events first delivered after every subscriber was connected count: an older
+        one reaches a late subscriber as a replay, whose delay is its connect time.
+        """
         first: dict[tuple[str, int], float] = {}
         for sub, url in zip(self.subscribers, self.streams):
             for event_id, _, at in sub.frames:
@@ -130,7 +135,8 @@ class LoadResult:
                     key = (url, event_id)
                     first[key] = min(first.get(key, at), at)
         return [at - first[(url, event_id)] for sub, url in zip(self.subscribers, self.streams)
-                for event_id, _, at in sub.frames if event_id is not None]
+                for event_id, _, at in sub.frames
+                if event_id is not None and first[(url, event_id)] > self.connected_at]
 
     def incomplete(self) -> list[int]:
         """Indexes of subscribers that did not get a terminal event followed by ``[DONE]``."""
@@ -171,7 +177,7 @@ async def run_load(server: ServerProcess, hub, refs: list[str], worker_id: str, 
     """Start the downloads (held back by the hub), connect the subscribers, start the
     generations, then let the downloads run; returns when every stream ended."""
     loop = asyncio.get_running_loop()
-    hub.faults.chunk_delay_s = 0.5  # a crawl (~7 s a download) while the subscribers connect
+    hub.faults.chunk_delay_s = 1.0  # a crawl (~13 s a download) while the subscribers connect
     urls = []
     for ref in refs:
         r = server.post("v1/models/download", {"model_ref": ref})
@@ -211,7 +217,7 @@ async def run_load(server: ServerProcess, hub, refs: list[str], worker_id: str, 
     t1 = time.monotonic()
     gens = [asyncio.ensure_future(generate()) for _ in range(generations)]
     hub.faults.chunk_delay_s = chunk_delay_s  # re-read before every chunk: the transfers speed up
-    result = LoadResult(subs, [s.request.split(b" ")[1].decode() for s in subs])
+    result = LoadResult(subs, [s.request.split(b" ")[1].decode() for s in subs], connected_at=t1)
     await asyncio.wait_for(asyncio.gather(*finished), timeout)
     result.generations = [_frames(g) for g in await asyncio.wait_for(asyncio.gather(*gens), timeout)]
     result.connect_s, result.run_s = connect_s, time.monotonic() - t1
