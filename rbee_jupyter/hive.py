@@ -8,8 +8,10 @@ data or a ``Job`` whose event log subscribers read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,11 @@ class Hive:
             stall_s=config.download_stall_s, retries=config.download_retries,
             backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
         self._download_slots: asyncio.Semaphore | None = None
+        # Transfers block a thread for their whole length: they get threads of their own, so
+        # that many downloads never starve asyncio's small default pool (6 threads on 2 cores),
+        # which plans loads and would leave the downloads beyond the 6th without a thread.
+        self._download_threads = ThreadPoolExecutor(max(1, config.max_concurrent_downloads),
+                                                     thread_name_prefix="rbee-download")
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
         self.pool: Pool = config.pool_class(keep_alive_s=config.keep_alive_s,
                                             loading_timeout_s=config.loading_timeout_s,
@@ -115,6 +122,7 @@ class Hive:
     async def stop(self) -> None:
         await self.jobs.shutdown()
         await self.pool.close()
+        self._download_threads.shutdown(wait=False, cancel_futures=True)
         self.catalog.close()
 
     # --- downloads ----------------------------------------------------------------
@@ -153,7 +161,8 @@ class Hive:
                                     revision=entry.revision, size_bytes=entry.size_bytes))
 
     async def _fetch(self, job: Job, ref: ModelRef) -> CatalogEntry:
-        plan = await asyncio.to_thread(self.downloader.resolve, ref)
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(self._download_threads, self.downloader.resolve, ref)
         job.meta.update(revision=plan.commit, bytes_total=plan.bytes_total)
         active: list[Any] = []
 
@@ -168,8 +177,8 @@ class Hive:
                     pass
 
         job.on_cancel(interrupt)
-        path = await asyncio.to_thread(self.downloader.fetch, plan, emit=job.publish_threadsafe,
-                                       cancel=job.cancel_event, on_response=remember)
+        path = await loop.run_in_executor(self._download_threads, functools.partial(
+            self.downloader.fetch, plan, emit=job.publish_threadsafe, cancel=job.cancel_event, on_response=remember))
         await asyncio.sleep(0)  # let the last threadsafe progress event land before `complete`
         return CatalogEntry(ref=str(ref), repo_id=ref.repo_id, revision=plan.commit, local_path=str(path),
                             size_bytes=plan.bytes_total, files=[f.path for f in plan.files], source="hub")

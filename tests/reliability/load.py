@@ -138,6 +138,15 @@ class LoadResult:
                 for event_id, _, at in sub.frames
                 if event_id is not None and first[(url, event_id)] > self.connected_at]
 
+    def terminal_after_connect(self) -> bool:
+        """Whether every stream's terminal event was first delivered after all subscribers were in."""
+        last: dict[str, float] = {}
+        for sub, url in zip(self.subscribers, self.streams):
+            if len(sub.frames) >= 2:
+                at = sub.frames[-2][2]
+                last[url] = min(last.get(url, at), at)
+        return bool(last) and all(at > self.connected_at for at in last.values())
+
     def incomplete(self) -> list[int]:
         """Indexes of subscribers that did not get a terminal event followed by ``[DONE]``."""
         bad = []
@@ -153,12 +162,14 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
-def add_load_repos(hub, model: Path, n: int) -> list[str]:
-    """``n`` distinct repos (the same tiny model under other names): ``n`` separate downloads."""
+def add_load_repos(hub, model: Path, n: int, *, padding_bytes: int = 1_500_000) -> list[str]:
+    """``n`` distinct repos (the same tiny model under other names, plus a padding file so a
+    crawling transfer lasts while 1000 subscribers connect): ``n`` separate downloads."""
     refs = []
+    padding = {"padding.safetensors": bytes(range(256)) * (padding_bytes // 256)}
     for i in range(n):
         repo = f"rbee-test/load-{i}"
-        hub.add_repo(repo, model)
+        hub.add_repo(repo, model, extra_files=padding)
         refs.append(f"hf:{repo}")
     return refs
 
@@ -177,7 +188,7 @@ async def run_load(server: ServerProcess, hub, refs: list[str], worker_id: str, 
     """Start the downloads (held back by the hub), connect the subscribers, start the
     generations, then let the downloads run; returns when every stream ended."""
     loop = asyncio.get_running_loop()
-    hub.faults.chunk_delay_s = 1.0  # a crawl (~13 s a download) while the subscribers connect
+    hub.faults.chunk_delay_s = 1.0  # a crawl (~36 s a download) while the subscribers connect
     urls = []
     for ref in refs:
         r = server.post("v1/models/download", {"model_ref": ref})

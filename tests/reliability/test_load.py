@@ -42,7 +42,8 @@ def test_every_subscriber_gets_its_terminal_event_under_load(rbee_hub, rbee_tiny
             assert frames[0]["type"] == "started" and frames[-2]["type"] == "end" and frames[-1] == "[DONE]"
             indexes = [f["i"] for f in frames if isinstance(f, dict) and f["type"] == "token"]
             assert indexes == list(range(len(indexes))) and 0 < len(indexes) <= frames[-2]["total_tokens"]
-        # the downloads were still running once everyone was connected: they ran under the full load
+        # the downloads were still running once everyone was connected: they ended under the full load
+        assert result.terminal_after_connect()
         assert len(result.delays()) >= SUBSCRIBERS
         assert server.proc.poll() is None
         print(f"connect {result.connect_s:.1f} s, run {result.run_s:.1f} s")
