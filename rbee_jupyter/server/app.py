@@ -151,6 +151,10 @@ class RbeeApp(ExtensionApp):
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
+        if incomplete := self.hive.incomplete_downloads():  # e.g. the last server was killed mid-transfer
+            self.log.warning("rbee: %d unfinished download(s) in %s (%s); downloading the model again resumes "
+                             "them, GET rbee/v1/models lists them", len(incomplete), config.cache_dir,
+                             ", ".join(sorted({i["repo_id"] for i in incomplete})))
 
     def initialize_handlers(self) -> None:
         from .handlers import NotFoundHandler

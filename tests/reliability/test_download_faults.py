@@ -168,6 +168,7 @@ def test_a_server_killed_mid_download_resumes_it_after_the_restart(rbee_hub, rbe
         assert listing["models"] == []
         assert listing["incomplete"] == [{"repo_id": TINY_REPO, "file": partial.name, "bytes": on_disk,
                                           "path": str(partial)}]
+        assert f"rbee: 1 unfinished download(s) in {cache} ({TINY_REPO})" in second.log()
 
         # When: the model is asked for again
         gets_before = len(rbee_hub.file_gets(TINY_REPO, WEIGHTS))
