@@ -46,4 +46,3 @@ def test_every_subscriber_gets_its_terminal_event_under_load(rbee_hub, rbee_tiny
         assert result.terminal_after_connect()
         assert len(result.delays()) >= SUBSCRIBERS
         assert server.proc.poll() is None
-        print(f"connect {result.connect_s:.1f} s, run {result.run_s:.1f} s")
