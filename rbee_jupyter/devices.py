@@ -214,7 +214,10 @@ def parse_bytes(value: int | str) -> int:
     match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?i?b?)\s*", str(value).lower())
     if not match:
         raise InvalidRequest(f"not a memory size: {value!r} (use bytes or e.g. \"20GiB\").")
-    number, unit = float(match.group(1)), match.group(2)
+    try:
+        number, unit = float(match.group(1)), match.group(2)
+    except ValueError:  # "1.2.3GB", ".."
+        raise InvalidRequest(f"not a memory size: {value!r} (use bytes or e.g. \"20GiB\").") from None
     power = " kmgt".index(unit[0]) if unit and unit[0] in "kmgt" else 0
     base = 1024 if "i" in unit else 1000
     return int(number * base**power)

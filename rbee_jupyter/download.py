@@ -288,6 +288,14 @@ class Downloader:
         for folder in dict.fromkeys(_nearest_existing(f) for f in folders):
             _probe_writable(folder)
 
+    def partial_files(self) -> list[tuple[str, Path]]:
+        """``(repo_id, path)`` of every partial file in the cache: transfers that have not finished."""
+        out = []
+        for partial in sorted(self.cache_dir.glob("models--*/blobs/*.rbee-incomplete")):
+            repo_id = partial.parent.parent.name.removeprefix("models--").replace("--", "/")
+            out.append((repo_id, partial))
+        return out
+
     # --- fetching -----------------------------------------------------------------
 
     def fetch(self, plan: DownloadPlan, *, emit: Callable[[DownloadProgress], None],

@@ -9,6 +9,7 @@ and terminal events are never skipped.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
@@ -180,9 +181,25 @@ class FeedEvent(Event):
 
 # --- SSE framing --------------------------------------------------------------------
 
+_UNSAFE = re.compile("[\u2028\u2029\x85\ud800-\udfff]")
+
+
+def to_json(obj: Any) -> str:
+    """Compact JSON for one SSE ``data:`` line, UTF-8 kept, safe for every line splitter.
+
+    JSON leaves U+2028, U+2029 and U+0085 raw, but ``str.splitlines`` (httpx's
+    ``iter_lines``, hence httpx-sse and our own relay) breaks lines there, which would cut
+    an event holding one in two; a lone surrogate (legal in JSON text) cannot be encoded
+    as UTF-8 at all. Only JSON strings can hold these, where ``\\uXXXX`` is the same text,
+    so escaping them changes nothing a JSON parser sees.
+    """
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def sse_event(event_id: int | None, data: str | dict[str, Any]) -> bytes:
     """Frame one event: ``id:`` (for ``Last-Event-ID``), one JSON object on ``data:``."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    payload = data if isinstance(data, str) else to_json(data)
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}data: {payload}\n\n".encode()
 
@@ -198,4 +215,4 @@ def sse_done() -> bytes:
 
 
 def dumps(event: Event) -> str:
-    return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    return to_json(event.to_dict())

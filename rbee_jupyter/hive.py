@@ -8,8 +8,10 @@ data or a ``Job`` whose event log subscribers read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +125,11 @@ class Hive:
             stall_s=config.download_stall_s, retries=config.download_retries,
             backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
         self._download_slots: asyncio.Semaphore | None = None
+        # Transfers block a thread for their whole length: they get threads of their own, so
+        # that many downloads never starve asyncio's small default pool (6 threads on 2 cores),
+        # which plans loads and would leave the downloads beyond the 6th without a thread.
+        self._download_threads = ThreadPoolExecutor(max(1, config.max_concurrent_downloads),
+                                                     thread_name_prefix="rbee-download")
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
         primary = config.pool_class(keep_alive_s=config.keep_alive_s, loading_timeout_s=config.loading_timeout_s,
                                     inference_stall_s=config.inference_stall_s, **config.pool_options)
@@ -136,6 +143,7 @@ class Hive:
     async def stop(self) -> None:
         await self.jobs.shutdown()
         await self.pool.close()
+        self._download_threads.shutdown(wait=False, cancel_futures=True)
         self.catalog.close()
 
     # --- downloads ----------------------------------------------------------------
@@ -165,7 +173,7 @@ class Hive:
             return existing
         self._check_cache(ref)
         job = self.jobs.create("download", key=key, owner=owner)
-        job.meta["model_ref"] = str(ref)
+        job.meta.update(model_ref=str(ref), repo_id=ref.repo_id)
         token = self._hub_token(hf_token)
         return self.jobs.start(job, lambda j: self._download(j, ref, token))
 
@@ -188,7 +196,9 @@ class Hive:
                                     revision=entry.revision, size_bytes=entry.size_bytes))
 
     async def _fetch(self, job: Job, ref: ModelRef, token: str | bool | None = None) -> CatalogEntry:
-        plan = await asyncio.to_thread(self.downloader.resolve, ref, token=token)
+        loop = asyncio.get_running_loop()
+        plan = await loop.run_in_executor(self._download_threads,
+                                          functools.partial(self.downloader.resolve, ref, token=token))
         if plan.restricted and self.config.service_mode:  # cached files must not bypass the hub's say
             await asyncio.to_thread(self._check_hub_access, plan, token)
         job.meta.update(revision=plan.commit, bytes_total=plan.bytes_total)
@@ -205,8 +215,8 @@ class Hive:
                     pass
 
         job.on_cancel(interrupt)
-        path = await asyncio.to_thread(self.downloader.fetch, plan, emit=job.publish_threadsafe,
-                                       cancel=job.cancel_event, on_response=remember)
+        path = await loop.run_in_executor(self._download_threads, functools.partial(
+            self.downloader.fetch, plan, emit=job.publish_threadsafe, cancel=job.cancel_event, on_response=remember))
         await asyncio.sleep(0)  # let the last threadsafe progress event land before `complete`
         return CatalogEntry(ref=str(ref), repo_id=ref.repo_id, revision=plan.commit, local_path=str(path),
                             size_bytes=plan.bytes_total, files=[f.path for f in plan.files], source="hub",
@@ -239,6 +249,11 @@ class Hive:
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
             check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
+
+    def may_see_all(self, principal: Principal | None) -> bool:
+        """Whether the caller may see server-wide internals (cache paths of unfinished downloads):
+        everyone on a single-user server, only admins in service mode."""
+        return not self.config.service_mode or principal is None or principal.admin
 
     def _may_use(self, principal: Principal | None, entry: CatalogEntry) -> bool:
         """Whether ``principal`` may use a catalog entry without asking the hub again."""
@@ -292,6 +307,23 @@ class Hive:
         """The catalog; in service mode without gated or private models others downloaded."""
         self.catalog.resync()
         return [e.to_dict() for e in self.catalog.list() if self._may_use(principal, e)]
+
+    def incomplete_downloads(self) -> list[dict[str, Any]]:
+        """Partial files that no running download is writing: what a killed server left behind.
+
+        Asking for the model again resumes them from their size (a ``Range`` request), so
+        they are kept; until then they take disk space, which is why they are listed.
+        """
+        running = {job.meta.get("repo_id") for job in self.jobs.list("download") if not job.state.finished}
+        out = []
+        for repo_id, path in self.downloader.partial_files():
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:  # finished or removed since the listing
+                continue
+            if repo_id not in running:
+                out.append({"repo_id": repo_id, "file": path.name, "bytes": size, "path": str(path)})
+        return out
 
     def delete_model(self, model_ref: str | ModelRef, *, principal: Principal | None = None) -> None:
         """Remove a model from disk and catalog (a ``file://`` folder is only forgotten).

@@ -583,7 +583,10 @@ class LocalProcessPool(Pool):
         w = self._get(worker_id)
         if w.client is None or not w.process.alive:
             return {**w.info.to_dict(), "reachable": False}
-        return {**await w.client.health(), "reachable": True}
+        try:
+            return {**await w.client.health(), "reachable": True}
+        except httpx.TransportError:  # it died a moment ago; the watcher is about to say so
+            return {**w.info.to_dict(), "reachable": False}
 
     # --- keep-alive ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Literal
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from .errors import InvalidModelRef
 
@@ -40,8 +40,8 @@ class ModelRef:
     filename: str | None = None
 
     def __str__(self) -> str:
-        if self.scheme == "file":
-            return f"file://{self.path}"
+        if self.scheme == "file":  # percent-encoded, so that parsing it again gives this path back
+            return f"file://{quote(self.path or '', safe='/+@,=:~')}"
         text = f"hf:{self.repo_id}"
         if self.filename:
             text += f"/{self.filename}"

@@ -315,9 +315,16 @@ class RbeeApp(ExtensionApp):
             self.log.info("rbee: service mode; admins: %s; file:// folders: %s; server token shared: %s",
                           ", ".join(sorted(config.admin_users)) or "none",
                           ", ".join(config.allowed_local_dirs) or "none", config.share_server_token)
+        if incomplete := self.hive.incomplete_downloads():  # e.g. the last server was killed mid-transfer
+            self.log.warning("rbee: %d unfinished download(s) in %s (%s); downloading the model again resumes "
+                             "them, GET rbee/v1/models lists them", len(incomplete), config.cache_dir,
+                             ", ".join(sorted({i["repo_id"] for i in incomplete})))
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(handlers(self) + openai_handlers({"app": self}))
+        from .handlers import NotFoundHandler
+
+        self.handlers.extend(handlers(self) + openai_handlers({"app": self})
+                             + [(r"/rbee/.*", NotFoundHandler, {"app": self})])  # last: what nothing else matched
 
     async def _start_jupyter_server_extension(self, serverapp) -> None:
         """Kernels started from now on find this server (``RBEE_SERVER_URL`` / ``RBEE_TOKEN``).

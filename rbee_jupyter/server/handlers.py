@@ -7,6 +7,8 @@ DESIGN.md's table; nothing here decides anything the hive could.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 AUTH_RESOURCE = "rbee"
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _HTTP_CODES = {400: "INVALID_REQUEST", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
                413: "BODY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
 
@@ -46,12 +49,21 @@ class RbeeHandler(APIHandler):
 
     def json_body(self) -> dict[str, Any]:
         """The body as a JSON object, or 400 saying what is wrong with it."""
+        raw = self.request.body or b"null"
         try:
-            body = json.loads(self.request.body or b"null")
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidRequest(f"The request body is not valid JSON: {e}.") from e
+        except RecursionError as e:
+            raise InvalidRequest("The request body is nested too deeply.") from e
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
+        if _SURROGATE_ESCAPE.search(raw):  # pairs were joined by json.loads; a lone one cannot be encoded later
+            try:
+                json.dumps(body, ensure_ascii=False).encode()
+            except UnicodeEncodeError as e:
+                raise InvalidRequest("The request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff); "
+                                     "send valid Unicode text.") from e
         return body
 
     def required_query(self, name: str) -> str:
@@ -152,7 +164,8 @@ class ModelsHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(200, {"models": self.hive.models(principal=self.principal)})
+        incomplete = self.hive.incomplete_downloads() if self.hive.may_see_all(self.principal) else []
+        self.reply(200, {"models": self.hive.models(principal=self.principal), "incomplete": incomplete})
 
     @web.authenticated
     @authorized
@@ -246,6 +259,17 @@ class InferenceCancelHandler(RbeeHandler):
     async def delete(self, request_id: str) -> None:
         self.hive.cancel(request_id, "inference", principal=self.principal)
         self.reply(204)
+
+
+class NotFoundHandler(RbeeHandler):
+    """Any other path under ``rbee/`` (an id holding ``/``, a typo): a JSON 404, not Jupyter's HTML page."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        raise web.HTTPError(404, f"No rbee route {self.request.method} {self.request.path}.")
+
+    post = put = patch = delete = get
 
 
 def handlers(app: RbeeApp) -> list[tuple[str, type, dict[str, Any]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import json
 import time
+from http import HTTPStatus
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized
@@ -18,9 +19,9 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from ..errors import Conflict, InvalidRequest, ModelNotFound, RbeeError
-from ..events import sse_done
+from ..events import sse_done, to_json
 from ..refs import parse_ref
-from .handlers import RbeeHandler
+from .handlers import _HTTP_CODES, RbeeHandler
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -54,8 +55,9 @@ class OpenAIHandler(RbeeHandler):
             status, code, message = exc.status, exc.code.lower(), exc.message
             param = exc.details.get("field")
         else:
-            status, code, param = status_code, None, None
-            message = getattr(exc, "log_message", None) or f"HTTP {status_code}"
+            status, param = status_code, None
+            code = _HTTP_CODES.get(status_code, "internal_error" if status_code >= 500 else f"http_{status_code}").lower()
+            message = getattr(exc, "log_message", None) or HTTPStatus(status_code).phrase
         self.set_status(status if status in range(400, 600) and status != 499 else 500)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
@@ -170,7 +172,7 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
         start_stream(self)
 
         async def send(obj: dict[str, Any]) -> None:
-            self.write(f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode())
+            self.write(f"data: {to_json(obj)}\n\n".encode())
             await self.flush()
 
         chunk = {**base, "object": self.chunk_object}
