@@ -47,6 +47,7 @@ import machine  # noqa: E402
 from machine import MachineLoad, set_nice, wait_for_quiet  # noqa: E402
 
 from rbee_jupyter.events import Event
+from rbee_jupyter.testing.rawsse import RawSSEProtocol
 
 
 @dataclass(frozen=True)
@@ -151,79 +152,25 @@ async def serve(rate: float, count: int, profile_to: str | None = None) -> None:
 REQUEST = b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
 
 
-class Subscriber(asyncio.Protocol):
-    """One SSE subscriber: HTTP/1.1 headers, chunked decoding, frames split on blank lines.
-
-    The arrival time is taken once per ``data_received`` before any parsing.
-    """
+class Subscriber(RawSSEProtocol):
+    """One SSE subscriber; the arrival time is taken once per ``data_received`` before any parsing."""
 
     def __init__(self, connected: asyncio.Future, finished: asyncio.Future) -> None:
-        self.connected, self.finished = connected, finished
-        self.raw = b""
-        self.headers_done = False
-        self.chunk_left = 0  # body bytes of the current chunk still to come
-        self.crlf_left = 0
-        self.sse = b""
+        super().__init__(REQUEST, finished, clock=time.time)
+        self.connected = connected
         self.delays: list[float] = []
         self.seqs: list[int] = []
         self.terminal_delay: float | None = None
         self.done = False
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.write(REQUEST)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.time()
-        self.raw += data
-        if not self.headers_done:
-            head, sep, rest = self.raw.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            if not head.startswith(b"HTTP/1.1 200") or b"chunked" not in head.lower():
-                self._finish(RuntimeError(head[:200].decode(errors="replace")))
-                return
-            self.headers_done, self.raw = True, rest
-        self._dechunk()
-        while b"\n\n" in self.sse:
-            block, self.sse = self.sse.split(b"\n\n", 1)
-            self._frame(block, now)
-
-    def _dechunk(self) -> None:
-        raw = self.raw
-        while raw:
-            if self.crlf_left:  # the CRLF that ends a chunk (it may arrive split)
-                k = min(self.crlf_left, len(raw))
-                raw, self.crlf_left = raw[k:], self.crlf_left - k
-                continue
-            if self.chunk_left == 0:  # a chunk-size line
-                line, sep, rest = raw.partition(b"\r\n")
-                if not sep:
-                    break
-                size, raw = int(line.split(b";")[0], 16), rest
-                if size == 0:  # the last chunk: the response is over
-                    raw = b""
-                    break
-                self.chunk_left = size
-                continue
-            take = raw[:self.chunk_left]
-            raw = raw[len(take):]
-            self.chunk_left -= len(take)
-            self.sse += take
-            if self.chunk_left == 0:
-                self.crlf_left = 2
-        self.raw = raw
-
-    def _frame(self, block: bytes, now: float) -> None:
+    def on_frame(self, block: bytes, now: float) -> None:
         for line in block.split(b"\n"):
             if not line.startswith(b"data: "):
                 continue
             payload = line[6:]
             if payload == b"[DONE]":
                 self.done = True
-                self.transport.close()
-                self._finish(None)
+                self.finish()
                 return
             event = json.loads(payload)
             seq = event["seq"]
@@ -237,14 +184,10 @@ class Subscriber(asyncio.Protocol):
             else:
                 self.delays.append(now - event["ts"])
 
-    def _finish(self, error: BaseException | None) -> None:
+    def finish(self, error: BaseException | None = None) -> None:
         if not self.connected.done():
             self.connected.set_exception(error or RuntimeError("stream ended before its first event"))
-        if not self.finished.done():
-            self.finished.set_result(error)
-
-    def connection_lost(self, exc) -> None:
-        self._finish(exc)
+        super().finish(error)
 
 
 async def clients(port: int, n: int, timeout: float) -> None:

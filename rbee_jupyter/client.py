@@ -141,9 +141,11 @@ class HttpTransport:
     mode = "server"
 
     def __init__(self, url: str, *, token: str | None = None, timeout: float = 30.0, verify: bool = True,
-                 sock: str | None = None, stream_read_timeout: float = 60.0) -> None:
+                 sock: str | None = None, stream_read_timeout: float = 60.0, hf_token: str | None = None) -> None:
         self.url = url if url.endswith("/") else url + "/"
         self.token = token or None
+        # Sent only with what fetches from the hub, never kept by the server (service mode).
+        self._hub_headers = {"X-HF-Token": hf_token} if hf_token else {}
         self.stream_read_timeout = stream_read_timeout
         headers = {"Authorization": f"token {token}"} if token else {}
         transport = httpx.HTTPTransport(uds=sock, verify=verify) if sock else None
@@ -181,10 +183,10 @@ class HttpTransport:
     # --- jobs -----------------------------------------------------------------------------
 
     def download(self, ref: str) -> dict[str, Any]:
-        return self._json("POST", "v1/models/download", json={"model_ref": ref})
+        return self._json("POST", "v1/models/download", json={"model_ref": ref}, headers=self._hub_headers)
 
     def load(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._json("POST", "v1/workers", json=body)
+        return self._json("POST", "v1/workers", json=body, headers=self._hub_headers)
 
     _PROGRESS = {"download": "v1/models/download/progress", "load": "v1/loading/progress"}
 
@@ -601,7 +603,15 @@ class Client:
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None, timeout: float = 30.0,
-                 verify: bool = True, sock: str | None = None) -> None:
+                 verify: bool = True, sock: str | None = None, hf_token: str | None = None) -> None:
+        """
+        Args:
+            url, token: the Jupyter server (or hub service) and its token; None: discover them.
+            hf_token: your own Hugging Face token, sent with downloads and loads (header
+                ``X-HF-Token``) to a shared hive in service mode, which uses it for your
+                transfers only and never stores it. An embedded hive uses huggingface_hub's
+                own lookup (``HF_TOKEN``) instead.
+        """
         if url is not None:
             self.connection = Connection("server", "explicit", url=url, token=token, sock=sock, verify=verify)
         else:
@@ -610,7 +620,7 @@ class Client:
             c = self.connection
             assert c.url is not None
             self._transport: Transport = HttpTransport(c.url, token=c.token, timeout=timeout, verify=c.verify,
-                                                       sock=c.sock)
+                                                       sock=c.sock, hf_token=hf_token)
         else:
             from .embedded import EmbeddedTransport, shared_hive
 

@@ -49,6 +49,7 @@ from typing import Any
 
 from .errors import Cancelled, InsufficientDisk, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory, \
     RbeeError
+from .procs import pid_alive as _pid_alive
 
 __all__ = ["ImportProgress", "import_gguf", "demo_gguf", "imported_dir", "MARKER"]
 
@@ -215,16 +216,6 @@ def _prepare_target(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidRequest(f"{out_dir} exists and is a file; choose another folder.",
                              details={"out_dir": str(out_dir)})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive but not ours; anything else: assume alive
-        return True
-    return True
 
 
 def _sweep_stale(out_dir: Path) -> None:

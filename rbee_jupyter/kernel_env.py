@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .procs import pid_alive as _pid_alive
+
 __all__ = ["publish", "unpublish", "server_env", "discover", "Connection", "VARIABLES"]
 
 ENV_URL = "RBEE_SERVER_URL"
@@ -138,16 +140,6 @@ class Connection:
     verify: bool = True
     notes: list[str] = field(default_factory=list)
     """Why the earlier ways did not apply, in order (shown by ``%rbee status``)."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _probe(url: str, token: str | None, *, sock: str | None = None, verify: bool = True,

@@ -117,6 +117,7 @@ class Status(dict):
 
     def text(self) -> str:
         how = {"explicit": "connected explicitly", "environment": "found via RBEE_SERVER_URL",
+               "jupyterhub": "found via JupyterHub's JUPYTERHUB_SERVICE_URL and API token",
                "jpy_parent_pid": "found via JPY_PARENT_PID and the server's runtime file",
                "embedded": "no server found"}.get(self["discovered_by"], self["discovered_by"])
         if self["mode"] == "server":

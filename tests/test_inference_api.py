@@ -8,14 +8,13 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from rbee_jupyter.procs import pid_alive
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
-from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import parse_frames
 
 TINY = f"hf:{TINY_REPO}"
@@ -64,17 +63,6 @@ def wait_for(predicate, timeout=10.0):
 
 def worker_state(server, worker_id):
     return server.get(f"v1/workers/{worker_id}").json()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # --- loading --------------------------------------------------------------------------

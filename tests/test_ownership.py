@@ -429,3 +429,16 @@ def test_a_catalog_from_before_owners_is_upgraded_in_place(tmp_path):
     again = Catalog(path)  # a second open finds the columns already there
     assert (again.get("hf:a/b").owner, again.get("hf:a/b").restricted) == ("alice", True)
     again.close()
+
+
+def test_the_python_client_sends_the_users_hub_token_only_when_given(team):
+    """``Client(hf_token=...)``: the gated repo arrives with a token the hub accepts, and without
+    one the same user gets ACCESS_DENIED (whether or not someone downloaded it before)."""
+    from rbee_jupyter.client import Client
+    from rbee_jupyter.errors import AccessDenied
+
+    with_token = Client(team.url, token=team.tokens["bob"], hf_token=ALICE_HF)
+    assert with_token.download(f"hf:{GATED}").wait(timeout=60)["stage"] == "complete"
+    without = Client(team.url, token=team.tokens["bob"])
+    with pytest.raises(AccessDenied, match="X-HF-Token"):
+        without.download(f"hf:{GATED}").wait(timeout=60)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import resource
 import subprocess
 import threading
@@ -38,17 +37,6 @@ def sha256(path: Path) -> str:
 
 def partial_files(cache: Path) -> list[Path]:
     return sorted(p for p in cache.rglob("*") if p.name.endswith(".rbee-incomplete"))
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def children_of(pid: int) -> list[int]:

@@ -20,71 +20,19 @@ from typing import Any
 
 import httpx
 
+from rbee_jupyter.testing.rawsse import RawSSEProtocol
 from rbee_jupyter.testing.server import ServerProcess
 
 
-class Subscriber(asyncio.Protocol):
-    """One SSE subscriber over a raw socket: headers, chunked decoding, frames on blank lines."""
+class Subscriber(RawSSEProtocol):
+    """One SSE subscriber over a raw socket; records every frame with its arrival time."""
 
     def __init__(self, request: bytes, finished: asyncio.Future) -> None:
-        self.request, self.finished = request, finished
-        self.raw = b""
-        self.status: int | None = None
-        self.headers_done = False
-        self.chunk_left = 0
-        self.crlf_left = 0
-        self.sse = b""
+        super().__init__(request, finished)
         self.frames: list[tuple[int | None, Any, float]] = []  # (id, data, arrival)
         self.done = False
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        self.raw += data
-        if not self.headers_done:
-            head, sep, rest = self.raw.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            self.status = int(head.split(b" ", 2)[1])
-            if self.status != 200 or b"chunked" not in head.lower():
-                self._finish(RuntimeError(head[:300].decode(errors="replace")))
-                return
-            self.headers_done, self.raw = True, rest
-        self._dechunk()
-        while b"\n\n" in self.sse:
-            block, self.sse = self.sse.split(b"\n\n", 1)
-            self._frame(block, now)
-
-    def _dechunk(self) -> None:
-        raw = self.raw
-        while raw:
-            if self.crlf_left:
-                k = min(self.crlf_left, len(raw))
-                raw, self.crlf_left = raw[k:], self.crlf_left - k
-                continue
-            if self.chunk_left == 0:
-                line, sep, rest = raw.partition(b"\r\n")
-                if not sep:
-                    break
-                size, raw = int(line.split(b";")[0], 16), rest
-                if size == 0:
-                    raw = b""
-                    break
-                self.chunk_left = size
-                continue
-            take = raw[:self.chunk_left]
-            raw = raw[len(take):]
-            self.chunk_left -= len(take)
-            self.sse += take
-            if self.chunk_left == 0:
-                self.crlf_left = 2
-        self.raw = raw
-
-    def _frame(self, block: bytes, now: float) -> None:
+    def on_frame(self, block: bytes, now: float) -> None:
         event_id, data = None, None
         for line in block.split(b"\n"):
             if line.startswith(b"id: "):
@@ -96,17 +44,9 @@ class Subscriber(asyncio.Protocol):
         if data == b"[DONE]":
             self.frames.append((None, "[DONE]", now))
             self.done = True
-            self.transport.close()
-            self._finish(None)
+            self.finish()
             return
         self.frames.append((event_id, json.loads(data), now))
-
-    def _finish(self, error: BaseException | None) -> None:
-        if not self.finished.done():
-            self.finished.set_result(error)
-
-    def connection_lost(self, exc) -> None:
-        self._finish(exc)
 
     @property
     def events(self) -> list[Any]:

@@ -13,10 +13,11 @@ import os
 import signal
 import time
 
+from rbee_jupyter.procs import pid_alive
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 
-from .conftest import StreamReader, children_of, pid_alive, settings_for, wait_for
+from .conftest import StreamReader, children_of, settings_for, wait_for
 
 PROMPT = "Once upon a time"
 LOAD_S = 120.0  # a torch import and a slowed load, on a busy 2-core machine
