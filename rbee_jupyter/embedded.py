@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -232,7 +232,8 @@ class EmbeddedTransport:
     def devices(self) -> list[dict[str, Any]]:
         from .devices import inventory
 
-        return [asdict(d) for d in inventory()]
+        found = inventory()  # here: it may take a moment, and the hive's loop need not wait
+        return self.owner.call(self.hive.devices, found)
 
     def close(self) -> None:
         if self.owned:

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .events import FeedEvent, dumps, sse_event
@@ -147,7 +146,9 @@ class FeedJob(Job):
     async def _devices_loop(self) -> None:
         while self.subscriptions and not self._closed:
             try:
-                self.emit("devices", devices=await asyncio.to_thread(_devices))
+                from .devices import inventory
+
+                self.emit("devices", devices=self.hive.devices(await asyncio.to_thread(inventory)))
             except Exception:  # a failing probe must not end the feed
                 log.exception("rbee feed: device inventory failed")
             await asyncio.sleep(self.devices_interval_s)
@@ -164,7 +165,7 @@ class FeedJob(Job):
     def snapshot(self) -> dict[str, Any]:
         """The whole current state, as one ``snapshot`` event's fields."""
         hive = self.hive
-        return {"devices": _devices(), "models": hive.models(principal=ANYONE), "workers": hive.workers(),
+        return {"devices": hive.devices(), "models": hive.models(principal=ANYONE), "workers": hive.workers(),
                 "jobs": [_summary(j) for j in hive.jobs.list() if not j.state.finished and j is not self]}
 
     def subscribe(self, *, last_event_id: int | None = None, max_lag: int = 256) -> FeedSubscription:  # type: ignore[override]
@@ -240,12 +241,6 @@ class FeedSubscription(Subscription):
 
 def _summary(job: Job) -> dict[str, Any]:
     return job.summary()
-
-
-def _devices() -> list[dict[str, Any]]:
-    from .devices import inventory
-
-    return [asdict(d) for d in inventory()]
 
 
 def ensure_feed(hive: Hive, **options: Any) -> FeedJob:

@@ -456,8 +456,10 @@ class Hive:
         except RbeeError:
             return True
 
-    def devices(self) -> list[dict[str, Any]]:
-        """``GET v1/devices``: the devices this server may use, with its quota and use of each."""
+    def devices(self, found: list[Any] | None = None) -> list[dict[str, Any]]:
+        """``GET v1/devices``, the feed and the sidebar: the devices this server may use, with its
+        quota and use of each. ``found``: an inventory already taken (e.g. in a thread), since
+        the quota part must run on the event loop."""
         from dataclasses import asdict
 
         from .devices import MiB, allowed_inventory, inventory
@@ -465,7 +467,7 @@ class Hive:
         quota = self.quota()
         return [{**asdict(d), "quota_mb": quota.limits[d.name] // MiB if d.name in quota.limits else None,
                  "in_use_mb": -(-quota.in_use(d.name) // MiB)}
-                for d in allowed_inventory(inventory(), self.config.allowed_devices)]
+                for d in allowed_inventory(found if found is not None else inventory(), self.config.allowed_devices)]
 
     async def _load(self, job: Job, req: LoadRequest, entry: CatalogEntry | None, plan: dict[str, str] | None, *,
                     hf_token: str | None = None, prove: bool = False) -> None:
