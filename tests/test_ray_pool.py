@@ -8,7 +8,7 @@ drive a RayPool object directly, because they need the worker's slow-load knob, 
 pool forwards to its actors from its own environment.
 
 Slow and heavy (a cluster, a server, several actors importing torch): marked ``ray`` and
-skipped unless ``RBEE_TEST_RAY=1`` (``.ci/run`` runs them in a second pytest call).
+skipped unless ``RBEE_TEST_RAY=1`` (the README's test command and ``.ci/run`` set it).
 """
 
 from __future__ import annotations
