@@ -30,7 +30,8 @@ engine leaves the host's CPU to others: then the relay's CPU does not come out o
 ``--profile N`` measures the relay alone instead: ``OpenAIEnginePool.generate`` in this process
 (no jupyter server), N generations against the same engine; it prints this process's CPU ms per
 token and per relayed chunk (median over the N) and a cProfile of one more generation, grouped by
-package, which is where a cheaper relay has to come from.
+package, which is where a cheaper relay has to come from; then the CPU of only reading the
+stream with httpx (as the relay does) vs h11 over asyncio streams (what a hand-made reader could save).
 
 Usage: python bench/engine.py [--rounds 5] [--tokens 128] [--engine-threads N] [--engine-device cuda:0]
                               [--model-dir DIR] [--nice -10] [--quiet-wait 60] [--profile N]
@@ -268,6 +269,56 @@ async def profile_relay(url: str, model: str, tokens: int, n: int) -> None:
         f"{k} {100 * v / whole:.0f}%" for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1])))
     stats.sort_stats("tottime").print_stats(12)
     await pool.close()
+    await compare_readers(url, model, tokens, n)
+
+
+async def compare_readers(url: str, model: str, tokens: int, n: int) -> None:
+    """Reading alone (no SSE, no JSON, no events): httpx as the relay uses it vs h11 over asyncio streams.
+
+    What a hand-made HTTP/1.1 reader for the streaming call could save at most, to weigh
+    against what it would have to redo (connection reuse, TLS, proxies, errors).
+    """
+    import h11
+
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+    payload = json.dumps(body).encode()
+
+    async def via_httpx(client: httpx.AsyncClient) -> int:
+        pieces = 0
+        async with client.stream("POST", "completions", json=body) as r:
+            async for _ in r.aiter_raw():
+                pieces += 1
+        return pieces
+
+    async def via_h11() -> int:
+        reader, writer = await asyncio.open_connection(host, port)
+        conn, pieces = h11.Connection(h11.CLIENT), 0
+        writer.write(conn.send(h11.Request(method="POST", target=httpx.URL(url).path + "/completions", headers=[
+            ("Host", f"{host}:{port}"), ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload)))])) + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Data):
+                    pieces += 1
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return pieces
+        finally:
+            writer.close()
+
+    cpu: dict[str, list[float]] = {"httpx aiter_raw": [], "h11 + asyncio streams": []}
+    async with httpx.AsyncClient(base_url=url + "/", timeout=120) as client:
+        await via_httpx(client), await via_h11()  # warm-up
+        for i in range(n):
+            for who in list(cpu) if i % 2 == 0 else list(cpu)[::-1]:
+                c0 = time.process_time()
+                await (via_httpx(client) if who.startswith("httpx") else via_h11())
+                cpu[who].append(1000 * (time.process_time() - c0))
+    print("reading only, CPU ms per generation (median, alternating): " + ", ".join(
+        f"{who} {statistics.median(xs):.1f}" for who, xs in cpu.items()))
 
 
 def report(args, res: dict, load: MachineLoad) -> None:
