@@ -176,8 +176,8 @@ class OpenAIEnginePool(Pool):
         self.inference_stall_s = inference_stall_s
         self._engines: dict[str, _Engine] = {}
         self._closing: set[asyncio.Task] = set()
-        # A streaming generation has no per-read timeout (each one is a cancel scope and a timer
-        # per chunk): a _Watchdog per generation watches for the stall instead.
+        # A streaming generation has no per-read timeout (a timer armed and cancelled per chunk):
+        # a _Watchdog per generation watches for the stall instead.
         self._stream_timeout = httpx.Timeout(None, connect=timeout_s)
 
     # --- registry ------------------------------------------------------------------------
@@ -363,9 +363,9 @@ class OpenAIEnginePool(Pool):
                     raise _refusal(e, r)
                 job.publish(InferenceStarted(job_id=job.id))
                 parser = SSEParser()
-                # The body in the transport's own pieces, parsed as bytes: reading line by line
-                # (aiter_lines) costs a text decoder and a line splitter per piece, which was most
-                # of the relay's CPU per token. Compressed bodies still go through httpx's decoder.
+                # The body in the transport's own pieces, parsed as bytes: aiter_lines would add a
+                # text decoder and a line splitter per piece (bench/ENGINES.md has what it saves).
+                # Compressed bodies still go through httpx's decoder.
                 plain = r.headers.get("content-encoding", "identity") == "identity"
                 pieces = r.aiter_raw() if plain else r.aiter_bytes()
                 publish = job.publish
