@@ -27,13 +27,20 @@ per token weighs the most; ``--model-dir`` names any other transformers folder.
 ``--engine-threads 1`` leaves the engine one core fewer than the machine has, the way a GPU
 engine leaves the host's CPU to others: then the relay's CPU does not come out of the engine's.
 
+``--profile N`` measures the relay alone instead: ``OpenAIEnginePool.generate`` in this process
+(no jupyter server), N generations against the same engine; it prints this process's CPU ms per
+token and per relayed chunk (median over the N) and a cProfile of one more generation, grouped by
+package, which is where a cheaper relay has to come from; then the CPU of only reading the
+stream with httpx (as the relay does) vs h11 over asyncio streams (what a hand-made reader could save).
+
 Usage: python bench/engine.py [--rounds 5] [--tokens 128] [--engine-threads N] [--engine-device cuda:0]
-                              [--model-dir DIR] [--nice -10] [--quiet-wait 60]
+                              [--model-dir DIR] [--nice -10] [--quiet-wait 60] [--profile N]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -155,6 +162,8 @@ def main() -> None:
     ap.add_argument("--engine-device", default="cpu", help="the engine's --device (e.g. cuda:0 on a GPU box)")
     ap.add_argument("--nice", type=int, default=0, help="as in the other benches (e.g. -10, as root)")
     ap.add_argument("--quiet-wait", type=float, default=60.0, help="as in the other benches")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the relay in-process over N generations instead of the hive-vs-direct rounds")
     args = ap.parse_args()
     machine.quiet_budget[0] = args.quiet_wait
     if args.nice:
@@ -169,6 +178,13 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}/v1"
         engine = start_engine(model, port, Path(tmp) / "engine.log", args.engine_threads, args.engine_device)
         settings = {"cache_dir": str(Path(tmp) / "cache"), "catalog_path": str(Path(tmp) / "catalog.sqlite")}
+        if args.profile:
+            try:
+                asyncio.run(profile_relay(url, str(model), args.tokens, args.profile))
+            finally:
+                engine.terminate()
+                engine.wait(15)
+            return
         direct = httpx.Client(base_url=url + "/")  # kept open like the hive's and the bench's hive client
         try:
             with ServerProcess(Path(tmp) / "server", rbee=settings) as server:
@@ -198,6 +214,111 @@ def main() -> None:
             engine.terminate()
             engine.wait(15)
     report(args, res, load)
+
+
+async def profile_relay(url: str, model: str, tokens: int, n: int) -> None:
+    """The relay's own CPU (this process only: the engine is another process) per token and per chunk."""
+    import cProfile
+    import pstats
+    from collections import defaultdict
+
+    from rbee_jupyter.engines import EngineSpec, OpenAIEnginePool
+    from rbee_jupyter.events import Token
+    from rbee_jupyter.jobs import Job
+
+    pool = OpenAIEnginePool(health_interval_s=None)
+    load = Job("load")
+    await pool.start(EngineSpec.from_json({"url": url, "model": model}), load)
+    await asyncio.wait_for(load.task, 60)
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+
+    async def one() -> tuple[float, int, int, str]:
+        job = Job("inference")
+        c0 = time.process_time()
+        await pool.generate(load.id, body, job)
+        cpu = time.process_time() - c0
+        events = [r.event for r in job.records]
+        toks = [ev for ev in events if isinstance(ev, Token)]
+        end = events[-1] if events else None
+        return cpu, int(getattr(end, "total_tokens", 0) or 0), len(toks), "".join(t.t for t in toks)
+
+    await one()  # warm-up, off the clock
+    runs = [await one() for _ in range(n)]
+    texts = {r[3] for r in runs}
+    cpu = statistics.median(r[0] for r in runs)
+    total, chunks = runs[0][1], runs[0][2]
+    print(f"relay in-process, {n} generations of {total} tokens ({chunks} chunks), same text: {len(texts) == 1}")
+    print(f"relay CPU per generation {1000 * cpu:.1f} ms (median; min {1000 * min(r[0] for r in runs):.1f}), "
+          f"{1000 * cpu / max(total, 1):.3f} ms/token, {1000 * cpu / max(chunks, 1):.3f} ms/chunk")
+    prof = cProfile.Profile()
+    prof.enable()
+    await one()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    by_pkg: dict[str, float] = defaultdict(float)
+    for (file, _, name), (_, _, tt, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if "poll" in name and file == "~":
+            continue  # waiting for the engine's next chunk, not work
+        parts = Path(file).parts
+        pkg = next((x for x in ("rbee_jupyter", "httpx", "httpcore", "h11", "anyio", "asyncio", "json")
+                    if x in parts), "builtins" if file == "~" else "other")
+        by_pkg[pkg] += tt
+    whole = sum(by_pkg.values())
+    print(f"cProfile of one generation: {1000 * whole:.0f} ms of work (epoll waits left out), own time by package: "
+          + ", ".join(
+        f"{k} {100 * v / whole:.0f}%" for k, v in sorted(by_pkg.items(), key=lambda kv: -kv[1])))
+    stats.sort_stats("tottime").print_stats(12)
+    await pool.close()
+    await compare_readers(url, model, tokens, n)
+
+
+async def compare_readers(url: str, model: str, tokens: int, n: int) -> None:
+    """Reading alone (no SSE, no JSON, no events): httpx as the relay uses it vs h11 over asyncio streams.
+
+    What a hand-made HTTP/1.1 reader for the streaming call could save at most, to weigh
+    against what it would have to redo (connection reuse, TLS, proxies, errors).
+    """
+    import h11
+
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+    payload = json.dumps(body).encode()
+
+    async def via_httpx(client: httpx.AsyncClient) -> int:
+        pieces = 0
+        async with client.stream("POST", "completions", json=body) as r:
+            async for _ in r.aiter_raw():
+                pieces += 1
+        return pieces
+
+    async def via_h11() -> int:
+        reader, writer = await asyncio.open_connection(host, port)
+        conn, pieces = h11.Connection(h11.CLIENT), 0
+        writer.write(conn.send(h11.Request(method="POST", target=httpx.URL(url).path + "/completions", headers=[
+            ("Host", f"{host}:{port}"), ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload)))])) + conn.send(h11.Data(data=payload)) + conn.send(h11.EndOfMessage()))
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Data):
+                    pieces += 1
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return pieces
+        finally:
+            writer.close()
+
+    cpu: dict[str, list[float]] = {"httpx aiter_raw": [], "h11 + asyncio streams": []}
+    async with httpx.AsyncClient(base_url=url + "/", timeout=120) as client:
+        await via_httpx(client), await via_h11()  # warm-up
+        for i in range(n):
+            for who in list(cpu) if i % 2 == 0 else list(cpu)[::-1]:
+                c0 = time.process_time()
+                await (via_httpx(client) if who.startswith("httpx") else via_h11())
+                cpu[who].append(1000 * (time.process_time() - c0))
+    print("reading only, CPU ms per generation (median, alternating): " + ", ".join(
+        f"{who} {statistics.median(xs):.1f}" for who, xs in cpu.items()))
 
 
 def report(args, res: dict, load: MachineLoad) -> None:

@@ -39,7 +39,7 @@ import httpx
 
 from .errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
                      InvalidRequest, ModelNotFound, RbeeError, WorkerBusy, WorkerNotFound)
-from .events import InferenceEnd, InferenceStarted, Ready, Token
+from .events import DONE, InferenceEnd, InferenceStarted, Ready, Token
 from .jobs import Job
 from .pool import Pool, WorkerInfo, _snapshot
 from .sse_client import SSEParser
@@ -176,6 +176,9 @@ class OpenAIEnginePool(Pool):
         self.inference_stall_s = inference_stall_s
         self._engines: dict[str, _Engine] = {}
         self._closing: set[asyncio.Task] = set()
+        # A streaming generation has no per-read timeout (a timer armed and cancelled per chunk):
+        # a _Watchdog per generation watches for the stall instead.
+        self._stream_timeout = httpx.Timeout(None, connect=timeout_s)
 
     # --- registry ------------------------------------------------------------------------
 
@@ -352,36 +355,56 @@ class OpenAIEnginePool(Pool):
         t0 = time.monotonic()
         first: float | None = None
         count, finish, usage, done = 0, None, None, False
+        watchdog = _Watchdog(self.inference_stall_s) if self.inference_stall_s else None
         try:
-            async with e.client.stream("POST", path, json=payload) as r:
+            async with e.client.stream("POST", path, json=payload, timeout=self._stream_timeout) as r:
                 if r.status_code != 200:
                     await r.aread()
                     raise _refusal(e, r)
                 job.publish(InferenceStarted(job_id=job.id))
                 parser = SSEParser()
-                async for line in r.aiter_lines():
-                    message = parser.feed_line(line)
-                    if message is None or message.data is None:
-                        continue
-                    if message.done:
-                        done = True
+                # The body in the transport's own pieces, parsed as bytes: aiter_lines would add a
+                # text decoder and a line splitter per piece (bench/ENGINES.md has what it saves).
+                # Compressed bodies still go through httpx's decoder.
+                plain = r.headers.get("content-encoding", "identity") == "identity"
+                pieces = r.aiter_raw() if plain else r.aiter_bytes()
+                publish = job.publish
+                async for piece in pieces:
+                    if watchdog is not None:
+                        watchdog.last = time.monotonic()
+                    for message in parser.feed_bytes(piece):
+                        data = message.data
+                        if data is None:
+                            continue
+                        if data == DONE:
+                            done = True
+                            break
+                        chunk = _chunk(e, data)
+                        usage = chunk.get("usage") or usage
+                        for choice in chunk.get("choices") or ():
+                            text = _text(choice)
+                            if text:
+                                if first is None:
+                                    first = time.monotonic()
+                                publish(Token(t=text, i=count))
+                                count += 1
+                            finish = choice.get("finish_reason") or finish
+                    if done:
                         break
-                    chunk = _chunk(e, message.data)
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or []:
-                        text = _text(choice)
-                        if text:
-                            first = first or time.monotonic()
-                            job.publish(Token(t=text, i=count))
-                            count += 1
-                        finish = choice.get("finish_reason") or finish
+        except asyncio.CancelledError:
+            if watchdog is None or not watchdog.fired:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr] - the stall is ours, not a cancel
+            raise self._stalled(e) from None
         except httpx.TimeoutException:
-            raise InferenceStalled(
-                f"The engine at {e.spec.url} sent nothing for {self.inference_stall_s:g} s; the request was closed. "
-                "Raise c.RbeeApp.inference_stall_s if it legitimately takes this long.",
-                details={"worker_id": e.info.id, "stall_s": self.inference_stall_s}) from None
+            raise self._stalled(e) from None
         except httpx.TransportError as exc:
+            if watchdog is not None:
+                watchdog.stop()  # the probe below is bounded by timeout_s; a stall now is no stall
             raise await self._broken(e, f"{type(exc).__name__}: {exc}") from None
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
         if finish is None and not done:
             raise await self._broken(e, "the stream ended before a finish_reason")
         duration = time.monotonic() - t0
@@ -392,6 +415,12 @@ class OpenAIEnginePool(Pool):
             stop_reason=_stop_reason(finish, has_stops), prompt_tokens=usage.get("prompt_tokens"),
             time_to_first_token_ms=round((first - t0) * 1000, 1) if first else None,
             tokens_per_second=round(total / duration, 2) if duration > 0 else None))
+
+    def _stalled(self, e: _Engine) -> InferenceStalled:
+        return InferenceStalled(
+            f"The engine at {e.spec.url} sent nothing for {self.inference_stall_s:g} s; the request was closed. "
+            "Raise c.RbeeApp.inference_stall_s if it legitimately takes this long.",
+            details={"worker_id": e.info.id, "stall_s": self.inference_stall_s})
 
     async def _broken(self, e: _Engine, what: str) -> RbeeError:
         """A stream broke off: a probe says whether the engine is gone or just hiccupped.
@@ -455,6 +484,34 @@ class OpenAIEnginePool(Pool):
             await self._closed(e)
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=5)
+
+
+class _Watchdog:
+    """Cancels the current task once ``last`` is ``stall_s`` old: one timer per stall period, not one per read.
+
+    The relay only stamps ``last`` per piece it reads; the timer wakes up when the stall
+    could be due at the earliest and sleeps again for what is left, so a stream that keeps
+    flowing costs one timer every ``stall_s`` seconds.
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.last = time.monotonic()
+        self.fired = False
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(stall_s, self._check)
+
+    def _check(self) -> None:
+        idle = time.monotonic() - self.last
+        if idle < self.stall_s:
+            self._timer = self._loop.call_later(self.stall_s - idle, self._check)
+        elif self._task is not None:
+            self.fired = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 # --- translation ----------------------------------------------------------------------------

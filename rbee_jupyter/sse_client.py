@@ -43,6 +43,7 @@ class SSEParser:
         self._id: int | None = None
         self._data: list[str] = []
         self._comment: str | None = None
+        self._pending = b""  # an unfinished line of feed_bytes
 
     def feed_line(self, line: str) -> SSEMessage | None:
         line = line.rstrip("\r\n")
@@ -64,6 +65,30 @@ class SSEParser:
 
     def feed(self, lines: Iterable[str]) -> list[SSEMessage]:
         return [m for m in map(self.feed_line, lines) if m is not None]
+
+    def feed_bytes(self, data: bytes) -> list[SSEMessage]:
+        """Feed raw bytes as the transport hands them over, cut anywhere; the messages they complete.
+
+        A relay reading the body in the transport's own pieces skips a text decoder and a line
+        splitter per piece, which is most of what reading line by line costs per chunk. Lines
+        are decoded whole, so a UTF-8 character split across two pieces decodes right; ``\r\n``,
+        ``\r`` and ``\n`` all end a line, as the spec says.
+        """
+        buf = self._pending + data if self._pending else data
+        if b"\r" in buf:
+            keep_cr = buf.endswith(b"\r")  # maybe the first half of a \r\n
+            if keep_cr:
+                buf = buf[:-1]
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if keep_cr:
+                buf += b"\r"
+        *lines, self._pending = buf.split(b"\n")
+        out = []
+        for line in lines:
+            message = self.feed_line(line.decode("utf-8", "replace"))
+            if message is not None:
+                out.append(message)
+        return out
 
     def _dispatch(self) -> SSEMessage | None:
         if not self._data and self._comment is None:
