@@ -364,7 +364,7 @@ class OpenAIEnginePool(Pool):
                 job.publish(InferenceStarted(job_id=job.id))
                 parser = SSEParser()
                 # The body in the transport's own pieces, parsed as bytes: aiter_lines would add a
-                # text decoder and a line splitter per piece (bench/ENGINES.md has what it saves).
+                # text decoder and a line splitter per piece (bench/RESULTS.md, external engines, has what it saves).
                 # Compressed bodies still go through httpx's decoder.
                 plain = r.headers.get("content-encoding", "identity") == "identity"
                 pieces = r.aiter_raw() if plain else r.aiter_bytes()
