@@ -481,6 +481,47 @@ def test_engine_killed_fails_the_worker_and_its_stream_and_comes_back(server, rb
 
 # --- configuration -----------------------------------------------------------------------------------
 
+async def test_an_engine_that_stops_sending_mid_stream_ends_it_with_inference_stalled(engine):
+    """SIGSTOP the engine mid-generation: the relay's stall watchdog ends the stream with
+    INFERENCE_STALLED after ``inference_stall_s``, then the engine goes on serving."""
+    import asyncio
+
+    from rbee_jupyter.engines import EngineSpec, OpenAIEnginePool
+    from rbee_jupyter.events import ErrorEvent
+    from rbee_jupyter.jobs import Job, JobRegistry, JobState
+
+    pool, jobs = OpenAIEnginePool(timeout_s=5.0, health_interval_s=None, inference_stall_s=1.5), JobRegistry()
+    try:
+        load = Job("load")
+        info = await pool.start(EngineSpec.from_json({"backend": "openai", "url": engine.url, "model": engine.model}),
+                                load)
+        assert await load.wait(30) is JobState.COMPLETE, load.last.data
+        body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0}
+        job = jobs.start(jobs.create("inference", error_style="type"), lambda j: pool.generate(info.id, body, j))
+
+        async def first_token() -> None:
+            async for record in job.subscribe(last_event_id=0):
+                if record.event.to_dict().get("type") == "token":
+                    return
+        await asyncio.wait_for(first_token(), 30)
+        engine.proc.send_signal(signal.SIGSTOP)  # When: the engine freezes mid-stream
+        try:
+            started = time.monotonic()
+            await job.wait(20)
+            stalled_after = time.monotonic() - started
+        finally:
+            engine.proc.send_signal(signal.SIGCONT)
+        event = job.last.event
+        assert isinstance(event, ErrorEvent) and event.code == "INFERENCE_STALLED", job.last.data
+        assert stalled_after >= 1.4, stalled_after  # not before the limit
+        body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        again = jobs.start(jobs.create("inference", error_style="type"), lambda j: pool.generate(info.id, body, j))
+        assert await again.wait(60) is JobState.COMPLETE, again.last.data  # the engine serves on
+    finally:
+        await jobs.shutdown()
+        await pool.close()
+
+
 def test_configured_engines_are_checked_when_the_config_is_read(monkeypatch):
     from traitlets import TraitError
     from traitlets.config import Config
