@@ -633,6 +633,12 @@ class CompositePool(Pool):
     def check_node(self, node: str) -> None:
         self.primary.check_node(node)  # engines are placed by their URL, never by node
 
+    def __getattr__(self, name: str) -> Any:
+        """The primary pool's own settings and helpers (``keep_alive_s``, a Ray pool's nodes, ...)."""
+        if name.startswith("_") or name in ("primary", "engines"):
+            raise AttributeError(name)
+        return getattr(self.primary, name)
+
     async def start(self, spec: Any, job: Job) -> WorkerInfo:
         pool = self.engines if isinstance(spec, EngineSpec) else self.primary
         return await pool.start(spec, job)

@@ -86,7 +86,7 @@ def events(frames: list[Frame]) -> list:
 def test_the_api_works_through_the_proxy_with_the_users_token(hub, tokens):
     api = httpx.Client(base_url=hub.server_url("alice") + "rbee/", headers=auth(tokens["alice"]), timeout=30)
 
-    assert api.get("v1/models").json() == {"models": []}
+    assert api.get("v1/models").json()["models"] == []
     r = api.post("v1/models/download", json={"model_ref": f"hf:{TINY_REPO}"})
     assert r.status_code == 202, r.text
     progress_url = r.json()["progress_url"]
@@ -96,7 +96,7 @@ def test_the_api_works_through_the_proxy_with_the_users_token(hub, tokens):
     assert events(frames)[-2]["stage"] == "complete" and events(frames)[-1] == "[DONE]"
     assert [m["ref"] for m in api.get("v1/models").json()["models"]] == [f"hf:{TINY_REPO}"]
     bob = httpx.get(hub.server_url("bob") + "rbee/v1/models", headers=auth(tokens["bob"]))
-    assert bob.json() == {"models": []}  # bob's server has its own catalog
+    assert bob.json()["models"] == []  # bob's server has its own catalog
 
 
 def test_events_pass_the_proxy_as_they_happen_and_so_do_keepalives(hub, tokens, rbee_hub, rbee_tiny_model):
