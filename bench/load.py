@@ -92,6 +92,11 @@ def _warm_imports(folder: str, mode: str) -> None:
         names += ["bitsandbytes", "transformers.integrations.bitsandbytes"]
     for name in names:
         importlib.import_module(name)
+    # transformers builds its table of checkpoint renamings for every architecture on first use
+    # (~0.1 s of regex compiling); both loaders consult it, so it is warmed like an import.
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    get_checkpoint_conversion_mapping(config.model_type)
 
 
 def measure(impl: str, mode: str, folder: Path) -> dict:
