@@ -58,27 +58,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import httpx
 
 import machine
-from machine import MachineLoad, set_nice, wait_for_quiet
+from machine import MachineLoad, cpu_of, set_nice, wait_for_quiet
 
 PROMPT = "Once upon a time"
-
-
-def cpu_of(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-class Load(MachineLoad):
-    """MachineLoad that counts the engine and the server (live children) as our own."""
-
-    pids: tuple[int, ...] = ()
-
-    def _own(self) -> float:
-        return super()._own() + sum(cpu_of(p) for p in self.pids)
 
 
 def start_engine(model: Path, port: int, log: Path, threads: int | None, device: str) -> subprocess.Popen:
@@ -195,8 +177,8 @@ def main() -> None:
                 assert ready["stage"] == "ready", ready
                 run_direct(direct, str(model), 8), run_hive(server, worker_id, 8)  # warm-up, off the clock
                 res: dict[str, list] = {"direct": [], "hive": []}
-                with Load() as load:
-                    Load.pids = (engine.pid, server.proc.pid)
+                MachineLoad.pids = (engine.pid, server.proc.pid)  # their CPU is ours, not "other"
+                with MachineLoad() as load:
                     for i in range(args.rounds):
                         wait_for_quiet()
                         order = ("direct", "hive") if i % 2 == 0 else ("hive", "direct")

@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import machine
-from machine import MachineLoad, set_nice, wait_for_quiet
+from machine import MachineLoad, cpu_of, set_nice, wait_for_quiet
 
 VOCAB = 49152
 UNUSED_EOS = VOCAB  # outside the logits: greedy decoding can never pick it
@@ -109,25 +109,6 @@ def make_model(folder: Path) -> Path:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-def cpu_of(pid: int) -> float:
-    """utime + stime of a live process, seconds."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-class Load(MachineLoad):
-    """MachineLoad that also counts our live server and worker processes as our own."""
-
-    pids: tuple[int, ...] = ()
-
-    def _own(self) -> float:
-        return super()._own() + sum(cpu_of(p) for p in self.pids)
-
 
 def align_worker_priority(pid: int) -> str:
     """Give the worker our scheduling priority: our nice, and our autogroup's nice.
@@ -293,7 +274,7 @@ def bench_dtype(args, folder: Path, dtype: str, server, loads: list) -> dict:
     if last.get("stage") != "ready":
         raise RuntimeError(f"worker did not load: {last}\n{server.log()[-3000:]}")
     pid = server.get(f"v1/workers/{wid}").json()["pid"]
-    Load.pids = (server.proc.pid, pid)
+    MachineLoad.pids = (server.proc.pid, pid)
     prio = align_worker_priority(pid)
     print(f"[{dtype}] worker {wid} (pid {pid}, {prio}) ready in {time.perf_counter() - t:.1f} s", flush=True)
 
@@ -317,7 +298,7 @@ def bench_dtype(args, folder: Path, dtype: str, server, loads: list) -> dict:
         for name in (("rbee", "hf") if i % 2 == 0 else ("hf", "rbee")):
             if args.quiet_wait > 0:
                 wait_for_quiet()
-            with Load() as load:
+            with MachineLoad() as load:
                 x = run_rbee(server, wid, args.tokens) if name == "rbee" else run_hf(model, tok, args.tokens)
             loads.append(load)
             res[name].append(x)
@@ -330,7 +311,7 @@ def bench_dtype(args, folder: Path, dtype: str, server, loads: list) -> dict:
     for i in range(args.cancel_rounds):
         if args.quiet_wait > 0:
             wait_for_quiet()
-        with Load() as load:
+        with MachineLoad() as load:
             c = run_cancel(server, wid, pid, args.tokens, args.cancel_after)
         loads.append(load)
         cancels.append(c)

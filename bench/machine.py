@@ -11,11 +11,24 @@ import resource
 import time
 
 
+def cpu_of(pid: int) -> float:
+    """utime + stime of a live process, seconds (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class MachineLoad:
     """CPU that *other* processes used while a bench ran (it skews timings on a small machine).
 
-    System-wide busy time from /proc/stat minus this process's and its reaped children's CPU.
+    System-wide busy time from /proc/stat minus this process's, its reaped children's, and
+    the live processes of ``pids`` (servers, workers, engines the bench started) CPU.
     """
+
+    pids: tuple[int, ...] = ()
 
     def __enter__(self) -> MachineLoad:  # noqa: PYI034 - Self needs 3.11
         self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
@@ -34,10 +47,9 @@ class MachineLoad:
         idle = v[3] + v[4]
         return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
-    @staticmethod
-    def _own() -> float:
+    def _own(self) -> float:
         s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime + sum(cpu_of(p) for p in self.pids)
 
     def note(self) -> str:
         warn = "  !! the machine was busy with other work: timings are skewed" if self.other_pct > 10 else ""
