@@ -39,8 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import machine  # noqa: E402
-from machine import MachineLoad, set_nice, wait_for_quiet  # noqa: E402
+from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet  # noqa: E402
 
 REPO_ID = "bench/random-200mb"
 
@@ -205,17 +204,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--size-mb", type=int, default=200)
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--nice", type=int, default=0,
-                    help="run the bench and the processes it starts at this nice value (e.g. -10, as root), its "
-                         "scheduler autogroup too, so other work on a shared machine disturbs it less")
-    ap.add_argument("--quiet-wait", type=float, default=60.0,
-                    help="seconds, over the whole bench, to wait for other processes to leave the CPU idle "
-                         "before each run (shared machines); 0: never wait")
+    add_machine_options(ap)
     ap.add_argument("--profile", action="store_true", help="also cProfile rbee's Downloader in-process")
     args = ap.parse_args()
-    machine.quiet_budget[0] = args.quiet_wait
-    if args.nice:
-        set_nice(args.nice)
+    apply_machine_options(args)
 
     from rbee_jupyter.testing.hub import HubServer
 

@@ -57,8 +57,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import httpx
 
-import machine
-from machine import MachineLoad, cpu_of, set_nice, wait_for_quiet
+from machine import MachineLoad, add_machine_options, apply_machine_options, cpu_of, wait_for_quiet
 
 PROMPT = "Once upon a time"
 
@@ -142,14 +141,11 @@ def main() -> None:
     ap.add_argument("--engine-threads", type=int, default=None,
                     help="torch threads of the engine (OMP_NUM_THREADS); default: torch's, i.e. every core")
     ap.add_argument("--engine-device", default="cpu", help="the engine's --device (e.g. cuda:0 on a GPU box)")
-    ap.add_argument("--nice", type=int, default=0, help="as in the other benches (e.g. -10, as root)")
-    ap.add_argument("--quiet-wait", type=float, default=60.0, help="as in the other benches")
+    add_machine_options(ap)
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the relay in-process over N generations instead of the hive-vs-direct rounds")
     args = ap.parse_args()
-    machine.quiet_budget[0] = args.quiet_wait
-    if args.nice:
-        set_nice(args.nice)
+    apply_machine_options(args)
 
     from rbee_jupyter.testing.server import ServerProcess, free_port
     from rbee_jupyter.testing.tiny_model import make_tiny_model

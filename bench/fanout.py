@@ -43,8 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import machine  # noqa: E402
-from machine import MachineLoad, set_nice, wait_for_quiet  # noqa: E402
+from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet  # noqa: E402
 
 from rbee_jupyter.events import Event
 from rbee_jupyter.testing.rawsse import RawSSEProtocol
@@ -344,12 +343,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2, help="client processes holding the subscribers")
     ap.add_argument("--rate", type=float, default=10.0, help="events per second")
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--nice", type=int, default=0,
-                    help="run the bench and the processes it starts at this nice value (e.g. -10, as root), its "
-                         "scheduler autogroup too, so other work on a shared machine disturbs it less")
-    ap.add_argument("--quiet-wait", type=float, default=60.0,
-                    help="seconds, over the whole bench, to wait for other processes to leave the CPU idle "
-                         "before each case (shared machines); 0: never wait")
+    add_machine_options(ap)
     ap.add_argument("--profile", action="store_true",
                     help="also cProfile the server during the largest case and print where its time goes")
     ap.add_argument("--profile-to", help=argparse.SUPPRESS)
@@ -360,9 +354,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    machine.quiet_budget[0] = args.quiet_wait
-    if args.nice:
-        set_nice(args.nice)
+    apply_machine_options(args)
     _raise_nofile()
     if args.serve:
         asyncio.run(serve(args.rate, args.count, args.profile_to))

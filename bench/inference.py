@@ -56,8 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import machine
-from machine import MachineLoad, cpu_of, set_nice, wait_for_quiet
+from machine import MachineLoad, add_machine_options, apply_machine_options, cpu_of, wait_for_quiet
 
 VOCAB = 49152
 UNUSED_EOS = VOCAB  # outside the logits: greedy decoding can never pick it
@@ -402,13 +401,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for both (OMP_NUM_THREADS for the worker); default: the worker's default")
     ap.add_argument("--model-dir", type=Path, default=None, help="reuse (or create) the checkpoint here")
-    ap.add_argument("--nice", type=int, default=0, help="as in the other benches (e.g. -10, as root)")
-    ap.add_argument("--quiet-wait", type=float, default=60.0, help="as in the other benches")
+    add_machine_options(ap)
     ap.add_argument("--profile", action="store_true", help="CPU per token of each part of both paths, one extra run each")
     args = ap.parse_args()
-    machine.quiet_budget[0] = args.quiet_wait
-    if args.nice:
-        set_nice(args.nice)
+    apply_machine_options(args)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     if args.threads:

@@ -74,6 +74,22 @@ def set_nice(nice: int) -> None:
 quiet_budget = [0.0]  # seconds of waiting left for the whole bench
 
 
+def add_machine_options(ap) -> None:
+    """``--nice`` and ``--quiet-wait``, the same for every bench."""
+    ap.add_argument("--nice", type=int, default=0,
+                    help="run the bench and the processes it starts at this nice value (e.g. -10, as root), its "
+                         "scheduler autogroup too, so other work on a shared machine disturbs it less")
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="seconds, over the whole bench, to wait for other processes to leave the CPU idle "
+                         "before each run (shared machines); 0: never wait")
+
+
+def apply_machine_options(args) -> None:
+    quiet_budget[0] = args.quiet_wait
+    if args.nice:
+        set_nice(args.nice)
+
+
 def wait_for_quiet(busy_pct: float = 15.0) -> None:
     """On a shared machine, wait for a second in which others use < busy_pct of the CPU.
 

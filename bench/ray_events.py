@@ -34,8 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import machine
-from machine import MachineLoad, set_nice, wait_for_quiet
+from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet
 
 
 def read_delays(server, model_ref: str, node: str | None, timeout: float = 300.0) -> tuple[list[float], str]:
@@ -73,13 +72,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--block-delay", type=float, default=0.02, help="seconds after each block (worker knob)")
-    ap.add_argument("--nice", type=int, default=0, help="renice the bench and its children (root; e.g. -10)")
-    ap.add_argument("--quiet-wait", type=float, default=60.0,
-                    help="seconds to wait, at most, for other processes to leave the CPU idle")
+    add_machine_options(ap)
     args = ap.parse_args()
-    machine.quiet_budget[0] = args.quiet_wait
-    if args.nice:
-        set_nice(args.nice)
+    apply_machine_options(args)
 
     import ray
     from ray.cluster_utils import Cluster

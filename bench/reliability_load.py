@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import machine  # noqa: E402
-from machine import MachineLoad, set_nice, wait_for_quiet  # noqa: E402
+from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet  # noqa: E402
 
 from rbee_jupyter.testing.hub import HubServer  # noqa: E402
 from rbee_jupyter.testing.server import ServerProcess  # noqa: E402
@@ -42,7 +41,7 @@ from tests.reliability.load import add_load_repos, load_worker, percentile, run_
 
 def _cpu_s(root: int) -> float:
     """CPU seconds of ``root`` and its live descendants (the server and its worker)."""
-    tick, total, pids = os.sysconf("SC_CLK_TCK"), 0.0, {root}
+    tick, pids = os.sysconf("SC_CLK_TCK"), {root}
     stats = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -91,13 +90,9 @@ def main() -> None:
     ap.add_argument("--chunk-delay", type=float, default=0.05,
                     help="seconds the hub sleeps between 64 KiB chunks while the load runs (a ~1.3 MB/s link)")
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--nice", type=int, default=0, help="run at this nice value (e.g. -10, as root)")
-    ap.add_argument("--quiet-wait", type=float, default=60.0,
-                    help="seconds, over the whole bench, to wait for a quiet CPU before each round; 0: never")
+    add_machine_options(ap)
     args = ap.parse_args()
-    machine.quiet_budget[0] = args.quiet_wait
-    if args.nice:
-        set_nice(args.nice)
+    apply_machine_options(args)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
