@@ -44,7 +44,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,28 +59,6 @@ import httpx
 from machine import MachineLoad, add_machine_options, apply_machine_options, cpu_of, wait_for_quiet
 
 PROMPT = "Once upon a time"
-
-
-def start_engine(model: Path, port: int, log: Path, threads: int | None, device: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(model),
-                                 "--device", device, "--host", "127.0.0.1", "--port", str(port)],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"transformers serve exited:\n{log.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)  # a starting process: nothing to wait on instead
-    proc.kill()
-    raise TimeoutError("transformers serve did not start within 180 s")
 
 
 def sse_data(lines):
@@ -147,6 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     apply_machine_options(args)
 
+    from rbee_jupyter.testing.engine import TransformersServe
     from rbee_jupyter.testing.server import ServerProcess, free_port
     from rbee_jupyter.testing.tiny_model import make_tiny_model
 
@@ -154,14 +132,14 @@ def main() -> None:
         model = args.model_dir or make_tiny_model(Path(tmp) / "tiny-llama")
         port = free_port()
         url = f"http://127.0.0.1:{port}/v1"
-        engine = start_engine(model, port, Path(tmp) / "engine.log", args.engine_threads, args.engine_device)
+        engine = TransformersServe(model, Path(tmp) / "engine.log", port, device=args.engine_device,
+                                   threads=args.engine_threads).start()
         settings = {"cache_dir": str(Path(tmp) / "cache"), "catalog_path": str(Path(tmp) / "catalog.sqlite")}
         if args.profile:
             try:
                 asyncio.run(profile_relay(url, str(model), args.tokens, args.profile))
             finally:
-                engine.terminate()
-                engine.wait(15)
+                engine.stop()
             return
         direct = httpx.Client(base_url=url + "/")  # kept open like the hive's and the bench's hive client
         try:
@@ -189,8 +167,7 @@ def main() -> None:
                                   f"{run['tps']:.2f} tok/s, TTFT {run['ttft_ms']:.1f} ms", flush=True)
         finally:
             direct.close()
-            engine.terminate()
-            engine.wait(15)
+            engine.stop()
     report(args, res, load)
 
 

@@ -10,14 +10,10 @@ client went away.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +21,7 @@ import openai
 import pytest
 
 from rbee_jupyter.sse_client import SSEParser
+from rbee_jupyter.testing.engine import TransformersServe
 from rbee_jupyter.testing.server import ServerProcess, free_port
 
 pytest.importorskip("fastapi", reason="transformers serve needs `pip install transformers[serving]`")
@@ -38,51 +35,8 @@ LONG = 1000  # tokens: tens of seconds on these machines, far longer than any te
 
 # --- the engine ------------------------------------------------------------------------------
 
-class Engine:
-    """``transformers serve <folder>`` on loopback (pinned to one model, offline)."""
-
-    def __init__(self, model_path: Path, log_path: Path, port: int | None = None) -> None:
-        self.model = str(model_path)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180.0) -> Engine:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "TRANSFORMERS_OFFLINE": "1"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model, "--device", "cpu",
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)  # polling a starting process: nothing to wait on instead
-        self.stop()
-        raise TimeoutError(f"transformers serve did not answer within {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+class Engine(TransformersServe):
+    """The engine, plus its own (not proxied) answer to compare the hive's relay with."""
 
     def stream_text(self, path: str, body: dict[str, Any]) -> str:
         """The engine's own answer to a streamed request, not proxied: the reference text."""

@@ -1,0 +1,75 @@
+"""``transformers serve`` on loopback: a real OpenAI-compatible engine for tests and benchmarks.
+
+Offline and pinned to one local model folder, so an external-engine backend can be tested
+against the real thing (its streaming quirks included) without a hub or a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from .server import free_port
+
+
+class TransformersServe:
+    """``transformers serve <folder>`` as a child process; ``url`` ends in ``/v1``."""
+
+    def __init__(self, model_path: Path, log_path: Path, port: int | None = None, *, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        self.model = str(model_path)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path
+        self.device, self.threads = device, threads
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def start(self, timeout: float = 180.0) -> TransformersServe:
+        """Start it and wait (bounded) until it lists its model."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model, "--device", self.device,
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)  # polling a starting process: nothing to wait on instead
+        self.stop()
+        raise TimeoutError(f"transformers serve did not answer within {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
