@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -162,8 +163,12 @@ def worker(server, engine):
 
 
 def frames(server: ServerProcess, method: str, path: str, body: Any = None, *, stop_after_tokens: int | None = None,
-           timeout: float = 60) -> tuple[httpx.Response, list[Any]]:
-    """The frames of an SSE answer (``(id, data)``, comments left out); stops early after N tokens if asked."""
+           timeout: float = 60, on_frame: Callable[[httpx.Response, list[Any]], None] | None = None,
+           ) -> tuple[httpx.Response, list[Any]]:
+    """The frames of an SSE answer (``(id, data)``, comments left out); stops early after N tokens if asked.
+
+    ``on_frame(response, frames so far)`` runs after each frame: what a test does mid-stream.
+    """
     out: list[Any] = []
     deadline = time.monotonic() + timeout
     with server.client.stream(method, path, json=body, timeout=timeout) as r:
@@ -177,6 +182,8 @@ def frames(server: ServerProcess, method: str, path: str, body: Any = None, *, s
             if message is None or message.data is None:
                 continue
             out.append((message.id, message.data if message.done else message.json()))
+            if on_frame is not None:
+                on_frame(r, out)
             tokens = [d for _, d in out if isinstance(d, dict) and d.get("type") == "token"]
             if stop_after_tokens is not None and len(tokens) >= stop_after_tokens:
                 break
@@ -369,15 +376,12 @@ def test_client_disconnect_closes_the_upstream_request(server, proxy, admin_work
 def test_delete_cancels_and_closes_the_upstream_request(server, proxy, admin_worker):
     mark = proxy.mark()
     body = {"worker_id": admin_worker, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0}
-    with server.client.stream("POST", "v1/inference", json=body, timeout=60) as r:
-        parser, data = SSEParser(), []
-        for line in r.iter_lines():
-            message = parser.feed_line(line)
-            if message is None or message.data is None:
-                continue
-            data.append(message.data if message.done else message.json())
-            if len(data) == 2:  # started and a first token: cancel it from elsewhere
-                assert server.delete(f"v1/inference/{r.headers['X-Request-Id']}").status_code == 204
+
+    def cancel_at_first_token(r: httpx.Response, got: list[Any]) -> None:
+        if len(got) == 2:  # started and a first token: cancel it from elsewhere
+            assert server.delete(f"v1/inference/{r.headers['X-Request-Id']}").status_code == 204
+    _, got = frames(server, "POST", "v1/inference", body, on_frame=cancel_at_first_token)
+    data = [d for _, d in got]
     assert data[-1] == "[DONE]" and data[-2]["type"] == "error" and data[-2]["code"] == "CANCELLED"
     [upstream] = proxy.carrying(b"POST /v1/completions", since=mark)
     assert upstream.closed.wait(10), "the upstream request is still open"
@@ -393,15 +397,12 @@ def test_engine_killed_fails_the_worker_and_its_stream_and_comes_back(server, rb
         worker_id = r.json()["worker_id"]
         assert server.events(r.json()["progress_url"])[-1]["stage"] == "ready"
         body = {"worker_id": worker_id, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0}
-        with server.client.stream("POST", "v1/inference", json=body, timeout=30) as r:
-            parser, data = SSEParser(), []
-            for line in r.iter_lines():
-                message = parser.feed_line(line)
-                if message is None or message.data is None:
-                    continue
-                data.append(message.data if message.done else message.json())
-                if len(data) == 3:
-                    engine.kill()  # When: the engine dies mid-stream
+
+        def kill_at_second_token(_r: httpx.Response, got: list[Any]) -> None:
+            if len(got) == 3:
+                engine.kill()  # When: the engine dies mid-stream
+        _, got = frames(server, "POST", "v1/inference", body, timeout=30, on_frame=kill_at_second_token)
+        data = [d for _, d in got]
         # Then: the stream ends with a clear error and [DONE]; the worker is failed, saying why
         assert data[-1] == "[DONE]" and data[-2]["type"] == "error", data[-3:]
         assert data[-2]["code"] == "ENGINE_UNREACHABLE" and engine.url in data[-2]["message"]
