@@ -633,11 +633,10 @@ class CompositePool(Pool):
     def check_node(self, node: str) -> None:
         self.primary.check_node(node)  # engines are placed by their URL, never by node
 
-    def __getattr__(self, name: str) -> Any:
-        """The primary pool's own settings and helpers (``keep_alive_s``, a Ray pool's nodes, ...)."""
-        if name.startswith("_") or name in ("primary", "engines"):
-            raise AttributeError(name)
-        return getattr(self.primary, name)
+    @property
+    def keep_alive_s(self) -> float | None:
+        """The primary pool's idle unload (engines are never unloaded for idling)."""
+        return self.primary.keep_alive_s
 
     async def start(self, spec: Any, job: Job) -> WorkerInfo:
         pool = self.engines if isinstance(spec, EngineSpec) else self.primary
