@@ -21,6 +21,11 @@ the clock):
    logits must equal rbee's (``torch.equal``).
 5. With 2+ GPUs: rbee in-process split half/half over cuda:0 and cuda:1 (an explicit block
    plan); logits must equal the single-device ones.
+6. Across devices on any machine: bf16 (unquantized) split half/half over cuda:0 and the CPU,
+   rbee (the block plan) against ``from_pretrained`` with the same plan as ``device_map``
+   (``loader.device_map_for``): hidden states really move between devices, and the logits and
+   greedy text must be equal. (The two sides run the same kernels on the same devices, so
+   this one is exact even where CPU and GPU kernels differ.)
 
 The 4-bit compute dtype is transformers' default (float32) on both sides, because that is
 what the worker API gives; ``--compute-dtype bfloat16`` sets it for the in-process pair
@@ -52,6 +57,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 PROMPT = "Once upon a time, in a notebook far away,"
 FULL = {"hidden": 2048, "layers": 20, "intermediate": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000}
+XDEV = ("xrbee", "xhf")
 TINY = {"hidden": 64, "layers": 4, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 512}
 
 
@@ -113,29 +119,33 @@ def _warm_imports(folder: str) -> None:
 
 
 def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str | None, tokens: int) -> dict:
-    """One in-process load: ``rbee`` (load_model), ``hf`` (from_pretrained) or ``split`` (rbee over 2 devices)."""
+    """One in-process load: ``rbee`` (load_model), ``hf`` (from_pretrained), ``split`` (rbee nf4 over two
+    devices), or ``xrbee`` / ``xhf`` (each loader, bf16 unquantized, split over ``device`` and the CPU)."""
     import bitsandbytes  # noqa: F401 - imported before the clock, like everything else
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import load_model, plan_blocks
+    from rbee_jupyter.loader import device_map_for, load_model, plan_blocks
 
     _warm_imports(folder)
     cuda = device.startswith("cuda")
-    devices = [device] if impl != "split" else (["cuda:0", "cuda:1"] if cuda else ["cpu", "cpu"])
-    if cuda:
-        for d in devices:
-            torch.empty(1, device=d)  # CUDA context before the clock
-        for d in devices:
-            torch.cuda.reset_peak_memory_stats(d)
-    base = {d: torch.cuda.memory_allocated(d) for d in dict.fromkeys(devices)} if cuda else {}
-    compute = getattr(torch, compute_dtype) if compute_dtype else None
+    quant = None if impl in XDEV else "nf4"
+    devices = {"split": ["cuda:0", "cuda:1"] if cuda else ["cpu", "cpu"],
+               "xrbee": [device, "cpu"], "xhf": [device, "cpu"]}.get(impl, [device])
+    gpus = [d for d in dict.fromkeys(devices) if d.startswith("cuda")]
+    for d in gpus:
+        torch.empty(1, device=d)  # CUDA context before the clock
+        torch.cuda.reset_peak_memory_stats(d)
+    base = {d: torch.cuda.memory_allocated(d) for d in gpus}
+    compute = getattr(torch, compute_dtype) if compute_dtype and quant else None
     progress: list[Any] = []
     plan: Any = device
-    if impl == "split":
-        names = [b.name for b in plan_blocks(folder, quantization="nf4", dtype="bfloat16")]
-        plan = {n: devices[0] if i < len(names) // 2 else devices[1] for i, n in enumerate(names)}
+    if len(devices) > 1:  # the first half of the blocks on the first device, the rest on the second
+        blocks = plan_blocks(folder, quantization=quant, dtype="bfloat16")
+        plan = {b.name: devices[0] if i < len(blocks) // 2 else devices[1] for i, b in enumerate(blocks)}
+        if impl == "xhf":
+            plan = device_map_for(blocks, plan)
     if impl == "hf":
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                  **({"bnb_4bit_compute_dtype": compute} if compute else {}))
@@ -144,13 +154,15 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
     if impl == "hf":
         model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=torch.bfloat16,
                                                      device_map=device)
+    elif impl == "xhf":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=plan)
     else:
-        model = load_model(folder, quantization="nf4", dtype="bfloat16", compute_dtype=compute, device_map=plan,
+        model = load_model(folder, quantization=quant, dtype="bfloat16", compute_dtype=compute, device_map=plan,
                            on_progress=progress.append)
     _sync(devices)
     seconds = time.perf_counter() - t0
     result: dict[str, Any] = {"impl": impl, "seconds": seconds, "devices": devices}
-    if cuda:
+    if gpus:
         result["allocated_mb"] = {d: (torch.cuda.memory_allocated(d) - base[d]) / 2**20 for d in base}
         result["peak_mb"] = {d: (torch.cuda.max_memory_allocated(d) - base[d]) / 2**20 for d in base}
     else:  # no allocator to ask: the tensors' own bytes
@@ -169,7 +181,7 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
     tok = AutoTokenizer.from_pretrained(folder)
 
     def greedy(n_tokens: int) -> tuple[str, int]:
-        if impl == "hf":
+        if impl in ("hf", "xhf"):
             ids = tok(PROMPT, return_tensors="pt").input_ids.to(first)
             with torch.inference_mode():
                 gen = model.generate(ids, max_new_tokens=n_tokens, do_sample=False)
@@ -192,8 +204,9 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
 async def worker_run(folder: Path, work: Path, device: str, tokens: int) -> dict:
     from rbee_jupyter.hive import Hive, HiveConfig
 
+    logs = work / "worker-logs"
     hive = Hive(HiveConfig(cache_dir=work / "cache", catalog_path=work / "catalog.sqlite",
-                           loading_timeout_s=900.0))
+                           loading_timeout_s=900.0, pool_options={"log_dir": logs}))
     try:
         t0 = time.monotonic()
         job = hive.load({"model_ref": f"file://{folder}", "device": device, "quantization": "nf4",
@@ -224,6 +237,10 @@ async def worker_run(folder: Path, work: Path, device: str, tokens: int) -> dict
             result.setdefault("first_ttft_ms", end.get("time_to_first_token_ms"))
         result.update(text="".join(text), tokens=end["total_tokens"], tps=end.get("tokens_per_second"),
                       ttft_ms=end.get("time_to_first_token_ms"))
+        # The worker's own account of its load (runtime.LoadTimeline): where the time before the
+        # first block went.
+        lines = (logs / f"{wid}.log").read_text(errors="replace").splitlines()
+        result["timeline"] = next((line.split(": ", 1)[1] for line in lines if ": loaded in " in line), "?")
         await hive.unload(wid)
         return result
     finally:
@@ -296,7 +313,8 @@ def main() -> int:
 
         w = asyncio.run(worker_run(folder, work, device, args.tokens))
         print(f"worker: ready in {w['seconds']:.1f} s (first block at {w['first_block_s']:.1f} s); generation TTFT "
-              f"{w['first_ttft_ms']:.0f} ms the first time, {w['ttft_ms']:.0f} ms the second", flush=True)
+              f"{w['first_ttft_ms']:.0f} ms the first time, {w['ttft_ms']:.0f} ms the second\n"
+              f"worker's timeline: {w['timeline']}", flush=True)
         cd = args.compute_dtype or ""
         ours = run_child("rbee", str(folder), device, str(work / "rbee.pt"), cd, str(args.tokens))
         print(f"rbee in-process: {ours['seconds']:.2f} s", flush=True)
@@ -305,6 +323,10 @@ def main() -> int:
         split = None
         if dry or n_gpus >= 2:
             split = run_child("split", str(folder), device, str(work / "split.pt"), cd, str(args.tokens))
+        xdev = {impl: run_child(impl, str(folder), device, str(work / f"{impl}.pt"), "", str(args.tokens))
+                for impl in XDEV}
+        print(f"bf16 split {'+'.join(xdev['xrbee']['devices'])}: rbee {xdev['xrbee']['seconds']:.2f} s, "
+              f"from_pretrained {xdev['xhf']['seconds']:.2f} s", flush=True)
 
         la, lb = torch.load(work / "rbee.pt"), torch.load(work / "hf.pt")
         equal = torch.equal(la, lb)
@@ -318,6 +340,9 @@ def main() -> int:
         if split is not None:
             checks.append((f"logits split {'+'.join(split['devices'])} == single device",
                            torch.equal(torch.load(work / "split.pt"), la)))
+        xa, xb = (torch.load(work / f"{impl}.pt") for impl in XDEV)
+        xname = f"bf16 split {'+'.join(xdev['xrbee']['devices'])}: logits rbee == from_pretrained (torch.equal)"
+        checks.append((xname, torch.equal(xa, xb)))
 
         gb = size / 1e9
         alloc = "memory_allocated MB" if not dry else "tensor bytes MB (cpu)"
@@ -335,12 +360,18 @@ def main() -> int:
         if split is not None:
             rows.append((f"rbee load_model split {'+'.join(split['devices'])}", split["seconds"],
                          split.get("events_mb"), split["allocated_mb"], split.get("peak_mb"), split["tps"]))
+        for impl, who in zip(XDEV, ("rbee load_model", "from_pretrained")):
+            x = xdev[impl]
+            rows.append((f"{who} bf16 {'+'.join(x['devices'])}", x["seconds"], x.get("events_mb"),
+                         x.get("allocated_mb"), x.get("peak_mb"), x["tps"]))
         for label, s, ev, al, pk, tps in rows:
             gbs = f"{gb / s:5.2f}" if not label.startswith("  ") else "    -"
             print(f"| {label:38s} | {s:7.2f} | {gbs} | {fmt_mb(ev):>16s} | {fmt_mb(al):>21s} | {fmt_mb(pk):>8s} | "
                   f"{(f'{tps:6.1f}' if tps else '     -')} |")
         print(f"\nlogits max |rbee - from_pretrained| = {diff:g}; greedy text from_pretrained.generate == "
-              f"rbee Generator: {'yes' if theirs['text'] == ours['text'] else 'no'} ({args.tokens} tokens)")
+              f"rbee Generator: {'yes' if theirs['text'] == ours['text'] else 'no'} ({args.tokens} tokens); "
+              f"bf16 split: |diff| = {(xa.float() - xb.float()).abs().max().item():g}, greedy text "
+              f"{'equal' if xdev['xrbee']['text'] == xdev['xhf']['text'] else 'different'}")
         for name, ok in checks:
             print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
         return 0 if all(ok for _, ok in checks) else 1

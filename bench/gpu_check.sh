@@ -37,14 +37,14 @@ fi
 
 # 2. The project and its dependencies: install only if something is missing, never touching torch.
 need='import transformers, accelerate, bitsandbytes, safetensors, tokenizers, rbee_jupyter.hive, rbee_jupyter.loader, rbee_jupyter.worker.app'
-if ! PYTHONPATH=. "$PY" -c "$need" 2>/dev/null; then
+if ! PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "$need" 2>/dev/null; then
   echo "gpu_check: installing the project (pip install -e .), keeping torch $torch_version" >&2
   constraints=$(mktemp)
   trap 'rm -f "$constraints"' EXIT
   echo "torch==$torch_version" > "$constraints"
   if ! "$PY" -m pip install -q -e . -c "$constraints" tokenizers; then
     echo "gpu_check: pip could not install the project's dependencies (no network?). Missing:" >&2
-    PYTHONPATH=. "$PY" -c "$need" >&2 || true
+    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "$need" >&2 || true
     exit 2
   fi
 fi

@@ -113,6 +113,17 @@ class LoadRequest:
         return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node)
 
 
+@dataclass(frozen=True)
+class _AdmittedLoad:
+    """A load request that passed every check made before the checkpoint is read."""
+
+    req: LoadRequest
+    entry: CatalogEntry | None  # None: not on disk yet; the job downloads it, then plans
+    owner: str | None
+    hf_token: str | None
+    prove: bool  # another user's gated model: ask the hub whether this caller may use it
+
+
 class Hive:
     """Downloads, catalog and (later) workers, behind one asynchronous API."""
 
@@ -361,7 +372,8 @@ class Hive:
 
         Validation, and the placement plan when the model is already on disk, happen
         here, so a bad request or a plan that cannot fit is refused before anything
-        starts (400 / 507).
+        starts (400 / 507). The checkpoint is read on the calling thread: on an event
+        loop, use :meth:`load_async`.
 
         Args:
             hf_token: the caller's hub token, for the download and (service mode) for
@@ -371,6 +383,31 @@ class Hive:
             AccessDenied: in service mode, a ``file://`` ref outside ``allowed_local_dirs``,
                 or a gated model someone else downloaded and the caller sent no token.
         """
+        admitted = self._admit_load(body, owner, principal, hf_token)
+        if isinstance(admitted, Job):
+            return admitted
+        entry = admitted.entry
+        return self._start_load(admitted, self._blocks(admitted.req, entry.local_path) if entry is not None else None)
+
+    async def load_async(self, body: dict[str, Any] | LoadRequest, *, owner: str | None = None,
+                         principal: Principal | None = None, hf_token: str | None = None) -> Job:
+        """:meth:`load`, with the checkpoint read in a thread, for callers on the event loop.
+
+        Reading a checkpoint's blocks imports transformers the first time (seconds) and
+        builds the model's skeleton; the server's other requests and streams must not wait
+        for that. The plan itself is still made on the loop, so the quota check and its
+        reservation stay one step.
+        """
+        admitted = self._admit_load(body, owner, principal, hf_token)
+        if isinstance(admitted, Job):
+            return admitted
+        entry = admitted.entry
+        blocks = await asyncio.to_thread(self._blocks, admitted.req, entry.local_path) if entry is not None else None
+        return self._start_load(admitted, blocks)
+
+    def _admit_load(self, body: dict[str, Any] | LoadRequest, owner: str | None, principal: Principal | None,
+                    hf_token: str | None) -> _AdmittedLoad | Job:
+        """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
         if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
             return self._register_engine(EngineSpec.from_json(body), owner=owner)
@@ -390,11 +427,16 @@ class Hive:
             raise AccessDenied(f"{req.ref} is gated or private and was downloaded by another user; to load it, "
                                "send your own hub token (header X-HF-Token, or the field hf_token of the body).",
                                details={"model_ref": str(req.ref)})
+        return _AdmittedLoad(req, entry, owner, hf_token, prove)
+
+    def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:
+        req, entry = admitted.req, admitted.entry
         worker_id = "w-" + uuid4().hex[:10]
-        plan = self._place(req, self._blocks(req, entry.local_path), worker_id) if entry is not None else None
-        job = self.jobs.create("load", owner=owner, job_id=worker_id)
+        plan = self._place(req, blocks, worker_id) if blocks is not None else None
+        job = self.jobs.create("load", owner=admitted.owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
-        return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=hf_token, prove=prove))
+        return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=admitted.hf_token,
+                                                         prove=admitted.prove))
 
     def _register_engine(self, spec: EngineSpec, *, owner: str | None) -> Job:
         """An external engine becomes a worker; its load job ends ``ready`` once the engine answers."""

@@ -188,6 +188,12 @@ async def test_load_stream_reports_every_block_then_ready(worker, rbee_tiny_mode
         h = await health(c)
     assert h["state"] == "idle" and h["layers_loaded"] == h["layers_total"] == len(blocks)
     assert h["memory_mb"] == ready["memory_mb"] and h["pid"] == worker.proc.pid
+    # Where the load's time went, from the process start to ready: every phase, in order, adding
+    # up to no more than the process's age.
+    timeline = h["load_seconds"]
+    assert list(timeline) == ["start", "imports", "cuda_init", "first_block", "blocks", "finish"]
+    assert all(s >= 0 for s in timeline.values())
+    assert sum(timeline.values()) <= timeline["start"] + h["uptime_s"] + 0.01
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {SECRET}", SECRET, "Bearer"])

@@ -187,7 +187,7 @@ class WorkersHandler(RbeeHandler):
     async def post(self) -> None:
         body = self.json_body()
         token = self.user_token(body)
-        job = self.hive.load(body, principal=self.principal, hf_token=token)
+        job = await self.hive.load_async(body, principal=self.principal, hf_token=token)
         self.reply(202, {"worker_id": job.id, "state": "loading", "model_ref": job.meta["model_ref"],
                          "progress_url": self.url(f"v1/loading/progress?id={job.id}")})
 

@@ -72,6 +72,7 @@ class WorkerRuntime:
         self.memory_bytes: dict[str, int] = {}
         self.failure: RbeeError | None = None
         self.started_at = time.time()
+        self.load_timeline = LoadTimeline()
         self.exit_requested = asyncio.Event()
         self.exit_reason: str | None = None
         self._generator: Any = None  # generate.Generator, set once loaded
@@ -92,25 +93,32 @@ class WorkerRuntime:
 
     def _load(self) -> None:
         """Loading thread: heavy imports, the layer-by-layer load, the tokenizer."""
+        timeline = self.load_timeline
         try:
             from ..generate import Generator
             from ..loader import load_model
 
+            timeline.mark("imports")
             c = self.config
+            _create_cuda_contexts(c.devices)
+            timeline.mark("cuda_init")
             model = load_model(c.model_path, quantization=c.quantization, dtype=c.dtype,
                                double_quant=c.double_quant, compute_dtype=c.compute_dtype,
                                device_map=c.device_map, on_progress=self._on_progress, cancel=self.load_cancel)
             generator = Generator(model, _tokenizer(c.model_path))
             validator = Generator(model, _tokenizer(c.model_path))
+            timeline.mark("finish")
         except BaseException as exc:  # noqa: BLE001 - every failure must become an error event
             if not isinstance(exc, RbeeError):
                 traceback.print_exc(file=sys.stderr)
             self.loop.call_soon_threadsafe(self._load_failed, _as_rbee_error(exc))
         else:
+            print(f"rbee worker {self.config.worker_id}: {timeline.describe()}", file=sys.stderr, flush=True)
             self.loop.call_soon_threadsafe(self._loaded, generator, validator)
 
     def _on_progress(self, progress: Any) -> None:
         """Loader callback (loading thread): publish, then honour the test delay."""
+        self.load_timeline.mark("first_block" if progress.layers_loaded == 1 else "blocks")
         self.loop.call_soon_threadsafe(self._progress, progress)
         if self.block_delay_s and progress.layers_loaded < progress.layers_total:
             self.load_cancel.wait(self.block_delay_s)
@@ -270,7 +278,71 @@ class WorkerRuntime:
             "requests": list(self._tasks),
             "error": self.failure.to_dict()["error"] if self.failure is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "load_seconds": self.load_timeline.seconds(),
         }
+
+
+class LoadTimeline:
+    """Where a load's time went, phase by phase: a slow "ready" is otherwise a black box.
+
+    A worker's first block can come tens of seconds after the request although the weights
+    take a few (Python imports, the CUDA context): the phases say which, in the worker's log
+    and in ``/health``. ``start`` is the process's own age when loading began (interpreter
+    start, the server's imports), so the phases add up to the time since the process started.
+    """
+
+    PHASES = ("start", "imports", "cuda_init", "first_block", "blocks", "finish")
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self._seconds: dict[str, float] = {}
+        age = _process_age_s()
+        if age is not None:
+            self._seconds["start"] = age
+
+    def mark(self, phase: str) -> None:
+        """The phase that just ended (a repeated phase accumulates: ``blocks`` is marked per block)."""
+        now = time.monotonic()
+        self._seconds[phase] = self._seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def seconds(self) -> dict[str, float]:
+        return {phase: round(s, 3) for phase, s in self._seconds.items()}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{phase.replace('_', ' ')} {s:.2f} s" for phase, s in self._seconds.items())
+        return f"loaded in {sum(self._seconds.values()):.2f} s ({parts})"
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _create_cuda_contexts(devices: list[str]) -> None:
+    """Create the CUDA context of each GPU in the plan before the first block.
+
+    The load would create it anyway; doing it here makes it its own phase of the timeline
+    instead of hiding in the first block. ``mem_get_info`` needs a context but allocates no
+    tensor, so the memory accounting of the blocks is unchanged.
+    """
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if not cuda:
+        return
+    import torch
+
+    for device in cuda:
+        try:
+            torch.cuda.mem_get_info(torch.device(device))
+        except (RuntimeError, AssertionError, ValueError):  # absent or broken: the loader says so, clearly
+            return
 
 
 def _seconds_env(name: str) -> float:
