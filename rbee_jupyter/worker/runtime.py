@@ -291,8 +291,6 @@ class LoadTimeline:
     start, the server's imports), so the phases add up to the time since the process started.
     """
 
-    PHASES = ("start", "imports", "cuda_init", "first_block", "blocks", "finish")
-
     def __init__(self) -> None:
         self._last = time.monotonic()
         self._seconds: dict[str, float] = {}
@@ -307,11 +305,13 @@ class LoadTimeline:
         self._last = now
 
     def seconds(self) -> dict[str, float]:
-        return {phase: round(s, 3) for phase, s in self._seconds.items()}
+        """The phases so far (``/health`` asks from the loop while the loading thread marks)."""
+        return {phase: round(s, 3) for phase, s in list(self._seconds.items())}  # list(): one atomic copy
 
     def describe(self) -> str:
-        parts = ", ".join(f"{phase.replace('_', ' ')} {s:.2f} s" for phase, s in self._seconds.items())
-        return f"loaded in {sum(self._seconds.values()):.2f} s ({parts})"
+        seconds = self.seconds()
+        parts = ", ".join(f"{phase.replace('_', ' ')} {s:.2f} s" for phase, s in seconds.items())
+        return f"loaded in {sum(seconds.values()):.2f} s ({parts})"
 
 
 def _process_age_s() -> float | None:
