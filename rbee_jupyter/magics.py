@@ -36,7 +36,9 @@ USAGE = """\
 %rbee devices                                 devices with total and free memory
 %rbee unload ID|REF                           stop a worker (or every worker of a model) and free its memory
 %rbee cancel ID                               cancel a download, a load or a generation
-%rbee connect URL [--token T] | embedded      use another server, or the in-process hive
+%rbee connect URL [--token T] [--hf-token H] | embedded
+                                              use another server (H: your own Hugging Face token,
+                                              sent with downloads and loads), or the in-process hive
 %rbee status                                  which hive this kernel uses (server or embedded) and how it was found
 %rbee help                                    this text
 %%rbee generate [--model REF|ID] [--max-tokens N] [--temperature T] [--seed S] [--background]
@@ -85,6 +87,7 @@ def _parser(command: str) -> _Parser:
     if command == "connect":
         p.add_argument("url", metavar="URL")
         p.add_argument("--token")
+        p.add_argument("--hf-token", dest="hf_token")
     if command in ("generate", "chat"):
         p.add_argument("--model")
         p.add_argument("--max-tokens", type=int, dest="max_tokens")
@@ -231,7 +234,12 @@ class RbeeMagics(Magics):
     # --- where ----------------------------------------------------------------------------
 
     def _connect(self, args: argparse.Namespace, cell: str | None) -> Any:
-        client = Client.embedded() if args.url == "embedded" else Client(args.url, token=args.token)
+        if args.url == "embedded":
+            if args.token or args.hf_token:
+                raise UsageError("--token and --hf-token are for a server URL; the embedded hive needs neither.")
+            client = Client.embedded()
+        else:
+            client = Client(args.url, token=args.token, hf_token=args.hf_token)
         client.workers()  # fails here (403, unreachable) rather than at the next magic
         previous = set_default_client(client)
         if previous is not None and previous is not client:

@@ -74,6 +74,7 @@ def run(shell, capsys, code: str):
     ("%%rbee ps\nwhatever", "%%rbee ps is not a cell magic"),
     ('%rbee load "hf:a', "cannot parse the arguments"),
     ("%%rbee generate --max-tokens many\nhi", "argument --max-tokens: invalid int value: 'many'"),
+    ("%rbee connect embedded --hf-token hf_x", "--token and --hf-token are for a server URL"),
 ])
 def test_bad_arguments_print_a_short_usage(shell, capsys, code, expected):
     result, out = run(shell, capsys, code)
@@ -84,6 +85,20 @@ def test_bad_arguments_print_a_short_usage(shell, capsys, code, expected):
 def test_help(shell):
     assert "%rbee download REF" in repr(shell.run_line_magic("rbee", "help"))
     assert repr(shell.run_line_magic("rbee", "load -h")).startswith("usage: %rbee load REF [--device")
+
+
+def test_connect_with_an_hf_token_sends_it_with_downloads(shell, rbee_server, rbee_hub, new_repo, capsys):
+    """The user's own hub token (``--hf-token``) reaches the hub as theirs; no other request carries it."""
+    ref = new_repo()
+    try:
+        shell.run_line_magic("rbee", f"connect {rbee_server.url} --token {rbee_server.token} --hf-token hf_mine")
+        result, out = run(shell, capsys, f"%rbee download {ref}")
+        assert result.error_in_exec is None and "✔" in out, out
+        repo = ref.removeprefix("hf:")
+        assert {r.headers.get("authorization") for r in rbee_hub.requests if r.repo_id == repo} == {"Bearer hf_mine"}
+        assert "hf_mine" not in repr(shell.run_line_magic("rbee", "status"))
+    finally:
+        set_default_client(None)
 
 
 def test_magics_against_a_server(shell, on_server, rbee_server, rbee_worker, capsys):
