@@ -196,6 +196,21 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
     text, n = greedy(tokens)
     _sync(devices)
     result.update(text=text, tokens=n, tps=n / (time.perf_counter() - t1))
+    if impl == "rbee":  # the worker generates in a thread of its own: does a thread alone cost speed?
+        import threading
+
+        box: dict[str, float] = {}
+
+        def in_thread() -> None:
+            t = time.perf_counter()
+            _, m = greedy(tokens)
+            _sync(devices)
+            box["tps"] = m / (time.perf_counter() - t)
+
+        worker_like = threading.Thread(target=in_thread)
+        worker_like.start()
+        worker_like.join()
+        result["tps_thread"] = box.get("tps")
     return result
 
 
@@ -317,7 +332,8 @@ def main() -> int:
               f"worker's timeline: {w['timeline']}", flush=True)
         cd = args.compute_dtype or ""
         ours = run_child("rbee", str(folder), device, str(work / "rbee.pt"), cd, str(args.tokens))
-        print(f"rbee in-process: {ours['seconds']:.2f} s", flush=True)
+        print(f"rbee in-process: {ours['seconds']:.2f} s; greedy {ours['tps']:.1f} tok/s, "
+              f"{ours['tps_thread'] or 0:.1f} tok/s in a second thread", flush=True)
         theirs = run_child("hf", str(folder), device, str(work / "hf.pt"), cd, str(args.tokens))
         print(f"from_pretrained: {theirs['seconds']:.2f} s", flush=True)
         split = None
