@@ -859,7 +859,8 @@ def load_model(
     infos = _block_infos(prep) if len(set(assignments.values())) > 1 else None
     held: dict[str, int] = {}
     total = len(prep.blocks)
-    freed = _FreedHostMemory(budget=max(_source_bytes(prep, block) for block in prep.blocks))
+    sizes = sorted(_source_bytes(prep, block) for block in prep.blocks)
+    freed = _FreedHostMemory(budget=sizes[len(sizes) // 2])  # a decoder layer's worth: most blocks are layers
     for i, block in enumerate(prep.blocks):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"Loading was cancelled after {i} of {total} blocks.",
