@@ -74,6 +74,7 @@ class WorkerRuntime:
         self.started_at = time.time()
         self.exit_requested = asyncio.Event()
         self.exit_reason: str | None = None
+        self.spare: dict[str, Any] | None = None  # what this process did as a spare (server.wait_as_spare), if one
         self._generator: Any = None  # generate.Generator, set once loaded
         self._validator: Any = None  # a Generator on its own tokenizer (fast tokenizers are not thread-safe)
         self._queue: deque[GenerationTask] = deque()
@@ -270,6 +271,7 @@ class WorkerRuntime:
             "requests": list(self._tasks),
             "error": self.failure.to_dict()["error"] if self.failure is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "spare": self.spare,
         }
 
 
