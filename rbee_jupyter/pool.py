@@ -243,7 +243,7 @@ class LocalProcessPool(Pool):
             and ends with ``INFERENCE_STALLED``; None: wait for ever. Waiting in the queue
             does not count.
         spare_worker: keep one worker process started ahead of need, with torch, transformers
-            and the loader already imported (~380 MB of host memory, no GPU memory), and hand it
+            and the loader already imported (~400 MB of host memory, no GPU memory), and hand it
             the next load, which then skips those seconds of imports. See :meth:`warm_up`.
     """
 
@@ -572,6 +572,20 @@ class LocalProcessPool(Pool):
     def spare(self) -> WorkerProcess | None:
         """The spare process waiting for a load (or still importing), if any; never a listed worker."""
         return self._spare
+
+    async def wait_spare(self, timeout: float) -> WorkerProcess | None:
+        """The spare once its imports are done (None: there is none, or it died); for benches and tests.
+
+        Raises ``asyncio.TimeoutError`` if its imports take longer than ``timeout``.
+        """
+        if self._spare_starting is not None:
+            await asyncio.shield(self._spare_starting)
+        spare = self._spare
+        if spare is None:
+            return None
+        await asyncio.wait_for(asyncio.wait([spare.warm, spare.exited], return_when=asyncio.FIRST_COMPLETED),
+                               timeout)
+        return spare if spare.warm.done() and spare.alive else None
 
     def _start_spare(self) -> None:
         """Start one spare, unless unwanted, present, closed, or a load is running.

@@ -14,7 +14,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,10 @@ from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV
 PROMPT = "Once upon a time"
 LOAD_S = 90.0  # bound on a load or a spare's imports (a torch import on a busy 2-core machine)
 SLOW_BLOCKS = {BLOCK_DELAY_ENV: "0.2"}  # a load that still runs for over a second after its first block
+
+# Every pool is closed inside its test: then no process, spare or worker, may be left (conftest.py).
+# ``reference`` (conftest.py) is the greedy text that test_pool.py's spare-less loads are checked against.
+pytestmark = pytest.mark.usefixtures("no_worker_left_behind")
 HEAVY = {"torch", "transformers", "transformers.modeling_utils", "safetensors.torch", "accelerate", "bitsandbytes",
          "rbee_jupyter.loader", "rbee_jupyter.generate", "tornado.httpserver"}
 
@@ -50,19 +54,10 @@ async def spare_pool(**kwargs) -> AsyncIterator[tuple[LocalProcessPool, list[str
     assert pool.list() == [] and pool.spare is None
 
 
-async def until(predicate: Callable[[], object], timeout: float, what: str):
-    """Poll a condition another process decides, with a bounded deadline; returns its value."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.02)
-    return value
-
-
 async def warm_spare(pool: LocalProcessPool) -> WorkerProcess:
-    """The pool's spare once its imports are done."""
-    spare = await until(lambda: pool.spare, 10, "a spare to be started")
-    await asyncio.wait_for(asyncio.shield(spare.warm), LOAD_S)
+    """The pool's spare once its imports are done (it must have one)."""
+    spare = await pool.wait_spare(LOAD_S)
+    assert spare is not None and spare.warm.done(), "the pool has no spare"
     return spare
 
 
@@ -89,28 +84,6 @@ def gone(pid: int) -> bool:
         return True
 
 
-@pytest.fixture(autouse=True)
-def no_worker_left_behind() -> Iterator[None]:
-    """Every pool is closed inside its test: then no process, spare or worker, may be left."""
-    yield
-    deadline = time.monotonic() + 5
-    while child_worker_pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert child_worker_pids() == set()
-
-
-@pytest.fixture(scope="module")
-def reference(rbee_tiny_model: Path) -> list[tuple[str, int]]:
-    """The greedy text in this process (loader + Generator), what test_pool.py's spare-less loads relay too."""
-    from transformers import AutoTokenizer
-
-    from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import load_model
-
-    gen = Generator(load_model(rbee_tiny_model), AutoTokenizer.from_pretrained(rbee_tiny_model))
-    return [(c.text, c.index) for c in gen.stream(GenerationRequest(prompt=PROMPT, max_tokens=12))]
-
-
 # --- the pool ------------------------------------------------------------------------------------
 
 async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_each_load(rbee_tiny_model, reference):
@@ -125,8 +98,8 @@ async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_eac
             info, job = await load(pool, rbee_tiny_model)
             assert info.pid == spare.pid  # the load runs in the spare's process
             assert pool.spare is None  # taken; no replacement while the load runs...
-            await until(lambda: job.records, LOAD_S, "the first block")
-            assert isinstance(job.records[0].event, LoadingProgress) and not job.state.finished
+            first = await job.subscribe(last_event_id=0).get(LOAD_S)
+            assert first is not None and isinstance(first.event, LoadingProgress) and not job.state.finished
             assert pool.spare is None  # ...not even once its blocks are arriving (SLOW_BLOCKS: 6 more to go)
             assert await job.wait(LOAD_S) is JobState.COMPLETE, job.last.data
 
@@ -136,7 +109,7 @@ async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_eac
             assert HEAVY <= set(health["spare"]["imported"]) and health["spare"]["spec_waiting"] is False
             assert health["spare"]["cuda_initialized"] is False
             tokens, end = await greedy_text(pool, info.id)
-            assert tokens == reference and end.total_tokens == len(reference)
+            assert tokens == reference[0] and end.total_tokens == reference[1].completion_tokens
 
             following = await warm_spare(pool)  # started after the load was ready
             assert following.pid != spare.pid and following.config is None
@@ -153,7 +126,8 @@ async def test_a_dead_spare_costs_the_load_a_fresh_process_not_an_error(rbee_tin
         # Killed and noticed before the load: the pool dropped it and starts a fresh process.
         spare = await warm_spare(pool)
         os.kill(spare.pid, signal.SIGKILL)
-        await until(lambda: pool.spare is None, 5, "the pool to drop the dead spare")
+        assert await spare.wait_exit(5)
+        assert pool.spare is None  # dropped (its exit callback ran before this wait's)
         info, job = await load(pool, rbee_tiny_model)
         assert info.pid != spare.pid
         assert await job.wait(LOAD_S) is JobState.COMPLETE, job.last.data
@@ -167,8 +141,8 @@ async def test_a_dead_spare_costs_the_load_a_fresh_process_not_an_error(rbee_tin
         now = pool.get(second.id)
         assert now.state == "idle" and now.pid not in (spare.pid, None) and not gone(now.pid)
         assert "died" not in seen and "failed" not in seen
-        assert (await greedy_text(pool, second.id))[0] == reference
-        await until(lambda: pool.spare, 10, "a spare after the load")
+        assert (await greedy_text(pool, second.id))[0] == reference[0]
+        assert await warm_spare(pool) is not None  # and a spare again after the load
 
 
 async def test_a_spare_exits_quietly_when_its_stdin_closes():

@@ -158,7 +158,7 @@ class RbeeApp(ExtensionApp):
         config=True,
         help="Keep one worker process started ahead of need, with torch, transformers and the loader already "
              "imported, and hand it the next load: a load then skips those imports (seconds, most of a small "
-             "model's load). It costs about 380 MB of host memory while it waits, and no GPU memory. Only the "
+             "model's load). It costs about 400 MB of host memory while it waits, and no GPU memory. Only the "
              "default pool (LocalProcessPool) has one. Default: True, but False when the server runs under "
              "JupyterHub (JUPYTERHUB_API_TOKEN or JUPYTERHUB_SERVICE_PREFIX is set), where many users' servers "
              "share one node's memory.",

@@ -87,7 +87,7 @@ class WorkerProcess:
         self.config = config
         if log_path is not None:
             self.log_path = log_path
-        for task, kind in zip(self._tasks, ("stderr", "exit")):
+        for task, kind in zip(self._tasks, ("stderr", "exit"), strict=True):
             task.set_name(f"rbee-{kind}-{config.worker_id}")
         assert self.proc.stdin is not None
         with contextlib.suppress(ConnectionError):
