@@ -97,6 +97,7 @@ async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_eac
         for round_ in range(2):
             info, job = await load(pool, rbee_tiny_model)
             assert info.pid == spare.pid  # the load runs in the spare's process
+            assert spare.name == info.id and spare.death_error().details["worker_id"] == info.id
             assert pool.spare is None  # taken; no replacement while the load runs...
             first = await job.subscribe(last_event_id=0).get(LOAD_S)
             assert first is not None and isinstance(first.event, LoadingProgress) and not job.state.finished
@@ -116,7 +117,13 @@ async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_eac
             assert [w.id for w in pool.list()][-1] == info.id and len(pool.list()) == round_ + 1
             spare = following
 
-        assert [e for e in seen if e != "progress"] == ["loading", "ready", "busy", "idle"] * 2
+        # A worker that was a spare dies like any other: WORKER_DIED within 2 s.
+        died = asyncio.Event()
+        pool.listen(lambda event, _: event == "died" and died.set())
+        os.kill(info.pid, signal.SIGKILL)
+        await asyncio.wait_for(died.wait(), 2.0)
+        assert "signal 9" in pool.get(info.id).exit_reason
+        assert [e for e in seen if e != "progress"] == ["loading", "ready", "busy", "idle"] * 2 + ["died"]
         last_spare = spare.pid
     assert gone(last_spare)  # closing the pool ended the spare too
 
