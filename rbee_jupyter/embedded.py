@@ -77,7 +77,9 @@ class EmbeddedHive:
         async def create() -> Hive:
             from .hive import Hive
 
-            return Hive(self.config)  # on the loop: jobs and pools bind to the running loop
+            hive = Hive(self.config)  # on the loop: jobs and pools bind to the running loop
+            hive.pool.warm_up()  # a spare worker, if pool_options asked for one
+            return hive
 
         self.hive = self.run(create())
         return self

@@ -638,6 +638,9 @@ class CompositePool(Pool):
         """The primary pool's idle unload (engines are never unloaded for idling)."""
         return self.primary.keep_alive_s
 
+    def warm_up(self) -> None:
+        self.primary.warm_up()  # engines run elsewhere: nothing to prepare
+
     async def start(self, spec: Any, job: Job) -> WorkerInfo:
         pool = self.engines if isinstance(spec, EngineSpec) else self.primary
         return await pool.start(spec, job)

@@ -63,7 +63,9 @@ class HiveConfig:
     share_server_token: bool = False
     engine_timeout_s: float = 5.0
     engine_health_interval_s: float | None = 10.0
-    pool_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for pool_class
+    #: More keyword arguments for pool_class: the server fills it from the class's ``app_traits``;
+    #: e.g. ``{"spare_worker": True}`` for the default pool (off unless asked for, outside a server).
+    pool_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -159,6 +159,9 @@ class Pool(abc.ABC):
         """Live numbers from the worker itself (``tokens_computed``, queue); default: the registry's view."""
         return self.get(worker_id).to_dict()
 
+    def warm_up(self) -> None:
+        """Prepare for loads once the server runs (on its loop); default: nothing to prepare."""
+
     def listen(self, callback: Listener) -> Callable[[], None]:
         """Call ``callback(event, info)`` on every worker state change; returns an unsubscribe."""
         self._listeners.append(callback)
@@ -239,15 +242,21 @@ class LocalProcessPool(Pool):
         inference_stall_s: a started generation that sends nothing for this long is stopped
             and ends with ``INFERENCE_STALLED``; None: wait for ever. Waiting in the queue
             does not count.
+        spare_worker: keep one worker process started ahead of need, with torch, transformers
+            and the loader already imported (~400 MB of host memory, no GPU memory), and hand it
+            the next load, which then skips those seconds of imports. See :meth:`warm_up`.
     """
 
+    #: The server passes ``c.RbeeApp.spare_worker`` (pools without worker processes never see it).
+    app_traits = ("spare_worker",)
     cancel_grace_s = 3.0  # a cancelled load/generation must end this long after we asked
     death_grace_s = 1.5  # after a broken connection, how long to wait for the process to exit
 
     def __init__(self, *, keep_alive_s: float | None = None, loading_timeout_s: float | None = None,
                  python: str = sys.executable, env: dict[str, str] | None = None,
                  startup_timeout_s: float = 60.0, stop_grace_s: float = 5.0, log_dir: str | Path | None = None,
-                 failed_retention_s: float = 600.0, inference_stall_s: float | None = 120.0) -> None:
+                 failed_retention_s: float = 600.0, inference_stall_s: float | None = 120.0,
+                 spare_worker: bool = False) -> None:
         super().__init__()
         self.inference_stall_s = inference_stall_s
         self.keep_alive_s = keep_alive_s
@@ -259,6 +268,10 @@ class LocalProcessPool(Pool):
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.failed_retention_s = failed_retention_s
         self._workers: dict[str, _Worker] = {}
+        self.spare_worker = spare_worker
+        self._spare: WorkerProcess | None = None
+        self._spare_starting: asyncio.Task | None = None
+        self._closed = False
 
     # --- registry ------------------------------------------------------------------------
 
@@ -316,7 +329,7 @@ class LocalProcessPool(Pool):
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{worker_id}.log"
         try:
-            process = await WorkerProcess.spawn(config, python=self.python, env=self.env, log_path=log_path)
+            process = await self._process_for(config, log_path)
         except RbeeError as exc:  # no process at all: subscribers learn it from the job too
             job.fail(exc)
             raise
@@ -331,7 +344,9 @@ class LocalProcessPool(Pool):
         if job.task is None:  # so job.cancel() waits for the work to really end (see Job.cancel)
             job.task = relay
         job.on_cancel(lambda: self._spawn(w, self._cancel_load(w)))
-        self._spawn(w, self._watch_exit(w))
+        job.on_finish(lambda _: self._start_spare())  # ready or failed: the machine is free for imports again
+        if not process.spare:  # a spare's exit is watched once it announced (see _handshake)
+            self._spawn(w, self._watch_exit(w))
         self._spawn(w, self._loading_watchdog(w))
         self._notify("loading", info)
         return _snapshot(info)
@@ -340,7 +355,7 @@ class LocalProcessPool(Pool):
         """Handshake, then relay ``GET /load`` into the load job."""
         job = w.load_job
         try:
-            port = await w.process.handshake(self.startup_timeout_s)
+            port = await self._handshake(w)
         except WorkerDied:
             await self._relay_broke(w, job, None)
             return
@@ -364,6 +379,38 @@ class LocalProcessPool(Pool):
             raise httpx.RemoteProtocolError("the load stream ended without ready or error")
         except (httpx.HTTPError, RbeeError) as exc:
             await self._relay_broke(w, job, exc)
+
+    async def _handshake(self, w: _Worker) -> int:
+        """The worker's port; a handed-over spare that died before announcing it is replaced.
+
+        A spare can die unnoticed just before it is handed a load (killed, OOM-killed): that
+        must cost the load a fresh process, never an error. Its exit is only watched from its
+        announcement on, so that such a death is not reported as the worker's.
+        """
+        process = w.process
+        if not process.spare:
+            return await process.handshake(self.startup_timeout_s)
+        try:
+            port = await process.handshake(self.startup_timeout_s)
+        except WorkerDied:
+            if w.expected_exit or w.load_job.state.finished:  # cancelled or timed out: those paths report
+                raise
+            log.warning("rbee: spare worker process %d died before it took worker %s (%s); starting a fresh one",
+                        process.pid, w.info.id, describe_exit(process.returncode))
+        else:
+            self._spawn(w, self._watch_exit(w))
+            return port
+        process.close()
+        assert process.config is not None
+        fresh = await WorkerProcess.spawn(process.config, python=self.python, env=self.env,
+                                          log_path=process.log_path)
+        if w.expected_exit:  # cancelled or timed out while it started: stop it, the canceller reports
+            await fresh.terminate(0.0)
+            fresh.close()
+            raise process.death_error("before it started")
+        w.process, w.info.pid = fresh, fresh.pid
+        self._spawn(w, self._watch_exit(w))
+        return await fresh.handshake(self.startup_timeout_s)
 
     def _on_progress(self, w: _Worker, event: dict[str, Any]) -> None:
         info = w.info
@@ -506,6 +553,101 @@ class LocalProcessPool(Pool):
             await self._load_failed(w, error)
         else:
             job.fail(Cancelled("The generation was cancelled.") if job.cancel_event.is_set() else error)
+
+    # --- the spare worker -----------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Start the spare now, if ``spare_worker`` is on: the server calls this once it runs.
+
+        Why at server start and not at the first load: a spare started by a load would be
+        that load's own process, so the first load, the one a user waits on right after
+        opening a notebook, would pay the imports anyway, and the spare's imports would
+        compete with it for the CPU. Started with the server, the imports run while the user
+        opens a notebook or downloads a model. A process that never gets a load costs only
+        its memory, which is why the server turns this off under JupyterHub.
+        """
+        self._start_spare()
+
+    @property
+    def spare(self) -> WorkerProcess | None:
+        """The spare process waiting for a load (or still importing), if any; never a listed worker."""
+        return self._spare
+
+    async def wait_spare(self, timeout: float) -> WorkerProcess | None:
+        """The spare once its imports are done (None: there is none, or it died); for benches and tests.
+
+        Raises ``asyncio.TimeoutError`` if its imports take longer than ``timeout``.
+        """
+        if self._spare_starting is not None:
+            await asyncio.shield(self._spare_starting)
+        spare = self._spare
+        if spare is None:
+            return None
+        await asyncio.wait_for(asyncio.wait([spare.warm, spare.exited], return_when=asyncio.FIRST_COMPLETED),
+                               timeout)
+        return spare if spare.warm.done() and spare.alive else None
+
+    def _start_spare(self) -> None:
+        """Start one spare, unless unwanted, present, closed, or a load is running.
+
+        Not while a load runs: the spare's seconds of imports would take CPU and disk from
+        it. The load's end (ready or failed) calls this again.
+        """
+        if not self.spare_worker or self._closed or self._spare is not None or self._spare_starting is not None:
+            return
+        if any(not w.load_job.state.finished for w in self._workers.values()):
+            return
+        self._spare_starting = asyncio.get_running_loop().create_task(self._spawn_spare(), name="rbee-spare-start")
+
+    async def _spawn_spare(self) -> None:
+        try:
+            process = await WorkerProcess.spawn(spare=True, python=self.python, env=self.env)
+        except RbeeError as exc:  # the next load starts its own process, and reports this error if it recurs
+            log.warning("rbee: no spare worker: %s", exc.message)
+            return
+        finally:
+            self._spare_starting = None
+        if self._closed:  # closed while it started
+            await process.terminate(0.0)
+            process.close()
+            return
+        self._spare = process
+        process.exited.add_done_callback(lambda _: self._spare_exited(process))
+
+    def _spare_exited(self, process: WorkerProcess) -> None:
+        """A spare died while waiting (killed, crashed): drop it; the next load starts a fresh process.
+
+        It is not replaced at once: a spare that cannot start (a broken environment) would
+        otherwise be restarted in a loop. The next load's end starts a new one.
+        """
+        if self._spare is not process:  # handed over meanwhile: the worker's own watch takes it from here
+            return
+        self._spare = None
+        process.close()
+        tail = "; ".join(list(process.stderr_tail)[-3:])
+        log.warning("rbee: spare worker process %d exited (%s)%s", process.pid, describe_exit(process.returncode),
+                    f": {tail}" if tail else "")
+
+    async def _process_for(self, config: WorkerConfig, log_path: Path | None) -> WorkerProcess:
+        """The spare, handed this load's spec, if one is alive; else a fresh process."""
+        if self._spare_starting is not None:  # one is being started this very moment
+            await asyncio.shield(self._spare_starting)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.alive:
+            await spare.assign(config, log_path=log_path)
+            return spare
+        if spare is not None:
+            spare.close()
+        return await WorkerProcess.spawn(config, python=self.python, env=self.env, log_path=log_path)
+
+    async def _stop_spare(self) -> None:
+        """End the spare (SIGTERM: it may be in the middle of its imports) and wait until it is gone."""
+        if self._spare_starting is not None:
+            await asyncio.shield(self._spare_starting)  # it sees _closed and ends what it started
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await spare.terminate(grace_s=2.0)
+            spare.close()
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -655,6 +797,8 @@ class LocalProcessPool(Pool):
             w.process.close()
 
     async def close(self) -> None:
+        self._closed = True
+        await self._stop_spare()
         workers = list(self._workers.values())
         if workers:
             stops = [asyncio.ensure_future(self._stop(w, "server shutting down")) for w in workers]

@@ -1,7 +1,12 @@
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
 from rbee_jupyter.testing.server import ServerProcess
+from rbee_jupyter.worker.process import child_worker_pids
 
 pytest_plugins = ["pytest_jupyter.jupyter_server", "rbee_jupyter.testing.pytest_plugin"]
 
@@ -24,3 +29,31 @@ def rbee_worker(rbee_server):
     events = rbee_server.events(r.json()["progress_url"])
     assert events[-1]["stage"] == "ready", events[-1]
     return r.json()["worker_id"]
+
+
+@pytest.fixture
+def no_worker_left_behind() -> Iterator[None]:
+    """After the test, no worker process of this one may be alive (pools are closed inside tests).
+
+    Modules whose every test starts workers use it for all:
+    ``pytestmark = pytest.mark.usefixtures("no_worker_left_behind")``.
+    """
+    yield
+    deadline = time.monotonic() + 5
+    while child_worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child_worker_pids() == set()
+
+
+@pytest.fixture(scope="module")
+def reference(rbee_tiny_model: Path, request: pytest.FixtureRequest):
+    """The module's ``PROMPT`` run in this process (loader + Generator, 12 greedy tokens): what a
+    worker must send. Returns the ``(text, index)`` chunks and the stream's stats."""
+    from transformers import AutoTokenizer
+
+    from rbee_jupyter.generate import GenerationRequest, Generator
+    from rbee_jupyter.loader import load_model
+
+    gen = Generator(load_model(rbee_tiny_model), AutoTokenizer.from_pretrained(rbee_tiny_model))
+    stream = gen.stream(GenerationRequest(prompt=request.module.PROMPT, max_tokens=12))
+    return [(c.text, c.index) for c in stream], stream.stats

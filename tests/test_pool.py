@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,8 @@ PROMPT = "Once upon a time"
 LOAD_S = 90.0  # bound on a load (a torch import on a busy 2-core machine included)
 SLOW_LOAD = {BLOCK_DELAY_ENV: "30"}  # a load that sits after each block until cancelled or killed
 SLOW_TOKENS = {TOKEN_DELAY_ENV: "0.05"}
+
+pytestmark = pytest.mark.usefixtures("no_worker_left_behind")  # (conftest.py) after every test
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -90,28 +92,6 @@ def error_of(job: Job) -> dict:
     event = job.last.event
     assert isinstance(event, ErrorEvent), job.last.data
     return event.to_dict()
-
-
-@pytest.fixture(autouse=True)
-def no_worker_left_behind() -> Iterator[None]:
-    yield
-    deadline = time.monotonic() + 5
-    while child_worker_pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert child_worker_pids() == set()
-
-
-@pytest.fixture(scope="module")
-def reference(rbee_tiny_model: Path):
-    """The request run in this process (loader + Generator): what the pool must relay."""
-    from transformers import AutoTokenizer
-
-    from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import load_model
-
-    gen = Generator(load_model(rbee_tiny_model), AutoTokenizer.from_pretrained(rbee_tiny_model))
-    stream = gen.stream(GenerationRequest(prompt=PROMPT, max_tokens=12))
-    return [(c.text, c.index) for c in stream], stream.stats
 
 
 # --- the pieces that need no process ------------------------------------------------------------

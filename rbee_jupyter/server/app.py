@@ -154,6 +154,20 @@ class RbeeApp(ExtensionApp):
     def _default_keep_alive(self) -> float | None:
         return 1800.0 if under_jupyterhub() else None
 
+    spare_worker = Bool(
+        config=True,
+        help="Keep one worker process started ahead of need, with torch, transformers and the loader already "
+             "imported, and hand it the next load: a load then skips those imports (seconds, most of a small "
+             "model's load). It costs about 400 MB of host memory while it waits, and no GPU memory. Only the "
+             "default pool (LocalProcessPool) has one. Default: True, but False when the server runs under "
+             "JupyterHub (JUPYTERHUB_API_TOKEN or JUPYTERHUB_SERVICE_PREFIX is set), where many users' servers "
+             "share one node's memory.",
+    )
+
+    @default("spare_worker")
+    def _default_spare_worker(self) -> bool:
+        return not under_jupyterhub()
+
     allowed_devices = List(
         Unicode(), default_value=None, allow_none=True, config=True,
         help="Devices this server's workers may use, e.g. [\"cuda:0\", \"cpu\"], so that the users of one "
@@ -308,9 +322,9 @@ class RbeeApp(ExtensionApp):
         )
         self.hive = Hive(config)
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
-        self.log.info("rbee: keep_alive_s=%s%s, allowed_devices=%s, device_quota_mb=%s", config.keep_alive_s,
-                      " (under JupyterHub)" if under_jupyterhub() else "", config.allowed_devices,
-                      config.device_quota_mb)
+        self.log.info("rbee: keep_alive_s=%s%s, allowed_devices=%s, device_quota_mb=%s, pool options %s",
+                      config.keep_alive_s, " (under JupyterHub)" if under_jupyterhub() else "",
+                      config.allowed_devices, config.device_quota_mb, config.pool_options)
         if config.service_mode:
             self.log.info("rbee: service mode; admins: %s; file:// folders: %s; server token shared: %s",
                           ", ".join(sorted(config.admin_users)) or "none",
@@ -336,6 +350,7 @@ class RbeeApp(ExtensionApp):
 
         publish(serverapp)
         ensure_feed(self.hive)  # from now on, so resuming clients find what happened
+        self.hive.pool.warm_up()  # e.g. the spare worker's imports, while the user opens a notebook
         for entry in self.engines:  # registered in the background: an engine that is down shows as failed
             job = self.hive.load(_engine_body(entry))
             self.log.info("rbee: engine %s at %s registering as worker %s", entry.get("name") or entry.get("model"),

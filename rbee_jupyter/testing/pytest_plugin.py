@@ -67,9 +67,12 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def rbee_config(rbee_hub: HubServer, rbee_cache_dir: Path, tmp_path: Path,
                 request: pytest.FixtureRequest) -> dict[str, Any]:
-    """``c.RbeeApp`` settings for tests: local hub, private cache, short stalls and backoff.
+    """``c.RbeeApp`` settings for tests: local hub, private cache, short stalls and backoff, no spare.
 
-    A test changes some with ``@pytest.mark.rbee_config(download_stall_s=0.5)``.
+    A test changes some with ``@pytest.mark.rbee_config(download_stall_s=0.5)``. The spare
+    worker is off: it would import torch in one more process after every load, which on a
+    small CI machine slows the test that runs next; tests of the spare turn it on
+    (``@pytest.mark.rbee_config(spare_worker=True)``).
     """
     marker = request.node.get_closest_marker("rbee_config")
     return {
@@ -80,6 +83,7 @@ def rbee_config(rbee_hub: HubServer, rbee_cache_dir: Path, tmp_path: Path,
         "download_retries": 3,
         "download_backoff_s": 0.05,
         "sse_keepalive_s": 0.5,
+        "spare_worker": False,
         **(marker.kwargs if marker else {}),
     }
 

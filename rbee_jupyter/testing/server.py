@@ -30,7 +30,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``with ServerProcess(folder, rbee={...}) as server: server.get("v1/models")``."""
+    """``with ServerProcess(folder, rbee={...}) as server: server.get("v1/models")``.
+
+    The spare worker is off unless ``rbee`` turns it on (``{"spare_worker": True}``): it
+    would import torch in one more process at every server start and after every load,
+    CPU that tests and benches on a small machine cannot spare.
+    """
 
     def __init__(self, folder: str | Path, *, rbee: dict[str, Any] | None = None, base_url: str = "/",
                  server: dict[str, Any] | None = None, env: dict[str, str] | None = None,
@@ -64,7 +69,7 @@ class ServerProcess:
                           "allow_root": True, "port": self.port, "port_retries": 0, "ip": "127.0.0.1",
                           "base_url": self.base_url, "root_dir": str(self.folder / "root"), **self.server},
             "IdentityProvider": {"token": self.token},
-            "RbeeApp": self.rbee,
+            "RbeeApp": {"spare_worker": False, **self.rbee},
             **self.config,
         }
         (config_dir / "jupyter_server_config.json").write_text(json.dumps(config))

@@ -17,39 +17,53 @@ import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import LoadingTimeout, RbeeError, WorkerDied
-from .protocol import SECRET_ENV, WorkerConfig, describe_exit
+from .protocol import SECRET_ENV, SPARE_ENV, SPARE_READY, WorkerConfig, describe_exit
 
 __all__ = ["WorkerProcess", "child_worker_pids"]
 
 
 class WorkerProcess:
-    """A spawned ``python -m rbee_jupyter.worker``; create it with :meth:`spawn`."""
+    """A spawned ``python -m rbee_jupyter.worker``; create it with :meth:`spawn`.
 
-    def __init__(self, proc: asyncio.subprocess.Process, config: WorkerConfig, secret: str,
-                 stderr_lines: int, log_path: Path | None) -> None:
+    A *spare* is spawned without a spec: it imports torch and the rest, then waits until
+    :meth:`assign` hands it one. Until then it has no worker id and is named ``spare-<pid>``
+    in messages and task names; from then on it is the assigned worker, like any other.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, config: WorkerConfig | None, secret: str,
+                 stderr_lines: int, log_path: Path | None, spare: bool = False) -> None:
         self.proc = proc
         self.config = config
         self.secret = secret
+        self.spare = spare
         self.port: int | None = None
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=stderr_lines)
         self.log_path = log_path
         loop = asyncio.get_running_loop()
         self.exited: asyncio.Future[int] = loop.create_future()
-        self._tasks = [loop.create_task(self._read_stderr(), name=f"rbee-stderr-{config.worker_id}"),
-                       loop.create_task(self._watch(), name=f"rbee-exit-{config.worker_id}")]
+        #: A spare's imports are done: resolved with what it reported (its ``SPARE_READY`` line).
+        self.warm: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._tasks = [loop.create_task(self._read_stderr(), name=f"rbee-stderr-{self.name}"),
+                       loop.create_task(self._watch(), name=f"rbee-exit-{self.name}")]
 
     @classmethod
-    async def spawn(cls, config: WorkerConfig, *, python: str = sys.executable, env: dict[str, str] | None = None,
-                    stderr_lines: int = 200, log_path: Path | None = None) -> WorkerProcess:
-        """Start the process and hand it its spec; returns at once (the handshake comes later).
+    async def spawn(cls, config: WorkerConfig | None = None, *, spare: bool = False, python: str = sys.executable,
+                    env: dict[str, str] | None = None, stderr_lines: int = 200,
+                    log_path: Path | None = None) -> WorkerProcess:
+        """Start the process and, given ``config``, hand it its spec; returns at once (the handshake comes later).
 
-        The worker gets its own session so a Ctrl-C at the server's terminal does not kill
-        it half way; it still dies with the server, through the stdin lifeline.
+        ``spare``: the process imports the heavy modules before it reads a spec; give it one
+        later with :meth:`assign`. The worker gets its own session so a Ctrl-C at the
+        server's terminal does not kill it half way; it still dies with the server, through
+        the stdin lifeline (a spare: through EOF on stdin while it waits).
         """
         secret = secrets.token_urlsafe(32)
         full_env = {**os.environ, **(env or {}), SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}
+        if spare:
+            full_env[SPARE_ENV] = "1"
         try:
             proc = await asyncio.create_subprocess_exec(
                 python, "-m", "rbee_jupyter.worker", stdin=asyncio.subprocess.PIPE,
@@ -58,11 +72,32 @@ class WorkerProcess:
         except OSError as exc:
             raise RbeeError(f"Cannot start a worker process with {python!r}: {exc}",
                             details={"python": python}) from None
-        assert proc.stdin is not None
-        proc.stdin.write(config.to_json().encode() + b"\n")
+        process = cls(proc, None, secret, stderr_lines, log_path, spare=spare)
+        if config is not None:
+            await process.assign(config)
+        return process
+
+    async def assign(self, config: WorkerConfig, *, log_path: Path | None = None) -> None:
+        """Hand the process its spec (once); from now on it is worker ``config.worker_id``.
+
+        A process that died meanwhile is not an error here: its handshake reports it.
+        """
+        if self.config is not None:
+            raise RuntimeError(f"worker process {self.pid} already runs {self.config.worker_id}")
+        self.config = config
+        if log_path is not None:
+            self.log_path = log_path
+        for task, kind in zip(self._tasks, ("stderr", "exit"), strict=True):
+            task.set_name(f"rbee-{kind}-{config.worker_id}")
+        assert self.proc.stdin is not None
         with contextlib.suppress(ConnectionError):
-            await proc.stdin.drain()
-        return cls(proc, config, secret, stderr_lines, log_path)
+            self.proc.stdin.write(config.to_json().encode() + b"\n")
+            await self.proc.stdin.drain()
+
+    @property
+    def name(self) -> str:
+        """The worker id, or ``spare-<pid>`` before a spare got its spec."""
+        return self.config.worker_id if self.config is not None else f"spare-{self.pid}"
 
     @property
     def pid(self) -> int:
@@ -79,10 +114,16 @@ class WorkerProcess:
     async def handshake(self, timeout: float) -> int:
         """Wait for the ``{"port", "pid"}`` line; a worker that dies or stays silent is an error.
 
+        A spare announces only once its imports are done; ``timeout`` counts from then.
+
         Dying raises ``WorkerDied``; silence or garbage raises without killing: the caller
         decides how to stop it (and so knows its exit is expected, not a death).
         """
         assert self.proc.stdout is not None
+        if self.spare and not self.warm.done():
+            # Handed over while still importing: the imports are part of the load (bounded by the
+            # pool's loading timeout), and ``timeout`` counts from the moment they are done.
+            await asyncio.wait([self.warm, self.exited], return_when=asyncio.FIRST_COMPLETED)
         try:
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         except asyncio.TimeoutError:
@@ -103,8 +144,8 @@ class WorkerProcess:
         tail = list(self.stderr_tail)[-8:]
         text = f" Last stderr lines:\n{chr(10).join(tail)}" if tail else ""
         when = f" {when}" if when else ""
-        return WorkerDied(f"Worker {self.config.worker_id} died{when}: {how}.{text}",
-                          details={"worker_id": self.config.worker_id, "pid": self.pid, "exit": how,
+        return WorkerDied(f"Worker {self.name} died{when}: {how}.{text}",
+                          details={"worker_id": self.name, "pid": self.pid, "exit": how,
                                    "returncode": self.returncode, "stderr_tail": tail})
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -141,19 +182,25 @@ class WorkerProcess:
         """Keep the last lines for error messages (and the log file); always drain the pipe,
         so a chatty worker never blocks on a full pipe."""
         assert self.proc.stderr is not None
-        log = self.log_path.open("a", encoding="utf-8", errors="replace") if self.log_path else None
+        log = None
         partial = ""
         try:
             while True:
                 chunk = await self.proc.stderr.read(65536)
                 if not chunk:
                     break
+                if log is None and self.log_path is not None:  # a spare gets its log path with its spec
+                    log = self.log_path.open("a", encoding="utf-8", errors="replace")
+                    if self.stderr_tail:  # what it wrote as a spare
+                        log.write("\n".join(self.stderr_tail) + "\n")
                 text = partial + chunk.decode("utf-8", "replace")
                 *lines, partial = re.split(r"\r\n|\r|\n", text)
                 partial = partial[-4096:]
                 for line in lines:
                     if line.strip():
                         self.stderr_tail.append(line[:2000])
+                    if line.startswith(SPARE_READY) and not self.warm.done():
+                        self._warmed(line[len(SPARE_READY):])
                 if log is not None:
                     log.write(chunk.decode("utf-8", "replace"))
                     log.flush()
@@ -162,6 +209,13 @@ class WorkerProcess:
         finally:
             if log is not None:
                 log.close()
+
+    def _warmed(self, facts: str) -> None:
+        try:
+            data = json.loads(facts)
+        except ValueError:
+            data = {}
+        self.warm.set_result(data if isinstance(data, dict) else {})
 
     async def _watch(self) -> None:
         """Resolve ``exited`` when the kernel reports the exit (asyncio reaps it: no zombie)."""

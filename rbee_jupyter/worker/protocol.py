@@ -2,7 +2,8 @@
 
 Kept free of torch and tornado imports on purpose: the pool imports it in the server
 process, and the worker imports it before it announces its port (start-up must be quick;
-the heavy imports happen in the loading thread, where they count as loading).
+the heavy imports happen in the loading thread, where they count as loading, or in a spare
+worker before its spec arrives).
 """
 
 from __future__ import annotations
@@ -15,14 +16,19 @@ from typing import Any
 from .. import errors
 from ..errors import InvalidRequest, RbeeError
 
-__all__ = ["WorkerConfig", "SECRET_ENV", "BLOCK_DELAY_ENV", "TOKEN_DELAY_ENV", "WORKER_STATES",
-           "error_from_json", "describe_exit", "mb"]
+__all__ = ["WorkerConfig", "SECRET_ENV", "BLOCK_DELAY_ENV", "TOKEN_DELAY_ENV", "SPARE_ENV", "SPARE_READY",
+           "WORKER_STATES", "error_from_json", "describe_exit", "mb"]
 
 #: The per-worker secret travels in the environment, never in argv (argv is world-readable in /proc).
 SECRET_ENV = "RBEE_WORKER_SECRET"
 #: Test hooks: sleep after each loaded block / each emitted chunk (both interruptible by cancel).
 BLOCK_DELAY_ENV = "RBEE_WORKER_BLOCK_DELAY_S"
 TOKEN_DELAY_ENV = "RBEE_WORKER_TOKEN_DELAY_S"
+#: Set ("1") by the pool on a spare worker: import the heavy modules first, then wait for the spec.
+SPARE_ENV = "RBEE_WORKER_SPARE"
+#: The stderr line a spare writes once its imports are done, followed by a JSON object (what it
+#: imported, how long it took). Stderr, because stdout carries the one announcement line only.
+SPARE_READY = "rbee spare worker: imports done "
 
 WORKER_STATES = ("loading", "idle", "busy", "draining", "failed")
 

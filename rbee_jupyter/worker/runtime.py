@@ -75,6 +75,7 @@ class WorkerRuntime:
         self.load_timeline = LoadTimeline()
         self.exit_requested = asyncio.Event()
         self.exit_reason: str | None = None
+        self.spare: dict[str, Any] | None = None  # what this process did as a spare (server.wait_as_spare), if one
         self._generator: Any = None  # generate.Generator, set once loaded
         self._validator: Any = None  # a Generator on its own tokenizer (fast tokenizers are not thread-safe)
         self._queue: deque[GenerationTask] = deque()
@@ -279,6 +280,7 @@ class WorkerRuntime:
             "error": self.failure.to_dict()["error"] if self.failure is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
             "load_seconds": self.load_timeline.seconds(),
+            "spare": self.spare,
         }
 
 
@@ -288,15 +290,17 @@ class LoadTimeline:
     A worker's first block can come tens of seconds after the request although the weights
     take a few (Python imports, the CUDA context): the phases say which, in the worker's log
     and in ``/health``. ``start`` is the process's own age when loading began (interpreter
-    start, the server's imports), so the phases add up to the time since the process started.
+    start, the server's imports), so the phases add up to the time since the process started;
+    or, for a spare, the time since its spec arrived (``since``, ``time.monotonic``), since
+    its imports were paid before anyone asked.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, since: float | None = None) -> None:
         self._last = time.monotonic()
         self._seconds: dict[str, float] = {}
-        age = _process_age_s()
-        if age is not None:
-            self._seconds["start"] = age
+        start = self._last - since if since is not None else _process_age_s()
+        if start is not None:
+            self._seconds["start"] = max(0.0, start)
 
     def mark(self, phase: str) -> None:
         """The phase that just ended (a repeated phase accumulates: ``blocks`` is marked per block)."""
