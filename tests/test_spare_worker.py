@@ -109,6 +109,9 @@ async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_eac
             # when the spec came, the imports were done (spec not waiting), and CUDA was never touched
             assert HEAVY <= set(health["spare"]["imported"]) and health["spare"]["spec_waiting"] is False
             assert health["spare"]["cuda_initialized"] is False
+            # its load's timeline starts at the spec: the imports it paid ahead are not in it
+            assert health["load_seconds"]["start"] < health["spare"]["import_s"]
+            assert health["load_seconds"]["imports"] < health["spare"]["import_s"]
             tokens, end = await greedy_text(pool, info.id)
             assert tokens == reference[0] and end.total_tokens == reference[1].completion_tokens
 
