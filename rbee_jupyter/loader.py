@@ -735,6 +735,8 @@ def _bnb_weight(prep: _Prepared, module: nn.Module, old: torch.Tensor, src: dict
     import bitsandbytes as bnb
     from transformers.pytorch_utils import Conv1D
 
+    from .quantize import fast_cpu_quantization, quantize_params4bit
+
     if prep.opts.prequantized:
         weight = reader.read(src[""], device)
         stats = {stat: reader.read(meta, device) for stat, meta in src.items()
@@ -754,6 +756,8 @@ def _bnb_weight(prep: _Prepared, module: nn.Module, old: torch.Tensor, src: dict
     if issubclass(getattr(module, "source_cls", nn.Linear), Conv1D):
         value = value.T  # Conv1D stores (in, out); bnb layers expect (out, in)
     if prep.opts.four_bit:
+        if device.type == "cpu" and fast_cpu_quantization(old.quant_type, old.quant_storage):
+            return quantize_params4bit(value, old)  # the same bits, faster (see rbee_jupyter.quantize)
         return bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
     kwargs = {k: v for k, v in old.__dict__.items() if k != "SCB"}
     return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **kwargs).to(device)
