@@ -10,12 +10,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from .server import free_port
+from .server import free_port, wait_for_http
 
 
 class TransformersServe:
@@ -45,16 +42,8 @@ class TransformersServe:
                 [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model, "--device", self.device,
                  "--host", "127.0.0.1", "--port", str(self.port)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)  # polling a starting process: nothing to wait on instead
+        if wait_for_http(self.proc, f"{self.url}/models", timeout, "transformers serve", self.log):
+            return self
         self.stop()
         raise TimeoutError(f"transformers serve did not answer within {timeout} s:\n{self.log()}")
 

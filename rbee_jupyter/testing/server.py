@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_http(proc: subprocess.Popen, url: str, timeout: float, what: str, log: Callable[[], str], *,
+                  headers: dict[str, str] | None = None) -> bool:
+    """Whether ``url`` answered 200 within ``timeout`` while ``proc`` started; its exit raises, with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)  # polling a starting process: nothing to wait on instead
+    return False
 
 
 class ServerProcess:
@@ -84,18 +101,10 @@ class ServerProcess:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyter server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "api/status", headers=self.auth_header, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # polling a starting process: nothing to wait on instead
-        self.stop()
-        raise TimeoutError(f"jupyter server did not answer within {self.startup_timeout} s:\n{self.log()}")
+        if not wait_for_http(self.proc, self.url + "api/status", self.startup_timeout, "jupyter server", self.log,
+                             headers=self.auth_header):
+            self.stop()
+            raise TimeoutError(f"jupyter server did not answer within {self.startup_timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
