@@ -22,6 +22,7 @@ import pytest
 from rbee_jupyter.events import InferenceEnd, LoadingProgress, Token
 from rbee_jupyter.jobs import Job, JobState
 from rbee_jupyter.pool import LocalProcessPool, WorkerInfo, WorkerSpec
+from rbee_jupyter.procs import pid_alive
 from rbee_jupyter.server.app import RbeeApp
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.worker.process import WorkerProcess, child_worker_pids
@@ -75,15 +76,6 @@ async def greedy_text(pool: LocalProcessPool, worker_id: str) -> tuple[list[tupl
     return [(e.t, e.i) for e in events if isinstance(e, Token)], events[-1]
 
 
-def gone(pid: int) -> bool:
-    """No such process, or a zombie (exited, not reaped by whoever its parent is now)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 # --- the pool ------------------------------------------------------------------------------------
 
 async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_each_load(rbee_tiny_model, reference):
@@ -128,7 +120,7 @@ async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_eac
         assert "signal 9" in pool.get(info.id).exit_reason
         assert [e for e in seen if e != "progress"] == ["loading", "ready", "busy", "idle"] * 2 + ["died"]
         last_spare = spare.pid
-    assert gone(last_spare)  # closing the pool ended the spare too
+    assert not pid_alive(last_spare)  # closing the pool ended the spare too
 
 
 async def test_a_dead_spare_costs_the_load_a_fresh_process_not_an_error(rbee_tiny_model, reference):
@@ -149,7 +141,7 @@ async def test_a_dead_spare_costs_the_load_a_fresh_process_not_an_error(rbee_tin
         second, job = await load(pool, rbee_tiny_model)
         assert await job.wait(LOAD_S) is JobState.COMPLETE, job.last.data
         now = pool.get(second.id)
-        assert now.state == "idle" and now.pid not in (spare.pid, None) and not gone(now.pid)
+        assert now.state == "idle" and now.pid not in (spare.pid, None) and pid_alive(now.pid)
         assert "died" not in seen and "failed" not in seen
         assert (await greedy_text(pool, second.id))[0] == reference[0]
         assert await warm_spare(pool) is not None  # and a spare again after the load
@@ -218,6 +210,6 @@ def test_a_server_starts_a_spare_lists_only_loaded_workers_and_ends_both(rbee_ti
         everyone = children()
         assert [w["id"] for w in server.get("v1/workers").json()["workers"]] == [worker["id"]]
     deadline = time.monotonic() + 10
-    while not all(gone(pid) for pid in everyone):
+    while any(pid_alive(pid) for pid in everyone):
         assert time.monotonic() < deadline, f"left behind by the stopped server: {everyone}"
         time.sleep(0.05)
