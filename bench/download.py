@@ -150,8 +150,8 @@ def profile_rbee(hub_url: str, work: Path) -> None:
     import pstats
     import threading
 
-    import rbee_jupyter.download as dl
-    from rbee_jupyter.refs import parse_ref
+    import rbee_jupyter.hub.download as dl
+    from rbee_jupyter.core.refs import parse_ref
 
     cache = work / "profile-cache"
     d = dl.Downloader(cache_dir=cache, endpoint=hub_url)

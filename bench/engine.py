@@ -177,9 +177,9 @@ async def profile_relay(url: str, model: str, tokens: int, n: int) -> None:
     import pstats
     from collections import defaultdict
 
-    from rbee_jupyter.engines import EngineSpec, OpenAIEnginePool
+    from rbee_jupyter.pools.engines import EngineSpec, OpenAIEnginePool
     from rbee_jupyter.events import Token
-    from rbee_jupyter.jobs import Job
+    from rbee_jupyter.core.jobs import Job
 
     pool = OpenAIEnginePool(health_interval_s=None)
     load = Job("load")

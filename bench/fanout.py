@@ -90,7 +90,7 @@ async def serve(rate: float, count: int, profile_to: str | None = None) -> None:
     from tornado.netutil import bind_sockets
     from tornado.web import Application, RequestHandler
 
-    from rbee_jupyter.jobs import Job
+    from rbee_jupyter.core.jobs import Job
     from rbee_jupyter.server.sse import stream_job
 
     job = Job("bench")

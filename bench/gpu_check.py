@@ -127,8 +127,8 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import device_map_for, load_model, plan_blocks
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.loader import device_map_for, load_model, plan_blocks
 
     _warm_imports(folder)
     cuda = device.startswith("cuda")
@@ -168,7 +168,7 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
         result["allocated_mb"] = {d: (torch.cuda.memory_allocated(d) - base[d]) / 2**20 for d in base}
         result["peak_mb"] = {d: (torch.cuda.max_memory_allocated(d) - base[d]) / 2**20 for d in base}
     else:  # no allocator to ask: the tensors' own bytes
-        from rbee_jupyter.loader import _loaded_bytes
+        from rbee_jupyter.engine.loader import _loaded_bytes
 
         total = sum(_loaded_bytes(t) for t in [*model.parameters(), *model.buffers()])
         result["allocated_mb"] = {"cpu": total / 2**20}
@@ -219,7 +219,7 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
 # --- the worker, through the hive -------------------------------------------------------------------
 
 async def worker_run(folder: Path, work: Path, device: str, tokens: int) -> dict:
-    from rbee_jupyter.hive import Hive, HiveConfig
+    from rbee_jupyter.core.hive import Hive, HiveConfig
 
     logs = work / "worker-logs"
     hive = Hive(HiveConfig(cache_dir=work / "cache", catalog_path=work / "catalog.sqlite", loading_timeout_s=900.0,

@@ -36,7 +36,7 @@ PYEOF
 fi
 
 # 2. The project and its dependencies: install only if something is missing, never touching torch.
-need='import transformers, accelerate, bitsandbytes, safetensors, tokenizers, rbee_jupyter.hive, rbee_jupyter.loader, rbee_jupyter.worker.app'
+need='import transformers, accelerate, bitsandbytes, safetensors, tokenizers, rbee_jupyter.core.hive, rbee_jupyter.engine.loader, rbee_jupyter.worker.app'
 if ! PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "$need" 2>/dev/null; then
   echo "gpu_check: installing the project (pip install -e .), keeping torch $torch_version" >&2
   constraints=$(mktemp)

@@ -68,7 +68,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # --- the model ---------------------------------------------------------------------------------
 
 def make_tokenizer() -> tuple[Any, str]:
-    from rbee_jupyter.gguf import demo_gguf
+    from rbee_jupyter.hub.gguf import demo_gguf
 
     gguf = demo_gguf()
     if gguf is not None:

@@ -1,4 +1,4 @@
-"""Benchmark: rbee_jupyter.loader.load_model against transformers' from_pretrained, on CPU.
+"""Benchmark: rbee_jupyter.engine.loader.load_model against transformers' from_pretrained, on CPU.
 
 Generates a ~520 MB Llama-shaped checkpoint (hidden 1024, 7 layers, vocab 32000, fp32,
 sharded) and loads it with both loaders, fp32 and nf4, alternating the order every
@@ -53,7 +53,7 @@ def child(impl: str, mode: str, folder: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from rbee_jupyter.loader import load_model
+    from rbee_jupyter.engine.loader import load_model
 
     _warm_imports(folder, mode)
 

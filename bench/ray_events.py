@@ -95,7 +95,7 @@ def main() -> int:
         cluster.wait_for_nodes(timeout=120)
         env = {BLOCK_DELAY_ENV: str(args.block_delay)}
         common = {"sse_keepalive_s": 10.0}
-        for name, extra in (("ray", {"pool_class": "rbee_jupyter.ray_pool.RayPool",
+        for name, extra in (("ray", {"pool_class": "rbee_jupyter.pools.ray.RayPool",
                                      "ray_address": cluster.address}), ("local", {})):
             folder = work / name
             settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),

@@ -32,7 +32,7 @@ MODES = ("no spare", "warm spare")
 
 async def measure(model: Path, work: Path, spare: bool) -> dict:
     """One load in a fresh hive: seconds to the first block and to ready."""
-    from rbee_jupyter.hive import Hive, HiveConfig
+    from rbee_jupyter.core.hive import Hive, HiveConfig
 
     hive = Hive(HiveConfig(cache_dir=work / "cache", catalog_path=work / "catalog.sqlite",
                            pool_options={"spare_worker": spare}))

@@ -12,7 +12,7 @@ def _jupyter_server_extension_points() -> list[dict]:
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext rbee_jupyter``: registers the ``%rbee`` magics."""
-    from .magics import load_ipython_extension as load
+    from .kernel.magics import load_ipython_extension as load
 
     load(ipython)
 
@@ -20,11 +20,11 @@ def load_ipython_extension(ipython) -> None:
 def __getattr__(name: str):
     """Lazy exports, so ``import rbee_jupyter`` stays cheap (no httpx, no torch)."""
     if name == "Client":
-        from .client import Client
+        from .kernel.client import Client
 
         return Client
     if name == "load_model":
-        from .inkernel import load_model
+        from .kernel.inkernel import load_model
 
         return load_model
     raise AttributeError(f"module 'rbee_jupyter' has no attribute {name!r}")

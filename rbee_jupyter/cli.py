@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .render import describe
+from .kernel.render import describe
 
 
 class _Line:
@@ -78,7 +78,7 @@ async def _run(hive, ref: str, args: argparse.Namespace, request: dict) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .gguf import demo_gguf
+    from .hub.gguf import demo_gguf
     from .testing.hub import HubServer
     from .testing.tiny_model import make_tiny_model
 
@@ -104,7 +104,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def _embedded_hive(root: Path, args: argparse.Namespace, *, endpoint: str | None = None):
-    from .hive import Hive, HiveConfig
+    from .core.hive import Hive, HiveConfig
 
     hive = Hive(HiveConfig(cache_dir=Path(args.cache_dir or root / "cache"), catalog_path=root / "catalog.sqlite",
                            hub_endpoint=endpoint))

@@ -51,8 +51,8 @@ def reference(rbee_tiny_model: Path, request: pytest.FixtureRequest):
     worker must send. Returns the ``(text, index)`` chunks and the stream's stats."""
     from transformers import AutoTokenizer
 
-    from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import load_model
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.loader import load_model
 
     gen = Generator(load_model(rbee_tiny_model), AutoTokenizer.from_pretrained(rbee_tiny_model))
     stream = gen.stream(GenerationRequest(prompt=request.module.PROMPT, max_tokens=12))

@@ -10,12 +10,12 @@ import itertools
 
 import pytest
 
-from rbee_jupyter.client import Client, Download, Generation, Worker, error_from_json
+from rbee_jupyter.kernel.client import Client, Download, Generation, Worker, error_from_json
 from rbee_jupyter.errors import (Cancelled, DeviceNotAvailable, InvalidModelRef, JobNotFound, ModelNotFound,
                                  ModelNotLoaded, RbeeError, WorkerBusy, WorkerNotFound)
-from rbee_jupyter.inkernel import load_model
+from rbee_jupyter.kernel.inkernel import load_model
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
-from rbee_jupyter.widgets import DownloadView, follow
+from rbee_jupyter.kernel.widgets import DownloadView, follow
 
 TINY = f"hf:{TINY_REPO}"
 _names = itertools.count()

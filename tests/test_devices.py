@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rbee_jupyter.devices import (
+from rbee_jupyter.engine.devices import (
     GiB, MiB, Device, Holder, Quota, allowed_inventory, check_allowed, default_margin, inventory, parse_bytes,
     parse_device_spec, plan_placement,
 )
@@ -202,7 +202,7 @@ def test_device_map_for_a_two_gpu_plan_covers_every_tensor(tmp_path, arch, tied)
     from accelerate.utils import check_device_map
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rbee_jupyter.loader import device_map_for, plan_blocks
+    from rbee_jupyter.engine.loader import device_map_for, plan_blocks
     from rbee_jupyter.testing import make_tiny_model
 
     folder = make_tiny_model(tmp_path / arch, arch=arch, tie_word_embeddings=tied)

@@ -1,7 +1,7 @@
 """Finding the hive: explicit, the kernel's environment, JPY_PARENT_PID, embedded — and interrupts.
 
 One real ``jupyter server`` (base_url ``/hub/user/bob/``, like a JupyterHub single-user
-server) with the extension and ``rbee_jupyter.kernel_env`` (which publishes the variables
+server) with the extension and ``rbee_jupyter.kernel.kernel_env`` (which publishes the variables
 the server's kernels inherit). The kernel tests start a real kernel through the server's
 REST API and talk to it with jupyter_client over its connection file.
 """
@@ -16,9 +16,9 @@ import threading
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from rbee_jupyter.client import Client, discover
+from rbee_jupyter.kernel.client import Client, discover
 from rbee_jupyter.errors import AccessDenied
-from rbee_jupyter.kernel_env import publish, server_env, unpublish
+from rbee_jupyter.kernel.kernel_env import publish, server_env, unpublish
 from rbee_jupyter.testing.server import ServerProcess, free_port
 
 BASE_URL = "/hub/user/bob/"
@@ -31,7 +31,7 @@ def server(rbee_hub_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("discovery-server")
     settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
                 "hub_endpoint": rbee_hub_session.url, "sse_keepalive_s": 0.5}
-    extensions = {"jpserver_extensions": {"rbee_jupyter": True, "rbee_jupyter.kernel_env": True}}
+    extensions = {"jpserver_extensions": {"rbee_jupyter": True, "rbee_jupyter.kernel.kernel_env": True}}
     env = {name: "" for name in DISCOVERY_VARS}  # nothing of the test process's own leaks in
     with ServerProcess(folder, rbee=settings, base_url=BASE_URL, server=extensions, env=env) as server:
         yield server
@@ -150,7 +150,7 @@ def test_publish_and_unpublish(clean_env):
 
 def test_a_kernel_started_by_the_server_finds_it(server, kernel):
     _, kc = kernel
-    code = ("import json, os\nfrom rbee_jupyter.client import Client\n"
+    code = ("import json, os\nfrom rbee_jupyter.kernel.client import Client\n"
             "first = Client()\n"
             "url = os.environ.pop('RBEE_SERVER_URL')\n"
             "second = Client()\n"
@@ -168,7 +168,7 @@ def test_interrupting_a_magic_cancels_the_server_job(server, kernel, rbee_hub, r
     repo = "rbee-test/interrupted"
     rbee_hub.add_repo(repo, rbee_tiny_model)
     rbee_hub.faults.chunk_delay_s = 0.5  # ~6 s for the weights: the interrupt lands mid-transfer
-    reply, _ = run(kc, "%load_ext rbee_jupyter.magics")
+    reply, _ = run(kc, "%load_ext rbee_jupyter.kernel.magics")
     assert reply["status"] == "ok", reply
 
     results: queue.Queue = queue.Queue()

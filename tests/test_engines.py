@@ -344,12 +344,12 @@ def test_openai_routes_with_the_official_client(server, engine, admin_worker):
 def test_magics_use_the_engine(server, engine, worker, capsys):
     from IPython.core.interactiveshell import InteractiveShell
 
-    from rbee_jupyter.client import set_default_client
+    from rbee_jupyter.kernel.client import set_default_client
 
     expected = engine.stream_text("completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0})
     shell = InteractiveShell.instance()
     try:
-        shell.run_line_magic("load_ext", "rbee_jupyter.magics")
+        shell.run_line_magic("load_ext", "rbee_jupyter.kernel.magics")
         shell.run_line_magic("rbee", f"connect {server.url} --token {server.token}")
         ps = shell.run_line_magic("rbee", "ps")
         assert worker in [w["id"] for w in ps] and f"openai:{engine.model}@127.0.0.1:{engine.port}" in repr(ps)
@@ -441,9 +441,9 @@ async def test_an_engine_that_stops_sending_mid_stream_ends_it_with_inference_st
     INFERENCE_STALLED after ``inference_stall_s``, then the engine goes on serving."""
     import asyncio
 
-    from rbee_jupyter.engines import EngineSpec, OpenAIEnginePool
+    from rbee_jupyter.pools.engines import EngineSpec, OpenAIEnginePool
     from rbee_jupyter.events import ErrorEvent
-    from rbee_jupyter.jobs import Job, JobRegistry, JobState
+    from rbee_jupyter.core.jobs import Job, JobRegistry, JobState
 
     pool, jobs = OpenAIEnginePool(timeout_s=5.0, health_interval_s=None, inference_stall_s=1.5), JobRegistry()
     try:

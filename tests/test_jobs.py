@@ -7,7 +7,7 @@ import pytest
 from rbee_jupyter.errors import Cancelled, InvalidModelRef
 from rbee_jupyter.events import (DownloadComplete, DownloadProgress, ErrorEvent, Token, sse_comment, sse_done,
                                  sse_event)
-from rbee_jupyter.jobs import JobRegistry, JobState
+from rbee_jupyter.core.jobs import JobRegistry, JobState
 from rbee_jupyter.testing.sse import parse_frames
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from rbee_jupyter.client import Client
+from rbee_jupyter.kernel.client import Client
 from rbee_jupyter.testing.hub import CHUNK_SIZE
 from rbee_jupyter.testing.jupyterhub import JupyterHubProcess, find_proxy
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
@@ -169,7 +169,7 @@ def test_a_kernel_of_alices_server_finds_it_and_the_magics_work_through_the_prox
         kc.wait_for_ready(timeout=60)
 
         # When: discovery as the kernel has it, then without the extension's variable (the hub's only)
-        found = run(kc, "import json, os\nfrom rbee_jupyter.client import Client\n"
+        found = run(kc, "import json, os\nfrom rbee_jupyter.kernel.client import Client\n"
                         "published = Client()\n"
                         "saved = os.environ.pop('RBEE_SERVER_URL')\n"
                         "hub_only = Client()\n"
@@ -185,7 +185,7 @@ def test_a_kernel_of_alices_server_finds_it_and_the_magics_work_through_the_prox
         assert found["found"][0][3] == found["found"][1][3] == models  # alice's catalog, not bob's or the service's
 
         # When: the magics, pointed at alice's server through the proxy with the kernel's own hub token
-        run(kc, "%load_ext rbee_jupyter.magics")
+        run(kc, "%load_ext rbee_jupyter.kernel.magics")
         status = result(kc, f"tok = os.environ['JUPYTERHUB_API_TOKEN']\n"
                             f"%rbee connect {hub.server_url('alice')} --token $tok\n%rbee status")
         assert status.startswith(f"rbee: server mode — {hub.server_url('alice')} (connected explicitly)")

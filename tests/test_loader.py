@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from rbee_jupyter.errors import Cancelled, DeviceNotAvailable, InvalidCheckpoint, InvalidRequest, ModelNotFound
-from rbee_jupyter.loader import BlockInfo, LoadProgress, load_model, plan_blocks
+from rbee_jupyter.engine.loader import BlockInfo, LoadProgress, load_model, plan_blocks
 from rbee_jupyter.testing import make_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -272,7 +272,7 @@ def test_explicit_per_block_plan_and_device_list_on_cpu(llama_sharded):
 
 _MEMORY_PROBE = textwrap.dedent("""
     import gc, json, sys
-    from rbee_jupyter.loader import load_model, plan_blocks
+    from rbee_jupyter.engine.loader import load_model, plan_blocks
 
     def rss_mb(field):
         with open("/proc/self/status") as fh:

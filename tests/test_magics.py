@@ -18,11 +18,11 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from nbclient import NotebookClient
 
-from rbee_jupyter.client import Client, Download, Generation, Worker, set_default_client
+from rbee_jupyter.kernel.client import Client, Download, Generation, Worker, set_default_client
 from rbee_jupyter.errors import Cancelled, InvalidModelRef
-from rbee_jupyter.magics import RbeeMagics
+from rbee_jupyter.kernel.magics import RbeeMagics
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
-from rbee_jupyter.widgets import Table
+from rbee_jupyter.kernel.widgets import Table
 
 TINY = f"hf:{TINY_REPO}"
 _names = itertools.count()
@@ -31,7 +31,7 @@ _names = itertools.count()
 @pytest.fixture(scope="module")
 def shell():
     shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "rbee_jupyter.magics")
+    shell.run_line_magic("load_ext", "rbee_jupyter.kernel.magics")
     yield shell
     set_default_client(None)
     InteractiveShell.clear_instance()
@@ -195,7 +195,7 @@ def test_embedded_mode_from_nothing_to_text(shell, magics, rbee_hub, tmp_path, m
     monkeypatch.setenv("HF_ENDPOINT", rbee_hub.url)
     set_default_client(None)
     magics.conversations.clear()
-    from rbee_jupyter.embedded import shared_hive
+    from rbee_jupyter.kernel.embedded import shared_hive
 
     try:
         assert str(shell.run_line_magic("rbee", "status")).startswith("rbee: embedded mode")
@@ -222,7 +222,7 @@ def test_a_notebook_kernel_uses_the_server(rbee_server, rbee_worker, monkeypatch
     monkeypatch.setenv("RBEE_TOKEN", rbee_server.token)
     for name in ("JPY_PARENT_PID", "RBEE_PROGRESS", "RBEE_SERVER_PID", "RBEE_SERVER_SOCK", "RBEE_SSL_VERIFY"):
         monkeypatch.delenv(name, raising=False)
-    cells = ["%load_ext rbee_jupyter.magics",
+    cells = ["%load_ext rbee_jupyter.kernel.magics",
              "%rbee status",
              f"%rbee download {TINY}",
              f"%%rbee generate --model {rbee_worker} --max-tokens 5 --temperature 0\nOnce upon a time",

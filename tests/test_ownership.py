@@ -18,10 +18,10 @@ import httpx
 import pytest
 from traitlets import TraitError
 
-from rbee_jupyter.catalog import Catalog
-from rbee_jupyter.hive import Hive, HiveConfig
-from rbee_jupyter.jobs import JobState
-from rbee_jupyter.owners import Principal, principal_of
+from rbee_jupyter.core.catalog import Catalog
+from rbee_jupyter.core.hive import Hive, HiveConfig
+from rbee_jupyter.core.jobs import JobState
+from rbee_jupyter.core.owners import Principal, principal_of
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import read_stream
 
@@ -434,7 +434,7 @@ def test_a_catalog_from_before_owners_is_upgraded_in_place(tmp_path):
 def test_the_python_client_sends_the_users_hub_token_only_when_given(team):
     """``Client(hf_token=...)``: the gated repo arrives with a token the hub accepts, and without
     one the same user gets ACCESS_DENIED (whether or not someone downloaded it before)."""
-    from rbee_jupyter.client import Client
+    from rbee_jupyter.kernel.client import Client
     from rbee_jupyter.errors import AccessDenied
 
     with_token = Client(team.url, token=team.tokens["bob"], hf_token=ALICE_HF)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from rbee_jupyter import hive as hive_module
+from rbee_jupyter.core import hive as hive_module
 from rbee_jupyter.errors import QuotaExceeded
-from rbee_jupyter.hive import Hive, HiveConfig
-from rbee_jupyter.jobs import JobState
-from rbee_jupyter.loader import plan_blocks
+from rbee_jupyter.core.hive import Hive, HiveConfig
+from rbee_jupyter.core.jobs import JobState
+from rbee_jupyter.engine.loader import plan_blocks
 
 
 @pytest.fixture

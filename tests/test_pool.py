@@ -22,8 +22,8 @@ import pytest
 
 from rbee_jupyter.errors import InvalidRequest, WorkerBusy, WorkerNotFound
 from rbee_jupyter.events import ErrorEvent, InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
-from rbee_jupyter.jobs import Job, JobState
-from rbee_jupyter.pool import LocalProcessPool, WorkerInfo, WorkerSpec
+from rbee_jupyter.core.jobs import Job, JobState
+from rbee_jupyter.pools.local import LocalProcessPool, WorkerInfo, WorkerSpec
 from rbee_jupyter.worker.process import child_worker_pids
 from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 
@@ -132,7 +132,7 @@ def test_worker_errors_are_rebuilt_as_their_own_classes(payload, status, cls, co
 # --- the happy path -------------------------------------------------------------------------
 
 async def test_load_then_generate_then_keep_alive_unload(rbee_tiny_model, reference):
-    from rbee_jupyter.loader import plan_blocks
+    from rbee_jupyter.engine.loader import plan_blocks
 
     blocks = [b.name for b in plan_blocks(rbee_tiny_model)]
     chunks, stats = reference

@@ -1,4 +1,4 @@
-"""The CPU 4-bit quantizer (rbee_jupyter.quantize) gives bitsandbytes' exact bits, or is not used.
+"""The CPU 4-bit quantizer (rbee_jupyter.engine.quantize) gives bitsandbytes' exact bits, or is not used.
 
 The loader's nf4/fp4 logits parity with ``from_pretrained`` (tests/test_loader.py) runs through
 this path on the CPU; here every tensor-level detail is compared with bitsandbytes' own
@@ -13,8 +13,8 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from rbee_jupyter import quantize  # noqa: E402
-from rbee_jupyter.loader import load_model  # noqa: E402
+from rbee_jupyter.engine import quantize  # noqa: E402
+from rbee_jupyter.engine.loader import load_model  # noqa: E402
 
 
 def bitsandbytes_own(value: torch.Tensor, **options) -> bnb.nn.Params4bit:

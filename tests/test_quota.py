@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from traitlets import TraitError
 
-from rbee_jupyter.devices import MiB
-from rbee_jupyter.loader import plan_blocks
+from rbee_jupyter.engine.devices import MiB
+from rbee_jupyter.engine.loader import plan_blocks
 from rbee_jupyter.server.app import RbeeApp
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.tiny_model import make_tiny_model

@@ -31,8 +31,8 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster
 
 from rbee_jupyter.events import LoadingProgress, Ready
-from rbee_jupyter.jobs import Job, JobState
-from rbee_jupyter.pool import WorkerSpec
+from rbee_jupyter.core.jobs import Job, JobState
+from rbee_jupyter.pools.local import WorkerSpec
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import Frame, read_stream
 from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
@@ -80,7 +80,7 @@ def cluster() -> Iterator[Cluster]:
 def server(cluster: Cluster, rbee_tiny_model: Path, tmp_path_factory) -> Iterator[ServerProcess]:
     """A jupyter server whose workers are actors on ``cluster`` (tokens slowed so a node can die mid-stream)."""
     folder = tmp_path_factory.mktemp("ray-server")
-    settings = {"pool_class": "rbee_jupyter.ray_pool.RayPool", "ray_address": cluster.address,
+    settings = {"pool_class": "rbee_jupyter.pools.ray.RayPool", "ray_address": cluster.address,
                 "cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
                 "sse_keepalive_s": 0.5, "inference_stall_s": 60}
     with ServerProcess(folder, rbee=settings, env={TOKEN_DELAY_ENV: "0.05"}, startup_timeout=120) as s:
@@ -114,8 +114,8 @@ def local_greedy(model_path: Path, body: dict[str, Any]) -> str:
     import torch
     from transformers import AutoTokenizer
 
-    from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import load_model
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.loader import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the actor (Ray gives num_cpus=0 actors one OpenMP thread)
@@ -271,7 +271,7 @@ async def _first(job: Job, kind: type, timeout: float):
 
 
 def test_cancel_mid_load_ends_the_stream_cancelled_and_the_actor_is_gone(cluster, rbee_tiny_model, slow_loads):
-    from rbee_jupyter.ray_pool import RayPool
+    from rbee_jupyter.pools.ray import RayPool
 
     async def scenario():
         pool = RayPool(ray_address=cluster.address)
@@ -303,7 +303,7 @@ def test_cancel_mid_load_ends_the_stream_cancelled_and_the_actor_is_gone(cluster
 
 
 def test_an_idle_worker_is_unloaded_after_keep_alive(cluster, rbee_tiny_model):
-    from rbee_jupyter.ray_pool import RayPool
+    from rbee_jupyter.pools.ray import RayPool
 
     async def scenario():
         pool = RayPool(ray_address=cluster.address, keep_alive_s=0.5)
@@ -333,7 +333,7 @@ def test_an_idle_worker_is_unloaded_after_keep_alive(cluster, rbee_tiny_model):
 
 
 def test_a_load_asking_for_a_resource_no_node_has_fails_clearly(cluster, rbee_tiny_model):
-    from rbee_jupyter.ray_pool import RayPool
+    from rbee_jupyter.pools.ray import RayPool
 
     async def scenario():
         pool = RayPool(ray_address=cluster.address, ray_resources={"no-such-hardware": 1}, placement_timeout_s=2)
@@ -355,7 +355,7 @@ def test_a_load_asking_for_a_resource_no_node_has_fails_clearly(cluster, rbee_ti
 
 
 def test_a_load_past_its_timeout_fails_naming_the_block_and_the_actor_is_gone(cluster, rbee_tiny_model, slow_loads):
-    from rbee_jupyter.ray_pool import RayPool
+    from rbee_jupyter.pools.ray import RayPool
 
     async def scenario():
         pool = RayPool(ray_address=cluster.address)

@@ -227,9 +227,9 @@ def test_a_waiting_download_gives_up_on_a_stuck_holder_and_can_be_cancelled(rbee
     """The waiting side in-process: a lock held by someone whose partial file stops growing."""
     from filelock import FileLock
 
-    from rbee_jupyter.download import Downloader
+    from rbee_jupyter.hub.download import Downloader
     from rbee_jupyter.errors import Cancelled, DownloadStalled
-    from rbee_jupyter.refs import parse_ref
+    from rbee_jupyter.core.refs import parse_ref
 
     repo = "rbee-test/shared-stuck"
     rbee_hub.add_repo(repo, rbee_tiny_model)

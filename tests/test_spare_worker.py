@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from rbee_jupyter.events import InferenceEnd, LoadingProgress, Token
-from rbee_jupyter.jobs import Job, JobState
-from rbee_jupyter.pool import LocalProcessPool, WorkerInfo, WorkerSpec
-from rbee_jupyter.procs import pid_alive
+from rbee_jupyter.core.jobs import Job, JobState
+from rbee_jupyter.pools.local import LocalProcessPool, WorkerInfo, WorkerSpec
+from rbee_jupyter.core.procs import pid_alive
 from rbee_jupyter.server.app import RbeeApp
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.worker.process import WorkerProcess, child_worker_pids
@@ -36,7 +36,7 @@ SLOW_BLOCKS = {BLOCK_DELAY_ENV: "0.2"}  # a load that still runs for over a seco
 # ``reference`` (conftest.py) is the greedy text that test_pool.py's spare-less loads are checked against.
 pytestmark = pytest.mark.usefixtures("no_worker_left_behind")
 HEAVY = {"torch", "transformers", "transformers.modeling_utils", "safetensors.torch", "accelerate", "bitsandbytes",
-         "rbee_jupyter.loader", "rbee_jupyter.generate", "tornado.httpserver"}
+         "rbee_jupyter.engine.loader", "rbee_jupyter.engine.generate", "tornado.httpserver"}
 
 
 # --- helpers -------------------------------------------------------------------------------

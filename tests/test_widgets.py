@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
-from rbee_jupyter.widgets import (DownloadView, GenerationView, LoadingView, Table, devices_table, models_table,
+from rbee_jupyter.kernel.widgets import (DownloadView, GenerationView, LoadingView, Table, devices_table, models_table,
                                   progress_mode, workers_table)
 
 REF = f"hf:{TINY_REPO}"
@@ -154,7 +154,7 @@ def test_terminal_ipython_shows_a_text_line(rbee_hub, tmp_path):
            "HF_ENDPOINT": rbee_hub.url, "IPYTHONDIR": str(tmp_path / "ipython")}
     for name in ("RBEE_SERVER_URL", "JPY_PARENT_PID", "RBEE_PROGRESS", "RBEE_SERVER_PID"):
         env.pop(name, None)
-    code = f"%load_ext rbee_jupyter.magics\n%rbee download {REF}\n%rbee status"
+    code = f"%load_ext rbee_jupyter.kernel.magics\n%rbee download {REF}\n%rbee status"
     proc = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "--colors=NoColor", "-c", code],
                           env=env, capture_output=True, timeout=120)
     out = proc.stdout.decode()  # bytes: text mode would turn each \r into \n

@@ -125,8 +125,8 @@ def reference(rbee_tiny_model: Path):
     """The same request run in this process with the loader and Generator: what the worker must send."""
     from transformers import AutoTokenizer
 
-    from rbee_jupyter.generate import GenerationRequest, Generator
-    from rbee_jupyter.loader import load_model
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.loader import load_model
 
     gen = Generator(load_model(rbee_tiny_model), AutoTokenizer.from_pretrained(rbee_tiny_model))
     stream = gen.stream(GenerationRequest(prompt=PROMPT, max_tokens=12))
@@ -164,7 +164,7 @@ async def assert_compute_stopped(c: httpx.AsyncClient) -> None:
 # --- loading -------------------------------------------------------------------------------
 
 async def test_load_stream_reports_every_block_then_ready(worker, rbee_tiny_model):
-    from rbee_jupyter.loader import plan_blocks
+    from rbee_jupyter.engine.loader import plan_blocks
 
     blocks = [b.name for b in plan_blocks(rbee_tiny_model)]
     frames = await load_stream(worker, **{"Last-Event-ID": "0"})

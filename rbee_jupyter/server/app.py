@@ -9,9 +9,9 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Float, Int, List, Set, TraitError, Type, Unicode, default, validate
 
 from .. import __version__
-from ..hive import Hive, HiveConfig
-from ..paths import default_cache_dir, default_catalog_path
-from ..pool import LocalProcessPool, Pool
+from ..core.hive import Hive, HiveConfig
+from ..core.paths import default_cache_dir, default_catalog_path
+from ..pools.local import LocalProcessPool, Pool
 from .handlers import handlers
 from .openai import openai_handlers
 
@@ -22,7 +22,7 @@ def under_jupyterhub() -> bool:
 
 
 def _device_name(value: object, trait: str) -> str:
-    from ..devices import is_device_name, normalise_device_name
+    from ..engine.devices import is_device_name, normalise_device_name
 
     name = normalise_device_name(value) if isinstance(value, str) else ""
     if not is_device_name(name):
@@ -124,12 +124,12 @@ class RbeeApp(ExtensionApp):
     pool_class = Type(
         default_value=LocalProcessPool, klass=Pool, config=True,
         help="Where workers run: the default starts one local process per loaded model. Any "
-             "rbee_jupyter.pool.Pool subclass can be named (e.g. a Ray or external-engine pool).",
+             "rbee_jupyter.pools.local.Pool subclass can be named (e.g. a Ray or external-engine pool).",
     )
 
     ray_address = Unicode(
         None, allow_none=True, config=True,
-        help="Ray cluster the Ray pool (pool_class = 'rbee_jupyter.ray_pool.RayPool', pip install "
+        help="Ray cluster the Ray pool (pool_class = 'rbee_jupyter.pools.ray.RayPool', pip install "
              "'rbee-jupyter[ray]') runs workers on: a GCS address 'host:6379', or 'auto' for the cluster "
              "this machine belongs to (RAY_ADDRESS, else the one `ray start` made here). Default None: a "
              "private Ray instance on this machine. Ignored by other pools.",
@@ -282,7 +282,7 @@ class RbeeApp(ExtensionApp):
 
     @validate("engines")
     def _check_engines(self, proposal):
-        from ..engines import EngineSpec
+        from ..pools.engines import EngineSpec
 
         for entry in proposal["value"]:
             try:
@@ -345,8 +345,8 @@ class RbeeApp(ExtensionApp):
 
         Runs once the server listens, so the published port is the real one.
         """
-        from ..feed import ensure_feed
-        from ..kernel_env import publish
+        from ..core.feed import ensure_feed
+        from ..kernel.kernel_env import publish
 
         publish(serverapp)
         ensure_feed(self.hive)  # from now on, so resuming clients find what happened
@@ -357,10 +357,10 @@ class RbeeApp(ExtensionApp):
                           entry.get("url"), job.id)
 
     async def stop_extension(self) -> None:
-        from ..kernel_env import unpublish
+        from ..kernel.kernel_env import unpublish
 
         unpublish()
-        from ..feed import FeedJob
+        from ..core.feed import FeedJob
 
         if isinstance(self.hive.feed, FeedJob):  # its streams end with [DONE] before the server goes
             await self.hive.feed.close()

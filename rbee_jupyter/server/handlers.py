@@ -17,8 +17,8 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from ..errors import InvalidRequest, RbeeError
-from ..hive import Hive
-from ..owners import TOKEN_HEADER, Principal, parse_user_token, principal_of
+from ..core.hive import Hive
+from ..core.owners import TOKEN_HEADER, Principal, parse_user_token, principal_of
 from .sse import stream_job
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ class EventsHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        from ..feed import ensure_feed
+        from ..core.feed import ensure_feed
 
         await stream_job(self, ensure_feed(self.hive), keepalive_s=self.app.sse_keepalive_s)
 

@@ -20,7 +20,7 @@ from tornado.iostream import StreamClosedError
 
 from ..errors import Conflict, InvalidRequest, ModelNotFound, RbeeError
 from ..events import sse_done, to_json
-from ..refs import parse_ref
+from ..core.refs import parse_ref
 from .handlers import _HTTP_CODES, RbeeHandler
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}

@@ -8,7 +8,7 @@ from tornado.iostream import StreamClosedError
 
 from ..errors import RbeeError
 from ..events import sse_comment, sse_done
-from ..jobs import Job
+from ..core.jobs import Job
 
 
 def last_event_id(handler) -> int | None:

@@ -2,7 +2,7 @@
 
 A process per model means a crash, an out-of-memory kill or a stuck CUDA kernel takes
 down one model, never the Jupyter server, and unloading frees every byte (the process
-exits). The pool (:mod:`rbee_jupyter.pool`) starts it as ``python -m rbee_jupyter.worker``:
+exits). The pool (:mod:`rbee_jupyter.pools.local`) starts it as ``python -m rbee_jupyter.worker``:
 
 1. the pool writes one JSON line (:class:`~.protocol.WorkerConfig`) on the worker's
    stdin and keeps the pipe open; the secret comes in env ``RBEE_WORKER_SECRET``;

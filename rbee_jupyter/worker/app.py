@@ -26,7 +26,7 @@ from tornado.web import Application, RequestHandler
 
 from ..errors import AccessDenied, InvalidRequest, RbeeError
 from ..events import sse_comment, sse_done, sse_event
-from ..jobs import Job, Subscription
+from ..core.jobs import Job, Subscription
 from .runtime import WorkerRuntime
 
 __all__ = ["make_app"]

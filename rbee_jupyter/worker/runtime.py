@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import Cancelled, Conflict, InvalidRequest, ModelNotLoaded, OutOfMemory, RbeeError, WorkerBusy
 from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
-from ..jobs import Job
+from ..core.jobs import Job
 from .protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV, WorkerConfig, mb
 
 __all__ = ["WorkerRuntime", "WorkerState", "GenerationTask"]
@@ -96,8 +96,8 @@ class WorkerRuntime:
         """Loading thread: heavy imports, the layer-by-layer load, the tokenizer."""
         timeline = self.load_timeline
         try:
-            from ..generate import Generator
-            from ..loader import load_model
+            from ..engine.generate import Generator
+            from ..engine.loader import load_model
 
             timeline.mark("imports")
             c = self.config
@@ -170,7 +170,7 @@ class WorkerRuntime:
         if self.state in (WorkerState.FAILED, WorkerState.DRAINING) or self._generator is None:
             raise Conflict(f"This worker is {self.state.value} and takes no requests.",
                            details={"state": self.state.value})
-        from ..generate import GenerationRequest
+        from ..engine.generate import GenerationRequest
 
         request = GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
         self._validator.encode(request)  # CONTEXT_TOO_LONG etc. as a 400, not as a late error event

@@ -45,9 +45,9 @@ SPARE_IMPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bitsandbytes", ()),
     ("tornado.httpserver", ()),
     ("tornado.netutil", ()),
-    ("rbee_jupyter.devices", ()),
-    ("rbee_jupyter.loader", ()),
-    ("rbee_jupyter.generate", ()),
+    ("rbee_jupyter.engine.devices", ()),
+    ("rbee_jupyter.engine.loader", ()),
+    ("rbee_jupyter.engine.generate", ()),
     ("rbee_jupyter.worker.app", ()),
 )
 

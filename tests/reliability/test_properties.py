@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from rbee_jupyter.errors import InvalidModelRef
 from rbee_jupyter.events import ErrorEvent, Token, dumps, sse_comment, sse_done, sse_event
-from rbee_jupyter.refs import parse_ref
+from rbee_jupyter.core.refs import parse_ref
 from rbee_jupyter.sse_client import SSEParser
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 
-from rbee_jupyter.procs import pid_alive
+from rbee_jupyter.core.procs import pid_alive
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 

@@ -4,7 +4,7 @@
 
 1. an explicit ``Client(url, token=...)``;
 2. the variables the server extension puts into the environment of the kernels it
-   starts (``RBEE_SERVER_URL``, ``RBEE_TOKEN``: see :mod:`rbee_jupyter.kernel_env`);
+   starts (``RBEE_SERVER_URL``, ``RBEE_TOKEN``: see :mod:`rbee_jupyter.kernel.kernel_env`);
 3. ``JPY_PARENT_PID`` (set by jupyter_client in every kernel it launches) matched against
    ``jupyter_server.serverapp.list_running_servers()``;
 4. otherwise **embedded mode**: an in-process hive on a background thread, with real
@@ -17,7 +17,7 @@ return a :class:`Generation`, an iterator of text pieces as the model makes them
 raise the :mod:`rbee_jupyter.errors` class of their code (an HTTP error's JSON and an
 error event are mapped back), so callers catch ``ModelNotFound`` whatever the transport.
 
-This module stays import-light (no torch, no hive) so that ``import rbee_jupyter.client``
+This module stays import-light (no torch, no hive) so that ``import rbee_jupyter.kernel.client``
 costs little in every kernel.
 """
 
@@ -32,8 +32,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from . import errors as _errors
-from .errors import Cancelled, RbeeError
+from .. import errors as _errors
+from ..errors import Cancelled, RbeeError
 from .kernel_env import ENV_TOKEN, ENV_URL, Connection, discover
 
 __all__ = ["Client", "Download", "Worker", "JobHandle", "Generation", "Connection", "discover",
@@ -733,7 +733,7 @@ class Client:
         workers = self.workers()
         ids = [w["id"] for w in workers if w["id"] == worker]
         if not ids and ":" in worker:  # a model ref: every worker holding it
-            from .refs import parse_ref
+            from ..core.refs import parse_ref
 
             ref = str(parse_ref(worker))
             ids = [w["id"] for w in workers if w.get("model_ref") == ref and w.get("state") != "stopped"]

@@ -25,12 +25,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import RbeeError
-from .paths import default_cache_dir, default_catalog_path
+from ..errors import RbeeError
+from ..core.paths import default_cache_dir, default_catalog_path
 
 if TYPE_CHECKING:
-    from .hive import Hive, HiveConfig
-    from .jobs import Job, Record, Subscription
+    from ..core.hive import Hive, HiveConfig
+    from ..core.jobs import Job, Record, Subscription
 
 __all__ = ["EmbeddedHive", "EmbeddedTransport", "default_config", "shared_hive"]
 
@@ -44,7 +44,7 @@ def default_config(**options: Any) -> HiveConfig:
     ``RBEE_CACHE_DIR`` (else huggingface_hub's cache), ``RBEE_CATALOG_PATH`` (else the
     server's default, so both modes list the same downloads) and ``HF_ENDPOINT``.
     """
-    from .hive import HiveConfig
+    from ..core.hive import HiveConfig
 
     known = {f.name for f in fields(HiveConfig)}
     unknown = set(options) - known
@@ -59,7 +59,7 @@ def default_config(**options: Any) -> HiveConfig:
 
 
 class EmbeddedHive:
-    """A :class:`~rbee_jupyter.hive.Hive` running on a private loop thread; call it from any thread."""
+    """A :class:`~rbee_jupyter.core.hive.Hive` running on a private loop thread; call it from any thread."""
 
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
@@ -75,7 +75,7 @@ class EmbeddedHive:
         self.thread.start()
 
         async def create() -> Hive:
-            from .hive import Hive
+            from ..core.hive import Hive
 
             hive = Hive(self.config)  # on the loop: jobs and pools bind to the running loop
             hive.pool.warm_up()  # a spare worker, if pool_options asked for one
@@ -162,7 +162,7 @@ class _EmbeddedInference:
 
 
 class EmbeddedTransport:
-    """:class:`~rbee_jupyter.client.Transport` over an :class:`EmbeddedHive` (no HTTP)."""
+    """:class:`~rbee_jupyter.kernel.client.Transport` over an :class:`EmbeddedHive` (no HTTP)."""
 
     mode = "embedded"
     url = None
@@ -232,7 +232,7 @@ class EmbeddedTransport:
         self.owner.run(self.hive.unload(worker_id))
 
     def devices(self) -> list[dict[str, Any]]:
-        from .devices import inventory
+        from ..engine.devices import inventory
 
         found = inventory()  # here: it may take a moment, and the hive's loop need not wait
         return self.owner.call(self.hive.devices, found)

@@ -37,12 +37,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
+from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
                      InvalidRequest, ModelNotFound, RbeeError, WorkerBusy, WorkerNotFound)
-from .events import DONE, InferenceEnd, InferenceStarted, Ready, Token
-from .jobs import Job
-from .pool import Pool, WorkerInfo, _snapshot
-from .sse_client import SSEParser
+from ..events import DONE, InferenceEnd, InferenceStarted, Ready, Token
+from ..core.jobs import Job
+from .local import Pool, WorkerInfo, _snapshot
+from ..sse_client import SSEParser
 
 __all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "CompositePool", "backend_of"]
 
@@ -328,7 +328,7 @@ class OpenAIEnginePool(Pool):
             raise Conflict(f"Engine worker {worker_id} is {e.info.state}"
                            f"{f' ({e.info.exit_reason})' if e.info.exit_reason else ''}.",
                            details={"worker_id": worker_id, "state": e.info.state})
-        from .generate import GenerationRequest  # torch is imported on first use, not with the server
+        from ..engine.generate import GenerationRequest  # torch is imported on first use, not with the server
 
         req = GenerationRequest.from_json(body, max_tokens_limit=2**31 - 1)  # the hive checked its own limit
         path, payload = _upstream_request(req, e.spec.model)

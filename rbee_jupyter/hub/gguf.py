@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import Cancelled, InsufficientDisk, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory, \
+from ..errors import Cancelled, InsufficientDisk, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory, \
     RbeeError
-from .procs import pid_alive as _pid_alive
+from ..core.procs import pid_alive as _pid_alive
 
 __all__ = ["ImportProgress", "import_gguf", "demo_gguf", "imported_dir", "MARKER"]
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from .errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest, QuotaExceeded
+from ..errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest, QuotaExceeded
 
 __all__ = ["Device", "Plan", "Holder", "Quota", "inventory", "parse_device_spec", "plan_placement",
            "check_devices_exist", "check_allowed", "allowed_inventory", "default_margin", "parse_bytes",

@@ -26,13 +26,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .events import FeedEvent, dumps, sse_event
+from ..events import FeedEvent, dumps, sse_event
 from .jobs import Job, JobState, Record, Subscription
 from .owners import ANYONE
 
 if TYPE_CHECKING:
     from .hive import Hive
-    from .pool import WorkerInfo
+    from ..pools.local import WorkerInfo
 
 __all__ = ["FeedJob", "ensure_feed"]
 
@@ -146,7 +146,7 @@ class FeedJob(Job):
     async def _devices_loop(self) -> None:
         while self.subscriptions and not self._closed:
             try:
-                from .devices import inventory
+                from ..engine.devices import inventory
 
                 self.emit("devices", devices=self.hive.devices(await asyncio.to_thread(inventory)))
             except Exception:  # a failing probe must not end the feed

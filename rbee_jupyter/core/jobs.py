@@ -22,8 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Cancelled, JobNotFound, RbeeError
-from .events import ErrorEvent, Event, dumps, sse_event
+from ..errors import Cancelled, JobNotFound, RbeeError
+from ..events import ErrorEvent, Event, dumps, sse_event
 
 
 class JobState(str, enum.Enum):

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
+from ..errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
 
 __all__ = ["BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
            "QUANTIZATIONS", "DTYPES"]
@@ -757,7 +757,7 @@ def _bnb_weight(prep: _Prepared, module: nn.Module, old: torch.Tensor, src: dict
         value = value.T  # Conv1D stores (in, out); bnb layers expect (out, in)
     if prep.opts.four_bit:
         if device.type == "cpu" and fast_cpu_quantization(old.quant_type, old.quant_storage):
-            return quantize_params4bit(value, old)  # the same bits, faster (see rbee_jupyter.quantize)
+            return quantize_params4bit(value, old)  # the same bits, faster (see rbee_jupyter.engine.quantize)
         return bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
     kwargs = {k: v for k, v in old.__dict__.items() if k != "SCB"}
     return bnb.nn.Int8Params(value.to("cpu"), requires_grad=False, **kwargs).to(device)

@@ -1,9 +1,9 @@
 """``%rbee`` and ``%%rbee``: download, load and talk to models from a notebook, one line each.
 
-Every magic goes through :func:`rbee_jupyter.client.default_client` (a server found by
+Every magic goes through :func:`rbee_jupyter.kernel.client.default_client` (a server found by
 discovery, or the embedded hive) and returns an object, so ``_`` composes in Python:
-a :class:`~rbee_jupyter.client.Download`, a :class:`~rbee_jupyter.client.Worker`, a
-:class:`~rbee_jupyter.client.Generation`, or a :class:`~rbee_jupyter.widgets.Table`.
+a :class:`~rbee_jupyter.kernel.client.Download`, a :class:`~rbee_jupyter.kernel.client.Worker`, a
+:class:`~rbee_jupyter.kernel.client.Generation`, or a :class:`~rbee_jupyter.kernel.widgets.Table`.
 
 Usage mistakes raise IPython's ``UsageError`` (a one-paragraph message with the usage,
 no traceback). The hive's errors keep their class (``except ModelNotFound`` works) but
@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from .client import Client, Generation, default_client, error_from_json, set_default_client
-from .errors import RbeeError
+from ..errors import RbeeError
 from .widgets import DownloadView, GenerationView, LoadingView, devices_table, follow, models_table, workers_table
 
 __all__ = ["RbeeMagics", "load_ipython_extension", "USAGE"]
@@ -339,5 +339,5 @@ def _raise_if_failed(view: Any) -> None:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext rbee_jupyter`` (or ``rbee_jupyter.magics``)."""
+    """``%load_ext rbee_jupyter`` (or ``rbee_jupyter.kernel.magics``)."""
     ipython.register_magics(RbeeMagics)

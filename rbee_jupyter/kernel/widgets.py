@@ -11,7 +11,7 @@ the details) and *cancelled* (bar orange). Where it is drawn depends on the fron
     manager show that, and nbval (which ignores display updates) compares it stably.
 ``text``
     a kernel without ipywidgets (or ``RBEE_PROGRESS=text``): one display output that is
-    updated in place with :func:`rbee_jupyter.render.describe` lines.
+    updated in place with :func:`rbee_jupyter.kernel.render.describe` lines.
 ``terminal``
     IPython in a terminal, or plain Python: one line rewritten with ``\\r``.
 
@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
-from .errors import RbeeError
+from ..errors import RbeeError
 from .render import describe, eta_seconds, human_bytes
 
 __all__ = ["progress_mode", "ProgressView", "DownloadView", "LoadingView", "GenerationView", "follow",

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
-from .download import Downloader
-from .engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
-from .errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
+from ..hub.download import Downloader
+from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
+from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
                      ModelNotLoaded, RbeeError, WorkerNotFound)
-from .events import DownloadComplete, FeedEvent
+from ..events import DownloadComplete, FeedEvent
 from .jobs import Job, JobRegistry
 from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
-from .pool import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
+from ..pools.local import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")
@@ -84,7 +84,7 @@ class LoadRequest:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LoadRequest:
         """Validate every field; each mistake is a 400 naming the field."""
-        from .devices import parse_bytes, parse_device_spec
+        from ..engine.devices import parse_bytes, parse_device_spec
 
         ref = parse_ref(body.get("model_ref"))
         device = parse_device_spec(body.get("device", "cpu"))
@@ -279,8 +279,8 @@ class Hive:
 
     async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
         """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
-        from . import gguf
-        from .events import ImportProgress
+        from ..hub import gguf
+        from ..events import ImportProgress
 
         source = Path(entry.local_path)
         if source.is_dir():  # a hub snapshot: the ref names the file inside it
@@ -413,7 +413,7 @@ class Hive:
         owner = principal.name if principal is not None else owner
         if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
             return self._register_engine(EngineSpec.from_json(body), owner=owner)
-        from .devices import check_allowed
+        from ..engine.devices import check_allowed
 
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
         check_allowed(req.device, self.config.allowed_devices, req.max_memory)
@@ -452,7 +452,7 @@ class Hive:
 
     @staticmethod
     def _blocks(req: LoadRequest, path: str) -> list[Any]:
-        from .loader import plan_blocks
+        from ..engine.loader import plan_blocks
 
         # One at a time: the first call imports transformers, whose lazy imports fail
         # ("cannot import name AutoConfig") in a second thread while the first is mid-way.
@@ -465,7 +465,7 @@ class Hive:
         Runs on the event loop, never in a thread, so the quota check and the reservation
         are one step: two loads asked for at once cannot both pass on the same room.
         """
-        from .devices import inventory, plan_placement
+        from ..engine.devices import inventory, plan_placement
 
         plan = plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory,
                               allowed=self.config.allowed_devices, quota=self.quota())
@@ -475,7 +475,7 @@ class Hive:
     def quota(self) -> Any:
         """This server's device limits and what its workers hold (planned size while loading,
         the larger of planned and measured afterwards)."""
-        from .devices import Holder, MiB, Quota, normalise_device_name
+        from ..engine.devices import Holder, MiB, Quota, normalise_device_name
 
         live = {w.id: w for w in self.pool.list() if w.state not in ("failed", "stopped")}
         for worker_id in list(self._planned):
@@ -506,7 +506,7 @@ class Hive:
         the quota part must run on the event loop."""
         from dataclasses import asdict
 
-        from .devices import MiB, allowed_inventory, inventory
+        from ..engine.devices import MiB, allowed_inventory, inventory
 
         quota = self.quota()
         return [{**asdict(d), "quota_mb": quota.limits[d.name] // MiB if d.name in quota.limits else None,
@@ -608,7 +608,7 @@ class Hive:
             AccessDenied: in service mode, the worker holds a gated or private model
                 the caller has not shown access to.
         """
-        from .generate import GenerationRequest
+        from ..engine.generate import GenerationRequest
 
         GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
         owner = principal.name if principal is not None else owner

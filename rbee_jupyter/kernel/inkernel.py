@@ -3,7 +3,7 @@
 For users who want ``model(...)``, hooks, or fine-tuning rather than a worker behind an
 API. The reference is resolved and downloaded by the hive (server or embedded, through
 the client: same cache, same catalog, same download progress), then
-:func:`rbee_jupyter.loader.load_model` runs here, block by block, with the same loading
+:func:`rbee_jupyter.engine.loader.load_model` runs here, block by block, with the same loading
 view as ``%rbee load``. The loader runs in a helper thread so that an interrupt stops it
 cleanly between blocks instead of leaving a half-built model.
 """
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .client import Client, default_client
-from .errors import ModelNotFound
+from ..errors import ModelNotFound
 from .widgets import DownloadView, LoadingView, follow
 
 __all__ = ["load_model"]
@@ -27,7 +27,7 @@ MiB = 1 << 20
 
 def _local_path(client: Client, ref: str, *, progress: bool) -> str:
     """The model's folder: from the catalog if it is there (works offline), else downloaded now."""
-    from .refs import parse_ref
+    from ..core.refs import parse_ref
 
     canonical = str(parse_ref(ref))
     for entry in client.models():
@@ -51,8 +51,8 @@ def _device_map(path: str, device: str | Sequence[str] | dict[str, str], quantiz
         return device
     if isinstance(device, str) and device not in ("auto",) and "," not in device:
         return device
-    from .devices import inventory, plan_placement
-    from .loader import plan_blocks
+    from ..engine.devices import inventory, plan_placement
+    from ..engine.loader import plan_blocks
 
     spec = device.split(",") if isinstance(device, str) and "," in device else device
     blocks = plan_blocks(path, quantization=quantization, dtype=dtype)
@@ -75,8 +75,8 @@ def load_model(ref: str, *, quantization: str | None = None, device: str | Seque
         RbeeError subclasses (``ModelNotFound``, ``InsufficientVram``, ``DeviceNotAvailable``...);
         ``KeyboardInterrupt`` after cancelling the load between blocks.
     """
-    from .hive import DTYPES
-    from .loader import load_model as load_layers
+    from ..core.hive import DTYPES
+    from ..engine.loader import load_model as load_layers
 
     if quantization in ("none", ""):
         quantization = None
@@ -86,7 +86,7 @@ def load_model(ref: str, *, quantization: str | None = None, device: str | Seque
     device_map = _device_map(path, device, quantization, dtype)
     view = None
     if progress:
-        from .devices import inventory
+        from ..engine.devices import inventory
 
         totals = {d.name: d.total_bytes // MiB for d in inventory()}
         view = LoadingView(ref, device_totals_mb=totals).show()

@@ -20,7 +20,7 @@ from pathlib import PurePosixPath
 from typing import Literal
 from urllib.parse import quote, unquote
 
-from .errors import InvalidModelRef
+from ..errors import InvalidModelRef
 
 ACCEPTED_FORMS = ["hf:org/repo", "hf:org/repo@revision", "hf:org/repo/file.gguf", "file:///absolute/path"]
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import AccessDenied, NotOwner
+from ..errors import AccessDenied, NotOwner
 
 TOKEN_HEADER = "X-HF-Token"
 TOKEN_FIELD = "hf_token"
@@ -110,7 +110,7 @@ def parse_user_token(header: str | None, body: dict[str, Any] | None) -> str | N
     Raises:
         InvalidRequest: the field is not a non-empty string, or header and body disagree.
     """
-    from .errors import InvalidRequest
+    from ..errors import InvalidRequest
 
     value = body.pop(TOKEN_FIELD, None) if body is not None else None
     if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 1024):

@@ -42,11 +42,11 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import hf_hub_url, repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from . import __version__
-from .errors import (AccessDenied, CacheNotWritable, Cancelled, ChecksumMismatch, DownloadFailed, DownloadStalled,
+from .. import __version__
+from ..errors import (AccessDenied, CacheNotWritable, Cancelled, ChecksumMismatch, DownloadFailed, DownloadStalled,
                      InsufficientDisk, ModelNotFound, RbeeError, RevisionNotFound)
-from .events import DownloadProgress
-from .refs import ModelRef
+from ..events import DownloadProgress
+from ..core.refs import ModelRef
 
 try:  # huggingface_hub >= 2 ships its own fork of httpx
     import httpx2 as _http

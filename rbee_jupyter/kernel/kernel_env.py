@@ -23,7 +23,7 @@ already.
 
 Call :func:`publish` once the server listens (its port is final only then), e.g. from
 ``RbeeApp._start_jupyter_server_extension``; this module is also a server extension of
-its own (``jpserver_extensions = {"rbee_jupyter.kernel_env": True}``) for servers that
+its own (``jpserver_extensions = {"rbee_jupyter.kernel.kernel_env": True}``) for servers that
 want the variables without the rest.
 """
 
@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .procs import pid_alive as _pid_alive
+from ..core.procs import pid_alive as _pid_alive
 
 __all__ = ["publish", "unpublish", "server_env", "discover", "Connection", "VARIABLES"]
 
@@ -253,7 +253,7 @@ def discover() -> Connection:
 # --- as a server extension of its own -----------------------------------------------------
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
-    return [{"module": "rbee_jupyter.kernel_env"}]
+    return [{"module": "rbee_jupyter.kernel.kernel_env"}]
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:

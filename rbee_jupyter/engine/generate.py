@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import ContextTooLong, InvalidRequest
+from ..errors import ContextTooLong, InvalidRequest
 
 __all__ = [
     "GenerationRequest",
