@@ -19,9 +19,9 @@ from typing import Any
 
 from .errors import InvalidRequest
 
-__all__ = ["WorkerState", "READY_STATES", "ACTIVE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES", "GenerationRequest",
-           "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH", "INFERENCE_STALL_S",
-           "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request"]
+__all__ = ["WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
+           "GenerationRequest", "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH",
+           "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request"]
 
 
 # --- defaults (the traits, dataclasses and pools that take these settings all read them here) ---
@@ -66,6 +66,8 @@ class WorkerState(str, Enum):
 READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
 #: The states of a worker that holds (or is getting) a model: ready, or still loading.
 ACTIVE_STATES = READY_STATES | {WorkerState.LOADING}
+#: The states of a worker that holds nothing any more (its entry stays a while to say why).
+GONE_STATES = frozenset({WorkerState.FAILED, WorkerState.STOPPED})
 
 #: bitsandbytes quantizations a load may ask for (``null``: none).
 QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "int8")

@@ -12,10 +12,10 @@ import functools
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
                       ModelNotLoaded, RbeeError, WorkerNotFound)
@@ -25,8 +25,8 @@ from ..pools.base import Pool
 from ..pools.composite import CompositePool
 from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of
 from ..pools.local import LocalProcessPool
-from ..protocol import (DTYPE_NAMES, DTYPES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH, GenerationRequest,
-                        WorkerInfo, WorkerSpec, WorkerState)
+from ..protocol import (DTYPE_NAMES, DTYPES, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
+                        GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
 from .catalog import Catalog, CatalogEntry
 from .jobs import Job, JobRegistry
 from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
@@ -283,8 +283,8 @@ class Hive:
 
     async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
         """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
-        from ..hub import gguf
         from ..events import ImportProgress
+        from ..hub import gguf
 
         source = Path(entry.local_path)
         if source.is_dir():  # a hub snapshot: the ref names the file inside it
@@ -365,7 +365,7 @@ class Hive:
         self._feed("catalog", {"action": "removed", "model": entry.to_dict()})
 
     def _check_not_in_use(self, ref: str) -> None:
-        holders = [w.id for w in self.pool.list() if w.model_ref == ref and w.state not in (WorkerState.FAILED, WorkerState.STOPPED)]
+        holders = [w.id for w in self.pool.list() if w.model_ref == ref and w.state not in GONE_STATES]
         if holders:
             raise Conflict(f"{ref} is loaded by worker {', '.join(holders)}; unload it first.",
                            details={"model_ref": ref, "workers": holders})
@@ -481,7 +481,7 @@ class Hive:
         the larger of planned and measured afterwards)."""
         from ..engine.devices import Holder, MiB, Quota, normalise_device_name
 
-        live = {w.id: w for w in self.pool.list() if w.state not in (WorkerState.FAILED, WorkerState.STOPPED)}
+        live = {w.id: w for w in self.pool.list() if w.state not in GONE_STATES}
         for worker_id in list(self._planned):
             if worker_id not in live and self._load_over(worker_id):
                 del self._planned[worker_id]
@@ -567,7 +567,7 @@ class Hive:
         info = self.worker(worker_id).to_dict()
         if info.get("backend") == "openai":
             return await self.pool.health(worker_id)  # probes the engine now
-        if info["pid"] is None or info["state"] in (WorkerState.FAILED, WorkerState.STOPPED):
+        if info["pid"] is None or info["state"] in GONE_STATES:
             return info
         live = await self.pool.health(worker_id)
         keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb")

@@ -2,7 +2,8 @@
 
 The worker process drives a :class:`Generator` and turns each :class:`TokenChunk` into an
 SSE ``token`` event; bodies are parsed at the edge into a
-:class:`~rbee_jupyter.protocol.GenerationRequest` (torch-free, shared with the hive). Keeping the decode loop here, rather than using
+:class:`~rbee_jupyter.protocol.GenerationRequest` (torch-free, shared with the hive).
+Keeping the decode loop here, rather than using
 ``model.generate`` with a streamer, gives us three things a streamer cannot: a cancel
 check before every forward step (a client that goes away frees the slot within one token),
 stop strings that never leak into the output, and a counter of forward steps that tests and

@@ -588,7 +588,7 @@ def _digest(path: Path, f: RepoFile) -> str:
     return h.hexdigest()
 
 
-def _retryable(e: "hf_errors.HfHubHTTPError") -> bool:
+def _retryable(e: hf_errors.HfHubHTTPError) -> bool:
     status = e.response.status_code if e.response is not None else 0
     return status >= 500 or status in (408, 429)
 

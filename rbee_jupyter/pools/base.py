@@ -36,8 +36,8 @@ from traitlets import Float, MetaHasTraits
 from traitlets.config import LoggingConfigurable
 
 from ..core.jobs import Job
-from ..errors import (Cancelled, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout, ModelNotLoaded,
-                      RbeeError, WorkerNotFound, error_from_json)
+from ..errors import (Cancelled, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout, ModelNotLoaded, RbeeError,
+                      WorkerNotFound, error_from_json)
 from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from ..protocol import (FAILED_RETENTION_S, INFERENCE_STALL_S, LOADING_TIMEOUT_S, GenerationRequest, WorkerInfo,
                         WorkerSpec, WorkerState, as_request)

@@ -191,7 +191,8 @@ class OpenAIEnginePool(RegistryPool):
         client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, timeout=httpx.Timeout(
             self.inference_stall_s, connect=self.timeout_s))
         now = time.time()
-        info = EngineInfo(id=job.id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=[], memory_mb={}, pid=None,
+        info = EngineInfo(id=job.id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=[], memory_mb={},
+                          pid=None,
                           quantization=None, dtype=None, owner=job.owner, created_at=now, last_used=now,
                           url=spec.url, model=spec.model, name=spec.name)
         e = _Engine(info=info, spec=spec, client=client, load_job=job)

@@ -59,10 +59,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 from traitlets import Dict, Float, List, Unicode
 
 from ..core.jobs import Job
-from ..errors import Cancelled, ClusterUnavailable, InvalidRequest, ModelNotLoaded, RbeeError, WorkerDied, error_from_json
+from ..errors import (Cancelled, ClusterUnavailable, InvalidRequest, ModelNotLoaded, RbeeError, WorkerDied,
+                      error_from_json)
 from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerInfo, WorkerSpec, WorkerState
 from ..worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 from .base import ManagedEntry, WorkerPool, relay_inference
+
 __all__ = ["RayPool", "WorkerActor", "node_name"]
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,8 @@ class OpenAIHandler(RbeeHandler):
             param = exc.details.get("field")
         else:
             status, param = status_code, None
-            code = HTTP_ERROR_CODES.get(status_code, "internal_error" if status_code >= 500 else f"http_{status_code}").lower()
+            fallback = "internal_error" if status_code >= 500 else f"http_{status_code}"
+            code = HTTP_ERROR_CODES.get(status_code, fallback).lower()
             message = getattr(exc, "log_message", None) or HTTPStatus(status_code).phrase
         self.set_status(status if status in range(400, 600) and status != 499 else 500)
         self.set_header("Content-Type", "application/json")

@@ -1,4 +1,7 @@
-"""What the pool and a worker process agree on: env names, exit descriptions (the spec and errors are in ``..protocol`` and ``..errors``, re-exported here).
+"""What the pool and a worker process agree on: env names, exit descriptions.
+
+The start-up spec (``WorkerConfig``) lives in :mod:`rbee_jupyter.protocol` and the error
+decoding (``error_from_json``) in :mod:`rbee_jupyter.errors`; both are re-exported here.
 
 Kept free of torch and tornado imports on purpose: the pool imports it in the server
 process, and the worker imports it before it announces its port (start-up must be quick;
