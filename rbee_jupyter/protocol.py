@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
@@ -21,7 +21,8 @@ from .errors import InvalidRequest
 
 __all__ = ["WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
            "GenerationRequest", "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH",
-           "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request"]
+           "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request",
+           "Record", "CatalogEntry", "DeviceInfo"]
 
 
 # --- defaults (the traits, dataclasses and pools that take these settings all read them here) ---
@@ -55,6 +56,12 @@ class WorkerState(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
+
+    def __repr__(self) -> str:  # 'idle' in a WorkerInfo's repr, as a notebook shows it
+        return repr(self.value)
+
+    def __hash__(self) -> int:  # as its value's, so "idle" in READY_STATES holds for plain strings too
+        return str.__hash__(self)
 
     @property
     def ready(self) -> bool:
@@ -222,10 +229,89 @@ def _stop(body: Mapping) -> list[str]:
     return list(stops)
 
 
+# --- answers: typed, and readable as the dicts they replace -----------------------------------
+
+class Record(Mapping[str, Any]):
+    """Typed answers that still read like the JSON objects they came from.
+
+    ``w.state`` is the typed way; ``w["state"]``, ``w.get("state")`` and ``dict(w)`` keep
+    working for code written when the client returned plain dicts. Fields the server sends
+    that this version does not know land in ``extra`` (also readable by key), so a newer
+    server never breaks an older client.
+    """
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def _field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._field_names():
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._field_names()
+        yield from self.extra
+
+    def __len__(self) -> int:
+        return len(self._field_names()) + len(self.extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (the API's shape: ``extra`` merged back in)."""
+        data = asdict(self)  # type: ignore[call-overload]
+        data.update(data.pop("extra", {}))
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Any:
+        """From the API's JSON; unknown keys go to ``extra``."""
+        names = set(cls._field_names())
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+
+@dataclass(eq=False)
+class CatalogEntry(Record):
+    """One model on disk (``GET v1/models``). ``revision`` is the commit sha for hub models."""
+
+    ref: str
+    local_path: str
+    size_bytes: int
+    files: list[str]
+    revision: str | None = None
+    repo_id: str | None = None
+    source: str = "hub"
+    downloaded_at: float = field(default_factory=time.time)
+    owner: str | None = None
+    """Who downloaded it, on a shared server (service mode); None otherwise."""
+    restricted: bool = False
+    """The hub repo is gated or private: on a shared server only users with access may use it."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CatalogEntry) and self.to_dict() == other.to_dict()
+
+
+@dataclass(eq=False)
+class DeviceInfo(Record):
+    """A device the hive may use (``GET v1/devices``): memory in bytes, this server's quota and use in MB."""
+
+    name: str
+    kind: str
+    total_bytes: int
+    free_bytes: int
+    label: str = ""
+    quota_mb: int | None = None
+    in_use_mb: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
 # --- workers -------------------------------------------------------------------------------
 
-@dataclass
-class WorkerInfo:
+@dataclass(eq=False)
+class WorkerInfo(Record):
     """A worker as the registry sees it (a snapshot: pools hand out copies)."""
 
     id: str
@@ -243,18 +329,23 @@ class WorkerInfo:
     layers_loaded: int = 0
     layers_total: int = 0
     node: str | None = None  # the cluster node it runs on; None: this machine
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.state in WorkerState._value2member_map_:  # a state a newer server invented stays a str
+            self.state = WorkerState(self.state)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkerInfo) and self.to_dict() == other.to_dict()
 
     @property
     def ready(self) -> bool:
         """Whether it serves generations now."""
         return self.state in READY_STATES
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def copy(self) -> WorkerInfo:
         """A snapshot that later changes to this one do not reach."""
-        return replace(self, devices=list(self.devices), memory_mb=dict(self.memory_mb))
+        return replace(self, devices=list(self.devices), memory_mb=dict(self.memory_mb), extra=dict(self.extra))
 
     @classmethod
     def pending(cls, worker_id: str, model_ref: str, *, owner: str | None, state: WorkerState) -> WorkerInfo:

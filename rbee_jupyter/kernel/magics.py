@@ -328,7 +328,7 @@ def _shown_already(handle: Any, view: Any) -> None:
     In a terminal there is no live view to duplicate, so ``Out`` shows the handle's repr.
     """
     if view.mode != "terminal":
-        handle._display_suppressed = True
+        handle.suppress_next_display()
 
 
 def _raise_if_failed(view: Any) -> None:
