@@ -21,8 +21,9 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from .client import Client, Generation, default_client, error_from_json, set_default_client
 from ..errors import RbeeError
+from ..protocol import ACTIVE_STATES
+from .client import Client, Generation, default_client, error_from_json, set_default_client
 from .widgets import DownloadView, GenerationView, LoadingView, devices_table, follow, models_table, workers_table
 
 __all__ = ["RbeeMagics", "load_ipython_extension", "USAGE"]
@@ -258,7 +259,7 @@ class RbeeMagics(Magics):
     def _resolve_model(self, requested: str | None) -> tuple[str, str]:
         """``(model for the request, conversation key)``; the default is the last or only ready worker."""
         workers = self.client.workers()
-        ready = [w for w in workers if w.get("state") in ("idle", "busy", "loading")]
+        ready = [w for w in workers if w.state in ACTIVE_STATES]
         if requested:
             for w in workers:
                 if w["id"] == requested:
