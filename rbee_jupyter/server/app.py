@@ -16,7 +16,7 @@ from ..core.paths import default_cache_dir, default_catalog_path
 from ..pools.base import Pool, under_jupyterhub
 from ..pools.engines import OpenAIEnginePool
 from ..pools.local import LocalProcessPool
-from ..protocol import INFERENCE_STALL_S, LOADING_TIMEOUT_S, MAX_TOKENS_LIMIT, QUEUE_DEPTH
+from ..protocol import MAX_TOKENS_LIMIT, QUEUE_DEPTH
 from .handlers import handlers
 from .openai import openai_handlers
 
@@ -42,6 +42,12 @@ def _device_name(value: object, trait: str) -> str:
     if not is_device_name(name):
         raise TraitError(f"c.RbeeApp.{trait}: {value!r} is not a device name; use \"cpu\" or \"cuda:N\".")
     return name
+
+
+def _pool_wide(trait: Float) -> Float:
+    """A pool setting offered on RbeeApp too: the same default and help, declared once on :class:`Pool`."""
+    return Float(trait.default_value, allow_none=trait.allow_none, config=True,
+                 help=f"{trait.help} Set here, it applies to every pool (c.Pool.* and a pool's own section win).")
 
 
 class RbeeApp(ExtensionApp):
@@ -205,17 +211,8 @@ class RbeeApp(ExtensionApp):
             quota[_device_name(name, "device_quota_mb")] = mb
         return quota
 
-    loading_timeout_s = Float(
-        LOADING_TIMEOUT_S, allow_none=True, config=True,
-        help="Seconds a load may take before it fails with LOADING_TIMEOUT (naming the layer it was "
-             "at) and its worker is stopped. None: no limit. Default 1800.",
-    )
-
-    inference_stall_s = Float(
-        INFERENCE_STALL_S, allow_none=True, config=True,
-        help="Seconds a started generation may go without producing a token before it is stopped "
-             "with INFERENCE_STALLED. None: no limit. Default 120.",
-    )
+    loading_timeout_s = _pool_wide(Pool.loading_timeout_s)
+    inference_stall_s = _pool_wide(Pool.inference_stall_s)
 
     queue_depth = Int(
         QUEUE_DEPTH, config=True,
