@@ -511,7 +511,8 @@ class RayPool(WorkerPool):
         if job.records:
             await super()._stalled(a, job, limit)
         else:  # not even "started": the actor does not answer
-            await self._ask_cancel_generation(a, job.id)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ask_cancel_generation(a, job.id), self.cancel_grace_s)
             job.fail(ClusterUnavailable(f"Worker {a.info.id} on node {a.info.node} did not answer within "
                                         f"{limit:g} s.", details={"worker_id": a.info.id, "node": a.info.node}))
         await self._drop_stream(a, job)
