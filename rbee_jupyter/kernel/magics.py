@@ -22,7 +22,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from ..errors import RbeeError
-from ..protocol import ACTIVE_STATES
+from ..protocol import ACTIVE_STATES, DTYPES
 from .client import Client, Generation, default_client, error_from_json, set_default_client
 from .widgets import DownloadView, GenerationView, LoadingView, devices_table, follow, models_table, workers_table
 
@@ -52,7 +52,7 @@ _LINES: dict[str, str] = {}
 for _line in USAGE.splitlines():
     if _line.startswith("%"):
         _LINES.setdefault(_line.split()[1], _line)
-_DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+_DTYPES = tuple(DTYPES)  # every name a load accepts: bf16, bfloat16, fp16, half...
 _QUANTS = ("nf4", "fp4", "int8", "none")
 MiB = 1 << 20
 
