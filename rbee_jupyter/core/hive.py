@@ -45,6 +45,8 @@ class HiveConfig:
     download_stall_s: float = 60.0
     download_retries: int = 6
     download_backoff_s: float = 0.5
+    download_connections: int = 8
+    download_segment_mb: float = 8.0
     max_concurrent_downloads: int = 2
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0
@@ -136,7 +138,8 @@ class Hive:
         self.downloader = Downloader(
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
             stall_s=config.download_stall_s, retries=config.download_retries,
-            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
+            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20,
+            connections=config.download_connections, segment_bytes=int(config.download_segment_mb * 2**20))
         self._download_slots: asyncio.Semaphore | None = None
         # Transfers block a thread for their whole length: they get threads of their own, so
         # that many downloads never starve asyncio's small default pool (6 threads on 2 cores),
