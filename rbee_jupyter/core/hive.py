@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
-from ..hub.download import Downloader
+from ..hub.download import Downloader, partial_bytes
 from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
                      ModelNotLoaded, RbeeError, WorkerNotFound)
@@ -333,10 +333,9 @@ class Hive:
         running = {job.meta.get("repo_id") for job in self.jobs.list("download") if not job.state.finished}
         out = []
         for repo_id, path in self.downloader.partial_files():
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:  # finished or removed since the listing
+            if not path.exists():  # finished or removed since the listing
                 continue
+            size = partial_bytes(path)  # a segmented file is full-length: its table says what it holds
             if repo_id not in running:
                 out.append({"repo_id": repo_id, "file": path.name, "bytes": size, "path": str(path)})
         return out

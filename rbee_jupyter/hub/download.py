@@ -767,6 +767,11 @@ def _remove_partial(partial: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def partial_bytes(partial: Path) -> int:
+    """Bytes a partial file of the cache holds (what a resume will not fetch again)."""
+    return _have(partial)
+
+
 def _have(partial: Path, size: int | None = None) -> int:
     """Bytes a partial file holds: its segment table's count, or its length (one stream)."""
     done = done_bytes(sidecar_of(partial), size) if sidecar_of(partial).exists() else None
