@@ -261,3 +261,44 @@ def test_a_full_disk_with_segments_is_a_clean_error(rbee_hub, tmp_path, tmpfs):
         assert error["details"]["folder"] == str(cache)
         assert leftovers(cache) == []
         assert server.get("v1/models").json()["models"] == []
+
+
+# --- one cache shared by two servers ----------------------------------------------------------
+
+def test_a_server_waiting_on_the_shared_cache_takes_over_the_segments_of_a_killed_one(rbee_hub, tmp_path):
+    repo = "rbee-test/segmented-shared"
+    files = make_repo(rbee_hub, repo)
+    cache = tmp_path / "shared-cache"
+    rbee_hub.faults.connection_rate_bps = 128_000
+    alice, bob = (ServerProcess(tmp_path / user, rbee={**settings(tmp_path / user, rbee_hub), "cache_dir": str(cache)})
+                  for user in ("alice", "bob"))
+    alice.start()
+    try:
+        bob.start()
+        download(alice, repo)
+        assert rbee_hub.wait_until(lambda: len([g for g in in_flight(rbee_hub, repo, BIG)
+                                                if g.bytes_sent >= 2 * CHUNK_SIZE]) == SEGMENTS, 60)
+        # When: Bob asks for the same model, his stream follows Alice's segments, without fetching
+        stream = download(bob, repo)
+        assert stream.wait_until(lambda s: any((e.get("files_active") or {}).get(BIG, 0) > 0 for e in s.events), 30)
+        assert len(rbee_hub.file_gets(repo, BIG)) == SEGMENTS
+        # When: Alice's server dies (the lock goes with it, the partial file and its table stay)
+        alice.proc.kill()
+        alice.proc.wait(10)
+        rbee_hub.faults.connection_rate_bps = None
+        events = finished(stream)
+    finally:
+        alice.__exit__(None, None, None)
+        bob.__exit__(None, None, None)
+
+    # Then: Bob resumed each segment from Alice's bytes on disk, and checked the whole file
+    assert_complete(events, files)
+    gets = rbee_hub.file_gets(repo, BIG)
+    first, resumed = gets[:SEGMENTS], gets[SEGMENTS:]
+    sent = {int(g.range.removeprefix("bytes=").split("-")[0]) // SEGMENT: g.bytes_sent for g in first}
+    assert len(resumed) == SEGMENTS
+    for g in resumed:
+        start = int(g.range.removeprefix("bytes=").split("-")[0])
+        i = start // SEGMENT
+        assert i * SEGMENT < start <= i * SEGMENT + sent[i] and g.status == 206, (g.range, sent[i])
+    assert leftovers(cache) == []
