@@ -783,7 +783,8 @@ def _holder_progress(blob: Path, size: int | None = None) -> int:
     huggingface_hub's (``<etag>.<random>.incomplete``) partial file, whichever is larger."""
     sizes = [_have(_partial(blob), size)]
     with contextlib.suppress(OSError):
-        sizes += [_size(p) for p in blob.parent.glob(glob.escape(blob.name) + ".*incomplete")]
+        sizes += [_size(p) for p in blob.parent.glob(glob.escape(blob.name) + ".*incomplete")
+                  if p.name != _partial(blob).name]  # ours may be preallocated: its table said how much
     return max(sizes)
 
 

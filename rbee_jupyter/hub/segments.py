@@ -7,6 +7,9 @@ and one slot per segment (start, end, bytes done). A segment's slot is rewritten
 ``pwrite`` right after its bytes are written, so after a ``kill -9`` the sidecar never
 claims a byte the file does not hold, and at most one chunk per segment is fetched again.
 The final name only ever appears through the atomic rename after the whole-file hash check.
+Data and table are fsync'd before that rename; in between, only a power loss (not a killed
+process) could leave the table ahead of the data, and then the hash check fails and the
+file is fetched again.
 
 Why one preallocated file and not one file per segment: joining parts costs a second write
 of the whole file, and the hash can follow the contiguous prefix while it grows

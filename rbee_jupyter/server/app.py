@@ -100,17 +100,17 @@ class RbeeApp(ExtensionApp):
     )
 
     download_connections = Int(
-        8, config=True,
+        8, min=1, config=True,
         help="HTTP connections one download uses at once, across the files of a repository and the "
              "ranged segments of its big files (CDNs cap each connection, not the link). 1: one file "
-             "after another over one connection. Default 8.",
+             "after another over one connection. At least 1. Default 8.",
     )
 
     download_segment_mb = Float(
-        8.0, config=True,
+        8.0, min=0.0625, config=True,
         help="Files of at least twice this many megabytes (2^20 bytes) are fetched as ranged segments "
              "of about this size, several at once, each resumable on its own; smaller files come in one "
-             "stream. Servers that ignore ranges always get one stream. Default 8.",
+             "stream. Servers that ignore ranges always get one stream. At least 0.0625 (64 KiB). Default 8.",
     )
 
     max_concurrent_downloads = Int(

@@ -302,3 +302,23 @@ def test_a_server_waiting_on_the_shared_cache_takes_over_the_segments_of_a_kille
         i = start // SEGMENT
         assert i * SEGMENT < start <= i * SEGMENT + sent[i] and g.status == 206, (g.range, sent[i])
     assert leftovers(cache) == []
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+def test_connection_and_segment_settings_are_validated_and_reach_the_downloader(tmp_path):
+    import pytest
+    from traitlets import TraitError
+
+    from rbee_jupyter.server.app import RbeeApp
+
+    app = RbeeApp(download_connections=3, download_segment_mb=0.5)
+    assert (app.download_connections, app.download_segment_mb) == (3, 0.5)
+    for bad in ({"download_connections": 0}, {"download_segment_mb": 0.0}):
+        with pytest.raises(TraitError):
+            RbeeApp(**bad)
+    from rbee_jupyter.core.hive import Hive, HiveConfig
+
+    hive = Hive(HiveConfig(cache_dir=tmp_path / "c", catalog_path=tmp_path / "catalog.sqlite",
+                           download_connections=3, download_segment_mb=0.5))
+    assert (hive.downloader.connections, hive.downloader.segment_bytes) == (3, 512 << 10)
