@@ -366,7 +366,6 @@ class Downloader:
             ref_file = plan.repo_dir / "refs" / (plan.ref.revision or "main")
             if plan.ref.revision != plan.commit and _read(ref_file) != plan.commit:
                 _write_atomic(ref_file, plan.commit)
-        meter.tick(force=True)
         return plan.snapshot_dir
 
     def _fetch_files(self, plan: DownloadPlan, meter: "ByteMeter", run: "_Run") -> None:
