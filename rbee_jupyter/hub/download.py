@@ -507,15 +507,16 @@ class Downloader:
         raise last
 
     @contextlib.contextmanager
-    def _get(self, plan: DownloadPlan, f: RepoFile, run: "_Run", byte_range: str | None):
-        """One ``GET`` of the file (holding one of the fetch's connections), as an open response."""
+    def _get(self, plan: DownloadPlan, f: RepoFile, run: "_Run", byte_range: str | None, *, held: bool = False):
+        """One ``GET`` of the file, as an open response, holding one of the fetch's connections
+        (``held``: the caller already holds it)."""
         url = hf_hub_url(plan.ref.repo_id, f.path, revision=plan.commit, endpoint=self.endpoint)
         headers = build_hf_headers(token=self._token(plan), library_name="rbee-jupyter", library_version=__version__)
         if byte_range:
             headers["Range"] = byte_range
         timeout = _http.Timeout(self.stall_s, connect=min(self.stall_s, 30.0))
-        with run.connection(), get_session().stream("GET", url, headers=headers, timeout=timeout,
-                                                    follow_redirects=True) as r:
+        connection = contextlib.nullcontext() if held else run.connection()
+        with connection, get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as r:
             run.responses.add(r)
             try:
                 hf_raise_for_status(r)
@@ -531,7 +532,8 @@ class Downloader:
             _write(write, chunk, self.cache_dir)
             progress(len(chunk))
 
-    def _transfer(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: "ByteMeter", run: "_Run") -> None:
+    def _transfer(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: "ByteMeter", run: "_Run", *,
+                  held: bool = False) -> None:
         """One stream from where the partial file ends (a ``Range`` request when it is not empty)."""
         have = _size(partial)
         if have > f.size:
@@ -540,7 +542,7 @@ class Downloader:
         meter.set(f.path, have)
         if have == f.size:
             return
-        with self._get(plan, f, run, f"bytes={have}-" if have else None) as r:
+        with self._get(plan, f, run, f"bytes={have}-" if have else None, held=held) as r:
             have = have if have and r.status_code == 206 else 0
             have = self._stream_to_file(r, partial, have, f, meter, run)
         if have != f.size:
@@ -608,13 +610,16 @@ class Downloader:
                 if not first and (not probe.known.wait() or probe.status != 206):
                     return
                 while not run.stop.is_set():
-                    with take:
-                        if not queue:
-                            return
-                        seg = queue.popleft()
-                    self._with_retries(plan, f, run, lambda: (
-                        self._transfer(plan, f, partial, meter, run) if probe.status == 200
-                        else self._fetch_range(plan, f, partial, table, fd, seg, probe, meter, run)))
+                    # The connection first, then the next segment: segments start in file order
+                    # even when many wait for a connection, so the hash keeps up with the bytes.
+                    with run.connection():
+                        with take:
+                            if not queue:
+                                return
+                            seg = queue.popleft()
+                        self._with_retries(plan, f, run, lambda: (
+                            self._transfer(plan, f, partial, meter, run, held=True) if probe.status == 200
+                            else self._fetch_range(plan, f, partial, table, fd, seg, probe, meter, run)))
                     if probe.status == 200:
                         return
             finally:
@@ -638,7 +643,7 @@ class Downloader:
         """One ranged ``GET`` of what ``seg`` still misses, written in place."""
         if not seg.remaining:
             return
-        with self._get(plan, f, run, f"bytes={seg.pos}-{seg.end - 1}") as r:
+        with self._get(plan, f, run, f"bytes={seg.pos}-{seg.end - 1}", held=True) as r:
             if r.status_code == 206 and r.headers.get("content-range", "").startswith(f"bytes {seg.pos}-"):
                 probe.answer(206)
                 self._pump_segment(r, table, fd, seg, f, meter, run)
