@@ -607,7 +607,7 @@ class Downloader:
 
         def worker(first: bool) -> None:
             try:
-                if not first and (not probe.known.wait() or probe.status != 206):
+                if not first and (not probe.known.wait() or probe.status != 206 or not probe.spread()):
                     return
                 while not run.stop.is_set():
                     # The connection first, then the next segment: segments start in file order
@@ -625,6 +625,7 @@ class Downloader:
             finally:
                 if first:
                     probe.known.set()
+                    probe.decided.set()
 
         workers = max(1, min(self.connections, len(queue)))
         with ThreadPoolExecutor(workers, thread_name_prefix="rbee-segment") as pool:
@@ -646,7 +647,7 @@ class Downloader:
         with self._get(plan, f, run, f"bytes={seg.pos}-{seg.end - 1}", held=True) as r:
             if r.status_code == 206 and r.headers.get("content-range", "").startswith(f"bytes {seg.pos}-"):
                 probe.answer(206)
-                self._pump_segment(r, table, fd, seg, f, meter, run)
+                self._pump_segment(r, table, fd, seg, f, meter, run, probe)
                 return
             if probe.known.is_set():
                 raise DownloadFailed(f"The hub stopped honouring byte ranges while {f.path} was fetched in "
@@ -659,13 +660,17 @@ class Downloader:
                 raise _http.TransportError(f"connection closed before the end of {f.path}")
 
     def _pump_segment(self, r, table: SegmentTable, fd: int, seg: Segment, f: RepoFile, meter: "ByteMeter",
-                      run: "_Run") -> None:
+                      run: "_Run", probe: "_RangeProbe") -> None:
         def write(chunk: bytes) -> None:
             chunk = chunk[:seg.remaining]  # a server sending past the range gets no say in other segments
             os.pwrite(fd, chunk, seg.pos)
             table.advance(seg, len(chunk))
 
-        self._pump(r, write, lambda n: meter.set(f.path, table.done_bytes), run)
+        def progress(n: int) -> None:
+            probe.measure(n, seg.end - seg.start)
+            meter.set(f.path, table.done_bytes)
+
+        self._pump(r, write, progress, run)
         if seg.remaining:
             raise _http.TransportError(f"connection closed {seg.remaining} bytes before the end of a segment")
 
@@ -749,15 +754,44 @@ class _Run:
 
 @dataclass
 class _RangeProbe:
-    """Whether the server honours ranges for this file: the first segment's answer (206 or 200)."""
+    """What the first segment's response says about this file's server.
+
+    Its status: whether ranges work at all (206) or the server ignores them (200). And its
+    speed: a connection that brings ``ramp_bytes`` at ``fast_bps`` or more (loopback, a local
+    mirror) is not capped, so more connections would only cost CPU; the segments then go
+    one after another over it. Anything slower (a CDN's per-connection cap, TCP still
+    ramping up) spreads them over every connection, after at most ``ramp_bytes / fast_bps``.
+    """
 
     status: int = 0
     known: threading.Event = field(default_factory=threading.Event)
+    decided: threading.Event = field(default_factory=threading.Event)
+    parallel: bool = True
+    ramp_bytes: int = 4 << 20
+    fast_bps: float = 150e6
+    _since: float = 0.0
+    _got: int = 0
 
     def answer(self, status: int) -> None:
         if not self.known.is_set():
-            self.status = status
+            self.status, self._since = status, time.monotonic()
             self.known.set()
+
+    def measure(self, nbytes: int, segment_bytes: int) -> None:
+        """The first segment got ``nbytes`` more: decide once it is clearly fast or clearly not."""
+        if self.decided.is_set():
+            return
+        self._got += nbytes
+        elapsed = time.monotonic() - self._since
+        ramp = min(self.ramp_bytes, segment_bytes)
+        if self._got >= ramp or elapsed * self.fast_bps > ramp:
+            self.parallel = self._got < ramp or self._got / max(elapsed, 1e-6) < self.fast_bps
+            self.decided.set()
+
+    def spread(self) -> bool:
+        """For the other workers: start (True), or leave the file to the first connection."""
+        self.decided.wait(4 * self.ramp_bytes / self.fast_bps + 0.1)  # no answer in time: a slow link
+        return self.parallel
 
 
 def _partial(blob: Path) -> Path:
