@@ -44,10 +44,20 @@ from huggingface_hub.file_download import hf_hub_url, repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from .. import __version__
-from ..errors import (AccessDenied, CacheNotWritable, Cancelled, ChecksumMismatch, DownloadFailed, DownloadStalled,
-                     InsufficientDisk, ModelNotFound, RbeeError, RevisionNotFound)
-from ..events import DownloadProgress
 from ..core.refs import ModelRef
+from ..errors import (
+    AccessDenied,
+    CacheNotWritable,
+    Cancelled,
+    ChecksumMismatch,
+    DownloadFailed,
+    DownloadStalled,
+    InsufficientDisk,
+    ModelNotFound,
+    RbeeError,
+    RevisionNotFound,
+)
+from ..events import DownloadProgress
 from .names import check_commit, check_etag, check_inside, check_repo_path
 from .segments import PrefixHasher, Segment, SegmentTable, done_bytes, sidecar_of
 
@@ -368,7 +378,7 @@ class Downloader:
                 _write_atomic(ref_file, plan.commit)
         return plan.snapshot_dir
 
-    def _fetch_files(self, plan: DownloadPlan, meter: "ByteMeter", run: "_Run") -> None:
+    def _fetch_files(self, plan: DownloadPlan, meter: ByteMeter, run: _Run) -> None:
         """Every file in a pool of ``connections`` threads; the first real error wins."""
         def one(f: RepoFile) -> None:
             try:
@@ -387,7 +397,7 @@ class Downloader:
         if run.error is not None:
             raise run.error
 
-    def _fetch_file(self, plan: DownloadPlan, f: RepoFile, meter: "ByteMeter", run: "_Run") -> None:
+    def _fetch_file(self, plan: DownloadPlan, f: RepoFile, meter: ByteMeter, run: _Run) -> None:
         blob = plan.blob(f)
         if _size(blob) == f.size:
             meter.file_done(f.path, f.size)
@@ -416,7 +426,7 @@ class Downloader:
             lock.release()
         meter.file_done(f.path, f.size)
 
-    def _acquire(self, lock: FileLock, plan: DownloadPlan, f: RepoFile, meter: "ByteMeter",
+    def _acquire(self, lock: FileLock, plan: DownloadPlan, f: RepoFile, meter: ByteMeter,
                  cancel: threading.Event) -> bool:
         """Take the blob's lock; while another process holds it, show its progress as ours.
 
@@ -449,8 +459,8 @@ class Downloader:
                     f"lock stayed (filesystems without flock), delete {plan.lock(f)}. Then try again.",
                     details={"file": f.path, "stall_s": patience, "lock": str(plan.lock(f))})
 
-    def _fetch_checked(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: "ByteMeter",
-                       run: "_Run") -> None:
+    def _fetch_checked(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: ByteMeter,
+                       run: _Run) -> None:
         """Fetch (resuming what is on disk) until the bytes hash to what the hub publishes."""
         last: RbeeError | None = None
         for attempt in range(max(1, self.retries)):
@@ -474,7 +484,7 @@ class Downloader:
         assert last is not None
         raise last
 
-    def _with_retries(self, plan: DownloadPlan, f: RepoFile, run: "_Run", attempt: Callable[[], None]) -> None:
+    def _with_retries(self, plan: DownloadPlan, f: RepoFile, run: _Run, attempt: Callable[[], None]) -> None:
         """Run one transfer (a whole file or one segment), retrying drops, stalls and 5xx with backoff.
 
         Each try resumes from what the previous one left on disk.
@@ -507,7 +517,7 @@ class Downloader:
         raise last
 
     @contextlib.contextmanager
-    def _get(self, plan: DownloadPlan, f: RepoFile, run: "_Run", byte_range: str | None, *, held: bool = False):
+    def _get(self, plan: DownloadPlan, f: RepoFile, run: _Run, byte_range: str | None, *, held: bool = False):
         """One ``GET`` of the file, as an open response, holding one of the fetch's connections
         (``held``: the caller already holds it)."""
         url = hf_hub_url(plan.ref.repo_id, f.path, revision=plan.commit, endpoint=self.endpoint)
@@ -524,7 +534,7 @@ class Downloader:
             finally:
                 run.responses.discard(r)
 
-    def _pump(self, r, write: Callable[[bytes], None], progress: Callable[[int], None], run: "_Run") -> None:
+    def _pump(self, r, write: Callable[[bytes], None], progress: Callable[[int], None], run: _Run) -> None:
         """Copy a response body through ``write``, reporting each chunk; stops when the run stops."""
         for chunk in r.iter_bytes():
             if run.stop.is_set():
@@ -532,7 +542,7 @@ class Downloader:
             _write(write, chunk, self.cache_dir)
             progress(len(chunk))
 
-    def _transfer(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: "ByteMeter", run: "_Run", *,
+    def _transfer(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: ByteMeter, run: _Run, *,
                   held: bool = False) -> None:
         """One stream from where the partial file ends (a ``Range`` request when it is not empty)."""
         have = _size(partial)
@@ -548,7 +558,7 @@ class Downloader:
         if have != f.size:
             raise _http.TransportError(f"connection closed after {have} of {f.size} bytes")
 
-    def _stream_to_file(self, r, partial: Path, have: int, f: RepoFile, meter: "ByteMeter", run: "_Run") -> int:
+    def _stream_to_file(self, r, partial: Path, have: int, f: RepoFile, meter: ByteMeter, run: _Run) -> int:
         """Append (``have`` > 0) or write from the start; returns the bytes the file then holds."""
         done = [have]
 
@@ -563,8 +573,8 @@ class Downloader:
                 os.fsync(out.fileno())
         return done[0]
 
-    def _fetch_segments(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: "ByteMeter",
-                        run: "_Run") -> str | None:
+    def _fetch_segments(self, plan: DownloadPlan, f: RepoFile, partial: Path, meter: ByteMeter,
+                        run: _Run) -> str | None:
         """Fetch a big file as parallel ranged segments; returns its hash (None: hash it from disk).
 
         Resumes the segments a sidecar records (ours, or a dead server's). The first
@@ -597,7 +607,7 @@ class Downloader:
             table.close()
 
     def _segment_pool(self, plan: DownloadPlan, f: RepoFile, partial: Path, table: SegmentTable, fd: int,
-                      probe: "_RangeProbe", meter: "ByteMeter", run: "_Run") -> None:
+                      probe: _RangeProbe, meter: ByteMeter, run: _Run) -> None:
         """Up to ``connections`` workers take the missing segments in file order (so the hash can
         follow); the first worker's first response decides whether the others start."""
         queue = deque(s for s in table.segments if s.remaining)
@@ -617,7 +627,7 @@ class Downloader:
                             if not queue:
                                 return
                             seg = queue.popleft()
-                        self._with_retries(plan, f, run, lambda: (
+                        self._with_retries(plan, f, run, lambda seg=seg: (
                             self._transfer(plan, f, partial, meter, run, held=True) if probe.status == 200
                             else self._fetch_range(plan, f, partial, table, fd, seg, probe, meter, run)))
                     if probe.status == 200:
@@ -640,7 +650,7 @@ class Downloader:
             raise Cancelled("Download cancelled.")
 
     def _fetch_range(self, plan: DownloadPlan, f: RepoFile, partial: Path, table: SegmentTable, fd: int,
-                     seg: Segment, probe: "_RangeProbe", meter: "ByteMeter", run: "_Run") -> None:
+                     seg: Segment, probe: _RangeProbe, meter: ByteMeter, run: _Run) -> None:
         """One ranged ``GET`` of what ``seg`` still misses, written in place."""
         if not seg.remaining:
             return
@@ -659,8 +669,8 @@ class Downloader:
             if self._stream_to_file(r, partial, 0, f, meter, run) != f.size:
                 raise _http.TransportError(f"connection closed before the end of {f.path}")
 
-    def _pump_segment(self, r, table: SegmentTable, fd: int, seg: Segment, f: RepoFile, meter: "ByteMeter",
-                      run: "_Run", probe: "_RangeProbe") -> None:
+    def _pump_segment(self, r, table: SegmentTable, fd: int, seg: Segment, f: RepoFile, meter: ByteMeter,
+                      run: _Run, probe: _RangeProbe) -> None:
         def write(chunk: bytes) -> None:
             chunk = chunk[:seg.remaining]  # a server sending past the range gets no say in other segments
             os.pwrite(fd, chunk, seg.pos)
@@ -926,7 +936,7 @@ def _digest(path: Path, f: RepoFile) -> str:
     return h.hexdigest()
 
 
-def _retryable(e: "hf_errors.HfHubHTTPError") -> bool:
+def _retryable(e: hf_errors.HfHubHTTPError) -> bool:
     status = e.response.status_code if e.response is not None else 0
     return status >= 500 or status in (408, 429)
 
