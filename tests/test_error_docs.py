@@ -159,7 +159,8 @@ def test_the_table_names_the_class_a_python_caller_catches() -> None:
 
 
 def _bad_input_cases() -> list:
-    from reliability.test_bad_inputs import CASES  # tests/ is on sys.path, as for the suite itself
+    # tests/ is on sys.path (the suite imports its own helpers the same way)
+    from reliability.test_bad_inputs import CASES
 
     return CASES
 
