@@ -14,6 +14,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import pytest
+
 from rbee_jupyter.testing.hub import CHUNK_SIZE, HubServer
 from rbee_jupyter.testing.server import ServerProcess
 
@@ -307,9 +309,9 @@ def test_a_server_waiting_on_the_shared_cache_takes_over_the_segments_of_a_kille
 # --- settings ---------------------------------------------------------------------------------
 
 def test_connection_and_segment_settings_are_validated_and_reach_the_downloader(tmp_path):
-    import pytest
     from traitlets import TraitError
 
+    from rbee_jupyter.core.hive import Hive, HiveConfig
     from rbee_jupyter.server.app import RbeeApp
 
     app = RbeeApp(download_connections=3, download_segment_mb=0.5)
@@ -317,7 +319,6 @@ def test_connection_and_segment_settings_are_validated_and_reach_the_downloader(
     for bad in ({"download_connections": 0}, {"download_segment_mb": 0.0}):
         with pytest.raises(TraitError):
             RbeeApp(**bad)
-    from rbee_jupyter.core.hive import Hive, HiveConfig
 
     hive = Hive(HiveConfig(cache_dir=tmp_path / "c", catalog_path=tmp_path / "catalog.sqlite",
                            download_connections=3, download_segment_mb=0.5))
