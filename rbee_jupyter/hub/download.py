@@ -46,6 +46,7 @@ from .. import __version__
 from ..errors import (AccessDenied, CacheNotWritable, Cancelled, ChecksumMismatch, DownloadFailed, DownloadStalled,
                      InsufficientDisk, ModelNotFound, RbeeError, RevisionNotFound)
 from ..events import DownloadProgress
+from ..core.paths import nearest_existing
 from ..core.refs import ModelRef
 
 try:  # huggingface_hub >= 2 ships its own fork of httpx
@@ -258,8 +259,7 @@ class Downloader:
     def check_disk(self, plan: DownloadPlan) -> None:
         """Refuse before the first byte when the cache's disk cannot hold what is missing."""
         need = sum(f.size - _size(_partial(plan.blob(f))) for f in plan.files if not plan.blob(f).exists())
-        probe = self.cache_dir if self.cache_dir.exists() else self.cache_dir.parent
-        free = shutil.disk_usage(probe).free - self.disk_reserve_bytes
+        free = shutil.disk_usage(nearest_existing(self.cache_dir)).free - self.disk_reserve_bytes
         if need > free:
             raise InsufficientDisk(
                 f"Not enough disk space in {self.cache_dir}: the download needs {need // 2**20} MB, "
@@ -285,7 +285,7 @@ class Downloader:
                         repo_dir / "refs"]
         if ref.is_gguf:  # imported into <cache>/rbee-gguf/
             folders.append(self.cache_dir / "rbee-gguf")
-        for folder in dict.fromkeys(_nearest_existing(f) for f in folders):
+        for folder in dict.fromkeys(nearest_existing(f) for f in folders):
             _probe_writable(folder)
 
     def partial_files(self) -> list[tuple[str, Path]]:
@@ -523,13 +523,6 @@ def _not_writable(folder: Path, e: OSError) -> CacheNotWritable:
         "c.RbeeApp.cache_dir at a folder this user can write.",
         details={"folder": str(folder), "errno": errno.errorcode.get(e.errno or 0, str(e.errno)),
                  "setting": "c.RbeeApp.cache_dir"})
-
-
-def _nearest_existing(folder: Path) -> Path:
-    """Where writing into ``folder`` happens first: itself, or the parent it will be created in."""
-    while not (folder.exists() or folder.is_symlink()) and folder.parent != folder:
-        folder = folder.parent
-    return folder
 
 
 def _probe_writable(folder: Path) -> None:
