@@ -122,10 +122,10 @@ class Job:
         if isinstance(error, RbeeError):
             code, message, details = error.code, error.message, error.details or None
         else:
-            _log_internal_error(self, error)
-            code, details = "INTERNAL_ERROR", {"job_id": self.id}
+            logged_as = _log_internal_error(self, error)
+            code, details = "INTERNAL_ERROR", {"job_id": logged_as}
             message = (f"{type(error).__name__}: {error}. This is a bug in rbee-jupyter; the server log has the "
-                       f"details (look for job {self.id}).")
+                       f"details (look for job {logged_as}).")
         state = JobState.CANCELLED if isinstance(error, Cancelled) else JobState.ERROR
         self.finish(ErrorEvent(message=message, code=code, details=details, style=self.error_style), state)
 
@@ -227,21 +227,24 @@ class Job:
         return self.state
 
 
-def _log_internal_error(job: Job, error: BaseException) -> None:
+def _log_internal_error(job: Job, error: BaseException) -> str:
     """Put an unexpected exception's traceback, the job and its request in the server log, once.
 
     An ``INTERNAL_ERROR`` is a bug, and the event a user sees carries one line; whoever fixes
     it needs where it happened. A load job relays its download's failure with the same
-    exception object, so the exception is marked and the second job does not log it again.
+    exception object, so the exception remembers the job it was logged under, and the second
+    job points there instead of logging it again. Returns that job's id.
     """
-    if getattr(error, "_rbee_logged", False):
-        return
+    logged_as = getattr(error, "_rbee_logged_as", None)
+    if logged_as is not None:
+        return logged_as
     try:
-        error._rbee_logged = True  # type: ignore[attr-defined]
+        error._rbee_logged_as = job.id  # type: ignore[attr-defined]
     except AttributeError:  # an exception type with __slots__: logging twice is better than not at all
         pass
     log.error("rbee: internal error in %s job %s (owner %s); request: %s", job.kind, job.id, job.owner,
               job.request if job.request is not None else job.meta, exc_info=error)
+    return job.id
 
 
 class Subscription:
