@@ -126,7 +126,7 @@ def local_greedy(model_path: Path, body: dict[str, Any]) -> str:
         torch.set_num_threads(threads)
 
 
-def actor_gone(worker_id: str, pid: int | None, timeout: float = 15.0) -> bool:
+def actor_gone(worker_id: str, pid: int | None, timeout: float = 120.0) -> bool:
     """Ray no longer knows the named actor and its process has exited (bounded poll: no event to wait on)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
