@@ -407,7 +407,12 @@ class Hive:
         for that. The plan itself is still made on the loop, so the quota check and its
         reservation stay one step.
         """
-        admitted = self._admit_load(body, owner, principal, hf_token)
+        from ..engine.devices import inventory
+
+        engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
+        # The first inventory imports torch (seconds): not on the loop, which serves everyone's streams.
+        devices = None if engine else await asyncio.to_thread(inventory)
+        admitted = self._admit_load(body, owner, principal, hf_token, devices=devices)
         if isinstance(admitted, Job):
             return admitted
         entry = admitted.entry
@@ -415,13 +420,13 @@ class Hive:
         return self._start_load(admitted, blocks)
 
     def _admit_load(self, body: dict[str, Any] | LoadRequest, owner: str | None, principal: Principal | None,
-                    hf_token: str | None) -> _AdmittedLoad | Job:
+                    hf_token: str | None, *, devices: list[Any] | None = None) -> _AdmittedLoad | Job:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
         if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
             return self._register_engine(EngineSpec.from_json(body), owner=owner)
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
-        self.validate_load(req)
+        self.validate_load(req, devices=devices)
         self._check_local(req.ref)
         entry = self.catalog.get(str(req.ref))
         if entry is None:
@@ -434,7 +439,7 @@ class Hive:
                                details={"model_ref": str(req.ref)})
         return _AdmittedLoad(req, entry, owner, hf_token, prove)
 
-    def validate_load(self, req: LoadRequest) -> None:
+    def validate_load(self, req: LoadRequest, *, devices: list[Any] | None = None) -> None:
         """Every check of a load that needs neither the checkpoint nor the hub; runs before anything starts.
 
         A user who mistyped a device must learn it at once, not after gigabytes arrived: the
@@ -442,6 +447,9 @@ class Hive:
         node, then this machine (devices, ``max_memory`` keys, the allowed devices) and this
         server's quota when nothing of it is left. What needs the model's size (does it fit)
         is the plan's job, made once the checkpoint is on disk.
+
+        Args:
+            devices: this machine's inventory, when the caller took it already (in a thread).
 
         Raises:
             InvalidRequest: a quantized CPU+GPU split, a malformed ``max_memory``, an unknown node.
@@ -455,7 +463,8 @@ class Hive:
         check_quantized_split(names, req.quantization is not None)
         if req.node is not None:
             self.pool.check_node(req.node)
-        chosen, _ = select_devices(req.device, inventory(), req.max_memory, allowed=self.config.allowed_devices)
+        found = inventory() if devices is None else devices
+        chosen, _ = select_devices(req.device, found, req.max_memory, allowed=self.config.allowed_devices)
         check_quota_room(chosen, self.quota())
 
     def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:
