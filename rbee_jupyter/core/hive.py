@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from uuid import uuid4
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
+from .confine import remove_snapshot
 from ..hub.download import Downloader
 from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
@@ -283,8 +283,10 @@ class Hive:
         from ..events import ImportProgress
 
         source = Path(entry.local_path)
-        if source.is_dir():  # a hub snapshot: the ref names the file inside it
-            source = source / (ref.filename or "")
+        if source.is_dir():  # a hub snapshot: the ref names the file inside it, and it must stay there
+            from .confine import resolve_inside
+
+            source = resolve_inside(source, ref.filename or "")
         target = gguf.imported_dir(Path(self.config.cache_dir), source)
         folder = await asyncio.to_thread(
             gguf.import_gguf, source, target, cancel=job.cancel_event,
@@ -357,7 +359,7 @@ class Hive:
         self._check_not_in_use(str(ref))
         self.catalog.remove(str(ref))
         if entry.source == "hub":
-            _remove_snapshot(Path(entry.local_path), still_used={Path(e.local_path) for e in self.catalog.list()})
+            remove_snapshot(Path(entry.local_path), still_used={Path(e.local_path) for e in self.catalog.list()})
         self._feed("catalog", {"action": "removed", "model": entry.to_dict()})
 
     def _check_not_in_use(self, ref: str) -> None:
@@ -687,20 +689,3 @@ def register_local(ref: ModelRef) -> CatalogEntry:
         files = names
         size = sum((path / n).stat().st_size for n in names)
     return CatalogEntry(ref=str(ref), local_path=str(path), size_bytes=size, files=files, source="file")
-
-
-def _remove_snapshot(snapshot: Path, *, still_used: set[Path]) -> None:
-    """Delete a snapshot and the blobs only it pointed at; the repo folder goes when empty."""
-    if not snapshot.exists():
-        return
-    repo_dir = snapshot.parent.parent
-    keep = set()
-    for other in still_used:
-        if other.parent.parent == repo_dir and other.exists():
-            keep |= {p.resolve() for p in other.rglob("*") if p.is_symlink()}
-    blobs = {p.resolve() for p in snapshot.rglob("*") if p.is_symlink()}
-    shutil.rmtree(snapshot, ignore_errors=True)
-    for blob in blobs - keep:
-        blob.unlink(missing_ok=True)
-    if not any((repo_dir / "snapshots").iterdir()):
-        shutil.rmtree(repo_dir, ignore_errors=True)
