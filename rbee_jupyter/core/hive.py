@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
-from .confine import remove_snapshot
+from .confine import check_folder, remove_snapshot
 from ..hub.download import Downloader
 from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
@@ -262,6 +262,8 @@ class Hive:
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
             check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
+        if ref.scheme == "file" and not ref.is_gguf:
+            check_folder(ref.path or "")  # 400 now for a link out of the folder, before any job starts
 
     def may_see_all(self, principal: Principal | None) -> bool:
         """Whether the caller may see server-wide internals (cache paths of unfinished downloads):
