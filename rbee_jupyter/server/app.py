@@ -348,7 +348,7 @@ class RbeeApp(ExtensionApp):
         from ..core.feed import ensure_feed
         from ..kernel.kernel_env import publish
 
-        publish(serverapp)
+        publish(serverapp, with_token=not self.service_mode)  # a shared hive's token stays in the server
         ensure_feed(self.hive)  # from now on, so resuming clients find what happened
         self.hive.pool.warm_up()  # e.g. the spare worker's imports, while the user opens a notebook
         for entry in self.engines:  # registered in the background: an engine that is down shows as failed

@@ -29,6 +29,9 @@ ALICE_HF = "hf_alice_" + secrets.token_hex(8)
 SERVER_HF = "hf_server_" + secrets.token_hex(8)
 PUBLIC = "sec/public"
 GATED = "sec/gated"
+SERVER_SECRETS = {"HF_TOKEN": SERVER_HF, "JPY_API_TOKEN": "jpy_" + secrets.token_hex(8),
+                  "OPENAI_API_KEY": "sk-" + secrets.token_hex(8), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(12)}
+"""What the server's environment holds and no worker or kernel may see."""
 USERS = {"alice": False, "bob": False, "admin": False}  # admin is one by admin_users
 PROMPT = "Once upon a time"
 
@@ -55,9 +58,10 @@ class Team:
     def headers(self, user: str) -> dict[str, str]:
         return {"Authorization": f"token {self.tokens[user]}"}
 
-    def http(self, user: str, **kw) -> httpx.Client:
-        """A blocking client of ``user`` rooted at ``…/rbee/`` (close it, or use it in ``with``)."""
-        return httpx.Client(base_url=self.server.url + "rbee/", headers=self.headers(user), timeout=60, **kw)
+    def http(self, user: str, *, root: bool = False) -> httpx.Client:
+        """A blocking client of ``user`` rooted at ``…/rbee/`` (``root``: at the server's base URL)."""
+        return httpx.Client(base_url=self.server.url + ("" if root else "rbee/"), headers=self.headers(user),
+                            timeout=60)
 
     @contextlib.asynccontextmanager
     async def clients(self) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
@@ -136,7 +140,7 @@ def team(security_hub: HubServer, rbee_tiny_model: Path, tmp_path_factory: pytes
                 "hub_endpoint": security_hub.url, "sse_keepalive_s": 0.5, "download_retries": 2,
                 "download_backoff_s": 0.05, "hf_token": SERVER_HF, "service_mode": True,
                 "admin_users": ["admin"], "allowed_local_dirs": [str(folder / "allowed")]}
-    server = ServerProcess(folder, rbee=settings, env={"HF_TOKEN": SERVER_HF},
+    server = ServerProcess(folder, rbee=settings, env=SERVER_SECRETS,
                            config={"TokenUsersIdentityProvider": {"users": users}},
                            server={"identity_provider_class":
                                    "rbee_jupyter.testing.identity.TokenUsersIdentityProvider"})
