@@ -18,6 +18,7 @@ from typing import Any
 
 from .catalog import Catalog, CatalogEntry
 from .confine import check_folder, remove_snapshot
+from .limits import UserLimits, check_cap
 from ..hub.download import Downloader
 from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
@@ -63,6 +64,8 @@ class HiveConfig:
     share_server_token: bool = False
     engine_timeout_s: float = 5.0
     engine_health_interval_s: float | None = 10.0
+    user_limits: UserLimits = field(default_factory=UserLimits)
+    """Per-user caps in service mode (admins are not capped); see core/limits.py."""
     #: More keyword arguments for pool_class: the server fills it from the class's ``app_traits``;
     #: e.g. ``{"spare_worker": True}`` for the default pool (off unless asked for, outside a server).
     pool_options: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +134,8 @@ class Hive:
 
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
-        self.jobs = JobRegistry(retention_s=config.job_retention_s)
+        self.jobs = JobRegistry(retention_s=config.job_retention_s,
+                                kept_per_owner=config.user_limits.kept_jobs if config.service_mode else 0)
         self.catalog = Catalog(config.catalog_path)
         self.downloader = Downloader(
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
@@ -185,6 +189,7 @@ class Hive:
         if existing is not None:
             return existing
         self._check_cache(ref)
+        self._check_user_cap(principal, "downloads")
         job = self.jobs.create("download", key=key, owner=owner)
         job.meta.update(model_ref=str(ref), repo_id=ref.repo_id)
         token = self._hub_token(hf_token)
@@ -264,6 +269,21 @@ class Hive:
             check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
         if ref.scheme == "file" and not ref.is_gguf:
             check_folder(ref.path or "")  # 400 now for a link out of the folder, before any job starts
+
+    _CAP_JOBS = {"workers": "load", "downloads": "download", "streams": "inference"}
+
+    def _check_user_cap(self, principal: Principal | None, cap: str) -> None:
+        """429 ``USER_LIMIT`` when a non-admin of a shared hive already holds its cap of ``cap``.
+
+        Counted now from the jobs running and (for workers) the pool's live workers, by owner.
+        """
+        if not self.config.service_mode or principal is None or principal.admin:
+            return
+        user = principal.name
+        held = {j.id for j in self.jobs.list(self._CAP_JOBS[cap]) if j.owner == user and not j.state.finished}
+        if cap == "workers":
+            held |= {w.id for w in self.pool.list() if w.owner == user and w.state not in ("failed", "stopped")}
+        check_cap(cap, getattr(self.config.user_limits, cap), len(held), user)
 
     def may_see_all(self, principal: Principal | None) -> bool:
         """Whether the caller may see server-wide internals (cache paths of unfinished downloads):
@@ -415,6 +435,7 @@ class Hive:
                     hf_token: str | None) -> _AdmittedLoad | Job:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
+        self._check_user_cap(principal, "workers")
         if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
             return self._register_engine(EngineSpec.from_json(body), owner=owner)
         from ..engine.devices import check_allowed
@@ -617,6 +638,7 @@ class Hive:
         GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
         owner = principal.name if principal is not None else owner
         worker = self._pick_worker(body, principal)
+        self._check_user_cap(principal, "streams")
         job = self.jobs.create("inference", owner=owner, error_style="type")
         job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
         return self.jobs.start(job, lambda j: self.pool.generate(worker.id, body, j))

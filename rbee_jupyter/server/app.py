@@ -10,6 +10,7 @@ from traitlets import Bool, Dict, Float, Int, List, Set, TraitError, Type, Unico
 
 from .. import __version__
 from ..core.hive import Hive, HiveConfig
+from ..core.limits import UserLimits
 from ..core.paths import default_cache_dir, default_catalog_path
 from ..pools.local import LocalProcessPool, Pool
 from .handlers import handlers
@@ -262,6 +263,30 @@ class RbeeApp(ExtensionApp):
              "is never used for users' requests. Ignored outside service_mode.",
     )
 
+    max_user_workers = Int(
+        4, config=True,
+        help="In service_mode, most workers one user (not an admin) may have loading or loaded at once, "
+             "external engines included; one more is refused with 429 USER_LIMIT. 0: no cap. Default 4.",
+    )
+
+    max_user_downloads = Int(
+        2, config=True,
+        help="In service_mode, most downloads one user (not an admin) may have running at once (joining a "
+             "download already running is free); one more is refused with 429 USER_LIMIT. 0: no cap. Default 2.",
+    )
+
+    max_user_streams = Int(
+        8, config=True,
+        help="In service_mode, most generations one user (not an admin) may have streaming at once, OpenAI "
+             "routes included; one more is refused with 429 USER_LIMIT. 0: no cap. Default 8.",
+    )
+
+    max_user_jobs = Int(
+        100, config=True,
+        help="In service_mode, most finished jobs (with their events, for late readers) kept per user; beyond "
+             "it that user's oldest are forgotten before job_retention_s. 0: no cap. Default 100.",
+    )
+
     def _jupyter_server_config(self) -> dict:
         """Server settings when launched as `jupyter rbee`: in service mode, the hub's auth and address."""
         config = super()._jupyter_server_config()
@@ -318,6 +343,8 @@ class RbeeApp(ExtensionApp):
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
             engine_timeout_s=self.engine_timeout_s, engine_health_interval_s=self.engine_health_interval_s,
+            user_limits=UserLimits(workers=self.max_user_workers, downloads=self.max_user_downloads,
+                                   streams=self.max_user_streams, kept_jobs=self.max_user_jobs),
             pool_options={name: getattr(self, name) for name in self.pool_class.app_traits},
         )
         self.hive = Hive(config)

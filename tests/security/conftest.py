@@ -128,21 +128,31 @@ def security_hub(rbee_hub_session: HubServer, rbee_tiny_model: Path) -> Iterator
     rbee_hub_session.token = saved
 
 
-@pytest.fixture(scope="package")
-def team(security_hub: HubServer, rbee_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
-    """The service-mode server shared by the package (see the module docstring)."""
-    folder = tmp_path_factory.mktemp("security")
-    (folder / "allowed").mkdir()
-    shutil.copytree(rbee_tiny_model, folder / "allowed" / "tiny")
+def start_team(folder: Path, hub: HubServer, model: Path, *, env: dict[str, str] | None = None,
+               **rbee) -> tuple[ServerProcess, Team]:
+    """A service-mode server for alice, bob and admin in ``folder`` (not started: use it in ``with``).
+
+    ``rbee`` adds or overrides ``c.RbeeApp`` settings (e.g. small per-user caps for one module).
+    """
+    (folder / "allowed").mkdir(parents=True, exist_ok=True)
+    if not (folder / "allowed" / "tiny").exists():
+        shutil.copytree(model, folder / "allowed" / "tiny")
     tokens = {name: secrets.token_hex(16) for name in USERS}
     users = {tokens[n]: {"name": n, "admin": admin} for n, admin in USERS.items()}
     settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
-                "hub_endpoint": security_hub.url, "sse_keepalive_s": 0.5, "download_retries": 2,
+                "hub_endpoint": hub.url, "sse_keepalive_s": 0.5, "download_retries": 2,
                 "download_backoff_s": 0.05, "hf_token": SERVER_HF, "service_mode": True,
-                "admin_users": ["admin"], "allowed_local_dirs": [str(folder / "allowed")]}
-    server = ServerProcess(folder, rbee=settings, env=SERVER_SECRETS,
+                "admin_users": ["admin"], "allowed_local_dirs": [str(folder / "allowed")], **rbee}
+    server = ServerProcess(folder, rbee=settings, env={**SERVER_SECRETS, **(env or {})},
                            config={"TokenUsersIdentityProvider": {"users": users}},
                            server={"identity_provider_class":
                                    "rbee_jupyter.testing.identity.TokenUsersIdentityProvider"})
+    return server, Team(server, hub, folder, tokens, model)
+
+
+@pytest.fixture(scope="package")
+def team(security_hub: HubServer, rbee_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
+    """The service-mode server shared by the package (see the module docstring)."""
+    server, made = start_team(tmp_path_factory.mktemp("security"), security_hub, rbee_tiny_model)
     with server:
-        yield Team(server, security_hub, folder, tokens, rbee_tiny_model)
+        yield made
