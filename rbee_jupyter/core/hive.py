@@ -11,12 +11,12 @@ import asyncio
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
+from .ids import new_id
 from .confine import check_folder, remove_snapshot
 from .limits import UserLimits, check_cap
 from ..hub.download import Downloader
@@ -66,6 +66,8 @@ class HiveConfig:
     engine_health_interval_s: float | None = 10.0
     user_limits: UserLimits = field(default_factory=UserLimits)
     """Per-user caps in service mode (admins are not capped); see core/limits.py."""
+    import_memory_mb: int | None = None
+    """Memory a GGUF import's helper process may use (None: the host's available memory)."""
     #: More keyword arguments for pool_class: the server fills it from the class's ``app_traits``;
     #: e.g. ``{"spare_worker": True}`` for the default pool (off unless asked for, outside a server).
     pool_options: dict[str, Any] = field(default_factory=dict)
@@ -311,13 +313,21 @@ class Hive:
             source = resolve_inside(source, ref.filename or "")
         target = gguf.imported_dir(Path(self.config.cache_dir), source)
         folder = await asyncio.to_thread(
-            gguf.import_gguf, source, target, cancel=job.cancel_event,
+            gguf.import_gguf_isolated, source, target, cancel=job.cancel_event, memory_bytes=self._import_budget(),
             on_progress=lambda p: job.publish_threadsafe(ImportProgress(step=p.step, fraction=p.fraction)))
         await asyncio.sleep(0)  # let the last threadsafe progress event land first
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         return CatalogEntry(ref=entry.ref, repo_id=entry.repo_id, revision=entry.revision, local_path=str(folder),
                             size_bytes=sum((folder / f).stat().st_size for f in files), files=files,
                             source=entry.source, restricted=entry.restricted)
+
+    def _import_budget(self) -> int:
+        """Bytes a GGUF import's helper process may grow by: the configured cap, else what the host has free."""
+        if self.config.import_memory_mb:
+            return self.config.import_memory_mb * 2**20
+        from ..engine.devices import _meminfo
+
+        return _meminfo()[1]
 
     def _check_cache(self, ref: ModelRef) -> None:
         """403 ``CACHE_NOT_WRITABLE`` now, not an error event later, when the download could not be stored."""
@@ -458,7 +468,7 @@ class Hive:
 
     def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:
         req, entry = admitted.req, admitted.entry
-        worker_id = "w-" + uuid4().hex[:10]
+        worker_id = new_id("w-")
         plan = self._place(req, blocks, worker_id) if blocks is not None else None
         job = self.jobs.create("load", owner=admitted.owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
@@ -467,7 +477,7 @@ class Hive:
 
     def _register_engine(self, spec: EngineSpec, *, owner: str | None) -> Job:
         """An external engine becomes a worker; its load job ends ``ready`` once the engine answers."""
-        job = self.jobs.create("load", owner=owner, job_id="w-" + uuid4().hex[:10])
+        job = self.jobs.create("load", owner=owner, job_id=new_id("w-"))
         job.meta.update(model_ref=spec.model_ref, worker_id=job.id, backend="openai")
 
         async def register(job: Job) -> None:

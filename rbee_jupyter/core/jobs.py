@@ -17,11 +17,11 @@ import enum
 import itertools
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .ids import new_id
 from ..errors import Cancelled, JobNotFound, RbeeError
 from ..events import ErrorEvent, Event, dumps, sse_event
 
@@ -64,7 +64,7 @@ class Job:
     def __init__(self, kind: str, *, job_id: str | None = None, key: Any = None,
                  owner: str | None = None, error_style: str = "stage",
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.id = job_id or uuid.uuid4().hex[:12]
+        self.id = job_id or new_id()
         self.kind = kind
         self.key = key
         self.owner = owner

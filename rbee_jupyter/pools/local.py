@@ -24,7 +24,6 @@ import contextlib
 import logging
 import sys
 import time
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import httpx
 
+from ..core.ids import new_id
 from ..errors import (Cancelled, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout, ModelNotLoaded, RbeeError,
                      WorkerDied, WorkerNotFound)
 from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
@@ -319,7 +319,7 @@ class LocalProcessPool(Pool):
     # --- loading ---------------------------------------------------------------------------
 
     async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
-        worker_id = spec.worker_id or f"w-{uuid.uuid4().hex[:10]}"
+        worker_id = spec.worker_id or new_id("w-")
         config = WorkerConfig(model_path=spec.model_path, worker_id=worker_id, quantization=spec.quantization,
                               dtype=spec.dtype, device_map=spec.device_map, double_quant=spec.double_quant,
                               compute_dtype=spec.compute_dtype, queue_depth=spec.queue_depth,

@@ -47,7 +47,6 @@ import secrets
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,6 +57,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("The Ray pool needs Ray: pip install 'rbee-jupyter[ray]'.") from exc
 
+from ..core.ids import new_id
 from ..errors import (Cancelled, ClusterUnavailable, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout,
                      ModelNotLoaded, RbeeError, WorkerDied, WorkerNotFound)
 from ..events import LoadingProgress, Ready
@@ -373,7 +373,7 @@ class RayPool(Pool):
     # --- loading -------------------------------------------------------------------------------
 
     async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
-        worker_id = spec.worker_id or f"w-{uuid.uuid4().hex[:10]}"
+        worker_id = spec.worker_id or new_id("w-")
         config = WorkerConfig(model_path=spec.model_path, worker_id=worker_id, quantization=spec.quantization,
                               dtype=spec.dtype, device_map=_visible_cuda(spec.device_map),
                               double_quant=spec.double_quant, compute_dtype=spec.compute_dtype,

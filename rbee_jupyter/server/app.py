@@ -287,6 +287,13 @@ class RbeeApp(ExtensionApp):
              "it that user's oldest are forgotten before job_retention_s. 0: no cap. Default 100.",
     )
 
+    import_memory_mb = Int(
+        None, allow_none=True, config=True,
+        help="Megabytes of memory a GGUF import may use; it runs in a helper process with this address-space "
+             "limit (RLIMIT_AS, on top of its libraries), so a hostile or oversized file fails with OUT_OF_MEMORY "
+             "instead of exhausting the server. Default None: the host's available memory when the import starts.",
+    )
+
     def _jupyter_server_config(self) -> dict:
         """Server settings when launched as `jupyter rbee`: in service mode, the hub's auth and address."""
         config = super()._jupyter_server_config()
@@ -345,6 +352,7 @@ class RbeeApp(ExtensionApp):
             engine_timeout_s=self.engine_timeout_s, engine_health_interval_s=self.engine_health_interval_s,
             user_limits=UserLimits(workers=self.max_user_workers, downloads=self.max_user_downloads,
                                    streams=self.max_user_streams, kept_jobs=self.max_user_jobs),
+            import_memory_mb=self.import_memory_mb,
             pool_options={name: getattr(self, name) for name in self.pool_class.app_traits},
         )
         self.hive = Hive(config)
