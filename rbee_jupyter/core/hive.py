@@ -131,6 +131,10 @@ class _AdmittedLoad:
     prove: bool  # another user's gated model: ask the hub whether this caller may use it
 
 
+HEADER_MEMORY = 1 << 30
+"""Memory the helper that reads a checkpoint's headers may use (headers are capped at 100 MB each)."""
+
+
 class Hive:
     """Downloads, catalog and (later) workers, behind one asynchronous API."""
 
@@ -485,9 +489,14 @@ class Hive:
             await job.wait()
         return self.jobs.start(job, register)
 
-    @staticmethod
-    def _blocks(req: LoadRequest, path: str) -> list[Any]:
+    def _blocks(self, req: LoadRequest, path: str) -> list[Any]:
         from ..engine.loader import plan_blocks
+
+        if self.config.service_mode:  # a user's files: a helper with a memory limit reads the headers first
+            from ..hub.isolate import run_isolated
+
+            run_isolated("rbee_jupyter.core.checkpoint:probe", {"folder": str(path)}, memory_bytes=HEADER_MEMORY,
+                         what=f"Reading the safetensors headers of {Path(path).name}")
 
         # One at a time: the first call imports transformers, whose lazy imports fail
         # ("cannot import name AutoConfig") in a second thread while the first is mid-way.

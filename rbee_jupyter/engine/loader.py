@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,10 +32,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..core.confine import check_folder, model_folder, resolve_inside
+from ..core.checkpoint import MAX_HEADER_BYTES, checkpoint_files, read_header
+from ..core.confine import check_folder
 from ..errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
 
-__all__ = ["BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
+__all__ = ["MAX_HEADER_BYTES", "BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
            "QUANTIZATIONS", "DTYPES"]
 
 Quantization = Literal["nf4", "fp4", "int8"]
@@ -48,8 +47,6 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 _STATS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 _SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-MAX_HEADER_BYTES = 100_000_000
-"""Largest safetensors header read, as the safetensors library limits it (``MAX_HEADER_SIZE``)."""
 _SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -185,64 +182,10 @@ class _TensorMeta:
         return math.prod(self.shape) * _SAFETENSORS_DTYPE_BYTES.get(self.dtype, 1)
 
 
-def _read_header(file: Path) -> dict[str, _TensorMeta]:
-    """Parse and check a safetensors header, so a truncated or corrupt file fails before loading starts.
-
-    ``file`` is a resolved path (:func:`~rbee_jupyter.core.confine.resolve_inside`); it is opened
-    without following a link, so a name swapped for a link after the check fails instead of
-    being read. The header is capped at :data:`MAX_HEADER_BYTES` before it is read, as the
-    safetensors library caps it: a hostile file cannot make the server read gigabytes of JSON.
-    """
-    try:
-        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise InvalidCheckpoint(f"{file.name} cannot be opened ({exc.strerror}); download it again.",
-                                details={"file": str(file)}) from None
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > MAX_HEADER_BYTES:
-                raise ValueError(f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(fh.read(n))
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise InvalidCheckpoint(f"{file.name} is not a valid safetensors file ({exc}); download it again.",
-                                details={"file": str(file)}) from None
-    if 8 + n + end != size:
-        raise InvalidCheckpoint(
-            f"{file.name} is truncated or corrupt: its header describes {8 + n + end} bytes but the file has "
-            f"{size}; download it again.", details={"file": str(file), "expected_bytes": 8 + n + end,
-                                                   "actual_bytes": size})
-    return {k: _TensorMeta(file, k, v["dtype"], tuple(v["shape"])) for k, v in tensors.items()}
-
-
 def _checkpoint_tensors(folder: Path) -> dict[str, _TensorMeta]:
     """Every tensor of a single-file or sharded safetensors checkpoint, from headers only."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(resolve_inside(folder, index.name).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidCheckpoint(f"{index.name} is not a valid shard index ({exc}).",
-                                    details={"file": str(index)}) from None
-    elif single.is_file():
-        files = [single.name]
-    else:
-        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-        hint = f" (found {', '.join(others)}: convert it to safetensors)" if others else ""
-        raise InvalidCheckpoint(f"No model.safetensors (or model.safetensors.index.json) in {folder}{hint}.",
-                                details={"path": str(folder)})
-    tensors: dict[str, _TensorMeta] = {}
-    where = model_folder(folder)
-    for name in files:
-        tensors.update(_read_header(resolve_inside(where, name)))
-    return tensors
+    return {key: _TensorMeta(file, key, dtype, shape)
+            for file in checkpoint_files(folder) for key, (dtype, shape) in read_header(file).items()}
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 
@@ -72,3 +73,27 @@ def test_a_safetensors_header_over_100_mb_is_never_read(rbee_tiny_model, tmp_pat
         plan_blocks(folder)
     assert f"exceeds the limit of {MAX_HEADER_BYTES} bytes" in refused.value.message
     assert json.loads(json.dumps(refused.value.to_dict()))["error"]["code"] == "INVALID_CHECKPOINT"
+
+
+async def test_the_hive_reads_a_hostile_header_in_a_helper_not_in_the_server(team):
+    # Given a folder bob may load whose weights declare a 120 MB header (sparse: no disk used)
+    folder = team.allowed / "huge-header"
+    folder.mkdir()
+    for f in team.model.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    with (folder / "model.safetensors").open("wb") as fh:
+        fh.write(struct.pack("<Q", 120_000_000) + b"{")
+        fh.truncate(130_000_000)
+    async with team.clients() as c:
+        # When he loads it, Then 400 before anything starts, and the server's memory never held it
+        before = _rss(team.server.proc.pid)
+        r = await c["bob"].post("v1/workers", json={"model_ref": f"file://{folder}", "device": "cpu"})
+        error = error_of(r, 400, "INVALID_CHECKPOINT")
+        assert f"exceeds the limit of {MAX_HEADER_BYTES} bytes" in error["message"]
+        assert _rss(team.server.proc.pid) - before < 50 * MIB
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
