@@ -110,3 +110,23 @@ async def test_ids_cannot_be_guessed(team):
     assert re.fullmatch(r"w-[0-9a-f]{32}", worker_id)
     common = os.path.commonprefix(ids)
     assert len(common) < 6, ids
+
+
+def test_header_reads_in_the_helper_stop_at_its_memory_limit(tmp_path):
+    import json
+    import struct
+
+    from rbee_jupyter.hub.isolate import run_isolated
+
+    # Given a folder whose (valid-looking, 25 MB) header parses into far more than 64 MB of objects
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+    header = json.dumps({f"t{i}": entry for i in range(300_000)}).encode()
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+
+    # When the hive's helper reads it with 64 MB to spare, Then OUT_OF_MEMORY there, not here
+    with pytest.raises(OutOfMemory):
+        run_isolated("rbee_jupyter.core.checkpoint:probe", {"folder": str(tmp_path)}, memory_bytes=64 * MIB)
+    # and with room, the same helper reads it
+    assert run_isolated("rbee_jupyter.core.checkpoint:probe", {"folder": str(tmp_path)},
+                        memory_bytes=2048 * MIB) == 300_000

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 
@@ -13,7 +12,7 @@ import pytest
 from rbee_jupyter.engine.loader import MAX_HEADER_BYTES, plan_blocks
 from rbee_jupyter.errors import InvalidCheckpoint
 
-from .conftest import PUBLIC, error_of
+from .conftest import PUBLIC, error_of, load_events
 
 MIB = 1 << 20
 
@@ -75,7 +74,7 @@ def test_a_safetensors_header_over_100_mb_is_never_read(rbee_tiny_model, tmp_pat
     assert json.loads(json.dumps(refused.value.to_dict()))["error"]["code"] == "INVALID_CHECKPOINT"
 
 
-async def test_the_hive_reads_a_hostile_header_in_a_helper_not_in_the_server(team):
+async def test_a_hostile_header_through_the_service_is_refused_at_the_cap(team):
     # Given a folder bob may load whose weights declare a 120 MB header (sparse: no disk used)
     folder = team.allowed / "huge-header"
     folder.mkdir()
@@ -86,14 +85,11 @@ async def test_the_hive_reads_a_hostile_header_in_a_helper_not_in_the_server(tea
         fh.write(struct.pack("<Q", 120_000_000) + b"{")
         fh.truncate(130_000_000)
     async with team.clients() as c:
-        # When he loads it, Then 400 before anything starts, and the server's memory never held it
-        before = _rss(team.server.proc.pid)
-        r = await c["bob"].post("v1/workers", json={"model_ref": f"file://{folder}", "device": "cpu"})
-        error = error_of(r, 400, "INVALID_CHECKPOINT")
-        assert f"exceeds the limit of {MAX_HEADER_BYTES} bytes" in error["message"]
-        assert _rss(team.server.proc.pid) - before < 50 * MIB
+        # When he loads it, Then the load fails before any worker starts, naming the cap
+        r, stream = await load_events(c["bob"], f"file://{folder}")
+        error = stream.events[-1]
+        assert error["stage"] == "error" and error["code"] == "INVALID_CHECKPOINT", error
+        assert f"exceeds the limit of {MAX_HEADER_BYTES} bytes" in error["message"] and stream.done
+        assert not [w for w in (await c["admin"].get("v1/workers")).json()["workers"]
+                    if w["id"] == r.json()["worker_id"] and w["state"] != "failed"]
 
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
