@@ -230,11 +230,12 @@ class WorkerProcess:
             self.proc.stdin.close()
 
 
-def child_worker_pids(parent: int | None = None) -> set[int]:
+def child_worker_pids(parent: int | None = None, *, marker: bytes = b"rbee_jupyter.worker") -> set[int]:
     """Live worker processes whose parent is ``parent`` (default: this process); zombies count as gone.
 
     Linux only (reads /proc; elsewhere: empty). For shutdown checks and tests that assert no
-    worker outlives its pool.
+    worker outlives its pool. ``marker``: what the command line holds (another kind of child,
+    e.g. ``b"ipykernel"`` for a server's kernels).
     """
     parent = os.getpid() if parent is None else parent
     pids: set[int] = set()
@@ -250,6 +251,6 @@ def child_worker_pids(parent: int | None = None) -> set[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
-        if fields[0] != "Z" and int(fields[1]) == parent and b"rbee_jupyter.worker" in cmdline:
+        if fields[0] != "Z" and int(fields[1]) == parent and marker in cmdline:
             pids.add(int(entry.name))
     return pids

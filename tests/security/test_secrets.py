@@ -16,20 +16,6 @@ def environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
-def children(parent: int, marker: bytes) -> set[int]:
-    """Live children of ``parent`` whose command line holds ``marker``."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == parent and fields[0] != "Z" and marker in (entry / "cmdline").read_bytes():
-                    found.add(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
 async def test_a_worker_gets_no_secret_of_the_server(team):
     async with team.clients() as c:
         # Given the server holds hub, JupyterHub and cloud credentials in its environment
@@ -71,7 +57,7 @@ def test_a_kernel_of_a_shared_hive_gets_no_server_token(team):
         kernel_id = r.json()["id"]
         try:
             deadline = time.monotonic() + 60
-            while not (pids := children(team.server.proc.pid, b"ipykernel")) and time.monotonic() < deadline:
+            while not (pids := child_worker_pids(team.server.proc.pid, marker=b"ipykernel")) and time.monotonic() < deadline:
                 time.sleep(0.1)  # the kernel process appears: no event to wait on from outside
             (pid,) = pids
             env = environ(pid)
