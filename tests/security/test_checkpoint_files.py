@@ -102,3 +102,49 @@ async def test_delete_leaves_a_planted_link_target_alone(team, tmp_path):
         assert not (team.cache / "models--sec--plantable").exists()
         assert victim.read_text() == "not the cache's"
         assert other_blob.is_file()
+
+
+def test_the_in_process_loader_resolves_names_inside_the_folder(rbee_tiny_model, tmp_path):
+    """What ``%rbee`` ``load_model`` in a kernel and the worker run: the same checks, without a hive."""
+    import shutil
+
+    import pytest
+
+    from rbee_jupyter.engine.loader import load_model, load_tokenizer, plan_blocks
+    from rbee_jupyter.errors import InvalidCheckpoint
+
+    outside = tmp_path / "outside"
+    shutil.copytree(rbee_tiny_model, outside)
+    names = [k for k in json.loads(_header(outside / "model.safetensors"))]
+    cases = {"dotdot": "../outside/model.safetensors", "absolute": str(outside / "model.safetensors"),
+             "backslash": "..\\\\outside\\\\model.safetensors", "empty": ""}
+    for case, name in cases.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        for f in rbee_tiny_model.iterdir():
+            if f.name != "model.safetensors":
+                (folder / f.name).write_bytes(f.read_bytes())
+        (folder / "model.safetensors.index.json").write_bytes(_index(name, names))
+        for read in (plan_blocks, load_model):
+            with pytest.raises(InvalidCheckpoint, match="may only name files inside its own folder"):
+                read(folder)
+
+    # a link to a file inside the folder is fine; a tokenizer that leads out is not
+    inside = tmp_path / "inside"
+    shutil.copytree(rbee_tiny_model, inside)
+    (inside / "weights").mkdir()
+    (inside / "model.safetensors").rename(inside / "weights" / "real.safetensors")
+    (inside / "model.safetensors").symlink_to("weights/real.safetensors")
+    assert len(plan_blocks(inside)) > 0
+    (inside / "tokenizer.json").unlink()
+    (inside / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    with pytest.raises(InvalidCheckpoint, match="tokenizer.json"):
+        load_tokenizer(inside)
+
+
+def _header(file) -> bytes:
+    import struct
+
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return fh.read(n).replace(b'"__metadata__"', b'"__m"')
