@@ -79,15 +79,19 @@ _UNLIMITED_LAG = 1 << 30  # the actor relays every event; the hive's subscribers
 # --- the private cluster -------------------------------------------------------------------
 
 def private_cluster_options(token_dir: str | None = None) -> dict[str, Any]:
-    """``ray.init`` options for the cluster the hive starts itself (no ``ray_address``), and its token.
+    """``ray.init`` options for the cluster the hive starts itself (no ``ray_address``); sets up its token.
 
     Anyone who can reach a Ray cluster's ports can run code on it as the server's user. So
-    the private one listens on the loopback address only, starts no dashboard (an HTTP API
-    that submits jobs), and requires Ray's token authentication (``RAY_AUTH_MODE=token``,
-    Ray >= 2.40) with a fresh token in a file only this user can read, whose path
-    (``RAY_AUTH_TOKEN_PATH``) the raylet and actors inherit. Workers started by the local
-    pool never get it (see :mod:`~rbee_jupyter.worker.environment`). A cluster named by
-    ``c.RbeeApp.ray_address`` is someone else's to secure: docs/cluster.md says what it needs.
+    the private one starts no dashboard (an HTTP API that submits jobs) and requires Ray's
+    token authentication (``RAY_AUTH_MODE=token``, Ray >= 2.40) with a fresh token in a file
+    only this user can read, whose path (``RAY_AUTH_TOKEN_PATH``) the raylet and actors
+    inherit; a client without it is refused. Loopback only is not something Ray 2.60 offers:
+    its gRPC servers listen on every interface whatever ``_node_ip_address`` says (and with
+    127.0.0.1 there its node did not start here), so the token is what closes them; a firewall
+    in front of the host's ephemeral ports is the second line (docs/cluster.md). Workers
+    started by the local pool never get the token (see :mod:`~rbee_jupyter.worker.environment`).
+    A cluster named by ``c.RbeeApp.ray_address`` is someone else's to secure: docs/cluster.md
+    says what it needs.
     """
     folder = tempfile.mkdtemp(prefix="rbee-ray-auth-", dir=token_dir)  # mode 0700
     path = os.path.join(folder, "auth_token")
@@ -97,7 +101,11 @@ def private_cluster_options(token_dir: str | None = None) -> dict[str, Any]:
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = path
     os.environ.pop("RAY_AUTH_TOKEN", None)  # would win over the file
-    return {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+    with contextlib.suppress(ImportError, AttributeError):  # Ray caches its config when imported; refresh
+        from ray._raylet import Config  # it, as ray.init does itself when it turns token mode on
+
+        Config.initialize("")
+    return {"include_dashboard": False}
 
 
 # --- inside the actor ---------------------------------------------------------------------
