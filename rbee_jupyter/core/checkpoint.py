@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import InvalidCheckpoint
 from .confine import model_folder, resolve_inside
 
-__all__ = ["MAX_HEADER_BYTES", "checkpoint_files", "read_header", "probe"]
+__all__ = ["MAX_HEADER_BYTES", "checkpoint_files", "probe", "read_header"]
 
 MAX_HEADER_BYTES = 100_000_000
 """Largest safetensors header read, as the safetensors library limits it (``MAX_HEADER_SIZE``)."""

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import InvalidCheckpoint
 
-__all__ = ["ModelFolder", "model_folder", "resolve_inside", "check_folder", "remove_snapshot"]
+__all__ = ["ModelFolder", "check_folder", "model_folder", "remove_snapshot", "resolve_inside"]
 
 
 @dataclass(frozen=True)

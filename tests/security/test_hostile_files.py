@@ -103,6 +103,7 @@ async def test_ids_cannot_be_guessed(team):
             ids.append(r.json()["download_id"])
             await download(c["alice"], f"hf:{PUBLIC}")
         r, stream = await load_events(c["alice"], f"file://{team.allowed}/tiny")
+        assert stream.events[-1]["stage"] == "ready"
         worker_id = r.json()["worker_id"]
         assert (await c["alice"].delete(f"v1/workers/{worker_id}")).status_code == 204
     # 128 random bits each: 32 hex digits, nothing shared between consecutive ones

@@ -29,7 +29,7 @@ def test_a_huge_body_is_refused_before_it_is_read(team):
             chunk = s.recv(65536)
             assert chunk, f"connection closed without an answer: {answer!r}"
             answer += chunk
-    head, _, rest = answer.partition(b"\r\n\r\n")
+    head, _, _ = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), head
     assert b"connection: close" in head.lower()
 
