@@ -8,6 +8,7 @@ data or a ``Job`` whose event log subscribers read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import shutil
 import threading
@@ -19,12 +20,13 @@ from typing import Any
 
 from .catalog import Catalog, CatalogEntry
 from ..hub.download import Downloader
-from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
-from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
-                     ModelNotLoaded, RbeeError, WorkerNotFound)
+from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
+from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, JobNotFound,
+                     ModelNotFound, ModelNotLoaded, RbeeError, WorkerNotFound)
 from ..events import DownloadComplete, FeedEvent
 from .jobs import Job, JobRegistry
-from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
+from .egress import EgressPolicy
+from .owners import Principal, check_control, check_local_path, may_control, may_see, public_worker, token_fingerprint
 from ..pools.local import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
@@ -63,6 +65,10 @@ class HiveConfig:
     share_server_token: bool = False
     engine_timeout_s: float = 5.0
     engine_health_interval_s: float | None = 10.0
+    engine_registration: str = "admins"
+    """In service mode, who may register engines over HTTP: ``"admins"`` or ``"users"`` (everyone)."""
+    engine_url_patterns: tuple[str, ...] = ()
+    engine_allowed_networks: tuple[str, ...] = ()
     #: More keyword arguments for pool_class: the server fills it from the class's ``app_traits``;
     #: e.g. ``{"spare_worker": True}`` for the default pool (off unless asked for, outside a server).
     pool_options: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +130,7 @@ class _AdmittedLoad:
     owner: str | None
     hf_token: str | None
     prove: bool  # another user's gated model: ask the hub whether this caller may use it
+    shared: bool = False  # other users may see and use the worker (service mode)
 
 
 class Hive:
@@ -148,9 +155,14 @@ class Hive:
                                     inference_stall_s=config.inference_stall_s, **config.pool_options)
         engines = OpenAIEnginePool(timeout_s=config.engine_timeout_s,
                                    health_interval_s=config.engine_health_interval_s,
-                                   inference_stall_s=config.inference_stall_s)
+                                   inference_stall_s=config.inference_stall_s,
+                                   quote_upstream=not config.service_mode)
         self.pool: Pool = CompositePool(primary, engines)  # external engines sit beside the primary pool
         self._planned: dict[str, dict[str, int]] = {}  # worker id -> bytes per device its plan reserved
+        # Service mode: workers their owner or an admin shared, and who joined whose download.
+        self._shared: set[str] = set()
+        self._viewers: dict[str, set[str]] = {}
+        self._egress = EgressPolicy.from_config(config.engine_url_patterns, config.engine_allowed_networks)
         self.catalog.resync()
 
     async def stop(self) -> None:
@@ -183,6 +195,8 @@ class Hive:
         key = ("download", str(ref)) if not hf_token else ("download", str(ref), token_fingerprint(hf_token))
         existing = self.jobs.find_active(key)
         if existing is not None:
+            if owner is not None and existing.owner != owner:  # one transfer, many watchers: they may watch it
+                self._viewers.setdefault(existing.id, set()).add(owner)
             return existing
         self._check_cache(ref)
         job = self.jobs.create("download", key=key, owner=owner)
@@ -273,9 +287,35 @@ class Hive:
         return not (self.config.service_mode and entry.restricted) or may_control(principal, entry.owner)
 
     def may_use_worker(self, principal: Principal | None, worker: WorkerInfo) -> bool:
-        """In service mode a worker holding a gated or private model serves its owner, the model's, and admins."""
+        """In service mode a worker serves its owner and admins, and other users only when shared; one
+        holding a gated or private model serves those only if they may use the model too."""
+        if not self.sees_worker(principal, worker):
+            return False
         entry = self.catalog.get(worker.model_ref) if self.config.service_mode else None
         return entry is None or self._may_use(principal, entry) or may_control(principal, worker.owner)
+
+    def sees_worker(self, principal: Principal | None, worker: WorkerInfo) -> bool:
+        """Whether ``principal`` may see ``worker`` at all (in full or, when shared, its public view)."""
+        return not self.config.service_mode or may_see(principal, worker.owner, shared=worker.id in self._shared)
+
+    def is_shared(self, worker_id: str | None) -> bool:
+        """Whether the owner or an admin shared this worker with every user."""
+        return worker_id in self._shared
+
+    def worker_view(self, worker: WorkerInfo, principal: Principal | None) -> dict[str, Any]:
+        """A worker as ``principal`` sees it: in full (theirs, or an admin), else its public view."""
+        info = {**worker.to_dict(), "shared": worker.id in self._shared}
+        if not self.config.service_mode or may_control(principal, worker.owner):
+            return info
+        return public_worker(info)
+
+    def visible_worker(self, worker_id: str, principal: Principal | None) -> WorkerInfo:
+        """:meth:`worker`, or 404 ``WORKER_NOT_FOUND`` when ``principal`` may not see it."""
+        worker = self.worker(worker_id)
+        if not self.sees_worker(principal, worker):
+            raise WorkerNotFound(f"No worker {worker_id!r}. GET v1/workers lists the workers.",
+                                 details={"worker_id": worker_id})  # as for an id that never existed
+        return worker
 
     async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
         """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
@@ -300,8 +340,20 @@ class Hive:
         if ref.scheme == "hf" or ref.is_gguf:
             self.downloader.check_writable(ref)
 
-    def job(self, job_id: str, kind: str | None = None) -> Job:
-        return self.jobs.get(job_id, kind)
+    def job(self, job_id: str, kind: str | None = None, *, principal: Principal | None = None) -> Job:
+        """A job by id; in service mode only its owner, those who joined it, and admins find it (else 404)."""
+        job = self.jobs.get(job_id, kind)
+        if not self.sees_job(principal, job):
+            raise JobNotFound(f"No {kind or 'job'} with id {job_id!r}: it never existed or finished long ago.",
+                              details={"id": job_id})  # word for word what an unknown id gets
+        return job
+
+    def sees_job(self, principal: Principal | None, job: Job | dict[str, Any]) -> bool:
+        """Whether ``principal`` may see a job (or its summary): its owner, one who joined it (a
+        download), an admin. Nobody else learns that it exists: generations carry prompts and text."""
+        owner, job_id = (job.owner, job.id) if isinstance(job, Job) else (job.get("owner"), job.get("id"))
+        return (not self.config.service_mode or may_control(principal, owner)
+                or principal.name in self._viewers.get(job_id, ()))  # type: ignore[union-attr]
 
     def cancel(self, job_id: str, kind: str | None = None, *, principal: Principal | None = None) -> None:
         """Cancel a job; cancelling a finished job is not an error (idempotent).
@@ -309,7 +361,7 @@ class Hive:
         Raises:
             NotOwner: in service mode, ``principal`` is neither the job's owner nor an admin.
         """
-        job = self.jobs.get(job_id, kind)
+        job = self.job(job_id, kind, principal=principal)
         if self.config.service_mode:
             check_control(principal, job.owner, what=f"{job.kind} {job_id}")
         job.cancel()
@@ -411,8 +463,12 @@ class Hive:
                     hf_token: str | None) -> _AdmittedLoad | Job:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
-        if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
-            return self._register_engine(EngineSpec.from_json(body), owner=owner)
+        shared = _shared_field(body)
+        engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
+        if shared:
+            self._share_check(principal, engine=engine)
+        if engine:
+            return self._register_engine(self._engine_spec(body, principal), owner=owner, shared=shared)
         from ..engine.devices import check_allowed
 
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
@@ -429,7 +485,7 @@ class Hive:
             raise AccessDenied(f"{req.ref} is gated or private and was downloaded by another user; to load it, "
                                "send your own hub token (header X-HF-Token, or the field hf_token of the body).",
                                details={"model_ref": str(req.ref)})
-        return _AdmittedLoad(req, entry, owner, hf_token, prove)
+        return _AdmittedLoad(req, entry, owner, hf_token, prove, shared)
 
     def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:
         req, entry = admitted.req, admitted.entry
@@ -437,13 +493,61 @@ class Hive:
         plan = self._place(req, blocks, worker_id) if blocks is not None else None
         job = self.jobs.create("load", owner=admitted.owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
+        if admitted.shared:
+            self._shared.add(worker_id)
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=admitted.hf_token,
                                                          prove=admitted.prove))
 
-    def _register_engine(self, spec: EngineSpec, *, owner: str | None) -> Job:
+    def _engine_spec(self, body: dict[str, Any], principal: Principal | None) -> EngineSpec:
+        """Validate a registration; in service mode check who may register, the name and the URL.
+
+        An engine's name may not be another worker's: routing by name must never hand one
+        user's prompt to an engine someone else registered under that name.
+        """
+        spec = EngineSpec.from_json(body)
+        if spec.name is not None:
+            taken = [w.id for w in self.pool.list() if spec.name in (w.id, getattr(w, "name", None))]
+            if taken:
+                raise Conflict(f"An engine named {spec.name!r} is registered already; choose another name.",
+                               details={"field": "name"})
+        if not self.config.service_mode or principal is None or principal.admin:
+            return spec  # the administrator (or the single user) opens what they like
+        if self.config.engine_registration != "users":
+            raise AccessDenied("Only administrators may register engines on this server "
+                               "(c.RbeeApp.engine_registration is 'admins'); ask one to register it.",
+                               details={"field": "backend"})
+        self._egress.check_url(spec.url)
+        return dataclasses.replace(spec, egress=self._egress)
+
+    def _share_check(self, principal: Principal | None, *, engine: bool, owner: str | None = None) -> None:
+        """A local worker is shared by its owner or an admin; an engine (its key, its URL) only by an admin."""
+        if not self.config.service_mode or principal is None or principal.admin:
+            return
+        if engine:
+            raise AccessDenied("Only an administrator may share an engine with other users: it spends its owner's "
+                               "key and makes the server open its URL for them.", details={"field": "shared"})
+        check_control(principal, owner if owner is not None else principal.name, what="worker")
+
+    def set_shared(self, worker_id: str, shared: bool, *, principal: Principal | None = None) -> dict[str, Any]:
+        """Share a worker with every user (or stop): ``PATCH v1/workers/{id} {"shared": ...}``.
+
+        Raises:
+            WorkerNotFound: no such worker, or one ``principal`` may not see.
+            NotOwner / AccessDenied: a worker of someone else's, or an engine, and not an admin.
+        """
+        if not isinstance(shared, bool):
+            raise InvalidRequest("shared must be true or false.", details={"field": "shared"})
+        worker = self.visible_worker(worker_id, principal)
+        self._share_check(principal, engine=getattr(worker, "backend", None) == "openai", owner=worker.owner)
+        (self._shared.add if shared else self._shared.discard)(worker_id)
+        return self.worker_view(worker, principal)
+
+    def _register_engine(self, spec: EngineSpec, *, owner: str | None, shared: bool = False) -> Job:
         """An external engine becomes a worker; its load job ends ``ready`` once the engine answers."""
         job = self.jobs.create("load", owner=owner, job_id="w-" + uuid4().hex[:10])
         job.meta.update(model_ref=spec.model_ref, worker_id=job.id, backend="openai")
+        if shared:
+            self._shared.add(job.id)
 
         async def register(job: Job) -> None:
             await self.pool.start(spec, job)
@@ -546,8 +650,9 @@ class Hive:
                 f"{ref} could not be downloaded.", details={"model_ref": str(ref)})
         return entry
 
-    def workers(self) -> list[dict[str, Any]]:
-        return [w.to_dict() for w in self.pool.list()]
+    def workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """``GET v1/workers``: every worker ``principal`` may see, as they may see it."""
+        return [self.worker_view(w, principal) for w in self.pool.list() if self.sees_worker(principal, w)]
 
     def worker(self, worker_id: str) -> WorkerInfo:
         try:
@@ -557,11 +662,15 @@ class Hive:
             return WorkerInfo.pending(worker_id, job.meta["model_ref"], owner=job.owner,
                                       state="failed" if job.state.finished else "loading")
 
-    async def worker_detail(self, worker_id: str) -> dict[str, Any]:
-        """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
-        info = self.worker(worker_id).to_dict()
+    async def worker_detail(self, worker_id: str, *, principal: Principal | None = None) -> dict[str, Any]:
+        """The registry's view plus the worker's live counters (``tokens_computed``, queue); other users
+        see a shared worker's public view only."""
+        worker = self.visible_worker(worker_id, principal)
+        if self.config.service_mode and not may_control(principal, worker.owner):
+            return self.worker_view(worker, principal)
+        info = self.worker_view(worker, principal)
         if info.get("backend") == "openai":
-            return await self.pool.health(worker_id)  # probes the engine now
+            return {**await self.pool.health(worker_id), "shared": info["shared"]}  # probes the engine now
         if info["pid"] is None or info["state"] in ("failed", "stopped"):
             return info
         live = await self.pool.health(worker_id)
@@ -582,7 +691,8 @@ class Hive:
             NotOwner: in service mode, ``principal`` is neither the worker's owner nor an admin.
         """
         if self.config.service_mode:
-            check_control(principal, self.worker(worker_id).owner, what=f"worker {worker_id}")
+            check_control(principal, self.visible_worker(worker_id, principal).owner, what=f"worker {worker_id}")
+        self._shared.discard(worker_id)
         job = None
         try:
             job = self._load_job(worker_id)
@@ -596,8 +706,13 @@ class Hive:
             if job is None:
                 raise
 
-    def load_job(self, worker_id: str) -> Job:
-        return self._load_job(worker_id)
+    def load_job(self, worker_id: str, *, principal: Principal | None = None) -> Job:
+        """A worker's loading job; in service mode its owner's and admins' only (404 for others)."""
+        job = self._load_job(worker_id)
+        if not self.sees_job(principal, job):
+            raise WorkerNotFound(f"No worker {worker_id!r}. GET v1/workers lists the workers.",
+                                 details={"worker_id": worker_id})
+        return job
 
     # --- inference ----------------------------------------------------------------
 
@@ -622,7 +737,7 @@ class Hive:
         if worker_id is not None:
             if not isinstance(worker_id, str):
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
-            worker = self.worker(worker_id)
+            worker = self.visible_worker(worker_id, principal)
             if worker.state not in ("idle", "busy"):
                 why = f" ({worker.exit_reason})" if worker.exit_reason else ""
                 raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
@@ -632,19 +747,37 @@ class Hive:
             return worker
         if model_ref is None:
             raise InvalidRequest("Name a worker_id or a model_ref.", details={"field": "worker_id"})
-        engines = {n: w.model_ref for w in self.pool.list() if getattr(w, "backend", None) == "openai"
-                   for n in (w.model_ref, getattr(w, "name", None)) if n}  # an engine: by its ref or its name
-        ref = (engines.get(model_ref) if isinstance(model_ref, str) else None) or str(parse_ref(model_ref))
-        ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
+        if isinstance(model_ref, str) and self._is_engine_name(model_ref, principal):
+            ref = model_ref  # an engine: by its ref or its name
+            return self.route(lambda w: model_ref in (w.model_ref, *engine_aliases(w)), principal, ref)
+        ref = str(parse_ref(model_ref))
+        return self.route(lambda w: w.model_ref == ref, principal, ref)
+
+    def _is_engine_name(self, name: str, principal: Principal | None) -> bool:
+        return any(getattr(w, "backend", None) == "openai" and name in (w.model_ref, *engine_aliases(w))
+                   for w in self.pool.list() if self.sees_worker(principal, w))
+
+    def route(self, matches: Any, principal: Principal | None, what: str) -> WorkerInfo:
+        """The ready worker for a request that names a model (v1/inference by ref, the OpenAI routes).
+
+        Only workers the caller may use are candidates: their own, and other users' when
+        shared. Their own come first, then idle before busy, then the least recently used.
+
+        Raises:
+            AccessDenied: only workers of a gated model the caller has not shown access to hold it.
+            ModelNotLoaded: no usable worker holds it.
+        """
+        ready = [w for w in self.pool.list() if w.state in ("idle", "busy") and self.sees_worker(principal, w)
+                 and matches(w)]
         usable = [w for w in ready if self.may_use_worker(principal, w)]
         if ready and not usable:
             raise _not_yours(ready[0])
-        ready = usable
-        if not ready:
+        if not usable:
             raise ModelNotLoaded(
-                f"No worker holds {ref}. Load it first: POST v1/workers {{\"model_ref\": \"{ref}\"}} "
-                f"or %rbee load {ref}.", details={"model_ref": ref})
-        return min(ready, key=lambda w: (w.state != "idle", w.last_used))
+                f"No worker holds {what}. Load it first: POST v1/workers {{\"model_ref\": \"{what}\"}} "
+                f"or %rbee load {what}.", details={"model_ref": what})
+        mine = principal.name if principal is not None else None
+        return min(usable, key=lambda w: (w.owner != mine, w.state != "idle", w.last_used))
 
     # --- server-wide feed -----------------------------------------------------------
 
@@ -654,6 +787,15 @@ class Hive:
             return
         if self.feed is not None:
             self.feed.publish(FeedEvent(topic=topic, data=data))
+
+
+def _shared_field(body: Any) -> bool:
+    """The ``shared`` field of a ``POST v1/workers`` body (false when absent)."""
+    shared = body.get("shared", False) if isinstance(body, dict) else False
+    if not isinstance(shared, bool):
+        raise InvalidRequest("shared must be true or false: whether other users may see and use the worker.",
+                             details={"field": "shared"})
+    return shared
 
 
 def _not_yours(worker: WorkerInfo) -> AccessDenied:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,16 +41,22 @@ import httpx
 from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
                      InvalidRequest, ModelNotFound, RbeeError, WorkerBusy, WorkerNotFound)
 from ..events import DONE, InferenceEnd, InferenceStarted, Ready, Token
+from ..core.egress import EgressPolicy
 from ..core.jobs import Job
+from ..core.refs import parse_ref
 from .local import Pool, WorkerInfo, _snapshot
 from ..sse_client import SSEParser
 
-__all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "CompositePool", "backend_of"]
+__all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "CompositePool", "backend_of",
+           "engine_aliases"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "openai")
-_FIELDS = ("backend", "url", "model", "api_key", "name")
+_FIELDS = ("backend", "url", "model", "api_key", "name", "shared")
+#: An engine's name lives in a namespace of its own: no ``:`` or ``/``, so it can never read as a
+#: model ref (``hf:org/repo``, ``org/repo``, ``file://``), and no ``w-`` prefix, which worker ids have.
+_ENGINE_NAME = re.compile(r"^(?!w-)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _EXAMPLE_URL = "http://gpu-node:8000/v1"
 
 
@@ -73,6 +80,8 @@ class EngineSpec:
     model: str
     api_key: str | None = field(default=None, repr=False)
     name: str | None = None
+    #: In service mode, for a user who is not an admin: every connection is checked against it.
+    egress: EgressPolicy | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, body: Any) -> EngineSpec:
@@ -97,9 +106,12 @@ class EngineSpec:
             raise InvalidRequest("api_key must be a string (or left out for an engine without a key).",
                                  details={"field": "api_key"})
         name = body.get("name")
-        if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 128):
-            raise InvalidRequest("name must be a non-empty string: the model name clients use.",
-                                 details={"field": "name"})
+        if name is not None and (not isinstance(name, str) or not _ENGINE_NAME.match(name.strip())):
+            raise InvalidRequest("name must be the model name clients use for this engine: 1 to 64 letters, digits, "
+                                 "'.', '_' or '-', not starting with 'w-' (so it cannot be read as a model ref or a "
+                                 "worker id).", details={"field": "name"})
+        if not isinstance(body.get("shared", False), bool):
+            raise InvalidRequest("shared must be true or false.", details={"field": "shared"})
         return cls(url=url, model=model.strip(), api_key=api_key or None, name=name.strip() if name else None)
 
     @property
@@ -150,6 +162,7 @@ class _Engine:
     streams: dict[Job, asyncio.Task] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
     slow_probes: int = 0  # health probes in a row that timed out
+    quote: bool = True  # whether errors may quote what the engine said (not in service mode: see _quote)
 
 
 class OpenAIEnginePool(Pool):
@@ -169,8 +182,9 @@ class OpenAIEnginePool(Pool):
     slow_probes_allowed = 1
 
     def __init__(self, *, timeout_s: float = 5.0, health_interval_s: float | None = 10.0,
-                 inference_stall_s: float | None = 120.0) -> None:
+                 inference_stall_s: float | None = 120.0, quote_upstream: bool = True) -> None:
         super().__init__()
+        self.quote_upstream = quote_upstream
         self.timeout_s = timeout_s
         self.health_interval_s = health_interval_s
         self.inference_stall_s = inference_stall_s
@@ -205,13 +219,14 @@ class OpenAIEnginePool(Pool):
     async def start(self, spec: EngineSpec, job: Job) -> WorkerInfo:  # type: ignore[override]
         """Register ``spec`` as worker ``job.id``; ``job`` ends ``ready`` once the engine answers."""
         headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-        client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, timeout=httpx.Timeout(
+        transport = spec.egress.transport() if spec.egress is not None else None
+        client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, transport=transport, timeout=httpx.Timeout(
             self.inference_stall_s, connect=self.timeout_s))
         now = time.time()
         info = EngineInfo(id=job.id, model_ref=spec.model_ref, state="loading", devices=[], memory_mb={}, pid=None,
                           quantization=None, dtype=None, owner=job.owner, created_at=now, last_used=now,
                           url=spec.url, model=spec.model, name=spec.name)
-        e = _Engine(info, spec, client, job)
+        e = _Engine(info, spec, client, job, quote=self.quote_upstream)
         self._engines[info.id] = e
         job.meta.setdefault("worker_id", info.id)
         check = self._spawn(e, self._register(e))
@@ -261,7 +276,7 @@ class OpenAIEnginePool(Pool):
             raise AccessDenied(f"The engine at {url} refused the API key (HTTP {r.status_code}): register it again "
                                "with the right api_key.", details=where)
         if r.status_code != 200:
-            raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({_message(r)}); is this the engine's "
+            raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({_quote(e, _message(r))}); is this the engine's "
                               f"OpenAI base URL (e.g. {_EXAMPLE_URL})?", details=where)
         try:
             served = [m["id"] for m in r.json()["data"]]
@@ -543,13 +558,13 @@ def _chunk(e: _Engine, data: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:
-        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not JSON: {data[:200]!r}.",
+        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not JSON: {_quote(e, repr(data[:200]))}.",
                           details={"worker_id": e.info.id}) from None
     if not isinstance(chunk, dict):
         raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not an object.",
                           details={"worker_id": e.info.id})
     if chunk.get("error"):
-        raise EngineError(f"The engine at {e.spec.url} failed during the generation: {_error_text(chunk)}.",
+        raise EngineError(f"The engine at {e.spec.url} failed during the generation: {_quote(e, _error_text(chunk))}.",
                           details={"worker_id": e.info.id})
     return chunk
 
@@ -586,6 +601,36 @@ def _error_text(data: Any) -> str:
     return str(data)[:500]
 
 
+def _quote(e: _Engine, said: str) -> str:
+    """What the engine said, for an error message; on a shared server only the log gets it.
+
+    An engine's answer is whatever its URL chose to send: on a shared server that could be
+    any internal page, so users are told only that the engine refused.
+    """
+    if e.quote:
+        return said
+    log.info("rbee: engine %s (%s) said: %s", e.info.id, e.spec.url, said)
+    return "its answer is in the server's log"
+
+
+def engine_aliases(info: WorkerInfo) -> list[str]:
+    """The names an engine worker answers to besides its id: its own name, and its model's name on
+    the engine unless that reads as a model ref (``org/repo``, ``hf:…``, a path), which it must not shadow."""
+    name, model = getattr(info, "name", None), getattr(info, "model", None)
+    return [n for n in (name, model if model and not _looks_like_ref(model) else None) if n]
+
+
+def _looks_like_ref(text: str) -> bool:
+    """A model ref, or the ``org/repo`` name the OpenAI routes give a hub model."""
+    for candidate in (text, f"hf:{text}"):
+        try:
+            parse_ref(candidate)
+            return True
+        except RbeeError:
+            continue
+    return text.startswith(("hf:", "file:"))
+
+
 def _message(r: httpx.Response) -> str:
     try:
         return _error_text(r.json())
@@ -596,7 +641,7 @@ def _message(r: httpx.Response) -> str:
 def _refusal(e: _Engine, r: httpx.Response) -> RbeeError:
     """An engine that said no before streaming: the same error class a local worker would give."""
     details = {"worker_id": e.info.id, "engine_status": r.status_code}
-    said = f"the engine at {e.spec.url} answered HTTP {r.status_code}: {_message(r)}"
+    said = f"the engine at {e.spec.url} answered HTTP {r.status_code}: {_quote(e, _message(r))}"
     if r.status_code in (400, 413, 422):
         return InvalidRequest(f"The request was refused: {said}.", details=details)
     if r.status_code in (401, 403):

@@ -148,7 +148,7 @@ class DownloadProgressHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        job = self.hive.job(self.required_query("id"), "download")
+        job = self.hive.job(self.required_query("id"), "download", principal=self.principal)
         await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s)
 
 
@@ -180,7 +180,7 @@ class WorkersHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(200, {"workers": self.hive.workers()})
+        self.reply(200, {"workers": self.hive.workers(self.principal)})
 
     @web.authenticated
     @authorized
@@ -193,10 +193,22 @@ class WorkersHandler(RbeeHandler):
 
 
 class WorkerHandler(RbeeHandler):
+    """One worker: ``GET`` its detail, ``PATCH {"shared": bool}`` to share it, ``DELETE`` to unload it."""
+
     @web.authenticated
     @authorized
     async def get(self, worker_id: str) -> None:
-        self.reply(200, await self.hive.worker_detail(worker_id))
+        self.reply(200, await self.hive.worker_detail(worker_id, principal=self.principal))
+
+    @web.authenticated
+    @authorized
+    async def patch(self, worker_id: str) -> None:
+        body = self.json_body()
+        unknown = sorted(set(body) - {"shared"})
+        if unknown or "shared" not in body:
+            raise InvalidRequest('The body must be {"shared": true} or {"shared": false}.',
+                                 details={"field": unknown[0] if unknown else "shared"})
+        self.reply(200, self.hive.set_shared(worker_id, body["shared"], principal=self.principal))
 
     @web.authenticated
     @authorized
@@ -209,7 +221,7 @@ class WorkerReadyHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self, worker_id: str) -> None:
-        worker = self.hive.worker(worker_id)
+        worker = self.hive.visible_worker(worker_id, self.principal)
         if worker.state in ("idle", "busy"):
             self.reply(200, {"ready": True, "state": worker.state, "model_loaded": True})
         else:
@@ -221,7 +233,7 @@ class LoadingProgressHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        job = self.hive.load_job(self.required_query("id"))
+        job = self.hive.load_job(self.required_query("id"), principal=self.principal)
         await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s)
 
 
@@ -240,7 +252,7 @@ class EventsHandler(RbeeHandler):
     async def get(self) -> None:
         from ..core.feed import ensure_feed
 
-        await stream_job(self, ensure_feed(self.hive), keepalive_s=self.app.sse_keepalive_s)
+        await stream_job(self, ensure_feed(self.hive).view(self.principal), keepalive_s=self.app.sse_keepalive_s)
 
 
 class InferenceHandler(RbeeHandler):

@@ -21,6 +21,7 @@ from tornado.iostream import StreamClosedError
 from ..errors import Conflict, InvalidRequest, ModelNotFound, RbeeError
 from ..events import sse_done, to_json
 from ..core.refs import parse_ref
+from ..pools.engines import engine_aliases
 from .handlers import _HTTP_CODES, RbeeHandler
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
@@ -40,10 +41,10 @@ def _model_id(ref: str) -> str:
 def _names(w: Any) -> list[str]:
     """Every ``model`` a worker answers to; the first is the one ``GET models`` lists.
 
-    An external engine answers to its configured name and its model's name on the engine.
+    An external engine answers to its configured name and its model's name on the engine
+    (unless that reads as a model ref: ``engine_aliases``).
     """
-    engine = [n for n in (getattr(w, "name", None), getattr(w, "model", None)) if n]
-    return [*engine, _model_id(w.model_ref), w.model_ref, w.id]
+    return [*engine_aliases(w), _model_id(w.model_ref), w.model_ref, w.id]
 
 
 class OpenAIHandler(RbeeHandler):
@@ -70,7 +71,8 @@ class OpenAIHandler(RbeeHandler):
         principal = self.principal
         workers = [w for w in self.hive.pool.list() if self.hive.may_use_worker(principal, w)]
         ready = [w for w in workers if w.state in ("idle", "busy")]
-        for w in sorted(ready, key=lambda w: (w.state != "idle", w.last_used)):
+        mine = principal.name if principal is not None else None  # the caller's own workers first
+        for w in sorted(ready, key=lambda w: (w.owner != mine, w.state != "idle", w.last_used)):
             if model in _names(w):
                 return w.id
         for w in workers:  # there, but not usable: say why rather than "not loaded"
