@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from uuid import uuid4
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
+from .confine import check_folder, remove_snapshot
+from .limits import UserLimits, check_cap
 from ..hub.download import Downloader
 from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, JobNotFound,
@@ -69,6 +70,8 @@ class HiveConfig:
     """In service mode, who may register engines over HTTP: ``"admins"`` or ``"users"`` (everyone)."""
     engine_url_patterns: tuple[str, ...] = ()
     engine_allowed_networks: tuple[str, ...] = ()
+    user_limits: UserLimits = field(default_factory=UserLimits)
+    """Per-user caps in service mode (admins are not capped); see core/limits.py."""
     #: More keyword arguments for pool_class: the server fills it from the class's ``app_traits``;
     #: e.g. ``{"spare_worker": True}`` for the default pool (off unless asked for, outside a server).
     pool_options: dict[str, Any] = field(default_factory=dict)
@@ -138,7 +141,8 @@ class Hive:
 
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
-        self.jobs = JobRegistry(retention_s=config.job_retention_s)
+        self.jobs = JobRegistry(retention_s=config.job_retention_s,
+                                kept_per_owner=config.user_limits.kept_jobs if config.service_mode else 0)
         self.catalog = Catalog(config.catalog_path)
         self.downloader = Downloader(
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
@@ -199,6 +203,7 @@ class Hive:
                 self._viewers.setdefault(existing.id, set()).add(owner)
             return existing
         self._check_cache(ref)
+        self._check_user_cap(principal, "downloads")
         job = self.jobs.create("download", key=key, owner=owner)
         job.meta.update(model_ref=str(ref), repo_id=ref.repo_id)
         token = self._hub_token(hf_token)
@@ -276,6 +281,23 @@ class Hive:
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
             check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
+        if ref.scheme == "file" and not ref.is_gguf:
+            check_folder(ref.path or "")  # 400 now for a link out of the folder, before any job starts
+
+    _CAP_JOBS = {"workers": "load", "downloads": "download", "streams": "inference"}
+
+    def _check_user_cap(self, principal: Principal | None, cap: str) -> None:
+        """429 ``USER_LIMIT`` when a non-admin of a shared hive already holds its cap of ``cap``.
+
+        Counted now from the jobs running and (for workers) the pool's live workers, by owner.
+        """
+        if not self.config.service_mode or principal is None or principal.admin:
+            return
+        user = principal.name
+        held = {j.id for j in self.jobs.list(self._CAP_JOBS[cap]) if j.owner == user and not j.state.finished}
+        if cap == "workers":
+            held |= {w.id for w in self.pool.list() if w.owner == user and w.state not in ("failed", "stopped")}
+        check_cap(cap, getattr(self.config.user_limits, cap), len(held), user)
 
     def may_see_all(self, principal: Principal | None) -> bool:
         """Whether the caller may see server-wide internals (cache paths of unfinished downloads):
@@ -323,8 +345,10 @@ class Hive:
         from ..events import ImportProgress
 
         source = Path(entry.local_path)
-        if source.is_dir():  # a hub snapshot: the ref names the file inside it
-            source = source / (ref.filename or "")
+        if source.is_dir():  # a hub snapshot: the ref names the file inside it, and it must stay there
+            from .confine import resolve_inside
+
+            source = resolve_inside(source, ref.filename or "")
         target = gguf.imported_dir(Path(self.config.cache_dir), source)
         folder = await asyncio.to_thread(
             gguf.import_gguf, source, target, cancel=job.cancel_event,
@@ -409,7 +433,7 @@ class Hive:
         self._check_not_in_use(str(ref))
         self.catalog.remove(str(ref))
         if entry.source == "hub":
-            _remove_snapshot(Path(entry.local_path), still_used={Path(e.local_path) for e in self.catalog.list()})
+            remove_snapshot(Path(entry.local_path), still_used={Path(e.local_path) for e in self.catalog.list()})
         self._feed("catalog", {"action": "removed", "model": entry.to_dict()})
 
     def _check_not_in_use(self, ref: str) -> None:
@@ -463,6 +487,7 @@ class Hive:
                     hf_token: str | None) -> _AdmittedLoad | Job:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
+        self._check_user_cap(principal, "workers")
         shared = _shared_field(body)
         engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
         if shared:
@@ -728,6 +753,7 @@ class Hive:
         GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
         owner = principal.name if principal is not None else owner
         worker = self._pick_worker(body, principal)
+        self._check_user_cap(principal, "streams")
         job = self.jobs.create("inference", owner=owner, error_style="type")
         job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
         return self.jobs.start(job, lambda j: self.pool.generate(worker.id, body, j))
@@ -829,20 +855,3 @@ def register_local(ref: ModelRef) -> CatalogEntry:
         files = names
         size = sum((path / n).stat().st_size for n in names)
     return CatalogEntry(ref=str(ref), local_path=str(path), size_bytes=size, files=files, source="file")
-
-
-def _remove_snapshot(snapshot: Path, *, still_used: set[Path]) -> None:
-    """Delete a snapshot and the blobs only it pointed at; the repo folder goes when empty."""
-    if not snapshot.exists():
-        return
-    repo_dir = snapshot.parent.parent
-    keep = set()
-    for other in still_used:
-        if other.parent.parent == repo_dir and other.exists():
-            keep |= {p.resolve() for p in other.rglob("*") if p.is_symlink()}
-    blobs = {p.resolve() for p in snapshot.rglob("*") if p.is_symlink()}
-    shutil.rmtree(snapshot, ignore_errors=True)
-    for blob in blobs - keep:
-        blob.unlink(missing_ok=True)
-    if not any((repo_dir / "snapshots").iterdir()):
-        shutil.rmtree(repo_dir, ignore_errors=True)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..core.confine import check_folder, model_folder, resolve_inside
 from ..errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
 
 __all__ = ["BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
@@ -47,6 +48,8 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 _STATS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 _SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+MAX_HEADER_BYTES = 100_000_000
+"""Largest safetensors header read, as the safetensors library limits it (``MAX_HEADER_SIZE``)."""
 _SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -183,11 +186,24 @@ class _TensorMeta:
 
 
 def _read_header(file: Path) -> dict[str, _TensorMeta]:
-    """Parse and check a safetensors header, so a truncated or corrupt file fails before loading starts."""
-    size = file.stat().st_size
+    """Parse and check a safetensors header, so a truncated or corrupt file fails before loading starts.
+
+    ``file`` is a resolved path (:func:`~rbee_jupyter.core.confine.resolve_inside`); it is opened
+    without following a link, so a name swapped for a link after the check fails instead of
+    being read. The header is capped at :data:`MAX_HEADER_BYTES` before it is read, as the
+    safetensors library caps it: a hostile file cannot make the server read gigabytes of JSON.
+    """
     try:
-        with file.open("rb") as fh:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise InvalidCheckpoint(f"{file.name} cannot be opened ({exc.strerror}); download it again.",
+                                details={"file": str(file)}) from None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             (n,) = struct.unpack("<Q", fh.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
             if n > size - 8:
                 raise ValueError(f"header length {n} exceeds the file size {size}")
             header = json.loads(fh.read(n))
@@ -210,11 +226,11 @@ def _checkpoint_tensors(folder: Path) -> dict[str, _TensorMeta]:
     single = folder / "model.safetensors"
     if index.is_file():
         try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+            weight_map: dict[str, str] = json.loads(resolve_inside(folder, index.name).read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidCheckpoint(f"{index.name} is not a valid shard index ({exc}).",
                                     details={"file": str(index)}) from None
-        files = sorted(set(weight_map.values()))
     elif single.is_file():
         files = [single.name]
     else:
@@ -223,13 +239,26 @@ def _checkpoint_tensors(folder: Path) -> dict[str, _TensorMeta]:
         raise InvalidCheckpoint(f"No model.safetensors (or model.safetensors.index.json) in {folder}{hint}.",
                                 details={"path": str(folder)})
     tensors: dict[str, _TensorMeta] = {}
+    where = model_folder(folder)
     for name in files:
-        file = folder / name
-        if not file.is_file():
-            raise InvalidCheckpoint(f"Shard {name} listed in the index is missing from {folder}; download it again.",
-                                    details={"file": str(file)})
-        tensors.update(_read_header(file))
+        tensors.update(_read_header(resolve_inside(where, name)))
     return tensors
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The folder's tokenizer, read only from inside it (links checked) and never running its code.
+
+    Raises:
+        InvalidCheckpoint: a file of the folder leads outside it, or the tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    root = check_folder(path).root
+    try:
+        return AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
+        raise InvalidCheckpoint(f"The tokenizer in {path} cannot be loaded: {exc}", details={"path": str(path)}) \
+            from None
 
 
 def _load_config(folder: Path):
@@ -475,7 +504,7 @@ class _Prepared:
 
 
 def _prepare(path: str | Path, quantization, dtype, compute_dtype=None, double_quant: bool = False) -> _Prepared:
-    folder = Path(path).expanduser()
+    folder = check_folder(path).root  # every link stays inside; from here on only resolved paths are read
     config = _load_config(folder)
     opts = _resolve_options(config, quantization, dtype, compute_dtype, double_quant)
     tensors = _checkpoint_tensors(folder)

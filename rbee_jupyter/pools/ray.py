@@ -43,6 +43,8 @@ import contextlib
 import json
 import logging
 import os
+import secrets
+import tempfile
 import threading
 import time
 import uuid
@@ -72,6 +74,30 @@ _BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "TPU", "NPU", "HPU", "memory", "ob
 #: How much of a node's name resource one worker takes: effectively unlimited workers per node.
 _NAME_SHARE = 0.001
 _UNLIMITED_LAG = 1 << 30  # the actor relays every event; the hive's subscribers do their own skipping
+
+
+# --- the private cluster -------------------------------------------------------------------
+
+def private_cluster_options(token_dir: str | None = None) -> dict[str, Any]:
+    """``ray.init`` options for the cluster the hive starts itself (no ``ray_address``), and its token.
+
+    Anyone who can reach a Ray cluster's ports can run code on it as the server's user. So
+    the private one listens on the loopback address only, starts no dashboard (an HTTP API
+    that submits jobs), and requires Ray's token authentication (``RAY_AUTH_MODE=token``,
+    Ray >= 2.40) with a fresh token in a file only this user can read, whose path
+    (``RAY_AUTH_TOKEN_PATH``) the raylet and actors inherit. Workers started by the local
+    pool never get it (see :mod:`~rbee_jupyter.worker.environment`). A cluster named by
+    ``c.RbeeApp.ray_address`` is someone else's to secure: docs/cluster.md says what it needs.
+    """
+    folder = tempfile.mkdtemp(prefix="rbee-ray-auth-", dir=token_dir)  # mode 0700
+    path = os.path.join(folder, "auth_token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # would win over the file
+    return {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}
 
 
 # --- inside the actor ---------------------------------------------------------------------
@@ -239,7 +265,8 @@ class RayPool(Pool):
         """Connect to the cluster (a thread: ray.init takes seconds, the server must not wait)."""
         try:
             if not ray.is_initialized():
-                ray.init(address=self.ray_address, namespace=self.namespace, log_to_driver=False)
+                private = {} if self.ray_address else private_cluster_options()
+                ray.init(address=self.ray_address, namespace=self.namespace, log_to_driver=False, **private)
                 self._owns_ray = True
         except BaseException as exc:  # noqa: BLE001 - reported to every request that needs the cluster
             log.error("rbee: cannot connect to the Ray cluster at %s: %s", self.ray_address or "(local)", exc)

@@ -10,6 +10,7 @@ from traitlets import Bool, Dict, Enum, Float, Int, List, Set, TraitError, Type,
 
 from .. import __version__
 from ..core.hive import Hive, HiveConfig
+from ..core.limits import UserLimits
 from ..core.paths import default_cache_dir, default_catalog_path
 from ..pools.local import LocalProcessPool, Pool
 from .handlers import handlers
@@ -262,6 +263,30 @@ class RbeeApp(ExtensionApp):
              "is never used for users' requests. Ignored outside service_mode.",
     )
 
+    max_user_workers = Int(
+        4, config=True,
+        help="In service_mode, most workers one user (not an admin) may have loading or loaded at once, "
+             "external engines included; one more is refused with 429 USER_LIMIT. 0: no cap. Default 4.",
+    )
+
+    max_user_downloads = Int(
+        2, config=True,
+        help="In service_mode, most downloads one user (not an admin) may have running at once (joining a "
+             "download already running is free); one more is refused with 429 USER_LIMIT. 0: no cap. Default 2.",
+    )
+
+    max_user_streams = Int(
+        8, config=True,
+        help="In service_mode, most generations one user (not an admin) may have streaming at once, OpenAI "
+             "routes included; one more is refused with 429 USER_LIMIT. 0: no cap. Default 8.",
+    )
+
+    max_user_jobs = Int(
+        100, config=True,
+        help="In service_mode, most finished jobs (with their events, for late readers) kept per user; beyond "
+             "it that user's oldest are forgotten before job_retention_s. 0: no cap. Default 100.",
+    )
+
     def _jupyter_server_config(self) -> dict:
         """Server settings when launched as `jupyter rbee`: in service mode, the hub's auth and address."""
         config = super()._jupyter_server_config()
@@ -355,6 +380,8 @@ class RbeeApp(ExtensionApp):
             engine_timeout_s=self.engine_timeout_s, engine_health_interval_s=self.engine_health_interval_s,
             engine_registration=self.engine_registration, engine_url_patterns=tuple(self.engine_url_patterns),
             engine_allowed_networks=tuple(self.engine_allowed_networks),
+            user_limits=UserLimits(workers=self.max_user_workers, downloads=self.max_user_downloads,
+                                   streams=self.max_user_streams, kept_jobs=self.max_user_jobs),
             pool_options={name: getattr(self, name) for name in self.pool_class.app_traits},
         )
         self.hive = Hive(config)
@@ -385,7 +412,7 @@ class RbeeApp(ExtensionApp):
         from ..core.feed import ensure_feed
         from ..kernel.kernel_env import publish
 
-        publish(serverapp)
+        publish(serverapp, with_token=not self.service_mode)  # a shared hive's token stays in the server
         ensure_feed(self.hive)  # from now on, so resuming clients find what happened
         self.hive.pool.warm_up()  # e.g. the spare worker's imports, while the user opens a notebook
         for entry in self.engines:  # registered in the background: an engine that is down shows as failed

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoadingTimeout, RbeeError, WorkerDied
+from .environment import worker_env
 from .protocol import SECRET_ENV, SPARE_ENV, SPARE_READY, WorkerConfig, describe_exit
 
 __all__ = ["WorkerProcess", "child_worker_pids"]
@@ -61,7 +62,7 @@ class WorkerProcess:
         the stdin lifeline (a spare: through EOF on stdin while it waits).
         """
         secret = secrets.token_urlsafe(32)
-        full_env = {**os.environ, **(env or {}), SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}
+        full_env = {**worker_env(env), SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}  # no secret of the server
         if spare:
             full_env[SPARE_ENV] = "1"
         try:

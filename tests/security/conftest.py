@@ -31,6 +31,9 @@ ALICE_HF = "hf_alice_" + secrets.token_hex(8)
 SERVER_HF = "hf_server_" + secrets.token_hex(8)
 PUBLIC = "sec/public"
 GATED = "sec/gated"
+SERVER_SECRETS = {"HF_TOKEN": SERVER_HF, "JPY_API_TOKEN": "jpy_" + secrets.token_hex(8),
+                  "OPENAI_API_KEY": "sk-" + secrets.token_hex(8), "AWS_SECRET_ACCESS_KEY": secrets.token_hex(12)}
+"""What the server's environment holds and no worker or kernel may see."""
 USERS = {"alice": False, "bob": False, "admin": False}  # admin is one by admin_users
 PROMPT = "Once upon a time"
 
@@ -57,9 +60,10 @@ class Team:
     def headers(self, user: str) -> dict[str, str]:
         return {"Authorization": f"token {self.tokens[user]}"}
 
-    def http(self, user: str, **kw) -> httpx.Client:
-        """A blocking client of ``user`` rooted at ``…/rbee/`` (close it, or use it in ``with``)."""
-        return httpx.Client(base_url=self.server.url + "rbee/", headers=self.headers(user), timeout=60, **kw)
+    def http(self, user: str, *, root: bool = False) -> httpx.Client:
+        """A blocking client of ``user`` rooted at ``…/rbee/`` (``root``: at the server's base URL)."""
+        return httpx.Client(base_url=self.server.url + ("" if root else "rbee/"), headers=self.headers(user),
+                            timeout=60)
 
     @contextlib.asynccontextmanager
     async def clients(self) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
@@ -126,23 +130,33 @@ def security_hub(rbee_hub_session: HubServer, rbee_tiny_model: Path) -> Iterator
     rbee_hub_session.token = saved
 
 
-@pytest.fixture(scope="package")
-def team(security_hub: HubServer, rbee_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
-    """The service-mode server shared by the package (see the module docstring)."""
-    folder = tmp_path_factory.mktemp("security")
-    (folder / "allowed").mkdir()
-    shutil.copytree(rbee_tiny_model, folder / "allowed" / "tiny")
+def start_team(folder: Path, hub: HubServer, model: Path, *, env: dict[str, str] | None = None,
+               **rbee) -> tuple[ServerProcess, Team]:
+    """A service-mode server for alice, bob and admin in ``folder`` (not started: use it in ``with``).
+
+    ``rbee`` adds or overrides ``c.RbeeApp`` settings (e.g. small per-user caps for one module).
+    """
+    (folder / "allowed").mkdir(parents=True, exist_ok=True)
+    if not (folder / "allowed" / "tiny").exists():
+        shutil.copytree(model, folder / "allowed" / "tiny")
     tokens = {name: secrets.token_hex(16) for name in USERS}
     users = {tokens[n]: {"name": n, "admin": admin} for n, admin in USERS.items()}
     settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
-                "hub_endpoint": security_hub.url, "sse_keepalive_s": 0.5, "download_retries": 2,
+                "hub_endpoint": hub.url, "sse_keepalive_s": 0.5, "download_retries": 2,
                 "download_backoff_s": 0.05, "hf_token": SERVER_HF, "service_mode": True,
                 "admin_users": ["admin"], "allowed_local_dirs": [str(folder / "allowed")],
                 # users may register engines, and reach [::1] (where the tests' engines listen), nothing else private
-                "engine_registration": "users", "engine_allowed_networks": ["::1/128"]}
-    server = ServerProcess(folder, rbee=settings, env={"HF_TOKEN": SERVER_HF},
+                "engine_registration": "users", "engine_allowed_networks": ["::1/128"], **rbee}
+    server = ServerProcess(folder, rbee=settings, env={**SERVER_SECRETS, **(env or {})},
                            config={"TokenUsersIdentityProvider": {"users": users}},
                            server={"identity_provider_class":
                                    "rbee_jupyter.testing.identity.TokenUsersIdentityProvider"})
+    return server, Team(server, hub, folder, tokens, model)
+
+
+@pytest.fixture(scope="package")
+def team(security_hub: HubServer, rbee_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
+    """The service-mode server shared by the package (see the module docstring)."""
+    server, made = start_team(tmp_path_factory.mktemp("security"), security_hub, rbee_tiny_model)
     with server:
-        yield Team(server, security_hub, folder, tokens, rbee_tiny_model)
+        yield made
