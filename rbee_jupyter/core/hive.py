@@ -565,6 +565,7 @@ class Hive:
         worker = self.visible_worker(worker_id, principal)
         self._share_check(principal, engine=getattr(worker, "backend", None) == "openai", owner=worker.owner)
         (self._shared.add if shared else self._shared.discard)(worker_id)
+        self._feed("worker", {"action": "shared" if shared else "unshared", "worker": worker.to_dict()})
         return self.worker_view(worker, principal)
 
     def _register_engine(self, spec: EngineSpec, *, owner: str | None, shared: bool = False) -> Job:
