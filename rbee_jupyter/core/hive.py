@@ -320,6 +320,10 @@ class Hive:
         """Whether ``principal`` may see ``worker`` at all (in full or, when shared, its public view)."""
         return not self.config.service_mode or may_see(principal, worker.owner, shared=worker.id in self._shared)
 
+    def may_see_all_of(self, principal: Principal | None, worker: WorkerInfo) -> bool:
+        """Whether ``principal`` sees ``worker`` in full (its URL, failure text): its owner or an admin."""
+        return not self.config.service_mode or may_control(principal, worker.owner)
+
     def is_shared(self, worker_id: str | None) -> bool:
         """Whether the owner or an admin shared this worker with every user."""
         return worker_id in self._shared
@@ -327,7 +331,7 @@ class Hive:
     def worker_view(self, worker: WorkerInfo, principal: Principal | None) -> dict[str, Any]:
         """A worker as ``principal`` sees it: in full (theirs, or an admin), else its public view."""
         info = {**worker.to_dict(), "shared": worker.id in self._shared}
-        if not self.config.service_mode or may_control(principal, worker.owner):
+        if self.may_see_all_of(principal, worker):
             return info
         return public_worker(info)
 
@@ -692,7 +696,7 @@ class Hive:
         """The registry's view plus the worker's live counters (``tokens_computed``, queue); other users
         see a shared worker's public view only."""
         worker = self.visible_worker(worker_id, principal)
-        if self.config.service_mode and not may_control(principal, worker.owner):
+        if not self.may_see_all_of(principal, worker):
             return self.worker_view(worker, principal)
         info = self.worker_view(worker, principal)
         if info.get("backend") == "openai":
@@ -766,7 +770,7 @@ class Hive:
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
             worker = self.visible_worker(worker_id, principal)
             if worker.state not in ("idle", "busy"):
-                why = f" ({worker.exit_reason})" if worker.exit_reason else ""
+                why = f" ({worker.exit_reason})" if worker.exit_reason and self.may_see_all_of(principal, worker) else ""
                 raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
             if not self.may_use_worker(principal, worker):

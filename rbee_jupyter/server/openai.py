@@ -77,7 +77,7 @@ class OpenAIHandler(RbeeHandler):
                 return w.id
         for w in workers:  # there, but not usable: say why rather than "not loaded"
             if model in _names(w):
-                why = f" ({w.exit_reason})" if w.exit_reason else ""
+                why = f" ({w.exit_reason})" if w.exit_reason and self.hive.may_see_all_of(principal, w) else ""
                 raise Conflict(f"The model {model!r} (worker {w.id}) is {w.state}{why}.",
                                details={"field": "model", "worker_id": w.id, "state": w.state})
         raise ModelNotFound(f"The model {model!r} is not loaded. Load it first (POST rbee/v1/workers or "

@@ -327,3 +327,18 @@ async def test_bob_cannot_read_alices_streams_or_workers_by_id(team, alice_worke
         finally:
             assert (await alice.patch(f"v1/workers/{alice_worker}", json={"shared": False})).status_code == 200
         error_of(await bob.get(f"v1/workers/{alice_worker}"), 404, "WORKER_NOT_FOUND")
+
+
+def test_sharing_is_asked_for_explicitly_and_engines_only_by_admins(team, listener, alice_worker):
+    with team.http("bob") as bob, team.http("alice") as alice:
+        before = bob.get("v1/workers").json()["workers"]
+        error = error_of(bob.post("v1/workers", json={"model_ref": f"hf:{PUBLIC}", "shared": "yes"}),
+                         400, "INVALID_REQUEST")
+        assert error["details"] == {"field": "shared"}
+        error = error_of(register(bob, listener, shared=True), 403, "ACCESS_DENIED")
+        assert "Only an administrator may share an engine" in error["message"]
+        assert bob.get("v1/workers").json()["workers"] == before and listener.seen == []
+        for body in ({"shared": 1}, {"shared": True, "owner": "bob"}, {}):
+            error = error_of(alice.patch(f"v1/workers/{alice_worker}", json=body), 400, "INVALID_REQUEST")
+            assert error["details"]["field"] in ("shared", "owner"), error
+        assert alice.get(f"v1/workers/{alice_worker}").json()["shared"] is False
