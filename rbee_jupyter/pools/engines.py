@@ -43,7 +43,6 @@ from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnre
 from ..events import DONE, InferenceEnd, InferenceStarted, Ready, Token
 from ..core.egress import EgressPolicy
 from ..core.jobs import Job
-from ..core.refs import parse_ref
 from .local import Pool, WorkerInfo, _snapshot
 from ..sse_client import SSEParser
 
@@ -614,21 +613,11 @@ def _quote(e: _Engine, said: str) -> str:
 
 
 def engine_aliases(info: WorkerInfo) -> list[str]:
-    """The names an engine worker answers to besides its id: its own name, and its model's name on
-    the engine unless that reads as a model ref (``org/repo``, ``hf:…``, a path), which it must not shadow."""
-    name, model = getattr(info, "name", None), getattr(info, "model", None)
-    return [n for n in (name, model if model and not _looks_like_ref(model) else None) if n]
-
-
-def _looks_like_ref(text: str) -> bool:
-    """A model ref, or the ``org/repo`` name the OpenAI routes give a hub model."""
-    for candidate in (text, f"hf:{text}"):
-        try:
-            parse_ref(candidate)
-            return True
-        except RbeeError:
-            continue
-    return text.startswith(("hf:", "file:"))
+    """The names an engine worker answers to besides its id and ref: its own name, and its model's
+    name on the engine (e.g. vLLM's ``meta-llama/Llama-3.1-8B``, which clients use as the OpenAI
+    ``model``). Routing ranks a match by the engine's model after the caller's own workers and
+    after workers that really hold that hub model (``Hive.route``, the OpenAI routes)."""
+    return [n for n in (getattr(info, "name", None), getattr(info, "model", None)) if n]
 
 
 def _message(r: httpx.Response) -> str:

@@ -41,8 +41,7 @@ def _model_id(ref: str) -> str:
 def _names(w: Any) -> list[str]:
     """Every ``model`` a worker answers to; the first is the one ``GET models`` lists.
 
-    An external engine answers to its configured name and its model's name on the engine
-    (unless that reads as a model ref: ``engine_aliases``).
+    An external engine answers to its configured name and its model's name on the engine.
     """
     return [*engine_aliases(w), _model_id(w.model_ref), w.model_ref, w.id]
 
@@ -71,8 +70,12 @@ class OpenAIHandler(RbeeHandler):
         principal = self.principal
         workers = [w for w in self.hive.pool.list() if self.hive.may_use_worker(principal, w)]
         ready = [w for w in workers if w.state in ("idle", "busy")]
-        mine = principal.name if principal is not None else None  # the caller's own workers first
-        for w in sorted(ready, key=lambda w: (w.owner != mine, w.state != "idle", w.last_used)):
+        mine = principal.name if principal is not None else None
+
+        def rank(w: Any) -> tuple:  # the caller's own first; a real holder of the model before an engine so named
+            by_alias = model in engine_aliases(w) and model != _model_id(w.model_ref)
+            return (w.owner != mine, by_alias, w.state != "idle", w.last_used)
+        for w in sorted(ready, key=rank):
             if model in _names(w):
                 return w.id
         for w in workers:  # there, but not usable: say why rather than "not loaded"

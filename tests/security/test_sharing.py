@@ -342,3 +342,26 @@ def test_sharing_is_asked_for_explicitly_and_engines_only_by_admins(team, listen
             error = error_of(alice.patch(f"v1/workers/{alice_worker}", json=body), 400, "INVALID_REQUEST")
             assert error["details"]["field"] in ("shared", "owner"), error
         assert alice.get(f"v1/workers/{alice_worker}").json()["shared"] is False
+
+
+async def test_a_shared_engine_that_calls_its_model_like_a_hub_model_comes_after_real_workers(team, alice_worker,
+                                                                                              listener):
+    engine = registered(team, "admin", listener, shared=True)  # serves "sec/public", by the engine's word
+    async with team.clients() as c:
+        assert (await c["alice"].patch(f"v1/workers/{alice_worker}", json={"shared": True})).status_code == 200
+        try:
+            # When bob, who holds nothing himself, asks for sec/public by its OpenAI name
+            for _ in range(3):
+                r = await c["bob"].post("openai/v1/completions", json={"model": PUBLIC, "prompt": PROMPT,
+                                                                       "max_tokens": 3})
+                assert r.status_code == 200, r.text
+                # Then the worker that really holds it answers, not the engine that only says so
+                assert r.json()["choices"][0]["text"] != EVIL
+            assert listener.prompts() == []
+            # The engine still answers to its model's name where nothing else holds it (alice's unshared)
+            assert (await c["alice"].patch(f"v1/workers/{alice_worker}", json={"shared": False})).status_code == 200
+            r = await c["bob"].post("openai/v1/completions", json={"model": PUBLIC, "prompt": PROMPT})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == EVIL
+        finally:
+            await c["alice"].patch(f"v1/workers/{alice_worker}", json={"shared": False})
+            assert (await c["admin"].delete(f"v1/workers/{engine}")).status_code == 204
