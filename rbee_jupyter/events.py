@@ -1,4 +1,4 @@
-"""Event types (the JSON of DESIGN.md) and their Server-Sent Events framing.
+"""Event types (the JSON the README's "The events of a stream" shows) and their SSE framing.
 
 Events are small frozen dataclasses so that producers cannot get a field name wrong;
 ``to_dict`` gives the wire JSON. Progress events are *skippable*: a subscriber that
@@ -40,6 +40,8 @@ class DownloadProgress(Event):
     files_done: int = 0
     files_total: int = 0
     file: str | None = None
+    files_active: dict[str, int] | None = None
+    """Per-file detail: bytes on disk of each file being fetched now (files run in parallel)."""
     stage: Literal["downloading"] = "downloading"
 
     def to_dict(self) -> dict[str, Any]:

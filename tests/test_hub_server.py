@@ -119,7 +119,7 @@ def test_snapshot_download_is_byte_identical_and_loads(hub: HubServer, tmp_path:
     for name in served:
         assert (local / name).read_bytes() == (folder / name).read_bytes(), name
     assert len(list(local.glob("*.safetensors"))) == (1 if shard is None else 5)
-    # The order DESIGN.md relies on: info by branch, tree by sha, then HEAD/GET on resolve by sha.
+    # The order huggingface_hub calls in: info by branch, tree by sha, then HEAD/GET on resolve by sha.
     assert hub.requests[0].path == f"/api/models/{REPO}/revision/main"
     assert hub.requests[1].path.startswith(f"/api/models/{REPO}/tree/{sha}?recursive=true")
     assert {r.method for r in hub.requests[2:]} == {"HEAD", "GET"}
@@ -357,3 +357,48 @@ def test_chunk_delay_with_the_real_client(hub: HubServer, tmp_path: Path, blob_r
     assert elapsed >= 3 * 0.05  # three pauses between four chunks; no upper bound on a shared machine
     assert len(hub.file_gets(REPO, "four_chunks.bin")) == 1
     assert hub.bytes_served(REPO, "four_chunks.bin") == 4 * CHUNK_SIZE
+
+
+# --------------------------------------------------------------------------- the network's shape
+
+def test_a_connection_cap_paces_each_response(hub: HubServer, blob_repo: dict[str, bytes]) -> None:
+    data = blob_repo["small.bin"]  # 1 MiB
+    hub.faults.connection_rate_bps = 4 * MiB
+    started = time.monotonic()
+    clients = [_BackgroundGet(hub, f"/{REPO}/resolve/main/small.bin") for _ in range(2)]
+    for c in clients:
+        c.join(30)
+    elapsed = time.monotonic() - started
+    assert all(c.body == data for c in clients)
+    # each response alone is capped (the burst is one chunk); two at once are not slower than one
+    assert elapsed >= (len(data) - CHUNK_SIZE) / (4 * MiB)  # no upper bound on a shared machine
+
+
+def test_a_link_cap_is_shared_by_every_connection(hub: HubServer, blob_repo: dict[str, bytes]) -> None:
+    data = blob_repo["small.bin"]
+    hub.faults.link_rate_bps = 8 * MiB
+    started = time.monotonic()
+    clients = [_BackgroundGet(hub, f"/{REPO}/resolve/main/small.bin") for _ in range(4)]
+    for c in clients:
+        c.join(30)
+    elapsed = time.monotonic() - started
+    assert all(c.body == data for c in clients)
+    assert elapsed >= (4 * len(data) - CHUNK_SIZE) / (8 * MiB)  # 4 MiB through an 8 MiB/s link
+
+
+def test_a_hub_that_ignores_ranges_answers_the_whole_file(hub: HubServer, blob_repo: dict[str, bytes]) -> None:
+    hub.faults.ignore_range = True
+    status, headers, body = _get(hub, f"/{REPO}/resolve/main/small.bin", {"Range": "bytes=100-199"})
+    assert status == 200 and body == blob_repo["small.bin"]
+    assert "Accept-Ranges" not in headers and "Content-Range" not in headers
+
+
+def test_hostile_answers_rename_what_the_tree_and_info_announce(hub: HubServer, blob_repo: dict[str, bytes]) -> None:
+    hub.faults.announce_commit = "../../x"
+    hub.faults.announce_paths = {"small.bin": "../small.bin"}
+    hub.faults.announce_oids = {"big.safetensors": "../blob", "config.json": "f" * 40}
+    api = HfApi(endpoint=hub.url, token=False)
+    assert api.model_info(REPO).sha == "../../x"
+    tree = {e.path: e for e in api.list_repo_tree(REPO, recursive=True)}
+    assert "../small.bin" in tree and "small.bin" not in tree
+    assert tree["big.safetensors"].lfs.sha256 == "../blob" and tree["config.json"].blob_id == "f" * 40

@@ -20,7 +20,7 @@ from typing import Any
 from .catalog import Catalog, CatalogEntry
 from .confine import check_folder, remove_snapshot
 from .limits import UserLimits, check_cap
-from ..hub.download import Downloader
+from ..hub.download import Downloader, partial_bytes
 from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, JobNotFound,
                      ModelNotFound, ModelNotLoaded, RbeeError, WorkerNotFound)
@@ -48,6 +48,8 @@ class HiveConfig:
     download_stall_s: float = 60.0
     download_retries: int = 6
     download_backoff_s: float = 0.5
+    download_connections: int = 8
+    download_segment_mb: float = 8.0
     max_concurrent_downloads: int = 2
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0
@@ -147,7 +149,8 @@ class Hive:
         self.downloader = Downloader(
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
             stall_s=config.download_stall_s, retries=config.download_retries,
-            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
+            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20,
+            connections=config.download_connections, segment_bytes=int(config.download_segment_mb * 2**20))
         self._download_slots: asyncio.Semaphore | None = None
         # Transfers block a thread for their whole length: they get threads of their own, so
         # that many downloads never starve asyncio's small default pool (6 threads on 2 cores),
@@ -410,10 +413,9 @@ class Hive:
         running = {job.meta.get("repo_id") for job in self.jobs.list("download") if not job.state.finished}
         out = []
         for repo_id, path in self.downloader.partial_files():
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:  # finished or removed since the listing
+            if not path.exists():  # finished or removed since the listing
                 continue
+            size = partial_bytes(path)  # a segmented file is full-length: its table says what it holds
             if repo_id not in running:
                 out.append({"repo_id": repo_id, "file": path.name, "bytes": size, "path": str(path)})
         return out
