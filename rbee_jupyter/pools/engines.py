@@ -321,7 +321,9 @@ class OpenAIEnginePool(Pool):
             self._notify("failed", e.info)
         if e.streams:
             cut = type(error)(f"The engine stopped answering during the generation: {error.message}",
-                              details=error.details)
+                              details=error.details) if e.quote else type(error)(
+                f"The engine {_at(e)} stopped answering during the generation ({error.code}).",
+                details={"worker_id": e.info.id})
             for job, task in list(e.streams.items()):
                 job.fail(cut)
                 if task is not asyncio.current_task():
@@ -432,7 +434,7 @@ class OpenAIEnginePool(Pool):
 
     def _stalled(self, e: _Engine) -> InferenceStalled:
         return InferenceStalled(
-            f"The engine at {e.spec.url} sent nothing for {self.inference_stall_s:g} s; the request was closed. "
+            f"The engine {_at(e)} sent nothing for {self.inference_stall_s:g} s; the request was closed. "
             "Raise c.RbeeApp.inference_stall_s if it legitimately takes this long.",
             details={"worker_id": e.info.id, "stall_s": self.inference_stall_s})
 
@@ -443,10 +445,10 @@ class OpenAIEnginePool(Pool):
         the engine) with the probe's error; what is returned then only reaches the log.
         """
         if await self._check(e) is None and e.info.state == "failed":
-            return EngineUnreachable(f"The engine at {e.spec.url} stopped answering during the generation ({what}).",
-                                     details={"worker_id": e.info.id, "url": e.spec.url})
-        return EngineError(f"The engine at {e.spec.url} broke off the stream ({what}) but still answers; try again.",
-                           details={"worker_id": e.info.id, "url": e.spec.url})
+            return EngineUnreachable(f"The engine {_at(e)} stopped answering during the generation ({what}).",
+                                     details=_where(e))
+        return EngineError(f"The engine {_at(e)} broke off the stream ({what}) but still answers; try again.",
+                           details=_where(e))
 
     def _set_busy(self, e: _Engine) -> None:
         if e.info.state not in ("idle", "busy"):
@@ -557,13 +559,13 @@ def _chunk(e: _Engine, data: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:
-        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not JSON: {_quote(e, repr(data[:200]))}.",
+        raise EngineError(f"The engine {_at(e)} sent a stream chunk that is not JSON: {_quote(e, repr(data[:200]))}.",
                           details={"worker_id": e.info.id}) from None
     if not isinstance(chunk, dict):
-        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not an object.",
+        raise EngineError(f"The engine {_at(e)} sent a stream chunk that is not an object.",
                           details={"worker_id": e.info.id})
     if chunk.get("error"):
-        raise EngineError(f"The engine at {e.spec.url} failed during the generation: {_quote(e, _error_text(chunk))}.",
+        raise EngineError(f"The engine {_at(e)} failed during the generation: {_quote(e, _error_text(chunk))}.",
                           details={"worker_id": e.info.id})
     return chunk
 
@@ -600,6 +602,16 @@ def _error_text(data: Any) -> str:
     return str(data)[:500]
 
 
+def _at(e: _Engine) -> str:
+    """How a generation's errors name the engine: by URL, or on a shared server (where a shared
+    engine's streams reach users who may not see its URL) by its name or worker id."""
+    return f"at {e.spec.url}" if e.quote else (e.info.name or e.info.id)
+
+
+def _where(e: _Engine) -> dict[str, Any]:
+    return {"worker_id": e.info.id, "url": e.spec.url} if e.quote else {"worker_id": e.info.id}
+
+
 def _quote(e: _Engine, said: str) -> str:
     """What the engine said, for an error message; on a shared server only the log gets it.
 
@@ -630,14 +642,14 @@ def _message(r: httpx.Response) -> str:
 def _refusal(e: _Engine, r: httpx.Response) -> RbeeError:
     """An engine that said no before streaming: the same error class a local worker would give."""
     details = {"worker_id": e.info.id, "engine_status": r.status_code}
-    said = f"the engine at {e.spec.url} answered HTTP {r.status_code}: {_quote(e, _message(r))}"
+    said = f"the engine {_at(e)} answered HTTP {r.status_code}: {_quote(e, _message(r))}"
     if r.status_code in (400, 413, 422):
         return InvalidRequest(f"The request was refused: {said}.", details=details)
     if r.status_code in (401, 403):
         return AccessDenied(f"{said[0].upper()}{said[1:]}; register the engine again with the right api_key.",
                             details=details)
     if r.status_code == 404:
-        return ModelNotFound(f"{said[0].upper()}{said[1:]}; check the model name with GET {e.spec.url}/models.",
+        return ModelNotFound(f"{said[0].upper()}{said[1:]}; check the model name with GET {e.spec.url if e.quote else '…'}/models.",
                              details=details)
     if r.status_code in (429, 503):
         return WorkerBusy(f"The engine is busy ({said}); try again shortly.", details=details)

@@ -214,6 +214,8 @@ async def test_what_an_engine_answers_is_never_quoted_to_users(team):
             error = error_of(r, 400, "INVALID_REQUEST")
             assert "HTTP 422" in error["message"] and "its answer is in the server's log" in error["message"]
             assert secret not in r.text and engine.prompts() == [{**engine.prompts()[0], "prompt": PROMPT}]
+            assert engine.url not in r.text and f"The request was refused: the engine {worker_id} answered" in (
+                error["message"])  # a shared engine's streams reach users who may not see its URL
             assert (await c["bob"].delete(f"v1/workers/{worker_id}")).status_code == 204
     finally:
         engine.close()
