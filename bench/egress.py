@@ -28,9 +28,14 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet  # noqa: E402
+from machine import (
+    MachineLoad,
+    add_machine_options,
+    apply_machine_options,
+    wait_for_quiet,
+)
 
-from rbee_jupyter.core.egress import EgressPolicy  # noqa: E402
+from rbee_jupyter.core.egress import EgressPolicy
 
 
 def engine(tokens: int) -> int:
@@ -52,10 +57,10 @@ def engine(tokens: int) -> int:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             self._send(b'{"object": "list", "data": [{"id": "m"}]}', "application/json")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             self._send(chunk, "text/event-stream")
 

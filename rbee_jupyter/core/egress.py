@@ -26,17 +26,16 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Union
 from urllib.parse import urlsplit
 
 import httpx
 
 from ..errors import UrlNotAllowed
 
-__all__ = ["EgressPolicy", "CheckedTransport", "METADATA_HOSTS"]
+__all__ = ["METADATA_HOSTS", "CheckedTransport", "EgressPolicy"]
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 #: Names of cloud metadata services, refused whatever they resolve to (some resolve only inside the cloud).

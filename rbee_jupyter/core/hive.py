@@ -772,7 +772,8 @@ class Hive:
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
             worker = self.visible_worker(worker_id, principal)
             if worker.state not in ("idle", "busy"):
-                why = f" ({worker.exit_reason})" if worker.exit_reason and self.may_see_all_of(principal, worker) else ""
+                shown = worker.exit_reason if self.may_see_all_of(principal, worker) else None
+                why = f" ({shown})" if shown else ""
                 raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
             if not self.may_use_worker(principal, worker):

@@ -275,7 +275,8 @@ class OpenAIEnginePool(Pool):
             raise AccessDenied(f"The engine at {url} refused the API key (HTTP {r.status_code}): register it again "
                                "with the right api_key.", details=where)
         if r.status_code != 200:
-            raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({_quote(e, _message(r))}); is this the engine's "
+            said = _quote(e, _message(r))
+            raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({said}); is this the engine's "
                               f"OpenAI base URL (e.g. {_EXAMPLE_URL})?", details=where)
         try:
             served = [m["id"] for m in r.json()["data"]]
@@ -649,7 +650,8 @@ def _refusal(e: _Engine, r: httpx.Response) -> RbeeError:
         return AccessDenied(f"{said[0].upper()}{said[1:]}; register the engine again with the right api_key.",
                             details=details)
     if r.status_code == 404:
-        return ModelNotFound(f"{said[0].upper()}{said[1:]}; check the model name with GET {e.spec.url if e.quote else '…'}/models.",
+        listing = f"GET {e.spec.url}/models" if e.quote else "the engine's /models"
+        return ModelNotFound(f"{said[0].upper()}{said[1:]}; check the model name with {listing}.",
                              details=details)
     if r.status_code in (429, 503):
         return WorkerBusy(f"The engine is busy ({said}); try again shortly.", details=details)

@@ -50,11 +50,11 @@ class Listener:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._record(None)
                 self._send(200, json.dumps({"object": "list", "data": [{"id": listener.model}]}).encode())
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
                 self._record(body)
                 if listener.refuse_with is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -66,9 +67,9 @@ def test_an_administrator_opens_a_network_and_sets_url_patterns():
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
-    hosts: list[str] = []
+    hosts: ClassVar[list[str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).hosts.append(self.headers["Host"])
         body = b'{"data": []}'
         self.send_response(200)
