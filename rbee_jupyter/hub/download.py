@@ -44,6 +44,7 @@ from huggingface_hub.file_download import hf_hub_url, repo_folder_name
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from .. import __version__
+from ..core.paths import nearest_existing
 from ..core.refs import ModelRef
 from ..errors import (
     AccessDenied,
@@ -301,8 +302,7 @@ class Downloader:
     def check_disk(self, plan: DownloadPlan) -> None:
         """Refuse before the first byte when the cache's disk cannot hold what is missing."""
         need = sum(f.size - _have(_partial(plan.blob(f)), f.size) for f in plan.files if not plan.blob(f).exists())
-        probe = self.cache_dir if self.cache_dir.exists() else self.cache_dir.parent
-        free = shutil.disk_usage(probe).free - self.disk_reserve_bytes
+        free = shutil.disk_usage(nearest_existing(self.cache_dir)).free - self.disk_reserve_bytes
         if need > free:
             raise InsufficientDisk(
                 f"Not enough disk space in {self.cache_dir}: the download needs {need // 2**20} MB, "
@@ -328,7 +328,7 @@ class Downloader:
                         repo_dir / "refs"]
         if ref.is_gguf:  # imported into <cache>/rbee-gguf/
             folders.append(self.cache_dir / "rbee-gguf")
-        for folder in dict.fromkeys(_nearest_existing(f) for f in folders):
+        for folder in dict.fromkeys(nearest_existing(f) for f in folders):
             _probe_writable(folder)
 
     def partial_files(self) -> list[tuple[str, Path]]:
@@ -867,13 +867,6 @@ def _not_writable(folder: Path, e: OSError) -> CacheNotWritable:
         "c.RbeeApp.cache_dir at a folder this user can write.",
         details={"folder": str(folder), "errno": errno.errorcode.get(e.errno or 0, str(e.errno)),
                  "setting": "c.RbeeApp.cache_dir"})
-
-
-def _nearest_existing(folder: Path) -> Path:
-    """Where writing into ``folder`` happens first: itself, or the parent it will be created in."""
-    while not (folder.exists() or folder.is_symlink()) and folder.parent != folder:
-        folder = folder.parent
-    return folder
 
 
 def _probe_writable(folder: Path) -> None:

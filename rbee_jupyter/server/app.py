@@ -379,6 +379,9 @@ class RbeeApp(ExtensionApp):
     )
 
     def initialize_settings(self) -> None:
+        from .logs import route_package_logs
+
+        self._detach_logs = route_package_logs(self.log)  # e.g. an internal error's traceback
         config = HiveConfig(
             cache_dir=Path(self.cache_dir).expanduser(), catalog_path=Path(self.catalog_path).expanduser(),
             hub_endpoint=self.hub_endpoint or None, hf_token=self.hf_token,
@@ -444,6 +447,7 @@ class RbeeApp(ExtensionApp):
         if isinstance(self.hive.feed, FeedJob):  # its streams end with [DONE] before the server goes
             await self.hive.feed.close()
         await self.hive.stop()
+        self._detach_logs()
 
 
 def main(argv: list[str] | None = None) -> None:

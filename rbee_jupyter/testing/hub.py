@@ -331,7 +331,7 @@ class HubServer:
         error answers do not count)."""
         return sum(r.bytes_sent for r in self.file_gets(repo_id, filename) if r.status in (200, 206))
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
         """Block until ``predicate()`` is true (re-checked on every request event), or timeout.
 
         Tests use it to synchronise with a transfer in flight (e.g. "the GET has stalled")
