@@ -87,6 +87,15 @@ class NotOwner(AccessDenied):
     code = "NOT_OWNER"
 
 
+class UrlNotAllowed(AccessDenied):
+    """In service mode: the server may not open this URL for this user (``core/egress.py``).
+
+    Loopback, link-local, private and metadata addresses, and URLs outside
+    ``c.RbeeApp.engine_url_patterns``, stay closed unless an administrator opened them.
+    """
+    code = "URL_NOT_ALLOWED"
+
+
 # --- not found (404) -----------------------------------------------------------------
 
 class NotFound(RbeeError, LookupError):

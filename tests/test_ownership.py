@@ -140,10 +140,13 @@ async def load(client, ref, *, headers=None):
 async def test_only_the_owner_or_an_admin_cancels_a_download(team, rbee_hub):
     rbee_hub.faults.chunk_delay_s = 0.1  # a few seconds per download: time to try to cancel it
     async with clients(team) as c:
-        # When bob tries to cancel alice's download while it runs
+        # When bob, who joined alice's download (one transfer, many watchers), tries to cancel it while it runs
         download_id = (await start_download(c["alice"], f"hf:{PUBLIC[0]}")).json()["download_id"]
-        stream, refused = await watch_download(
-            c["alice"], download_id, on_first_bytes=lambda: c["bob"].delete(f"v1/models/download/{download_id}"))
+
+        async def join_and_cancel():
+            assert (await start_download(c["bob"], f"hf:{PUBLIC[0]}")).json()["download_id"] == download_id
+            return await c["bob"].delete(f"v1/models/download/{download_id}")
+        stream, refused = await watch_download(c["alice"], download_id, on_first_bytes=join_and_cancel)
 
         # Then he is told whose it is, and her download goes on to the end
         error = error_of(refused, 403, "NOT_OWNER")
@@ -167,19 +170,23 @@ async def test_only_the_owner_or_an_admin_cancels_a_download(team, rbee_hub):
 async def test_workers_and_generations_belong_to_who_started_them(team):
     async with clients(team) as c:
         worker_id = await load(c["alice"], f"file://{team.allowed}/tiny")
-        (listed,) = [w for w in (await c["bob"].get("v1/workers")).json()["workers"] if w["id"] == worker_id]
-        assert listed["owner"] == "alice"
+        (listed,) = [w for w in (await c["alice"].get("v1/workers")).json()["workers"] if w["id"] == worker_id]
+        assert listed["owner"] == "alice" and listed["shared"] is False
+        assert worker_id not in (await c["bob"].get("v1/workers")).text  # not shared: not his to see
 
-        # bob may use the loaded model (that is what sharing a hive is for) ...
+        # Once alice shares it, bob sees it (without its owner) and may use it ...
+        assert (await c["alice"].patch(f"v1/workers/{worker_id}", json={"shared": True})).status_code == 200
+        (listed,) = [w for w in (await c["bob"].get("v1/workers")).json()["workers"] if w["id"] == worker_id]
+        assert listed["shared"] is True and "owner" not in listed
         short = {"worker_id": worker_id, "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
         stream, _ = await generate(c["bob"], short)
         assert stream.events[-1]["type"] == "end" and stream.done
 
-        # ... but not stop alice's generation: it runs to its end
+        # ... but not stop alice's generation (nor learn that it exists): it runs to its end
         long = {**short, "max_tokens": 300}
         stream, refused = await generate(c["alice"], long,
                                          on_first_token=lambda i: c["bob"].delete(f"v1/inference/{i}"))
-        assert "belongs to alice" in error_of(refused, 403, "NOT_OWNER")["message"]
+        error_of(refused, 404, "JOB_NOT_FOUND")
         end = stream.events[-1]
         assert end["type"] == "end" and end["stop_reason"] == "length" and end["total_tokens"] == 300
         assert stream.done
@@ -290,8 +297,12 @@ async def test_a_users_hub_token_serves_only_that_user(team, rbee_hub):
         assert [x for x in rbee_hub.requests if x.method == "GET" and "/resolve/" in x.path] == gets
         seen += [r.text, json.dumps(proved.events)]
 
-        # alice loads it without sending her token again (she owns it); bob may not use her worker
+        # alice loads it without sending her token again (she owns it); bob may not use her worker,
+        # not even once she shared it
         worker_id = await load(c["alice"], ref)
+        r = await c["bob"].post("v1/inference", json={"worker_id": worker_id, "prompt": PROMPT, "max_tokens": 2})
+        error_of(r, 404, "WORKER_NOT_FOUND")
+        assert (await c["alice"].patch(f"v1/workers/{worker_id}", json={"shared": True})).status_code == 200
         r = await c["bob"].post("v1/inference", json={"worker_id": worker_id, "prompt": PROMPT, "max_tokens": 2})
         assert "gated or private" in error_of(r, 403, "ACCESS_DENIED")["message"]
         r = await c["bob"].post("v1/inference", json={"model_ref": ref, "prompt": PROMPT, "max_tokens": 2})

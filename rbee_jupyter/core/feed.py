@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..events import FeedEvent, dumps, sse_event
 from .jobs import Job, JobState, Record, Subscription
-from .owners import ANYONE
+from .owners import ANYONE, Principal, may_control, public_worker
 
 if TYPE_CHECKING:
     from .hive import Hive
@@ -162,20 +162,28 @@ class FeedJob(Job):
 
     # --- consuming ----------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """The whole current state, as one ``snapshot`` event's fields."""
+    def snapshot(self, principal: Principal | None = None) -> dict[str, Any]:
+        """The whole current state, as one ``snapshot`` event's fields (as ``principal`` may see it)."""
         hive = self.hive
-        return {"devices": hive.devices(), "models": hive.models(principal=ANYONE), "workers": hive.workers(),
-                "jobs": [_summary(j) for j in hive.jobs.list() if not j.state.finished and j is not self]}
+        return {"devices": hive.devices(), "models": hive.models(principal=ANYONE),
+                "workers": hive.workers(principal),
+                "jobs": [_summary(j) for j in hive.jobs.list()
+                         if not j.state.finished and j is not self and hive.sees_job(principal, j)]}
 
-    def subscribe(self, *, last_event_id: int | None = None, max_lag: int = 256) -> FeedSubscription:  # type: ignore[override]
+    def view(self, principal: Principal | None) -> FeedView:
+        """The feed as ``principal`` may see it (what ``GET v1/events`` streams)."""
+        return FeedView(self, principal)
+
+    def subscribe(self, *, last_event_id: int | None = None, max_lag: int = 256,  # type: ignore[override]
+                  principal: Principal | None = None) -> FeedSubscription:
         oldest = self.window[0].id if self.window else self.last_id + 1
+        seen = None if not self.hive.config.service_mode or principal is None or principal.admin else principal
         if last_event_id is not None and oldest - 1 <= last_event_id <= self.last_id:
-            sub = FeedSubscription(self, cursor=last_event_id, first=None)
+            sub = FeedSubscription(self, cursor=last_event_id, first=None, principal=seen)
         else:  # a newcomer, or one whose place fell out of the window
-            data = dumps(FeedEvent(topic="snapshot", data=self.snapshot()))
+            data = dumps(FeedEvent(topic="snapshot", data=self.snapshot(principal)))
             first = Record(self.last_id, None, data, sse_event(self.last_id, data))  # type: ignore[arg-type]
-            sub = FeedSubscription(self, cursor=self.last_id, first=first)
+            sub = FeedSubscription(self, cursor=self.last_id, first=first, principal=seen)
         self.subscriptions.add(sub)
         self._subscribers_changed()
         return sub
@@ -207,18 +215,46 @@ class FeedJob(Job):
             await asyncio.gather(self._devices_task, return_exceptions=True)
 
 
-class FeedSubscription(Subscription):
-    """A cursor (the last id sent) into the feed's window, read like any ``Subscription``."""
+class FeedView:
+    """The feed seen by one user: what ``stream_job`` subscribes to (everything else is the feed's)."""
 
-    def __init__(self, feed: FeedJob, *, cursor: int, first: Record | None) -> None:
+    def __init__(self, feed: FeedJob, principal: Principal | None) -> None:
+        self.feed, self.principal = feed, principal
+
+    def subscribe(self, *, last_event_id: int | None = None, max_lag: int = 256) -> FeedSubscription:
+        return self.feed.subscribe(last_event_id=last_event_id, max_lag=max_lag, principal=self.principal)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.feed, name)
+
+
+class FeedSubscription(Subscription):
+    """A cursor (the last id sent) into the feed's window, read like any ``Subscription``.
+
+    With a ``principal`` (a user who is not an admin, in service mode) it reads only what that
+    user may see: their own jobs (others' carry prompts, generated text, gated repo names),
+    their own workers, and other users' shared workers without URLs or owners.
+    """
+
+    def __init__(self, feed: FeedJob, *, cursor: int, first: Record | None,
+                 principal: Principal | None = None) -> None:
         super().__init__(feed, cursor, max_lag=1)
         self.first = first
         self.ended = False
+        self.principal = principal
 
     def _next_ready(self) -> Record | None:
         if self.first is not None:
             record, self.first = self.first, None
             return record
+        while (record := self._next_record()) is not None:
+            if self.principal is None:
+                return record
+            if (seen := _as_seen(self.job.hive, self.principal, record)) is not None:  # type: ignore[attr-defined]
+                return seen
+        return None
+
+    def _next_record(self) -> Record | None:
         feed: FeedJob = self.job  # type: ignore[assignment]
         window = feed.window
         if not window or self.cursor >= feed.last_id:
@@ -237,6 +273,25 @@ class FeedSubscription(Subscription):
     def _detach(self) -> None:
         self.job.subscriptions.discard(self)
         self.job._subscribers_changed()  # type: ignore[attr-defined]
+
+
+def _as_seen(hive: Hive, principal: Principal, record: Record) -> Record | None:
+    """``record`` as ``principal`` may see it: itself, a copy with a shared worker's public view, or None."""
+    event = record.event
+    if not isinstance(event, FeedEvent):
+        return record
+    if event.topic == "job":
+        return record if hive.sees_job(principal, event.data.get("job") or {}) else None
+    if event.topic != "worker":
+        return record
+    info = event.data.get("worker") or {}
+    if may_control(principal, info.get("owner")):
+        return record
+    if not hive.is_shared(info.get("id")):
+        return None
+    seen = FeedEvent(topic="worker", data={**event.data, "worker": public_worker(info)})
+    data = dumps(seen)
+    return Record(record.id, seen, data, sse_event(record.id, data))
 
 
 def _summary(job: Job) -> dict[str, Any]:

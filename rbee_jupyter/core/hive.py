@@ -8,6 +8,7 @@ data or a ``Job`` whose event log subscribers read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
-                      ModelNotLoaded, RbeeError, WorkerNotFound)
+from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, JobNotFound,
+                      ModelNotFound, ModelNotLoaded, RbeeError, WorkerNotFound)
 from ..events import DownloadComplete, FeedEvent
 from ..hub.download import Downloader, partial_bytes
 from ..pools.base import Pool
 from ..pools.composite import CompositePool
-from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of
+from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
 from ..pools.local import LocalProcessPool
 from ..protocol import (DTYPE_NAMES, DTYPES, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
                         GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
@@ -29,8 +30,9 @@ from .catalog import Catalog, CatalogEntry
 from .confine import check_folder, remove_snapshot
 from .ids import new_id
 from .jobs import Job, JobRegistry
+from .egress import EgressPolicy
 from .limits import UserLimits, check_cap
-from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
+from .owners import Principal, check_control, check_local_path, may_control, may_see, public_worker, token_fingerprint
 from .refs import ModelRef, parse_ref
 
 _BLOCKS_LOCK = threading.Lock()
@@ -68,6 +70,10 @@ class HiveConfig:
     admin_users: frozenset[str] = frozenset()
     allowed_local_dirs: tuple[str, ...] = ()
     share_server_token: bool = False
+    engine_registration: str = "admins"
+    """In service mode, who may register engines over HTTP: ``"admins"`` or ``"users"`` (everyone)."""
+    engine_url_patterns: tuple[str, ...] = ()
+    engine_allowed_networks: tuple[str, ...] = ()
     user_limits: UserLimits = field(default_factory=UserLimits)
     """Per-user caps in service mode (admins are not capped); see core/limits.py."""
     import_memory_mb: int | None = None
@@ -143,6 +149,7 @@ class _AdmittedLoad:
     owner: str | None
     hf_token: str | None
     prove: bool  # another user's gated model: ask the hub whether this caller may use it
+    shared: bool = False  # other users may see and use the worker (service mode)
 
 
 HEADER_MEMORY = 1 << 30
@@ -171,9 +178,13 @@ class Hive:
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
         where = {"parent": config.parent, "config": config.pool_config}
         primary = config.pool_class(**where, **config.pool_options)
-        engines = OpenAIEnginePool(**where)
+        engines = OpenAIEnginePool(**where, quote_upstream=not config.service_mode)
         self.pool: Pool = CompositePool(primary, engines, **where)  # external engines sit beside the primary pool
         self._planned: dict[str, dict[str, int]] = {}  # worker id -> bytes per device its plan reserved
+        # Service mode: workers their owner or an admin shared, and who joined whose download.
+        self._shared: set[str] = set()
+        self._viewers: dict[str, set[str]] = {}
+        self._egress = EgressPolicy.from_config(config.engine_url_patterns, config.engine_allowed_networks)
         self.catalog.resync()
 
     async def stop(self) -> None:
@@ -206,6 +217,8 @@ class Hive:
         key = ("download", str(ref)) if not hf_token else ("download", str(ref), token_fingerprint(hf_token))
         existing = self.jobs.find_active(key)
         if existing is not None:
+            if owner is not None and existing.owner != owner:  # one transfer, many watchers: they may watch it
+                self._viewers.setdefault(existing.id, set()).add(owner)
             return existing
         self._check_cache(ref)
         self._check_user_cap(principal, "downloads")
@@ -315,9 +328,39 @@ class Hive:
         return not (self.config.service_mode and entry.restricted) or may_control(principal, entry.owner)
 
     def may_use_worker(self, principal: Principal | None, worker: WorkerInfo) -> bool:
-        """In service mode a worker holding a gated or private model serves its owner, the model's, and admins."""
+        """In service mode a worker serves its owner and admins, and other users only when shared; one
+        holding a gated or private model serves those only if they may use the model too."""
+        if not self.sees_worker(principal, worker):
+            return False
         entry = self.catalog.get(worker.model_ref) if self.config.service_mode else None
         return entry is None or self._may_use(principal, entry) or may_control(principal, worker.owner)
+
+    def sees_worker(self, principal: Principal | None, worker: WorkerInfo) -> bool:
+        """Whether ``principal`` may see ``worker`` at all (in full or, when shared, its public view)."""
+        return not self.config.service_mode or may_see(principal, worker.owner, shared=worker.id in self._shared)
+
+    def may_see_all_of(self, principal: Principal | None, worker: WorkerInfo) -> bool:
+        """Whether ``principal`` sees ``worker`` in full (its URL, failure text): its owner or an admin."""
+        return not self.config.service_mode or may_control(principal, worker.owner)
+
+    def is_shared(self, worker_id: str | None) -> bool:
+        """Whether the owner or an admin shared this worker with every user."""
+        return worker_id in self._shared
+
+    def worker_view(self, worker: WorkerInfo, principal: Principal | None) -> dict[str, Any]:
+        """A worker as ``principal`` sees it: in full (theirs, or an admin), else its public view."""
+        info = {**worker.to_dict(), "shared": worker.id in self._shared}
+        if self.may_see_all_of(principal, worker):
+            return info
+        return public_worker(info)
+
+    def visible_worker(self, worker_id: str, principal: Principal | None) -> WorkerInfo:
+        """:meth:`worker`, or 404 ``WORKER_NOT_FOUND`` when ``principal`` may not see it."""
+        worker = self.worker(worker_id)
+        if not self.sees_worker(principal, worker):
+            raise WorkerNotFound(f"No worker {worker_id!r}. GET v1/workers lists the workers.",
+                                 details={"worker_id": worker_id})  # as for an id that never existed
+        return worker
 
     async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
         """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
@@ -352,8 +395,20 @@ class Hive:
         if ref.scheme == "hf" or ref.is_gguf:
             self.downloader.check_writable(ref)
 
-    def job(self, job_id: str, kind: str | None = None) -> Job:
-        return self.jobs.get(job_id, kind)
+    def job(self, job_id: str, kind: str | None = None, *, principal: Principal | None = None) -> Job:
+        """A job by id; in service mode only its owner, those who joined it, and admins find it (else 404)."""
+        job = self.jobs.get(job_id, kind)
+        if not self.sees_job(principal, job):
+            raise JobNotFound(f"No {kind or 'job'} with id {job_id!r}: it never existed or finished long ago.",
+                              details={"id": job_id})  # word for word what an unknown id gets
+        return job
+
+    def sees_job(self, principal: Principal | None, job: Job | dict[str, Any]) -> bool:
+        """Whether ``principal`` may see a job (or its summary): its owner, one who joined it (a
+        download), an admin. Nobody else learns that it exists: generations carry prompts and text."""
+        owner, job_id = (job.owner, job.id) if isinstance(job, Job) else (job.get("owner"), job.get("id"))
+        return (not self.config.service_mode or may_control(principal, owner)
+                or principal.name in self._viewers.get(job_id, ()))  # type: ignore[union-attr]
 
     def cancel(self, job_id: str, kind: str | None = None, *, principal: Principal | None = None) -> None:
         """Cancel a job; cancelling a finished job is not an error (idempotent).
@@ -361,7 +416,7 @@ class Hive:
         Raises:
             NotOwner: in service mode, ``principal`` is neither the job's owner nor an admin.
         """
-        job = self.jobs.get(job_id, kind)
+        job = self.job(job_id, kind, principal=principal)
         if self.config.service_mode:
             check_control(principal, job.owner, what=f"{job.kind} {job_id}")
         job.cancel()
@@ -468,8 +523,12 @@ class Hive:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
         self._check_user_cap(principal, "workers")
-        if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
-            return self._register_engine(EngineSpec.from_json(body), owner=owner)
+        shared = _shared_field(body)
+        engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
+        if shared:
+            self._share_check(principal, engine=engine)
+        if engine:
+            return self._register_engine(self._engine_spec(body, principal), owner=owner, shared=shared)
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
         self.validate_load(req, devices=devices)
         self._check_local(req.ref)
@@ -482,7 +541,7 @@ class Hive:
             raise AccessDenied(f"{req.ref} is gated or private and was downloaded by another user; to load it, "
                                "send your own hub token (header X-HF-Token, or the field hf_token of the body).",
                                details={"model_ref": str(req.ref)})
-        return _AdmittedLoad(req, entry, owner, hf_token, prove)
+        return _AdmittedLoad(req, entry, owner, hf_token, prove, shared)
 
     def validate_load(self, req: LoadRequest, *, devices: list[Any] | None = None) -> None:
         """Every check of a load that needs neither the checkpoint nor the hub; runs before anything starts.
@@ -519,13 +578,62 @@ class Hive:
         job = self.jobs.create("load", owner=admitted.owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
         job.request = req.to_json()
+        if admitted.shared:
+            self._shared.add(worker_id)
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=admitted.hf_token,
                                                          prove=admitted.prove))
 
-    def _register_engine(self, spec: EngineSpec, *, owner: str | None) -> Job:
+    def _engine_spec(self, body: dict[str, Any], principal: Principal | None) -> EngineSpec:
+        """Validate a registration; in service mode check who may register, the name and the URL.
+
+        An engine's name may not be another worker's: routing by name must never hand one
+        user's prompt to an engine someone else registered under that name.
+        """
+        spec = EngineSpec.from_json(body)
+        if spec.name is not None:
+            taken = [w.id for w in self.pool.list() if spec.name in (w.id, getattr(w, "name", None))]
+            if taken:
+                raise Conflict(f"An engine named {spec.name!r} is registered already; choose another name.",
+                               details={"field": "name"})
+        if not self.config.service_mode or principal is None or principal.admin:
+            return spec  # the administrator (or the single user) opens what they like
+        if self.config.engine_registration != "users":
+            raise AccessDenied("Only administrators may register engines on this server "
+                               "(c.RbeeApp.engine_registration is 'admins'); ask one to register it.",
+                               details={"field": "backend"})
+        self._egress.check_url(spec.url)
+        return dataclasses.replace(spec, egress=self._egress)
+
+    def _share_check(self, principal: Principal | None, *, engine: bool, owner: str | None = None) -> None:
+        """A local worker is shared by its owner or an admin; an engine (its key, its URL) only by an admin."""
+        if not self.config.service_mode or principal is None or principal.admin:
+            return
+        if engine:
+            raise AccessDenied("Only an administrator may share an engine with other users: it spends its owner's "
+                               "key and makes the server open its URL for them.", details={"field": "shared"})
+        check_control(principal, owner if owner is not None else principal.name, what="worker")
+
+    def set_shared(self, worker_id: str, shared: bool, *, principal: Principal | None = None) -> dict[str, Any]:
+        """Share a worker with every user (or stop): ``PATCH v1/workers/{id} {"shared": ...}``.
+
+        Raises:
+            WorkerNotFound: no such worker, or one ``principal`` may not see.
+            NotOwner / AccessDenied: a worker of someone else's, or an engine, and not an admin.
+        """
+        if not isinstance(shared, bool):
+            raise InvalidRequest("shared must be true or false.", details={"field": "shared"})
+        worker = self.visible_worker(worker_id, principal)
+        self._share_check(principal, engine=getattr(worker, "backend", None) == "openai", owner=worker.owner)
+        (self._shared.add if shared else self._shared.discard)(worker_id)
+        self._feed("worker", {"action": "shared" if shared else "unshared", "worker": worker.to_dict()})
+        return self.worker_view(worker, principal)
+
+    def _register_engine(self, spec: EngineSpec, *, owner: str | None, shared: bool = False) -> Job:
         """An external engine becomes a worker; its load job ends ``ready`` once the engine answers."""
         job = self.jobs.create("load", owner=owner, job_id=new_id("w-"))
         job.meta.update(model_ref=spec.model_ref, worker_id=job.id, backend="openai")
+        if shared:
+            self._shared.add(job.id)
 
         async def register(job: Job) -> None:
             await self.pool.start(spec, job)
@@ -634,8 +742,9 @@ class Hive:
                 f"{ref} could not be downloaded.", details={"model_ref": str(ref)})
         return entry
 
-    def workers(self) -> list[dict[str, Any]]:
-        return [w.to_dict() for w in self.pool.list()]
+    def workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:
+        """``GET v1/workers``: every worker ``principal`` may see, as they may see it."""
+        return [self.worker_view(w, principal) for w in self.pool.list() if self.sees_worker(principal, w)]
 
     def worker(self, worker_id: str) -> WorkerInfo:
         try:
@@ -645,11 +754,15 @@ class Hive:
             return WorkerInfo.pending(worker_id, job.meta["model_ref"], owner=job.owner,
                                       state=WorkerState.FAILED if job.state.finished else WorkerState.LOADING)
 
-    async def worker_detail(self, worker_id: str) -> dict[str, Any]:
-        """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
-        info = self.worker(worker_id).to_dict()
+    async def worker_detail(self, worker_id: str, *, principal: Principal | None = None) -> dict[str, Any]:
+        """The registry's view plus the worker's live counters (``tokens_computed``, queue); other users
+        see a shared worker's public view only."""
+        worker = self.visible_worker(worker_id, principal)
+        if not self.may_see_all_of(principal, worker):
+            return self.worker_view(worker, principal)
+        info = self.worker_view(worker, principal)
         if info.get("backend") == "openai":
-            return await self.pool.health(worker_id)  # probes the engine now
+            return {**await self.pool.health(worker_id), "shared": info["shared"]}  # probes the engine now
         if info["pid"] is None or info["state"] in GONE_STATES:
             return info
         live = await self.pool.health(worker_id)
@@ -670,7 +783,8 @@ class Hive:
             NotOwner: in service mode, ``principal`` is neither the worker's owner nor an admin.
         """
         if self.config.service_mode:
-            check_control(principal, self.worker(worker_id).owner, what=f"worker {worker_id}")
+            check_control(principal, self.visible_worker(worker_id, principal).owner, what=f"worker {worker_id}")
+        self._shared.discard(worker_id)
         job = None
         try:
             job = self._load_job(worker_id)
@@ -684,8 +798,13 @@ class Hive:
             if job is None:
                 raise
 
-    def load_job(self, worker_id: str) -> Job:
-        return self._load_job(worker_id)
+    def load_job(self, worker_id: str, *, principal: Principal | None = None) -> Job:
+        """A worker's loading job; in service mode its owner's and admins' only (404 for others)."""
+        job = self._load_job(worker_id)
+        if not self.sees_job(principal, job):
+            raise WorkerNotFound(f"No worker {worker_id!r}. GET v1/workers lists the workers.",
+                                 details={"worker_id": worker_id})
+        return job
 
     # --- inference ----------------------------------------------------------------
 
@@ -732,9 +851,10 @@ class Hive:
         if worker_id is not None:
             if not isinstance(worker_id, str):
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
-            worker = self.worker(worker_id)
+            worker = self.visible_worker(worker_id, principal)
             if not worker.ready:
-                why = f" ({worker.exit_reason})" if worker.exit_reason else ""
+                shown = worker.exit_reason if self.may_see_all_of(principal, worker) else None
+                why = f" ({shown})" if shown else ""
                 raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
             if not self.may_use_worker(principal, worker):
@@ -742,21 +862,42 @@ class Hive:
             return worker
         if model_ref is None:
             raise InvalidRequest("Name a worker_id or a model_ref.", details={"field": "worker_id"})
-        engines = {n: w.model_ref for w in self.pool.list() if getattr(w, "backend", None) == "openai"
-                   for n in (w.model_ref, getattr(w, "name", None)) if n}  # an engine: by its ref or its name
-        ref = (engines.get(model_ref) if isinstance(model_ref, str) else None) or str(parse_ref(model_ref))
-        ready = [w for w in self.pool.list() if w.model_ref == ref and w.ready]
+        if isinstance(model_ref, str) and self._is_engine_name(model_ref, principal):
+            ref = model_ref  # an engine: by its ref or its name
+            return self.route(lambda w: model_ref in (w.model_ref, *engine_aliases(w)), principal, ref)
+        ref = str(parse_ref(model_ref))
+        return self.route(lambda w: w.model_ref == ref, principal, ref)
+
+    def _is_engine_name(self, name: str, principal: Principal | None) -> bool:
+        return any(getattr(w, "backend", None) == "openai" and name in (w.model_ref, *engine_aliases(w))
+                   for w in self.pool.list() if self.sees_worker(principal, w))
+
+    def route(self, matches: Any, principal: Principal | None, what: str) -> WorkerInfo:
+        """The ready worker for a request that names a model (v1/inference by ref, the OpenAI routes).
+
+        Only workers the caller may use are candidates: their own, and other users' when
+        shared. Their own come first, then idle before busy, then the least recently used.
+
+        Raises:
+            AccessDenied: only workers of a gated model the caller has not shown access to hold it.
+            ModelNotLoaded: no usable worker holds it.
+        """
+        ready = [w for w in self.pool.list() if w.ready and self.sees_worker(principal, w)
+                 and matches(w)]
         usable = [w for w in ready if self.may_use_worker(principal, w)]
         if ready and not usable:
             raise _not_yours(ready[0])
         if not usable:
             raise ModelNotLoaded(
-                f"No worker holds {ref}. Load it first: POST v1/workers {{\"model_ref\": \"{ref}\"}} "
-                f"or %rbee load {ref}.", details={"model_ref": ref})
-        return _by_preference(usable)[0]
+                f"No worker holds {what}. Load it first: POST v1/workers {{\"model_ref\": \"{what}\"}} "
+                f"or %rbee load {what}.", details={"model_ref": what})
+        return _by_preference(usable, principal)[0]
 
     def resolve_model(self, model: Any, principal: Principal | None = None) -> WorkerInfo:
         """An OpenAI ``model`` name → the best ready worker answering to it (:func:`worker_names`).
+
+        Only workers the caller may use are candidates; their own come first, and a real holder
+        of the model before an engine that merely calls its model so.
 
         Raises:
             InvalidRequest: no name given.
@@ -766,13 +907,14 @@ class Hive:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
         workers = [w for w in self.pool.list() if self.may_use_worker(principal, w)]
-        ready = _by_preference([w for w in workers if w.ready])
+        ready = _by_preference([w for w in workers if w.ready], principal, model=model)
         for w in ready:
             if model in worker_names(w):
                 return w
         for w in workers:  # there, but not usable: say why rather than "not loaded"
             if model in worker_names(w):
-                why = f" ({w.exit_reason})" if w.exit_reason else ""
+                shown = w.exit_reason if self.may_see_all_of(principal, w) else None
+                why = f" ({shown})" if shown else ""
                 raise Conflict(f"The model {model!r} (worker {w.id}) is {w.state}{why}.",
                                details={"field": "model", "worker_id": w.id, "state": w.state})
         raise ModelNotFound(f"The model {model!r} is not loaded. Load it first (POST rbee/v1/workers or "
@@ -793,9 +935,17 @@ class Hive:
             self.feed.publish(FeedEvent(topic=topic, data=data))
 
 
-def _by_preference(workers: list[WorkerInfo]) -> list[WorkerInfo]:
-    """Where a generation should go first: idle before busy, then the longest unused (routing lives here)."""
-    return sorted(workers, key=lambda w: (w.state != WorkerState.IDLE, w.last_used))
+def _by_preference(workers: list[WorkerInfo], principal: Principal | None = None, *,
+                   model: str | None = None) -> list[WorkerInfo]:
+    """Where a generation should go first (routing lives here): the caller's own workers, then, for
+    an OpenAI ``model`` name, a real holder of that model before an engine that merely calls its
+    model so, then idle before busy, then the longest unused."""
+    mine = principal.name if principal is not None else None
+
+    def key(w: WorkerInfo) -> tuple:
+        by_alias = model is not None and model in engine_aliases(w) and model != _model_id(w.model_ref)
+        return (w.owner != mine, by_alias, w.state != WorkerState.IDLE, w.last_used)
+    return sorted(workers, key=key)
 
 
 def worker_names(w: WorkerInfo) -> list[str]:
@@ -804,8 +954,7 @@ def worker_names(w: WorkerInfo) -> list[str]:
     An external engine answers to its configured name and its model's name on the engine,
     every worker to its ref without ``hf:`` (``org/repo``), its ref and its id.
     """
-    engine = [n for n in (getattr(w, "name", None), getattr(w, "model", None)) if n]
-    return [*engine, _model_id(w.model_ref), w.model_ref, w.id]
+    return [*engine_aliases(w), _model_id(w.model_ref), w.model_ref, w.id]
 
 
 def _model_id(ref: str) -> str:
@@ -813,6 +962,15 @@ def _model_id(ref: str) -> str:
         return parse_ref(ref).display_name
     except RbeeError:
         return ref
+
+
+def _shared_field(body: Any) -> bool:
+    """The ``shared`` field of a ``POST v1/workers`` body (false when absent)."""
+    shared = body.get("shared", False) if isinstance(body, dict) else False
+    if not isinstance(shared, bool):
+        raise InvalidRequest("shared must be true or false: whether other users may see and use the worker.",
+                             details={"field": "shared"})
+    return shared
 
 
 def _not_yours(worker: WorkerInfo) -> AccessDenied:

@@ -74,6 +74,28 @@ def check_control(principal: Principal | None, owner: str | None, *, what: str) 
                    details={"owner": owner, "user": principal.name if principal else None})
 
 
+def may_see(principal: Principal | None, owner: str | None, *, shared: bool = False) -> bool:
+    """Whether ``principal`` may see (and use) something of ``owner``'s: theirs, an admin, or shared.
+
+    What a user may not see is answered 404, as if it did not exist: an id found in a log
+    or guessed confirms nothing.
+    """
+    return shared or may_control(principal, owner)
+
+
+#: What users other than its owner see of a shared worker: no URL, owner, process or failure text.
+PUBLIC_WORKER_FIELDS = ("id", "model_ref", "state", "devices", "memory_mb", "quantization", "dtype", "created_at",
+                        "last_used", "layers_loaded", "layers_total", "backend", "model", "name", "shared")
+
+
+def public_worker(info: dict[str, Any]) -> dict[str, Any]:
+    """A shared worker as other users see it; an engine's ref loses its host (``openai:model``)."""
+    out = {k: info[k] for k in PUBLIC_WORKER_FIELDS if k in info}
+    if info.get("backend") == "openai":
+        out["model_ref"] = f"openai:{info.get('model') or ''}"
+    return out
+
+
 def check_local_path(path: str, allowed_dirs: Iterable[str], *, cache_dir: str | None = None) -> None:
     """Raise ``AccessDenied`` unless ``path`` resolves (symlinks followed) inside an allowed folder.
 

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit
 import httpx
 from traitlets import Float
 
+from ..core.egress import EgressPolicy
 from ..core.jobs import Job
 from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
                       InvalidRequest, ModelNotFound, RbeeError, WorkerBusy)
@@ -47,12 +49,15 @@ from ..protocol import GenerationRequest, WorkerInfo, WorkerState, as_request
 from ..sse_client import SSEParser
 from .base import Entry, RegistryPool
 
-__all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "backend_of"]
+__all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "backend_of", "engine_aliases"]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "openai")
-_FIELDS = ("backend", "url", "model", "api_key", "name")
+_FIELDS = ("backend", "url", "model", "api_key", "name", "shared")
+#: An engine's name lives in a namespace of its own: no ``:`` or ``/``, so it can never read as a
+#: model ref (``hf:org/repo``, ``org/repo``, ``file://``), and no ``w-`` prefix, which worker ids have.
+_ENGINE_NAME = re.compile(r"^(?!w-)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _EXAMPLE_URL = "http://gpu-node:8000/v1"
 
 
@@ -76,6 +81,8 @@ class EngineSpec:
     model: str
     api_key: str | None = field(default=None, repr=False)
     name: str | None = None
+    #: In service mode, for a user who is not an admin: every connection is checked against it.
+    egress: EgressPolicy | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, body: Any) -> EngineSpec:
@@ -100,9 +107,12 @@ class EngineSpec:
             raise InvalidRequest("api_key must be a string (or left out for an engine without a key).",
                                  details={"field": "api_key"})
         name = body.get("name")
-        if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 128):
-            raise InvalidRequest("name must be a non-empty string: the model name clients use.",
-                                 details={"field": "name"})
+        if name is not None and (not isinstance(name, str) or not _ENGINE_NAME.match(name.strip())):
+            raise InvalidRequest("name must be the model name clients use for this engine: 1 to 64 letters, digits, "
+                                 "'.', '_' or '-', not starting with 'w-' (so it cannot be read as a model ref or a "
+                                 "worker id).", details={"field": "name"})
+        if not isinstance(body.get("shared", False), bool):
+            raise InvalidRequest("shared must be true or false.", details={"field": "shared"})
         return cls(url=url, model=model.strip(), api_key=api_key or None, name=name.strip() if name else None)
 
     @property
@@ -150,6 +160,7 @@ class _Engine(Entry):
     spec: EngineSpec
     client: httpx.AsyncClient
     slow_probes: int = 0  # health probes in a row that timed out
+    quote: bool = True  # whether errors may quote what the engine said (not in service mode: see _quote)
 
 
 class OpenAIEnginePool(RegistryPool):
@@ -176,8 +187,10 @@ class OpenAIEnginePool(RegistryPool):
     slow_probes_allowed = 1
     not_found_message = "No engine worker with id {id!r}."
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, quote_upstream: bool = True, **kwargs: Any) -> None:
+        """``quote_upstream=False`` (service mode): errors never quote what an engine said, nor its URL."""
         super().__init__(**kwargs)
+        self.quote_upstream = quote_upstream
         self._closing: set[asyncio.Task] = set()
         # A streaming generation has no per-read timeout (a timer armed and cancelled per chunk):
         # a _Watchdog per generation watches for the stall instead.
@@ -188,14 +201,15 @@ class OpenAIEnginePool(RegistryPool):
     async def start(self, spec: EngineSpec, job: Job) -> WorkerInfo:  # type: ignore[override]
         """Register ``spec`` as worker ``job.id``; ``job`` ends ``ready`` once the engine answers."""
         headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
-        client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, timeout=httpx.Timeout(
+        transport = spec.egress.transport() if spec.egress is not None else None
+        client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, transport=transport, timeout=httpx.Timeout(
             self.inference_stall_s, connect=self.timeout_s))
         now = time.time()
         info = EngineInfo(id=job.id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=[], memory_mb={},
                           pid=None,
                           quantization=None, dtype=None, owner=job.owner, created_at=now, last_used=now,
                           url=spec.url, model=spec.model, name=spec.name)
-        e = _Engine(info=info, spec=spec, client=client, load_job=job)
+        e = _Engine(info=info, spec=spec, client=client, load_job=job, quote=self.quote_upstream)
         self._workers[info.id] = e
         job.meta.setdefault("worker_id", info.id)
         check = self._spawn(e, self._register(e))
@@ -245,7 +259,8 @@ class OpenAIEnginePool(RegistryPool):
             raise AccessDenied(f"The engine at {url} refused the API key (HTTP {r.status_code}): register it again "
                                "with the right api_key.", details=where)
         if r.status_code != 200:
-            raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({_message(r)}); is this the engine's "
+            said = _quote(e, _message(r))
+            raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({said}); is this the engine's "
                               f"OpenAI base URL (e.g. {_EXAMPLE_URL})?", details=where)
         try:
             served = [m["id"] for m in r.json()["data"]]
@@ -291,7 +306,9 @@ class OpenAIEnginePool(RegistryPool):
             self._notify("failed", e.info)
         if e.streams:
             cut = type(error)(f"The engine stopped answering during the generation: {error.message}",
-                              details=error.details)
+                              details=error.details) if e.quote else type(error)(
+                f"The engine {_at(e)} stopped answering during the generation ({error.code}).",
+                details={"worker_id": e.info.id})
             for job, task in list(e.streams.items()):
                 job.fail(cut)
                 if task is not asyncio.current_task():
@@ -400,7 +417,7 @@ class OpenAIEnginePool(RegistryPool):
 
     def _stalled(self, e: _Engine) -> InferenceStalled:
         return InferenceStalled(
-            f"The engine at {e.spec.url} sent nothing for {self.inference_stall_s:g} s; the request was closed. "
+            f"The engine {_at(e)} sent nothing for {self.inference_stall_s:g} s; the request was closed. "
             "Raise c.RbeeApp.inference_stall_s if it legitimately takes this long.",
             details={"worker_id": e.info.id, "stall_s": self.inference_stall_s})
 
@@ -411,10 +428,10 @@ class OpenAIEnginePool(RegistryPool):
         the engine) with the probe's error; what is returned then only reaches the log.
         """
         if await self._check(e) is None and e.info.state == WorkerState.FAILED:
-            return EngineUnreachable(f"The engine at {e.spec.url} stopped answering during the generation ({what}).",
-                                     details={"worker_id": e.info.id, "url": e.spec.url})
-        return EngineError(f"The engine at {e.spec.url} broke off the stream ({what}) but still answers; try again.",
-                           details={"worker_id": e.info.id, "url": e.spec.url})
+            return EngineUnreachable(f"The engine {_at(e)} stopped answering during the generation ({what}).",
+                                     details=_where(e))
+        return EngineError(f"The engine {_at(e)} broke off the stream ({what}) but still answers; try again.",
+                           details=_where(e))
 
     # --- stopping --------------------------------------------------------------------------
 
@@ -517,13 +534,13 @@ def _chunk(e: _Engine, data: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:
-        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not JSON: {data[:200]!r}.",
+        raise EngineError(f"The engine {_at(e)} sent a stream chunk that is not JSON: {_quote(e, repr(data[:200]))}.",
                           details={"worker_id": e.info.id}) from None
     if not isinstance(chunk, dict):
-        raise EngineError(f"The engine at {e.spec.url} sent a stream chunk that is not an object.",
+        raise EngineError(f"The engine {_at(e)} sent a stream chunk that is not an object.",
                           details={"worker_id": e.info.id})
     if chunk.get("error"):
-        raise EngineError(f"The engine at {e.spec.url} failed during the generation: {_error_text(chunk)}.",
+        raise EngineError(f"The engine {_at(e)} failed during the generation: {_quote(e, _error_text(chunk))}.",
                           details={"worker_id": e.info.id})
     return chunk
 
@@ -560,6 +577,36 @@ def _error_text(data: Any) -> str:
     return str(data)[:500]
 
 
+def _at(e: _Engine) -> str:
+    """How a generation's errors name the engine: by URL, or on a shared server (where a shared
+    engine's streams reach users who may not see its URL) by its name or worker id."""
+    return f"at {e.spec.url}" if e.quote else (e.info.name or e.info.id)
+
+
+def _where(e: _Engine) -> dict[str, Any]:
+    return {"worker_id": e.info.id, "url": e.spec.url} if e.quote else {"worker_id": e.info.id}
+
+
+def _quote(e: _Engine, said: str) -> str:
+    """What the engine said, for an error message; on a shared server only the log gets it.
+
+    An engine's answer is whatever its URL chose to send: on a shared server that could be
+    any internal page, so users are told only that the engine refused.
+    """
+    if e.quote:
+        return said
+    log.info("rbee: engine %s (%s) said: %s", e.info.id, e.spec.url, said)
+    return "its answer is in the server's log"
+
+
+def engine_aliases(info: WorkerInfo) -> list[str]:
+    """The names an engine worker answers to besides its id and ref: its own name, and its model's
+    name on the engine (e.g. vLLM's ``meta-llama/Llama-3.1-8B``, which clients use as the OpenAI
+    ``model``). Routing ranks a match by the engine's model after the caller's own workers and
+    after workers that really hold that hub model (``Hive.route``, the OpenAI routes)."""
+    return [n for n in (getattr(info, "name", None), getattr(info, "model", None)) if n]
+
+
 def _message(r: httpx.Response) -> str:
     try:
         return _error_text(r.json())
@@ -570,14 +617,15 @@ def _message(r: httpx.Response) -> str:
 def _refusal(e: _Engine, r: httpx.Response) -> RbeeError:
     """An engine that said no before streaming: the same error class a local worker would give."""
     details = {"worker_id": e.info.id, "engine_status": r.status_code}
-    said = f"the engine at {e.spec.url} answered HTTP {r.status_code}: {_message(r)}"
+    said = f"the engine {_at(e)} answered HTTP {r.status_code}: {_quote(e, _message(r))}"
     if r.status_code in (400, 413, 422):
         return InvalidRequest(f"The request was refused: {said}.", details=details)
     if r.status_code in (401, 403):
         return AccessDenied(f"{said[0].upper()}{said[1:]}; register the engine again with the right api_key.",
                             details=details)
     if r.status_code == 404:
-        return ModelNotFound(f"{said[0].upper()}{said[1:]}; check the model name with GET {e.spec.url}/models.",
+        listing = f"GET {e.spec.url}/models" if e.quote else "the engine's /models"
+        return ModelNotFound(f"{said[0].upper()}{said[1:]}; check the model name with {listing}.",
                              details=details)
     if r.status_code in (429, 503):
         return WorkerBusy(f"The engine is busy ({said}); try again shortly.", details=details)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Float, Int, List, Set, TraitError, Type, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, Set, TraitError, Type, Unicode, default, validate
 from traitlets.config import Config
 
 from .. import __version__
@@ -325,8 +325,9 @@ class RbeeApp(ExtensionApp):
         help="External OpenAI-compatible engines (vLLM, TGI, llama.cpp server, Ollama /v1, transformers serve) "
              "registered as workers at start, e.g. [{\"name\": \"vllm-70b\", \"url\": \"http://gpu-node:8000/v1\", "
              "\"model\": \"meta-llama/Llama-3.1-70B-Instruct\", \"api_key_env\": \"VLLM_API_KEY\"}]. Each needs url "
-             "and model; api_key (or api_key_env, the name of an environment variable of the server holding it) "
-             "and name (the model name clients use) are optional. Keys are never shown. Default: none.",
+             "and model; api_key (or api_key_env, the name of an environment variable of the server holding it), "
+             "name (the model name clients use) and shared (in service_mode, whether every user may use it; "
+             "default true) are optional. Keys are never shown. Default: none.",
     )
 
     @validate("engines")
@@ -338,6 +339,40 @@ class RbeeApp(ExtensionApp):
                 EngineSpec.from_json(_engine_body(entry))
             except Exception as e:
                 raise TraitError(f"c.RbeeApp.engines: {getattr(e, 'message', e)}") from e
+        return proposal["value"]
+
+    engine_registration = Enum(
+        ["admins", "users"], "admins", config=True,
+        help="In service_mode, who may register external engines over HTTP (POST v1/workers with backend "
+             "openai): 'admins' (the default), or 'users' (everyone; their URLs are then held to "
+             "engine_url_patterns and engine_allowed_networks). An engine belongs to whoever registered it; "
+             "only an admin may share it with other users. Ignored outside service_mode.",
+    )
+
+    engine_url_patterns = List(
+        Unicode(), config=True,
+        help="In service_mode, shell-style patterns (e.g. 'https://*.gpu.example.org/v1') one of which the URL "
+             "of an engine registered by a user who is not an admin must match, else 403 URL_NOT_ALLOWED. "
+             "Default: none, so any http(s) URL whose addresses are public.",
+    )
+
+    engine_allowed_networks = List(
+        Unicode(), config=True,
+        help="In service_mode, networks (CIDR, e.g. '10.1.2.0/24') that engines registered by users who are "
+             "not admins may reach although they are not public. Every other loopback, link-local "
+             "(169.254.0.0/16, cloud metadata), private or reserved address is refused, checked on the "
+             "address a name resolves to at each connection. Default: none.",
+    )
+
+    @validate("engine_allowed_networks")
+    def _check_networks(self, proposal):
+        import ipaddress
+
+        for network in proposal["value"]:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as e:
+                raise TraitError(f"c.RbeeApp.engine_allowed_networks: {e}") from e
         return proposal["value"]
 
     engine_timeout_s = Float(
@@ -385,6 +420,8 @@ class RbeeApp(ExtensionApp):
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
             parent=self, pool_config=self._pool_config(),
+            engine_registration=self.engine_registration, engine_url_patterns=tuple(self.engine_url_patterns),
+            engine_allowed_networks=tuple(self.engine_allowed_networks),
             user_limits=UserLimits(workers=self.max_user_workers, downloads=self.max_user_downloads,
                                    streams=self.max_user_streams, kept_jobs=self.max_user_jobs),
             import_memory_mb=self.import_memory_mb,
@@ -422,7 +459,7 @@ class RbeeApp(ExtensionApp):
         ensure_feed(self.hive)  # from now on, so resuming clients find what happened
         self.hive.pool.warm_up()  # e.g. the spare worker's imports, while the user opens a notebook
         for entry in self.engines:  # registered in the background: an engine that is down shows as failed
-            job = self.hive.load(_engine_body(entry))
+            job = self.hive.load({"shared": True, **_engine_body(entry)})  # the administrator's: the team's
             self.log.info("rbee: engine %s at %s registering as worker %s", entry.get("name") or entry.get("model"),
                           entry.get("url"), job.id)
 

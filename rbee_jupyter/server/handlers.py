@@ -6,6 +6,8 @@ docs/errors.md; nothing here decides anything the hive could.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from http import HTTPStatus
@@ -28,6 +30,20 @@ AUTH_RESOURCE = "rbee"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def _refusal_first(verb: Any) -> Any:
+    """``verb``, raising first what ``prepare`` held back (keeps the decorators' attributes)."""
+    if getattr(verb, "_rbee_refusal_first", False):
+        return verb
+
+    @functools.wraps(verb)
+    def checked(self: RbeeHandler, *args: Any, **kwargs: Any) -> Any:
+        if self._rbee_refusal is not None:
+            raise self._rbee_refusal
+        return verb(self, *args, **kwargs)
+    checked._rbee_refusal_first = True  # type: ignore[attr-defined]
+    return checked
+
+
 @web.stream_request_body
 class RbeeHandler(APIHandler):
     """Base: the hive and settings come in through ``initialize``; errors become JSON.
@@ -36,9 +52,21 @@ class RbeeHandler(APIHandler):
     so a declared ``Content-Length`` over ``max_body_bytes`` gets 413 before one byte of the body
     is read, and a chunked one is cut off by the connection at the same limit (Tornado's own
     limit is the server's 512 MiB, meant for file uploads, and applies to every route).
+
+    A refusal of Jupyter's own checks in ``prepare`` (no token, a bad XSRF cookie or host) waits
+    until the declared, small body has arrived: answered at once, Tornado would close the
+    connection with the body unread, and a client still sending it would see a reset instead
+    of its 403. Every verb raises the held refusal first (``__init_subclass__``).
     """
 
     auth_resource = AUTH_RESOURCE
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for verb in ("get", "post", "put", "patch", "delete"):
+            fn = cls.__dict__.get(verb)
+            if fn is not None:
+                setattr(cls, verb, _refusal_first(fn))
 
     def initialize(self, app: RbeeApp) -> None:
         self.app = app
@@ -46,15 +74,21 @@ class RbeeHandler(APIHandler):
         self._rbee_subscription = None
         self._rbee_owned_job = None
         self._rbee_body: bytearray | None = None
+        self._rbee_refusal: web.HTTPError | None = None
 
-    def prepare(self):  # type: ignore[override]
+    async def prepare(self) -> None:  # type: ignore[override]
         limit = self.app.max_body_bytes
         declared = self.request.headers.get("Content-Length", "0")
         if not declared.isdigit() or int(declared) > limit:
             raise web.HTTPError(413, f"The request body is larger than {limit} bytes.")
         self.request.connection.set_max_body_size(limit)  # chunked bodies: the connection stops at it
         self._rbee_body = bytearray()
-        return super().prepare()
+        try:
+            result = super().prepare()
+            if inspect.isawaitable(result):
+                await result
+        except web.HTTPError as refusal:
+            self._rbee_refusal = refusal  # raised by the verb, once the body is read (see the class doc)
 
     def data_received(self, chunk: bytes) -> None:
         """One piece of the body; the whole is ``request.body`` once the verb runs."""
@@ -131,8 +165,9 @@ class RbeeHandler(APIHandler):
         self.finish(json.dumps(body))
 
     def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, RbeeError) and value.status < 500:
-            self.log.info("rbee: %s %s -> %s %s", self.request.method, self.request.path, value.status, value.code)
+        if isinstance(value, RbeeError) and value.code != "INTERNAL_ERROR":  # an answer (busy, no memory), not a bug
+            log = self.log.info if value.status < 500 else self.log.warning
+            log("rbee: %s %s -> %s %s", self.request.method, self.request.path, value.status, value.code)
             return
         super().log_exception(typ, value, tb)
 
@@ -166,7 +201,7 @@ class DownloadProgressHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        job = self.hive.job(self.required_query("id"), "download")
+        job = self.hive.job(self.required_query("id"), "download", principal=self.principal)
         await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s)
 
 
@@ -198,7 +233,7 @@ class WorkersHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.reply(200, {"workers": self.hive.workers()})
+        self.reply(200, {"workers": self.hive.workers(self.principal)})
 
     @web.authenticated
     @authorized
@@ -211,10 +246,22 @@ class WorkersHandler(RbeeHandler):
 
 
 class WorkerHandler(RbeeHandler):
+    """One worker: ``GET`` its detail, ``PATCH {"shared": bool}`` to share it, ``DELETE`` to unload it."""
+
     @web.authenticated
     @authorized
     async def get(self, worker_id: str) -> None:
-        self.reply(200, await self.hive.worker_detail(worker_id))
+        self.reply(200, await self.hive.worker_detail(worker_id, principal=self.principal))
+
+    @web.authenticated
+    @authorized
+    async def patch(self, worker_id: str) -> None:
+        body = self.json_body()
+        unknown = sorted(set(body) - {"shared"})
+        if unknown or "shared" not in body:
+            raise InvalidRequest('The body must be {"shared": true} or {"shared": false}.',
+                                 details={"field": unknown[0] if unknown else "shared"})
+        self.reply(200, self.hive.set_shared(worker_id, body["shared"], principal=self.principal))
 
     @web.authenticated
     @authorized
@@ -227,7 +274,7 @@ class WorkerReadyHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self, worker_id: str) -> None:
-        worker = self.hive.worker(worker_id)
+        worker = self.hive.visible_worker(worker_id, self.principal)
         if worker.ready:
             self.reply(200, {"ready": True, "state": worker.state, "model_loaded": True})
         else:
@@ -239,7 +286,7 @@ class LoadingProgressHandler(RbeeHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        job = self.hive.load_job(self.required_query("id"))
+        job = self.hive.load_job(self.required_query("id"), principal=self.principal)
         await stream_job(self, job, keepalive_s=self.app.sse_keepalive_s)
 
 
@@ -258,7 +305,7 @@ class EventsHandler(RbeeHandler):
     async def get(self) -> None:
         from ..core.feed import ensure_feed
 
-        await stream_job(self, ensure_feed(self.hive), keepalive_s=self.app.sse_keepalive_s)
+        await stream_job(self, ensure_feed(self.hive).view(self.principal), keepalive_s=self.app.sse_keepalive_s)
 
 
 class InferenceHandler(RbeeHandler):

@@ -4,6 +4,8 @@ Three people reach it with their own tokens (``TokenUsersIdentityProvider``): al
 ordinary users, and ``admin`` (an admin by ``c.RbeeApp.admin_users``). The local hub knows one
 account token, alice's, which opens the gated repo ``sec/gated``; the server has a hub token of its
 own that must never serve users' requests. ``allowed/`` is the one folder file:// refs may read.
+Users may register external engines (``engine_registration = "users"``), whose URLs may reach
+``[::1]`` (where the tests' engines listen) and no other address that is not public.
 
 Tests get a :class:`Team` (``team``) and make their hostile repos with ``team.publish(...)``, a
 repo name of their own on the package's hub. Every model a test loads is unloaded by that test.
@@ -142,7 +144,9 @@ def start_team(folder: Path, hub: HubServer, model: Path, *, env: dict[str, str]
     settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
                 "hub_endpoint": hub.url, "sse_keepalive_s": 0.5, "download_retries": 2,
                 "download_backoff_s": 0.05, "hf_token": SERVER_HF, "service_mode": True,
-                "admin_users": ["admin"], "allowed_local_dirs": [str(folder / "allowed")], **rbee}
+                "admin_users": ["admin"], "allowed_local_dirs": [str(folder / "allowed")],
+                # users may register engines, and reach [::1] (where the tests' engines listen), nothing else private
+                "engine_registration": "users", "engine_allowed_networks": ["::1/128"], **rbee}
     server = ServerProcess(folder, rbee=settings, env={**SERVER_SECRETS, **(env or {})},
                            config={"TokenUsersIdentityProvider": {"users": users}},
                            server={"identity_provider_class":

@@ -32,8 +32,8 @@ def assert_user_limit(r, cap, trait, user="bob"):
 
 async def test_one_user_cannot_take_every_worker_or_stream(capped):
     async with capped.clients() as c:
-        # Given bob's one worker
-        r, stream = await load_events(c["bob"], f"file://{capped.allowed}/tiny")
+        # Given bob's one worker, shared (so alice may use it too)
+        r, stream = await load_events(c["bob"], f"file://{capped.allowed}/tiny", shared=True)
         assert stream.events[-1]["stage"] == "ready", stream.events[-1]
         worker_id = r.json()["worker_id"]
         try:
