@@ -94,7 +94,7 @@ async def until(predicate, timeout: float, what: str, interval: float = 0.02):
 @pytest.fixture(scope="module")
 def worker(rbee_tiny_model: Path) -> Iterator[Spawned]:
     w = spawn(rbee_tiny_model, env={TOKEN_DELAY_ENV: "0.02"}, worker_id="w-test", queue_depth=1,
-              max_tokens_limit=200, stderr_pipe=True)
+              max_batch_size=1, max_tokens_limit=200, stderr_pipe=True)
     SHARED.add(w.proc.pid)
     yield w
     SHARED.discard(w.proc.pid)

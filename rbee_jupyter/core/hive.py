@@ -54,6 +54,8 @@ class HiveConfig:
     inference_stall_s: float | None = 120.0
     queue_depth: int = 8
     max_tokens_limit: int = 4096
+    max_batch_size: int | None = None
+    kv_budget_mb: float | None = None
     allowed_devices: list[str] | None = None
     device_quota_mb: dict[str, float] = field(default_factory=dict)
     service_mode: bool = False
@@ -526,7 +528,8 @@ class Hive:
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
-                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node)
+                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node,
+                          max_batch_size=self.config.max_batch_size, kv_budget_mb=self.config.kv_budget_mb)
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)

@@ -61,6 +61,8 @@ class WorkerSpec:
     owner: str | None = None
     queue_depth: int = 8
     max_tokens_limit: int = 4096
+    max_batch_size: int | None = None  # None: the worker picks for its device (worker/runtime.py)
+    kv_budget_mb: float | None = None  # None: the worker picks from the memory free after loading
     worker_id: str | None = None  # the hive names workers before they start (their load job's id)
     node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
 
@@ -323,7 +325,8 @@ class LocalProcessPool(Pool):
         config = WorkerConfig(model_path=spec.model_path, worker_id=worker_id, quantization=spec.quantization,
                               dtype=spec.dtype, device_map=spec.device_map, double_quant=spec.double_quant,
                               compute_dtype=spec.compute_dtype, queue_depth=spec.queue_depth,
-                              max_tokens_limit=spec.max_tokens_limit)
+                              max_tokens_limit=spec.max_tokens_limit, max_batch_size=spec.max_batch_size,
+                              kv_budget_mb=spec.kv_budget_mb)
         log_path = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -351,6 +351,7 @@ class RayPool(Pool):
                               dtype=spec.dtype, device_map=_visible_cuda(spec.device_map),
                               double_quant=spec.double_quant, compute_dtype=spec.compute_dtype,
                               queue_depth=spec.queue_depth, max_tokens_limit=spec.max_tokens_limit,
+                              max_batch_size=spec.max_batch_size, kv_budget_mb=spec.kv_budget_mb,
                               watch_stdin=False)
         try:
             await asyncio.to_thread(self._ensure_connected)

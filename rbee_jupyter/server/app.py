@@ -221,6 +221,19 @@ class RbeeApp(ExtensionApp):
         help="Largest max_tokens a request may ask for. Default 4096.",
     )
 
+    max_batch_size = Int(
+        None, allow_none=True, config=True,
+        help="Generations a worker decodes together in one forward step; more wait in its queue "
+             "(queue_depth). 1 turns batching off. None: 8 on a CPU, 32 on a GPU. Default None.",
+    )
+
+    kv_budget_mb = Float(
+        None, allow_none=True, config=True,
+        help="MB of KV cache a worker's running batch may reserve (each request reserves its prompt plus "
+             "max_tokens); a request that would exceed it waits in the queue. 0: no limit. None: half the "
+             "memory free after loading, at most 4096 MB on a CPU. Default None.",
+    )
+
     service_mode = Bool(
         config=True,
         help="Run as one hive shared by a team (e.g. a JupyterHub service): jobs and workers have an owner "
@@ -314,6 +327,7 @@ class RbeeApp(ExtensionApp):
             pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
             inference_stall_s=self.inference_stall_s,
             queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
+            max_batch_size=self.max_batch_size, kv_budget_mb=self.kv_budget_mb,
             allowed_devices=self.allowed_devices, device_quota_mb=dict(self.device_quota_mb),
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,

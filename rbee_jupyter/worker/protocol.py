@@ -57,6 +57,10 @@ class WorkerConfig:
     compute_dtype: str | None = None
     queue_depth: int = 8
     max_tokens_limit: int = 4096
+    #: Sequences decoded together per forward step; None: 8 on a CPU, 32 on a GPU.
+    max_batch_size: int | None = None
+    #: MB of KV cache the running batch may reserve; None: a share of the memory free after loading.
+    kv_budget_mb: float | None = None
     keepalive_s: float = 10.0
     watch_stdin: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +78,12 @@ class WorkerConfig:
             raise InvalidRequest("queue_depth must be an integer >= 0")
         if not isinstance(config.max_tokens_limit, int) or config.max_tokens_limit < 1:
             raise InvalidRequest("max_tokens_limit must be an integer >= 1")
+        if config.max_batch_size is not None and (not isinstance(config.max_batch_size, int)
+                                                  or config.max_batch_size < 1):
+            raise InvalidRequest("max_batch_size must be an integer >= 1 or null")
+        if config.kv_budget_mb is not None and (not isinstance(config.kv_budget_mb, (int, float))
+                                                or config.kv_budget_mb < 0):
+            raise InvalidRequest("kv_budget_mb must be a number >= 0 (0: no limit) or null")
         return config
 
     def to_json(self) -> str:
