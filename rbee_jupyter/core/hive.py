@@ -550,7 +550,24 @@ class Hive:
         return entry
 
     def workers(self) -> list[dict[str, Any]]:
-        return [w.to_dict() for w in self.pool.list()]
+        """Every worker, with ``load``: the generations running or queued on it (what routing uses)."""
+        loads = self._loads()
+        return [{**w.to_dict(), "load": loads.get(w.id, 0)} for w in self.pool.list()]
+
+    def _loads(self) -> dict[str, int]:
+        """worker id → generations this hive sent it that have not ended (active plus queued)."""
+        loads: dict[str, int] = {}
+        for job in self.jobs.list("inference"):
+            worker_id = job.meta.get("worker_id")
+            if worker_id is not None and not job.state.finished:
+                loads[worker_id] = loads.get(worker_id, 0) + 1
+        return loads
+
+    def by_load(self, workers: list[WorkerInfo]) -> list[WorkerInfo]:
+        """``workers`` least loaded first (then idle before busy, then least recently used):
+        replicas of a model share the requests instead of one batch growing while another idles."""
+        loads = self._loads()
+        return sorted(workers, key=lambda w: (loads.get(w.id, 0), w.state != "idle", w.last_used))
 
     def worker(self, worker_id: str) -> WorkerInfo:
         try:
@@ -562,13 +579,14 @@ class Hive:
 
     async def worker_detail(self, worker_id: str) -> dict[str, Any]:
         """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
-        info = self.worker(worker_id).to_dict()
+        info = {**self.worker(worker_id).to_dict(), "load": self._loads().get(worker_id, 0)}
         if info.get("backend") == "openai":
             return await self.pool.health(worker_id)  # probes the engine now
         if info["pid"] is None or info["state"] in ("failed", "stopped"):
             return info
         live = await self.pool.health(worker_id)
-        keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb")
+        keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb", "active_sequences",
+                "batch_size", "max_batch_size", "tokens_per_second", "kv_budget_tokens", "kv_reserved_tokens")
         return {**info, **{k: live[k] for k in keys if k in live}}
 
     def _load_job(self, worker_id: str) -> Job:
@@ -647,7 +665,7 @@ class Hive:
             raise ModelNotLoaded(
                 f"No worker holds {ref}. Load it first: POST v1/workers {{\"model_ref\": \"{ref}\"}} "
                 f"or %rbee load {ref}.", details={"model_ref": ref})
-        return min(ready, key=lambda w: (w.state != "idle", w.last_used))
+        return self.by_load(ready)[0]
 
     # --- server-wide feed -----------------------------------------------------------
 

@@ -70,7 +70,7 @@ class OpenAIHandler(RbeeHandler):
         principal = self.principal
         workers = [w for w in self.hive.pool.list() if self.hive.may_use_worker(principal, w)]
         ready = [w for w in workers if w.state in ("idle", "busy")]
-        for w in sorted(ready, key=lambda w: (w.state != "idle", w.last_used)):
+        for w in self.hive.by_load(ready):
             if model in _names(w):
                 return w.id
         for w in workers:  # there, but not usable: say why rather than "not loaded"
