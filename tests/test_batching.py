@@ -10,6 +10,7 @@ equal text; see tests/test_batch.py for the tolerance on logits).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -294,8 +295,50 @@ def test_rbee_batch_in_a_real_kernel_writes_the_answers_back(server, worker, sol
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     shown = [o for o in nb.cells[2].outputs if o["output_type"] in ("display_data", "execute_result")]
-    assert shown[0]["data"]["text/plain"].startswith("✔ generated") or "batch" in shown[0]["data"]["text/plain"]
+    assert re.fullmatch(rf"✔ generated {worker} — 5/5 items · [0-9.]+ tok/s", shown[0]["data"]["text/plain"])
     assert shown[-1]["data"]["text/plain"] == "<BatchResult 5 items, 5 ok, 0 failed>"
     printed = "".join(o["text"] for o in nb.cells[3].outputs if o["output_type"] == "stream").splitlines()
     assert printed[0] == ("Series ['a', 'b', 'c', 'd', 'e']" if series else "list None")
     assert printed[1:] == [repr(solo(prompt=q, max_tokens=6)) for q in questions]
+
+
+def test_an_interrupt_cancels_what_is_not_done_and_keeps_what_is(server, worker, solo):
+    from rbee_jupyter.errors import Cancelled
+    from rbee_jupyter.kernel.batch import run_batch
+    from rbee_jupyter.kernel.client import Client, Generation
+    from rbee_jupyter.kernel.widgets import BatchView
+
+    prompts = [f"{p} again" for p in PROMPTS]
+    view = BatchView(worker, total=len(prompts), mode="terminal")
+    armed = threading.Event()
+
+    def on_sigint(signum, frame):  # only while the batch runs: never into pytest itself
+        if armed.is_set():
+            raise KeyboardInterrupt
+
+    def interrupt():  # once the first wave is done and the second is under way
+        until(lambda: view.done >= BATCH, "the first items to finish")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    helper = threading.Thread(target=interrupt, daemon=True)
+    with Client(server.url, token=server.token) as client:
+        try:
+            armed.set()
+            helper.start()
+            result = run_batch(lambda body: Generation(client, client._transport.infer(body)), prompts,
+                               options={"worker_id": worker, "max_tokens": 24, "temperature": 0},
+                               concurrency=BATCH, view=view)
+        finally:
+            armed.clear()
+            signal.signal(signal.SIGINT, previous)
+    helper.join(WAIT_S)
+    assert result.interrupted and view.state == "cancelled"
+    done = [item for item in result if item.ok]
+    assert len(done) >= BATCH and len(done) < len(prompts)
+    for item in done:
+        assert item.text == solo(prompt=item.input, max_tokens=24)
+    for item in result:
+        assert item.ok or isinstance(item.error, Cancelled)
+    info = until(lambda: (d := detail(server, worker))["state"] == "idle" and d, "the worker to stop", timeout=5)
+    assert info["active_sequences"] == 0 and info["queue_length"] == 0
