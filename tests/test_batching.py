@@ -342,3 +342,30 @@ def test_an_interrupt_cancels_what_is_not_done_and_keeps_what_is(server, worker,
         assert item.ok or isinstance(item.error, Cancelled)
     info = until(lambda: (d := detail(server, worker))["state"] == "idle" and d, "the worker to stop", timeout=5)
     assert info["active_sequences"] == 0 and info["queue_length"] == 0
+
+
+def test_n_3_returns_three_choices_from_one_request(server, worker, solo):
+    client = openai.OpenAI(base_url=server.url + "rbee/openai/v1", api_key=server.token, max_retries=0)
+    try:
+        expected = solo(prompt=PROMPTS[0], max_tokens=8)
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, n=3)
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        assert [c.text for c in r.choices] == [expected] * 3  # greedy: three times the same answer
+        one = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.usage.prompt_tokens == one.usage.prompt_tokens  # one prompt, counted once
+        assert r.usage.completion_tokens == 3 * one.usage.completion_tokens
+        messages = [{"role": "user", "content": "Hello there"}]
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0.9,
+                                                seed=5, n=3, stream=True, stream_options={"include_usage": True})
+        texts, finishes, usage = {}, {}, None
+        for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+                finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+        assert sorted(texts) == [0, 1, 2] and all(finishes[i] in ("length", "stop") for i in range(3))
+        for i in range(3):  # choice i is the request with seed 5 + i
+            assert texts[i] == solo(messages=messages, max_tokens=8, temperature=0.9, seed=5 + i)
+        assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    finally:
+        client.close()
