@@ -76,3 +76,44 @@ def test_ids_are_unique_and_limits_are_checked():
     for bad in ({"max_batch_size": 0}, {"kv_budget_tokens": -1}, {"queue_depth": -1}):
         with pytest.raises(ValueError):
             SchedulerLimits(**bad)
+
+
+# --- configuration: from the server's traits to the worker's spec -----------------------------------
+
+def test_batching_traits_reach_the_hive_config_and_bad_values_are_refused():
+    from traitlets import TraitError
+    from traitlets.config import Config
+
+    from rbee_jupyter.server.app import RbeeApp
+
+    app = RbeeApp(config=Config({"RbeeApp": {"max_batch_size": 4, "kv_budget_mb": 64.0, "queue_depth": 3}}))
+    assert (app.max_batch_size, app.kv_budget_mb, app.queue_depth) == (4, 64.0, 3)
+    assert (RbeeApp().max_batch_size, RbeeApp().kv_budget_mb) == (None, None)  # the worker picks for its device
+    for bad in ({"max_batch_size": 0}, {"kv_budget_mb": -1.0}):
+        with pytest.raises(TraitError):
+            RbeeApp(config=Config({"RbeeApp": bad}))
+
+
+@pytest.mark.parametrize("spec", [{"max_batch_size": 0}, {"max_batch_size": "8"}, {"kv_budget_mb": -1},
+                                  {"kv_budget_mb": "lots"}])
+def test_the_worker_spec_refuses_bad_batching_values(spec):
+    from rbee_jupyter.errors import InvalidRequest
+    from rbee_jupyter.worker.protocol import WorkerConfig
+
+    with pytest.raises(InvalidRequest):
+        WorkerConfig.from_json({"model_path": "/m", **spec})
+
+
+def test_default_limits_suit_the_device(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rbee_jupyter.testing.tiny_model import make_tiny_model
+    from rbee_jupyter.worker.protocol import WorkerConfig
+    from rbee_jupyter.worker.runtime import CPU_BATCH, batch_limits
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"))
+    cpu = batch_limits(WorkerConfig(model_path="/m", queue_depth=5), model)
+    assert cpu.max_batch_size == CPU_BATCH and cpu.queue_depth == 5 and cpu.kv_budget_tokens > 0
+    set_ = batch_limits(WorkerConfig(model_path="/m", max_batch_size=3, kv_budget_mb=1), model)
+    assert (set_.max_batch_size, set_.kv_budget_tokens) == (3, (1 << 20) // 1024)  # the tiny Llama: 1 KiB a token
+    assert batch_limits(WorkerConfig(model_path="/m", kv_budget_mb=0), model).kv_budget_tokens == 0  # no limit

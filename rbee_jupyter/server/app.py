@@ -234,6 +234,14 @@ class RbeeApp(ExtensionApp):
              "memory free after loading, at most 4096 MB on a CPU. Default None.",
     )
 
+    @validate("max_batch_size", "kv_budget_mb")
+    def _check_batching(self, proposal):
+        value, name = proposal["value"], proposal["trait"].name
+        low = 1 if name == "max_batch_size" else 0
+        if value is not None and value < low:
+            raise TraitError(f"c.RbeeApp.{name} must be >= {low} or None, got {value!r}.")
+        return value
+
     service_mode = Bool(
         config=True,
         help="Run as one hive shared by a team (e.g. a JupyterHub service): jobs and workers have an owner "
