@@ -217,3 +217,21 @@ def test_a_flag_set_before_the_prefill_costs_no_compute(model_and_tokenizer):
     seq.cancel.set()
     dec.add(seq)
     assert gen.tokens_computed == 0 and dec.stats["x"].stop_reason == "cancelled" and dec.rows == []
+
+
+def test_requests_with_the_same_prompt_share_one_prefill_and_keep_their_own_sampling(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    gen = RecordingGenerator(model, tok)
+    dec = RecordingDecoder(gen)
+    sampled = dict(temperature=0.9, top_p=0.9, max_tokens=8)
+    seqs = []
+    for i in range(3):  # what OpenAI n=3 sends: one prompt, seeds 7, 8, 9
+        req = GenerationRequest(prompt=PROMPTS[0], seed=7 + i, **sampled)
+        seqs.append(BatchSequence(f"n{i}", req, gen.encode(req)))
+    dec.add_all(seqs)
+    assert len(gen.logits) == 1  # one prefill forward for the three
+    assert gen.tokens_computed == 3  # one first token each
+    dec.drain()
+    for i in range(3):
+        assert dec.text.get(f"n{i}", "") == solo(model, tok, PROMPTS[0], seed=7 + i, **sampled)[1]
+        assert torch.equal(dec.logits[f"n{i}"][0], dec.logits["n0"][0])

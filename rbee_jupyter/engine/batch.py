@@ -23,7 +23,9 @@ fp32 (``tests/test_batch.py``).
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,14 +99,31 @@ class BatchDecoder:
 
     def add(self, seq: BatchSequence) -> None:
         """Prefill ``seq`` alone and sample its first token; it joins the batch for the next step."""
-        if seq.cancel.is_set():
-            self._finish(seq, "cancelled")
-            return
-        seq.text = TextAssembler(self.gen.tokenizer, seq.request.stop)
-        logits, cache = self.gen._forward(seq.prompt_ids, None)
-        self._take(seq, logits)
-        if not seq.done:
-            self._join(seq, cache)
+        self.add_all([seq])
+
+    def add_all(self, seqs: Sequence[BatchSequence]) -> None:
+        """Prefill newcomers (each alone, as :meth:`add`); those with the same prompt share one
+        prefill (OpenAI ``n`` > 1, the same question asked twice): the later ones start from a
+        copy of the first one's cache and logits, which are exactly what their own prefill
+        would have computed."""
+        counts = Counter(tuple(s.prompt_ids) for s in seqs if not s.cancel.is_set())
+        prefilled: dict[tuple[int, ...], tuple[torch.Tensor, Any]] = {}
+        for seq in seqs:
+            if seq.cancel.is_set():
+                self._finish(seq, "cancelled")
+                continue
+            key = tuple(seq.prompt_ids)
+            seq.text = TextAssembler(self.gen.tokenizer, seq.request.stop)
+            if key in prefilled:
+                logits, cache = prefilled[key][0], copy.deepcopy(prefilled[key][1])
+                self.gen._count_tokens(1)
+            else:
+                logits, cache = self.gen._forward(seq.prompt_ids, None)
+                if counts[key] > 1:
+                    prefilled[key] = (logits, copy.deepcopy(cache))  # before the batch grows it
+            self._take(seq, logits)
+            if not seq.done:
+                self._join(seq, cache)
 
     def cancel_flagged(self) -> None:
         """Drop every row whose cancel flag is set (before a step: stop within one token)."""

@@ -136,9 +136,8 @@ class BatchRunner:
 
     def _iterate(self, newcomers: list[BatchSequence]) -> None:
         self._decoder.cancel_flagged()
-        for seq in newcomers:
-            self._decoder.add(seq)
-            self._count(1)
+        self._decoder.add_all(newcomers)
+        self._count(len(newcomers))
         rows = len(self._decoder.rows)
         self._decoder.step()
         self._count(rows)
