@@ -140,7 +140,7 @@ def main() -> None:
             pids = [batching.proc.pid, fifo.proc.pid, pid, pid1]
             peer = None
             if not args.no_peer:
-                peer = TransformersServe(folder, tmp_path / "peer.log", extra_args=("--continuous-batching",)).start()
+                peer = TransformersServe(folder, tmp_path / "peer.log", extra_args=("--continuous-batching",)).start(900)
                 pids.append(peer.pid)
             MachineLoad.pids = tuple(pids)
             configs: dict[str, tuple[str, str, str, int]] = {
