@@ -188,17 +188,18 @@ class WorkerRuntime:
 
         task = GenerationTask(request_id, request, Job("inference", job_id=request_id, error_style="type"))
         task.seq = BatchSequence(request_id, request, prompt_ids)
+        self._tasks[request_id] = task  # before the generation thread can see it: its first chunk needs it
         try:
             self._runner.submit(task.seq)
         except QueueFull:
+            del self._tasks[request_id]
             stats = self._runner.stats()
             queued, depth = len(stats["queued"]), self.config.queue_depth
             raise WorkerBusy(f"The worker is busy: {len(stats['active'])} requests running (max_batch_size "
                              f"{stats['max_batch_size']}) and {queued} queued (queue_depth {depth}). Retry "
                              "later or load a second worker.",
                              details={"queue_length": queued, "queue_depth": depth}) from None
-        task.job.publish(InferenceStarted(job_id=request_id))
-        self._tasks[request_id] = task
+        task.job.publish(InferenceStarted(job_id=request_id))  # chunks come through the loop: after this
         self.state = WorkerState.BUSY
         return task
 
