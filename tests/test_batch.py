@@ -143,6 +143,27 @@ def test_sequences_that_join_and_leave_at_any_step_match_their_solo_runs(model_a
     assert dec.kv_slots == 0  # everyone left: the batched cache is gone
 
 
+def test_newcomers_prefilled_together_match_their_solo_runs(model_and_tokenizer):
+    """What the worker does when several requests arrive at once: one padded prefill for all."""
+    model, tok = model_and_tokenizer
+    gen = Generator(model, tok)
+    dec = RecordingDecoder(gen)
+    dec.submit(PROMPTS[5], max_tokens=12)  # already running when the others arrive
+    dec.step()
+    seqs = []
+    for p in PROMPTS[:5]:
+        req = GenerationRequest(prompt=p, max_tokens=12)
+        seqs.append(BatchSequence(p, req, gen.encode(req)))
+    dec.add_all(seqs)
+    assert len(dec.rows) == 6
+    dec.drain()
+    for p in PROMPTS:
+        ref, text, _ = solo(model, tok, p, max_tokens=12)
+        assert dec.text.get(p, "") == text, p
+        for got, want in zip(dec.logits[p], ref.logits, strict=True):
+            assert int(got.argmax()) == int(want.argmax()) and float((got - want).abs().max()) <= TOLERANCE, p
+
+
 def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_undisturbed(model_and_tokenizer):
     model, tok = model_and_tokenizer
     gen = Generator(model, tok)
