@@ -131,7 +131,7 @@ def main() -> None:
             folder = make_model(args.model_dir or tmp_path / "model")
         model_name = str(folder)
         base = {"cache_dir": str(tmp_path / "cache"), "catalog_path": str(tmp_path / "catalog.sqlite"),
-                "queue_depth": 32}
+                "queue_depth": 32, "inference_stall_s": None}  # queued streams wait minutes on a busy CPU
         with ServerProcess(tmp_path / "batching", rbee={**base, "max_batch_size": 16}) as batching, \
                 ServerProcess(tmp_path / "fifo", rbee={**base, "max_batch_size": 1,
                                                          "catalog_path": str(tmp_path / "catalog2.sqlite")}) as fifo:
