@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from inference import align_worker_priority
 from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet
 
 TOPICS = ["the sea", "a notebook", "the moon", "a small robot", "bread", "a library", "the wind", "a river",
@@ -137,6 +138,8 @@ def main() -> None:
                                                          "catalog_path": str(tmp_path / "catalog2.sqlite")}) as fifo:
             wid, pid = load_worker(batching, folder)
             wid1, pid1 = load_worker(fifo, folder)
+            for p in (pid, pid1):  # workers start their own session: give them the bench's (and the peer's) priority
+                print(f"worker {p}: {align_worker_priority(p)}", flush=True)
             pids = [batching.proc.pid, fifo.proc.pid, pid, pid1]
             peer = None
             if not args.no_peer:
