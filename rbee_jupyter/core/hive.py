@@ -12,31 +12,38 @@ import functools
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
-from .catalog import Catalog, CatalogEntry
-from ..hub.download import Downloader
-from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
-                     ModelNotLoaded, RbeeError, WorkerNotFound)
+                      ModelNotLoaded, RbeeError, WorkerNotFound)
 from ..events import DownloadComplete, FeedEvent
+from ..hub.download import Downloader, partial_bytes
+from ..pools.base import Pool
+from ..pools.composite import CompositePool
+from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of
+from ..pools.local import LocalProcessPool
+from ..protocol import (DTYPE_NAMES, DTYPES, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
+                        GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
+from .catalog import Catalog, CatalogEntry
 from .jobs import Job, JobRegistry
 from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
-from ..pools.local import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
 
-QUANTIZATIONS = ("nf4", "fp4", "int8")
 _BLOCKS_LOCK = threading.Lock()
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 @dataclass
 class HiveConfig:
-    """What the hive needs to know; the server fills it from ``RbeeApp`` traits."""
+    """What the hive needs to know; the server fills it from ``RbeeApp`` traits.
+
+    The pools' own settings (keep-alive, timeouts, the spare worker, Ray, engines) are not
+    copied here: the pools are traitlets configurables and read them from ``pool_config``
+    (``c.Pool.*``, ``c.LocalProcessPool.*``...), with ``pool_options`` as keyword arguments
+    for a hive built without a server (scripts, embedded, tests).
+    """
 
     cache_dir: Path
     catalog_path: Path
@@ -45,15 +52,14 @@ class HiveConfig:
     download_stall_s: float = 60.0
     download_retries: int = 6
     download_backoff_s: float = 0.5
+    download_connections: int = 8
+    download_segment_mb: float = 8.0
     max_concurrent_downloads: int = 2
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0
     pool_class: type[Pool] = LocalProcessPool
-    keep_alive_s: float | None = None
-    loading_timeout_s: float | None = 1800.0
-    inference_stall_s: float | None = 120.0
-    queue_depth: int = 8
-    max_tokens_limit: int = 4096
+    queue_depth: int = QUEUE_DEPTH
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
     max_batch_size: int | None = None
     kv_budget_mb: float | None = None
     allowed_devices: list[str] | None = None
@@ -63,11 +69,13 @@ class HiveConfig:
     admin_users: frozenset[str] = frozenset()
     allowed_local_dirs: tuple[str, ...] = ()
     share_server_token: bool = False
-    engine_timeout_s: float = 5.0
-    engine_health_interval_s: float | None = 10.0
-    #: More keyword arguments for pool_class: the server fills it from the class's ``app_traits``;
-    #: e.g. ``{"spare_worker": True}`` for the default pool (off unless asked for, outside a server).
+    #: Keyword arguments for pool_class, e.g. ``{"spare_worker": True, "keep_alive_s": 60}``
+    #: (the spare is off unless asked for, outside a server).
     pool_options: dict[str, Any] = field(default_factory=dict)
+    #: The traitlets configurable the pools are built under (the server app; its log and config).
+    parent: Any = None
+    #: The traitlets ``Config`` the pools read (``c.Pool.*``, ``c.LocalProcessPool.*``...); None: the parent's.
+    pool_config: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,8 +106,8 @@ class LoadRequest:
                                  details={"field": "quantization", "accepted": list(QUANTIZATIONS)})
         dtype = body.get("dtype")
         if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
-            raise InvalidRequest(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.",
-                                 details={"field": "dtype", "accepted": ["float32", "bfloat16", "float16"]})
+            raise InvalidRequest(f"Unknown dtype {dtype!r}; use {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}.",
+                                 details={"field": "dtype", "accepted": list(DTYPE_NAMES)})
         double_quant = body.get("double_quant", False)
         if not isinstance(double_quant, bool):
             raise InvalidRequest("double_quant must be true or false.", details={"field": "double_quant"})
@@ -115,6 +123,12 @@ class LoadRequest:
             raise InvalidRequest("node must be a non-empty string: a node's name or id (GET v1/workers shows "
                                  "where workers run).", details={"field": "node"})
         return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node)
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as a ``POST v1/workers`` body again (normalised)."""
+        return {"model_ref": str(self.ref), "device": self.device, "quantization": self.quantization,
+                "dtype": self.dtype, "double_quant": self.double_quant, "max_memory": self.max_memory,
+                "node": self.node}
 
 
 @dataclass(frozen=True)
@@ -138,7 +152,8 @@ class Hive:
         self.downloader = Downloader(
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
             stall_s=config.download_stall_s, retries=config.download_retries,
-            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
+            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20,
+            connections=config.download_connections, segment_bytes=int(config.download_segment_mb * 2**20))
         self._download_slots: asyncio.Semaphore | None = None
         # Transfers block a thread for their whole length: they get threads of their own, so
         # that many downloads never starve asyncio's small default pool (6 threads on 2 cores),
@@ -146,12 +161,10 @@ class Hive:
         self._download_threads = ThreadPoolExecutor(max(1, config.max_concurrent_downloads),
                                                      thread_name_prefix="rbee-download")
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
-        primary = config.pool_class(keep_alive_s=config.keep_alive_s, loading_timeout_s=config.loading_timeout_s,
-                                    inference_stall_s=config.inference_stall_s, **config.pool_options)
-        engines = OpenAIEnginePool(timeout_s=config.engine_timeout_s,
-                                   health_interval_s=config.engine_health_interval_s,
-                                   inference_stall_s=config.inference_stall_s)
-        self.pool: Pool = CompositePool(primary, engines)  # external engines sit beside the primary pool
+        where = {"parent": config.parent, "config": config.pool_config}
+        primary = config.pool_class(**where, **config.pool_options)
+        engines = OpenAIEnginePool(**where)
+        self.pool: Pool = CompositePool(primary, engines, **where)  # external engines sit beside the primary pool
         self._planned: dict[str, dict[str, int]] = {}  # worker id -> bytes per device its plan reserved
         self.catalog.resync()
 
@@ -189,6 +202,7 @@ class Hive:
         self._check_cache(ref)
         job = self.jobs.create("download", key=key, owner=owner)
         job.meta.update(model_ref=str(ref), repo_id=ref.repo_id)
+        job.request = {"model_ref": str(ref)}
         token = self._hub_token(hf_token)
         return self.jobs.start(job, lambda j: self._download(j, ref, token))
 
@@ -281,8 +295,8 @@ class Hive:
 
     async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
         """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
-        from ..hub import gguf
         from ..events import ImportProgress
+        from ..hub import gguf
 
         source = Path(entry.local_path)
         if source.is_dir():  # a hub snapshot: the ref names the file inside it
@@ -332,10 +346,9 @@ class Hive:
         running = {job.meta.get("repo_id") for job in self.jobs.list("download") if not job.state.finished}
         out = []
         for repo_id, path in self.downloader.partial_files():
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:  # finished or removed since the listing
+            if not path.exists():  # finished or removed since the listing
                 continue
+            size = partial_bytes(path)  # a segmented file is full-length: its table says what it holds
             if repo_id not in running:
                 out.append({"repo_id": repo_id, "file": path.name, "bytes": size, "path": str(path)})
         return out
@@ -363,7 +376,7 @@ class Hive:
         self._feed("catalog", {"action": "removed", "model": entry.to_dict()})
 
     def _check_not_in_use(self, ref: str) -> None:
-        holders = [w.id for w in self.pool.list() if w.model_ref == ref and w.state not in ("failed", "stopped")]
+        holders = [w.id for w in self.pool.list() if w.model_ref == ref and w.state not in GONE_STATES]
         if holders:
             raise Conflict(f"{ref} is loaded by worker {', '.join(holders)}; unload it first.",
                            details={"model_ref": ref, "workers": holders})
@@ -402,7 +415,12 @@ class Hive:
         for that. The plan itself is still made on the loop, so the quota check and its
         reservation stay one step.
         """
-        admitted = self._admit_load(body, owner, principal, hf_token)
+        from ..engine.devices import inventory
+
+        engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
+        # The first inventory imports torch (seconds): not on the loop, which serves everyone's streams.
+        devices = None if engine else await asyncio.to_thread(inventory)
+        admitted = self._admit_load(body, owner, principal, hf_token, devices=devices)
         if isinstance(admitted, Job):
             return admitted
         entry = admitted.entry
@@ -410,18 +428,14 @@ class Hive:
         return self._start_load(admitted, blocks)
 
     def _admit_load(self, body: dict[str, Any] | LoadRequest, owner: str | None, principal: Principal | None,
-                    hf_token: str | None) -> _AdmittedLoad | Job:
+                    hf_token: str | None, *, devices: list[Any] | None = None) -> _AdmittedLoad | Job:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
         if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
             return self._register_engine(EngineSpec.from_json(body), owner=owner)
-        from ..engine.devices import check_allowed
-
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
-        check_allowed(req.device, self.config.allowed_devices, req.max_memory)
+        self.validate_load(req, devices=devices)
         self._check_local(req.ref)
-        if req.node is not None:
-            self.pool.check_node(req.node)
         entry = self.catalog.get(str(req.ref))
         if entry is None:
             self._check_cache(req.ref)
@@ -433,12 +447,41 @@ class Hive:
                                details={"model_ref": str(req.ref)})
         return _AdmittedLoad(req, entry, owner, hf_token, prove)
 
+    def validate_load(self, req: LoadRequest, *, devices: list[Any] | None = None) -> None:
+        """Every check of a load that needs neither the checkpoint nor the hub; runs before anything starts.
+
+        A user who mistyped a device must learn it at once, not after gigabytes arrived: the
+        request's own shape first (a quantized model split between CPU and GPU), then the
+        node, then this machine (devices, ``max_memory`` keys, the allowed devices) and this
+        server's quota when nothing of it is left. What needs the model's size (does it fit)
+        is the plan's job, made once the checkpoint is on disk.
+
+        Args:
+            devices: this machine's inventory, when the caller took it already (in a thread).
+
+        Raises:
+            InvalidRequest: a quantized CPU+GPU split, a malformed ``max_memory``, an unknown node.
+            DeviceNotAvailable: a device or ``max_memory`` key not on this machine or not
+                allowed; the details list the devices there are.
+            QuotaExceeded: this server's quota leaves nothing on the devices asked for.
+        """
+        from ..engine.devices import check_quantized_split, check_quota_room, inventory, select_devices
+
+        names = [req.device] if isinstance(req.device, str) else list(req.device)
+        check_quantized_split(names, req.quantization is not None)
+        if req.node is not None:
+            self.pool.check_node(req.node)
+        found = inventory() if devices is None else devices
+        chosen, _ = select_devices(req.device, found, req.max_memory, allowed=self.config.allowed_devices)
+        check_quota_room(chosen, self.quota())
+
     def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:
         req, entry = admitted.req, admitted.entry
         worker_id = "w-" + uuid4().hex[:10]
         plan = self._place(req, blocks, worker_id) if blocks is not None else None
         job = self.jobs.create("load", owner=admitted.owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
+        job.request = req.to_json()
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=admitted.hf_token,
                                                          prove=admitted.prove))
 
@@ -479,7 +522,7 @@ class Hive:
         the larger of planned and measured afterwards)."""
         from ..engine.devices import Holder, MiB, Quota, normalise_device_name
 
-        live = {w.id: w for w in self.pool.list() if w.state not in ("failed", "stopped")}
+        live = {w.id: w for w in self.pool.list() if w.state not in GONE_STATES}
         for worker_id in list(self._planned):
             if worker_id not in live and self._load_over(worker_id):
                 del self._planned[worker_id]
@@ -524,7 +567,8 @@ class Hive:
         if entry is None:
             entry = await self._download_into(job, req.ref, hf_token)
             plan = self._place(req, await asyncio.to_thread(self._blocks, req, entry.local_path), job.id)
-        assert plan is not None
+        if plan is None:  # the download above plans; a load of a model on disk came with its plan
+            raise RbeeError(f"Loading {req.ref} has no placement plan.", details={"model_ref": str(req.ref)})
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
@@ -567,7 +611,7 @@ class Hive:
         """``workers`` least loaded first (then idle before busy, then least recently used):
         replicas of a model share the requests instead of one batch growing while another idles."""
         loads = self._loads()
-        return sorted(workers, key=lambda w: (loads.get(w.id, 0), w.state != "idle", w.last_used))
+        return sorted(_by_preference(workers), key=lambda w: loads.get(w.id, 0))  # stable: ties keep preference
 
     def worker(self, worker_id: str) -> WorkerInfo:
         try:
@@ -575,14 +619,14 @@ class Hive:
         except WorkerNotFound:
             job = self._load_job(worker_id)
             return WorkerInfo.pending(worker_id, job.meta["model_ref"], owner=job.owner,
-                                      state="failed" if job.state.finished else "loading")
+                                      state=WorkerState.FAILED if job.state.finished else WorkerState.LOADING)
 
     async def worker_detail(self, worker_id: str) -> dict[str, Any]:
         """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
         info = {**self.worker(worker_id).to_dict(), "load": self._loads().get(worker_id, 0)}
         if info.get("backend") == "openai":
             return await self.pool.health(worker_id)  # probes the engine now
-        if info["pid"] is None or info["state"] in ("failed", "stopped"):
+        if info["pid"] is None or info["state"] in GONE_STATES:
             return info
         live = await self.pool.health(worker_id)
         keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb", "active_sequences",
@@ -622,29 +666,50 @@ class Hive:
 
     # --- inference ----------------------------------------------------------------
 
-    def infer(self, body: dict[str, Any], *, owner: str | None = None, principal: Principal | None = None) -> Job:
+    def infer(self, body: dict[str, Any] | GenerationRequest, *, worker_id: str | None = None,
+              model_ref: str | None = None, owner: str | None = None, principal: Principal | None = None) -> Job:
         """Start a generation on ``worker_id`` or on a loaded worker of ``model_ref``.
 
+        Args:
+            body: a ``POST v1/inference`` body (validated here, once: the pool gets the typed
+                request), or a request already parsed at an edge (``worker_id``/``model_ref``
+                then say where).
+
         Raises:
+            InvalidRequest: a malformed body (nothing is started).
             AccessDenied: in service mode, the worker holds a gated or private model
                 the caller has not shown access to.
         """
-        from ..engine.generate import GenerationRequest
-
-        GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
+        if isinstance(body, GenerationRequest):
+            req = body
+        else:
+            req = GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
+            worker_id, model_ref = body.get("worker_id"), body.get("model_ref")
         owner = principal.name if principal is not None else owner
-        worker = self._pick_worker(body, principal)
+        worker = self.pick_worker(worker_id=worker_id, model_ref=model_ref, principal=principal)
         job = self.jobs.create("inference", owner=owner, error_style="type")
         job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
-        return self.jobs.start(job, lambda j: self.pool.generate(worker.id, body, j))
+        raw = body if not isinstance(body, GenerationRequest) else {
+            **req.to_json(), **{k: v for k, v in (("worker_id", worker_id), ("model_ref", model_ref)) if v}}
+        job.request = {k: (f"<{len(v)} items>" if k in ("prompt", "messages") and hasattr(v, "__len__") else v)
+                       for k, v in raw.items()}  # the log needs the options, not what the user wrote
+        return self.jobs.start(job, lambda j: self.pool.generate(worker.id, req, j))
 
-    def _pick_worker(self, body: dict[str, Any], principal: Principal | None = None) -> WorkerInfo:
-        worker_id, model_ref = body.get("worker_id"), body.get("model_ref")
+    def pick_worker(self, *, worker_id: Any = None, model_ref: Any = None,
+                    principal: Principal | None = None) -> WorkerInfo:
+        """The worker a generation goes to: ``worker_id``, else the best ready worker of ``model_ref``.
+
+        Raises:
+            InvalidRequest: neither is given, or ``worker_id`` is not a string.
+            Conflict: the worker asked for is not ready.
+            ModelNotLoaded: no worker holds ``model_ref``.
+            AccessDenied: the only workers of it hold another user's gated model.
+        """
         if worker_id is not None:
             if not isinstance(worker_id, str):
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
             worker = self.worker(worker_id)
-            if worker.state not in ("idle", "busy"):
+            if not worker.ready:
                 why = f" ({worker.exit_reason})" if worker.exit_reason else ""
                 raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
@@ -656,16 +721,43 @@ class Hive:
         engines = {n: w.model_ref for w in self.pool.list() if getattr(w, "backend", None) == "openai"
                    for n in (w.model_ref, getattr(w, "name", None)) if n}  # an engine: by its ref or its name
         ref = (engines.get(model_ref) if isinstance(model_ref, str) else None) or str(parse_ref(model_ref))
-        ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
+        ready = [w for w in self.pool.list() if w.model_ref == ref and w.ready]
         usable = [w for w in ready if self.may_use_worker(principal, w)]
         if ready and not usable:
             raise _not_yours(ready[0])
-        ready = usable
-        if not ready:
+        if not usable:
             raise ModelNotLoaded(
                 f"No worker holds {ref}. Load it first: POST v1/workers {{\"model_ref\": \"{ref}\"}} "
                 f"or %rbee load {ref}.", details={"model_ref": ref})
-        return self.by_load(ready)[0]
+        return self.by_load(usable)[0]
+
+    def resolve_model(self, model: Any, principal: Principal | None = None) -> WorkerInfo:
+        """An OpenAI ``model`` name → the best ready worker answering to it (:func:`worker_names`).
+
+        Raises:
+            InvalidRequest: no name given.
+            Conflict: the model's worker is there but not ready (loading, failed).
+            ModelNotFound: no worker the caller may use answers to that name.
+        """
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
+        workers = [w for w in self.pool.list() if self.may_use_worker(principal, w)]
+        ready = self.by_load([w for w in workers if w.ready])
+        for w in ready:
+            if model in worker_names(w):
+                return w
+        for w in workers:  # there, but not usable: say why rather than "not loaded"
+            if model in worker_names(w):
+                why = f" ({w.exit_reason})" if w.exit_reason else ""
+                raise Conflict(f"The model {model!r} (worker {w.id}) is {w.state}{why}.",
+                               details={"field": "model", "worker_id": w.id, "state": w.state})
+        raise ModelNotFound(f"The model {model!r} is not loaded. Load it first (POST rbee/v1/workers or "
+                            f"%rbee load); loaded: {', '.join(worker_names(w)[0] for w in ready) or 'none'}.",
+                            details={"field": "model"})
+
+    def served_models(self, principal: Principal | None = None) -> list[WorkerInfo]:
+        """The ready workers the caller may use (what ``openai/v1/models`` lists)."""
+        return [w for w in self.pool.list() if w.ready and self.may_use_worker(principal, w)]
 
     # --- server-wide feed -----------------------------------------------------------
 
@@ -677,6 +769,28 @@ class Hive:
             self.feed.publish(FeedEvent(topic=topic, data=data))
 
 
+def _by_preference(workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    """Where a generation should go first: idle before busy, then the longest unused (routing lives here)."""
+    return sorted(workers, key=lambda w: (w.state != WorkerState.IDLE, w.last_used))
+
+
+def worker_names(w: WorkerInfo) -> list[str]:
+    """Every ``model`` name a worker answers to; the first is the one ``openai/v1/models`` lists.
+
+    An external engine answers to its configured name and its model's name on the engine,
+    every worker to its ref without ``hf:`` (``org/repo``), its ref and its id.
+    """
+    engine = [n for n in (getattr(w, "name", None), getattr(w, "model", None)) if n]
+    return [*engine, _model_id(w.model_ref), w.model_ref, w.id]
+
+
+def _model_id(ref: str) -> str:
+    try:
+        return parse_ref(ref).display_name
+    except RbeeError:
+        return ref
+
+
 def _not_yours(worker: WorkerInfo) -> AccessDenied:
     return AccessDenied(f"Worker {worker.id} holds {worker.model_ref}, a gated or private model that {worker.owner} "
                         "downloaded; load your own worker of it with your hub token (X-HF-Token).",
@@ -685,8 +799,7 @@ def _not_yours(worker: WorkerInfo) -> AccessDenied:
 
 def register_local(ref: ModelRef) -> CatalogEntry:
     """Check a local model folder (or GGUF file) and describe it; nothing is copied."""
-    assert ref.path is not None
-    path = Path(ref.path)
+    path = Path(ref.path or "")
     if not path.exists():
         raise ModelNotFound(f"{path} does not exist on the server's machine.", details={"model_ref": str(ref)})
     if ref.is_gguf:

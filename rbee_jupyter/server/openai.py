@@ -19,32 +19,16 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..errors import Conflict, InvalidRequest, ModelNotFound, RbeeError
+from ..core.hive import worker_names
+from ..errors import HTTP_ERROR_CODES, InvalidRequest, RbeeError
 from ..events import sse_done, to_json
-from ..core.refs import parse_ref
-from .handlers import _HTTP_CODES, RbeeHandler
+from .handlers import RbeeHandler
+from .sse import open_owned, release
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
                 503: "server_error"}
-
-
-def _model_id(ref: str) -> str:
-    """The ``model`` name clients use: the ref without ``hf:`` (``org/repo``)."""
-    try:
-        return parse_ref(ref).display_name
-    except RbeeError:
-        return ref
-
-
-def _names(w: Any) -> list[str]:
-    """Every ``model`` a worker answers to; the first is the one ``GET models`` lists.
-
-    An external engine answers to its configured name and its model's name on the engine.
-    """
-    engine = [n for n in (getattr(w, "name", None), getattr(w, "model", None)) if n]
-    return [*engine, _model_id(w.model_ref), w.model_ref, w.id]
 
 
 class OpenAIHandler(RbeeHandler):
@@ -57,7 +41,8 @@ class OpenAIHandler(RbeeHandler):
             param = exc.details.get("field")
         else:
             status, param = status_code, None
-            code = _HTTP_CODES.get(status_code, "internal_error" if status_code >= 500 else f"http_{status_code}").lower()
+            fallback = "internal_error" if status_code >= 500 else f"http_{status_code}"
+            code = HTTP_ERROR_CODES.get(status_code, fallback).lower()
             message = getattr(exc, "log_message", None) or HTTPStatus(status_code).phrase
         self.set_status(status if status in range(400, 600) and status != 499 else 500)
         self.set_header("Content-Type", "application/json")
@@ -65,23 +50,8 @@ class OpenAIHandler(RbeeHandler):
                                           "param": param, "code": code}}))
 
     def resolve_worker(self, model: object) -> str:
-        """An OpenAI ``model`` → a ready worker: by worker id, ref, or ``org/repo``."""
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
-        principal = self.principal
-        workers = [w for w in self.hive.pool.list() if self.hive.may_use_worker(principal, w)]
-        ready = [w for w in workers if w.state in ("idle", "busy")]
-        for w in self.hive.by_load(ready):
-            if model in _names(w):
-                return w.id
-        for w in workers:  # there, but not usable: say why rather than "not loaded"
-            if model in _names(w):
-                why = f" ({w.exit_reason})" if w.exit_reason else ""
-                raise Conflict(f"The model {model!r} (worker {w.id}) is {w.state}{why}.",
-                               details={"field": "model", "worker_id": w.id, "state": w.state})
-        raise ModelNotFound(f"The model {model!r} is not loaded. Load it first (POST rbee/v1/workers or "
-                            f"%rbee load); loaded: {', '.join(_names(w)[0] for w in ready) or 'none'}.",
-                            details={"field": "model"})
+        """An OpenAI ``model`` → a ready worker's id (the hive decides which: :meth:`Hive.resolve_model`)."""
+        return self.hive.resolve_model(model, self.principal).id
 
 
 #: Most choices one request may ask for (``n``): each is a sequence in the worker's batch.
@@ -122,11 +92,9 @@ class ModelsHandler(OpenAIHandler):
     @authorized
     async def get(self) -> None:
         seen: dict[str, Any] = {}
-        principal = self.principal
-        for w in self.hive.pool.list():
-            if w.state in ("idle", "busy") and self.hive.may_use_worker(principal, w):
-                name = _names(w)[0]
-                seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee"})
+        for w in self.hive.served_models(self.principal):
+            name = worker_names(w)[0]
+            seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee"})
         self.reply(200, {"object": "list", "data": list(seen.values())})
 
 
@@ -156,13 +124,15 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
         request = {**_common(body), **self.request_fields(body), "worker_id": self.resolve_worker(body.get("model"))}
         model = body["model"]
         jobs = self._start(request, n)
-        subs = [job.subscribe(last_event_id=0) for job in jobs]
-        self._rbee_subscription = subs[0] if n == 1 else None
-        firsts = [await sub.get() for sub in subs]
-        for job in jobs:
-            if job.state.finished and len(job.records) == 1 and isinstance(job.error, RbeeError):
-                _cancel_all(subs)
-                raise job.error
+        opened = []
+        try:
+            for job in jobs:  # a choice refused before its first event (queue full) refuses the request
+                opened.append(await open_owned(self, job, cancel_on_close=n == 1))
+        except RbeeError:
+            for job in jobs:
+                job.cancel("Another choice of the request was refused.")
+            raise
+        subs, firsts = [sub for sub, _ in opened], [first for _, first in opened]
         created = int(time.time())
         base = {"id": f"{'chatcmpl' if self.chunk_object.startswith('chat') else 'cmpl'}-{jobs[0].id}",
                 "created": created, "model": model}
@@ -246,7 +216,8 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
                                                                                     code=event["code"])
         finally:
             _cancel_all(subs)
-        assert len(ends) == len(subs)
+        if len(ends) != len(subs):  # an inference job always ends with end or error; say so if that ever breaks
+            raise RbeeError("A generation ended without its end event.")
         choices = [{**self.full_choice("".join(texts[i]), _FINISH.get(ends[i]["stop_reason"], "stop")), "index": i}
                    for i in range(len(subs))]
         self.reply(200, {**base, "object": self.object_name, "choices": choices,
@@ -285,9 +256,7 @@ async def _merged(subs, firsts):
 def _cancel_all(subs) -> None:
     """Close the subscriptions; a generation nobody reads any more stops."""
     for sub in subs:
-        sub.close()
-        if not sub.job.state.finished:
-            sub.job.cancel("The client went away.")
+        release(sub, cancel=True)
 
 
 def _usage(ends: list[dict[str, Any]]) -> dict[str, int]:
