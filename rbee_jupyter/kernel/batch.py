@@ -67,8 +67,11 @@ def batch_concurrency(workers: Sequence[Mapping[str, Any]], model: Any) -> int:
     """Requests to keep in flight: the sum of ``max_batch_size`` over the ready workers that
     would serve ``model`` (its id or ref; None: all), so every batch fills and nobody queues."""
     name = getattr(model, "id", model)
-    ready = [w for w in workers if w.get("state") in ("idle", "busy")
-             and (name is None or name in (w.get("id"), w.get("model_ref"), str(w.get("model_ref", "")).removeprefix("hf:")))]
+    def serves(w: Mapping[str, Any]) -> bool:
+        ref = str(w.get("model_ref", ""))
+        return name is None or name in (w.get("id"), ref, ref.removeprefix("hf:"))
+
+    ready = [w for w in workers if w.get("state") in ("idle", "busy") and serves(w)]
     sizes = [w.get("max_batch_size") for w in ready]
     total = sum(s for s in sizes if isinstance(s, int) and s > 0)
     return total or DEFAULT_CONCURRENCY
