@@ -345,7 +345,7 @@ async def test_the_kv_budget_makes_requests_wait_instead_of_running_out_of_memor
                 h = await health(control)
                 return h if len(h["requests"]) == 3 else None
             h = await until(queued, 10, "the three requests to be accepted")
-            assert (h["active_sequences"], h["queue_length"]) == (2, 1) and h["active"] == ["kv-0", "kv-1"]
+            assert (h["active_sequences"], h["queue_length"]) == (2, 1)  # whichever two arrived first
             assert 0 < h["kv_reserved_tokens"] <= h["kv_budget_tokens"] == int(0.1 * (1 << 20)) // 1024
             assert h["max_batch_size"] == 8
             for stream, text in zip(streams, expected, strict=True):
