@@ -28,7 +28,7 @@ from .sse import open_owned, release
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
-                503: "server_error"}
+                429: "rate_limit_error", 503: "server_error"}
 
 
 class OpenAIHandler(RbeeHandler):
