@@ -375,6 +375,8 @@ class WorkerSpec:
     owner: str | None = None
     queue_depth: int = QUEUE_DEPTH
     max_tokens_limit: int = MAX_TOKENS_LIMIT
+    max_batch_size: int | None = None  # None: the worker picks for its device (worker/runtime.py)
+    kv_budget_mb: float | None = None  # None: the worker picks from the memory free after loading
     worker_id: str | None = None  # the hive names workers before they start (their load job's id)
     node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
 
@@ -402,6 +404,10 @@ class WorkerConfig:
     compute_dtype: str | None = None
     queue_depth: int = QUEUE_DEPTH
     max_tokens_limit: int = MAX_TOKENS_LIMIT
+    #: Sequences decoded together per forward step; None: 8 on a CPU, 32 on a GPU.
+    max_batch_size: int | None = None
+    #: MB of KV cache the running batch may reserve; None: a share of the memory free after loading.
+    kv_budget_mb: float | None = None
     keepalive_s: float = 10.0
     watch_stdin: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -419,6 +425,13 @@ class WorkerConfig:
             raise InvalidRequest("queue_depth must be an integer >= 0")
         if not isinstance(config.max_tokens_limit, int) or config.max_tokens_limit < 1:
             raise InvalidRequest("max_tokens_limit must be an integer >= 1")
+        if config.max_batch_size is not None and (not isinstance(config.max_batch_size, int)
+                                                  or isinstance(config.max_batch_size, bool)
+                                                  or config.max_batch_size < 1):
+            raise InvalidRequest("max_batch_size must be an integer >= 1 or null")
+        if config.kv_budget_mb is not None and (not isinstance(config.kv_budget_mb, (int, float))
+                                                or isinstance(config.kv_budget_mb, bool) or config.kv_budget_mb < 0):
+            raise InvalidRequest("kv_budget_mb must be a number >= 0 (0: no limit) or null")
         return config
 
     def to_json(self) -> str:

@@ -16,7 +16,8 @@ def rbee_server(rbee_hub_session, tmp_path_factory):
     """A real `jupyter server` process with the extension, shared by the session's API tests."""
     folder = tmp_path_factory.mktemp("server")
     settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
-                "hub_endpoint": rbee_hub_session.url, "sse_keepalive_s": 0.5, "queue_depth": 1}
+                "hub_endpoint": rbee_hub_session.url, "sse_keepalive_s": 0.5, "queue_depth": 1,
+                "max_batch_size": 1}  # one running, one waiting: the queue tests count on it (batching: test_batching)
     with ServerProcess(folder, rbee=settings, base_url="/user/alice/") as server:
         yield server
 

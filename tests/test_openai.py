@@ -99,7 +99,7 @@ def test_stop_and_seed(client, tiny):
 
 
 @pytest.mark.parametrize("kwargs, status, param", [
-    ({"n": 2}, 400, "n"),
+    ({"n": 9}, 400, "n"),  # over MAX_CHOICES
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"temperature": -0.5}, 400, "temperature"),
     ({"model": "no/such-model"}, 404, "model"),

@@ -237,7 +237,7 @@ async def test_a_corrupt_checkpoint_fails_with_invalid_checkpoint(rbee_tiny_mode
 
 async def test_queue_full_is_worker_busy_cancel_frees_the_slot_and_a_stall_is_reported(rbee_tiny_model):
     async with opened(env=SLOW_TOKENS) as pool:
-        info = await loaded(pool, rbee_tiny_model, queue_depth=0)
+        info = await loaded(pool, rbee_tiny_model, queue_depth=0, max_batch_size=1)
         with pytest.raises(InvalidRequest) as bad:  # the worker's 400, rebuilt as its own class
             await pool.generate(info.id, {"prompt": ""}, Job("inference", error_style="type"))
         assert bad.value.details["field"] == "prompt"

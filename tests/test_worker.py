@@ -95,7 +95,7 @@ async def until(predicate, timeout: float, what: str, interval: float = 0.02):
 @pytest.fixture(scope="module")
 def worker(rbee_tiny_model: Path) -> Iterator[Spawned]:
     w = spawn(rbee_tiny_model, env={TOKEN_DELAY_ENV: "0.02"}, worker_id="w-test", queue_depth=1,
-              max_tokens_limit=200, stderr_pipe=True)
+              max_batch_size=1, max_tokens_limit=200, stderr_pipe=True)
     SHARED.add(w.proc.pid)
     yield w
     SHARED.discard(w.proc.pid)
@@ -318,3 +318,42 @@ async def test_the_worker_exits_when_told_or_when_its_parent_is_gone(rbee_tiny_m
     else:
         w.proc.stdin.close()
     assert await asyncio.get_running_loop().run_in_executor(None, w.proc.wait, 10) == 0
+
+
+# --- batching --------------------------------------------------------------------------------
+
+async def test_the_kv_budget_makes_requests_wait_instead_of_running_out_of_memory(rbee_tiny_model):
+    """A budget of ~100 KV slots: two requests of ~45 slots run together, the third waits for room."""
+    from transformers import AutoTokenizer
+
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.loader import load_model
+
+    gen = Generator(load_model(rbee_tiny_model), AutoTokenizer.from_pretrained(rbee_tiny_model))
+    prompts = [f"{PROMPT} {i}" for i in range(3)]
+    expected = ["".join(c.text for c in gen.stream(GenerationRequest(prompt=p, max_tokens=40))) for p in prompts]
+    w = spawn(rbee_tiny_model, env={TOKEN_DELAY_ENV: "0.02"}, worker_id="w-kv", kv_budget_mb=0.1,
+              max_batch_size=8, queue_depth=4)
+    try:
+        await load_stream(w)
+        async with w.client() as c, w.client() as control:
+            streams = [asyncio.ensure_future(read_stream(c, "POST", "/generate", timeout=WAIT_S,
+                                                         json={"prompt": p, "max_tokens": 40, "request_id": f"kv-{i}"}))
+                       for i, p in enumerate(prompts)]
+
+            async def queued():
+                h = await health(control)
+                return h if len(h["requests"]) == 3 else None
+            h = await until(queued, 10, "the three requests to be accepted")
+            assert (h["active_sequences"], h["queue_length"]) == (2, 1)  # whichever two arrived first
+            assert 0 < h["kv_reserved_tokens"] <= h["kv_budget_tokens"] == int(0.1 * (1 << 20)) // 1024
+            assert h["max_batch_size"] == 8
+            for stream, text in zip(streams, expected, strict=True):
+                s = await stream
+                assert s.done and s.events[-1]["type"] == "end"
+                assert "".join(e["t"] for e in s.events if e["type"] == "token") == text
+            h = await until_idle(control, timeout=5)
+            assert (h["active_sequences"], h["queue_length"], h["kv_reserved_tokens"]) == (0, 0, 0)
+    finally:
+        w.proc.stdin.close()
+        w.proc.wait(15)

@@ -63,6 +63,8 @@ class HiveConfig:
     pool_class: type[Pool] = LocalProcessPool
     queue_depth: int = QUEUE_DEPTH
     max_tokens_limit: int = MAX_TOKENS_LIMIT
+    max_batch_size: int | None = None
+    kv_budget_mb: float | None = None
     allowed_devices: list[str] | None = None
     device_quota_mb: dict[str, float] = field(default_factory=dict)
     service_mode: bool = False
@@ -349,7 +351,7 @@ class Hive:
 
     def worker_view(self, worker: WorkerInfo, principal: Principal | None) -> dict[str, Any]:
         """A worker as ``principal`` sees it: in full (theirs, or an admin), else its public view."""
-        info = {**worker.to_dict(), "shared": worker.id in self._shared}
+        info = {**worker.to_dict(), "shared": worker.id in self._shared, "load": self._loads().get(worker.id, 0)}
         if self.may_see_all_of(principal, worker):
             return info
         return public_worker(info)
@@ -722,7 +724,8 @@ class Hive:
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
-                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node)
+                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node,
+                          max_batch_size=self.config.max_batch_size, kv_budget_mb=self.config.kv_budget_mb)
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)
@@ -743,8 +746,17 @@ class Hive:
         return entry
 
     def workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:
-        """``GET v1/workers``: every worker ``principal`` may see, as they may see it."""
+        """``GET v1/workers``: every worker ``principal`` may see, as they may see it, with ``load``."""
         return [self.worker_view(w, principal) for w in self.pool.list() if self.sees_worker(principal, w)]
+
+    def _loads(self) -> dict[str, int]:
+        """worker id → generations this hive sent it that have not ended (active plus queued)."""
+        loads: dict[str, int] = {}
+        for job in self.jobs.list("inference"):
+            worker_id = job.meta.get("worker_id")
+            if worker_id is not None and not job.state.finished:
+                loads[worker_id] = loads.get(worker_id, 0) + 1
+        return loads
 
     def worker(self, worker_id: str) -> WorkerInfo:
         try:
@@ -766,7 +778,8 @@ class Hive:
         if info["pid"] is None or info["state"] in GONE_STATES:
             return info
         live = await self.pool.health(worker_id)
-        keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb")
+        keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb", "active_sequences",
+                "batch_size", "max_batch_size", "tokens_per_second", "kv_budget_tokens", "kv_reserved_tokens")
         return {**info, **{k: live[k] for k in keys if k in live}}
 
     def _load_job(self, worker_id: str) -> Job:
@@ -891,7 +904,7 @@ class Hive:
             raise ModelNotLoaded(
                 f"No worker holds {what}. Load it first: POST v1/workers {{\"model_ref\": \"{what}\"}} "
                 f"or %rbee load {what}.", details={"model_ref": what})
-        return _by_preference(usable, principal)[0]
+        return _by_preference(usable, principal, loads=self._loads())[0]
 
     def resolve_model(self, model: Any, principal: Principal | None = None) -> WorkerInfo:
         """An OpenAI ``model`` name → the best ready worker answering to it (:func:`worker_names`).
@@ -907,7 +920,7 @@ class Hive:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
         workers = [w for w in self.pool.list() if self.may_use_worker(principal, w)]
-        ready = _by_preference([w for w in workers if w.ready], principal, model=model)
+        ready = _by_preference([w for w in workers if w.ready], principal, model=model, loads=self._loads())
         for w in ready:
             if model in worker_names(w):
                 return w
@@ -936,15 +949,17 @@ class Hive:
 
 
 def _by_preference(workers: list[WorkerInfo], principal: Principal | None = None, *,
-                   model: str | None = None) -> list[WorkerInfo]:
+                   model: str | None = None, loads: dict[str, int] | None = None) -> list[WorkerInfo]:
     """Where a generation should go first (routing lives here): the caller's own workers, then, for
     an OpenAI ``model`` name, a real holder of that model before an engine that merely calls its
-    model so, then idle before busy, then the longest unused."""
+    model so, then the least loaded (generations running or queued: replicas share the requests
+    instead of one batch growing while another idles), then idle before busy, then the longest unused."""
     mine = principal.name if principal is not None else None
+    loads = loads or {}
 
     def key(w: WorkerInfo) -> tuple:
         by_alias = model is not None and model in engine_aliases(w) and model != _model_id(w.model_ref)
-        return (w.owner != mine, by_alias, w.state != WorkerState.IDLE, w.last_used)
+        return (w.owner != mine, by_alias, loads.get(w.id, 0), w.state != WorkerState.IDLE, w.last_used)
     return sorted(workers, key=key)
 
 

@@ -31,7 +31,9 @@ __all__ = [
     "Generator",
     "IncrementalDetokenizer",
     "StopReason",
+    "Sampler",
     "StopStringMatcher",
+    "TextAssembler",
     "TokenChunk",
     "TokenStream",
 ]
@@ -160,9 +162,78 @@ class StopStringMatcher:
         return best
 
 
+class TextAssembler:
+    """One request's text, pushed one token id at a time: chunks of final text, stop strings cut.
+
+    The single-sequence :class:`TokenStream` and the batched decoder (``batch.py``) both
+    turn sampled ids into ``token`` events through this, so incremental detokenization and
+    stop handling are the same however the tokens were made.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopStringMatcher(stops)
+        self._index = 0
+        self._pending: list[int] = []
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string appeared: nothing more is emitted, and the request should end."""
+        return self._stops.stopped
+
+    def push(self, token_id: int) -> TokenChunk | None:
+        """Add a sampled id; returns the chunk that became final, if any."""
+        self._pending.append(token_id)
+        return self._emit(self._stops.push(self._detok.add(token_id)))
+
+    def finish(self) -> TokenChunk | None:
+        """The end of the stream decides everything held back: an incomplete character is
+        shown as U+FFFD (as decode() would) and a partial stop string is just text."""
+        if self._stops.stopped:
+            return None
+        text = self._stops.push(self._detok.flush())
+        text += "" if self._stops.stopped else self._stops.flush()
+        return self._emit(text)
+
+    def _emit(self, text: str) -> TokenChunk | None:
+        if not text:
+            return None
+        chunk = TokenChunk(text, self._index, self._pending)
+        self._index, self._pending = self._index + 1, []
+        return chunk
+
+
+class GenerationClock:
+    """Counts one request's tokens and times them, for its :class:`GenerationStats`."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.produced = 0
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def count(self) -> None:
+        """One more sampled token (EOS included: it cost a forward step)."""
+        self.produced += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def stats(self, reason: StopReason) -> GenerationStats:
+        seconds = time.perf_counter() - self.started
+        first = self.first_token_at
+        return GenerationStats(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.produced,
+            time_to_first_token_ms=None if first is None else (first - self.started) * 1000,
+            tokens_per_second=self.produced / seconds if seconds > 0 else 0.0,
+            duration_ms=seconds * 1000,
+            stop_reason=reason,
+        )
+
+
 # --- sampling ----------------------------------------------------------------------------
 
-class _Sampler:
+class Sampler:
     """Picks the next token with transformers' processor order and semantics.
 
     Order as in ``GenerationMixin._get_logits_processor``: repetition penalty (greedy too),
@@ -264,8 +335,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 class Generator:
     """Generates for one loaded model; one stream at a time per instance.
 
-    ``tokens_computed`` counts forward steps over the instance's life (each step makes one
-    token) so that a caller can check that a cancelled request stopped consuming compute.
+    ``tokens_computed`` counts tokens computed over the instance's life (a forward step makes
+    one per sequence in it) so that a caller can check that a cancelled request stopped consuming compute.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, context_length: int | None = None) -> None:
@@ -321,6 +392,10 @@ class Generator:
     def _device(self) -> torch.device:
         return getattr(self.model, "device", None) or next(self.model.parameters()).device
 
+    def _count_tokens(self, n: int) -> None:
+        with self._counter_lock:
+            self._tokens_computed += n
+
     def _forward(self, ids: Sequence[int], past: Any) -> tuple[torch.Tensor, Any]:
         """One forward step; returns the last position's logits and the grown KV cache."""
         kwargs: dict[str, Any] = {self._cache_kw: past, "use_cache": True}
@@ -329,8 +404,7 @@ class Generator:
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self._device())
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, **kwargs)
-        with self._counter_lock:
-            self._tokens_computed += 1
+        self._count_tokens(1)
         return out.logits[0, -1], out[self._cache_kw]
 
 
@@ -357,9 +431,7 @@ class TokenStream(Iterator[TokenChunk]):
         self._gen = gen
         self._cancel = cancel
         self._reason: StopReason = "cancelled"
-        self._produced = 0
-        self._started = time.perf_counter()
-        self._first_token_at: float | None = None
+        self._clock = GenerationClock(len(prompt_ids))
         self._it = self._run()
 
     def __next__(self) -> TokenChunk:
@@ -380,39 +452,33 @@ class TokenStream(Iterator[TokenChunk]):
 
     def _chunks(self) -> Iterator[TokenChunk]:
         """Text in the order it becomes final; stop strings and what follows them are dropped."""
-        detok, stops = IncrementalDetokenizer(self._gen.tokenizer), StopStringMatcher(self.request.stop)
-        index, pending = 0, []
+        text = TextAssembler(self._gen.tokenizer, self.request.stop)
         for token in self._tokens():
-            pending.append(token)
-            text = stops.push(detok.add(token))
-            if text:
-                yield TokenChunk(text, index, pending)
-                index, pending = index + 1, []
-            if stops.stopped:
-                break
-        if not stops.stopped:
-            # The end of the stream decides everything held back: an incomplete character
-            # is shown as U+FFFD (as decode() would) and a partial stop string is just text.
-            text = stops.push(detok.flush())
-            text += "" if stops.stopped else stops.flush()
-            if text:
-                yield TokenChunk(text, index, pending)
-        if stops.stopped:
+            chunk = text.push(token)
+            if chunk is not None:
+                yield chunk
+            if text.stopped:
+                self._reason = "stop"
+                return
+        chunk = text.finish()
+        if chunk is not None:
+            yield chunk
+        if text.stopped:
             self._reason = "stop"
 
     def _tokens(self) -> Iterator[int]:
         """Sampled ids (EOS excluded); records why it ended in ``_reason``."""
         gen, req = self._gen, self.request
-        sampler = _Sampler(req)
+        sampler = Sampler(req)
         sampler.observe(self.prompt_ids)
         past, step_ids = None, self.prompt_ids
-        while self._produced < req.max_tokens:
+        while self._clock.produced < req.max_tokens:
             if self._cancel is not None and self._cancel.is_set():
                 self._reason = "cancelled"
                 return
             logits, past = gen._forward(step_ids, past)
             token = sampler(logits)
-            self._count_token()
+            self._clock.count()
             sampler.observe([token])
             if token in gen.eos_token_ids:
                 self._reason = "eos"
@@ -421,20 +487,6 @@ class TokenStream(Iterator[TokenChunk]):
             step_ids = [token]
         self._reason = "length"
 
-    def _count_token(self) -> None:
-        self._produced += 1
-        if self._first_token_at is None:
-            self._first_token_at = time.perf_counter()
-
     def _finish(self) -> None:
-        seconds = time.perf_counter() - self._started
-        first = self._first_token_at
-        self.stats = GenerationStats(
-            prompt_tokens=len(self.prompt_ids),
-            completion_tokens=self._produced,
-            time_to_first_token_ms=None if first is None else (first - self._started) * 1000,
-            tokens_per_second=self._produced / seconds if seconds > 0 else 0.0,
-            duration_ms=seconds * 1000,
-            stop_reason=self._reason,
-        )
+        self.stats = self._clock.stats(self._reason)
         self._gen.stats = self.stats

@@ -28,7 +28,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -574,6 +574,10 @@ def _infer_body(model: Any, options: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+if TYPE_CHECKING:
+    from .batch import BatchResult
+
+
 class Client:
     """The rbee hive, wherever it runs. ``Client()`` discovers it; ``Client(url, token=...)`` names it.
 
@@ -760,6 +764,49 @@ class Client:
                                    "temperature": temperature, "top_p": top_p, "seed": seed,
                                    "stop": [stop] if isinstance(stop, str) else stop, **extra})
         return Generation(self, self._transport.infer(body), model=_model_name(model))
+
+    def generate_batch(self, items: Sequence[str | Sequence[dict[str, str]]], *, model: Worker | str | None = None,
+                       max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                       seed: int | None = None, stop: str | Sequence[str] | None = None,
+                       concurrency: int | None = None, progress: bool = True, **extra: Any) -> BatchResult:
+        """Run many prompts (or chats) at once; the worker decodes them together in batches.
+
+        Args:
+            items: prompts (str) or chats (lists of ``{"role", "content"}``), in any mix.
+            model: a :class:`Worker`, a worker id, or a model ref.
+            concurrency: requests kept in flight; None: the ready workers' ``max_batch_size``
+                summed, so their batches fill without queueing.
+            progress: show one progress view (items done / N, tok/s, ETA).
+
+        Returns:
+            A :class:`~rbee_jupyter.kernel.batch.BatchResult`: one ``BatchItem`` per input, in
+            input order, each with ``text``, ``stop_reason`` and ``stats``, or its own ``error``
+            (an invalid item fails alone). Interrupting the kernel cancels what has not finished,
+            keeps what has, and returns with ``interrupted`` set.
+        """
+        from .batch import batch_concurrency, run_batch
+
+        options = _infer_body(model, {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                                      "seed": seed, "stop": [stop] if isinstance(stop, str) else stop, **extra})
+        if concurrency is None:
+            concurrency = batch_concurrency(self._worker_details(model), model)
+        view = None
+        if progress:
+            from .widgets import BatchView
+
+            view = BatchView(_model_name(model) or "batch", total=len(items))
+        return run_batch(lambda body: Generation(self, self._transport.infer(body), model=_model_name(model)),
+                         list(items), options=options, concurrency=concurrency, view=view)
+
+    def _worker_details(self, model: Worker | str | None) -> list[dict[str, Any]]:
+        """The ready workers with their live batching figures (``max_batch_size``)."""
+        rows = []
+        for w in self.workers():
+            if w.get("state") in ("idle", "busy"):
+                with contextlib.suppress(RbeeError):
+                    w = {**w, **self._transport.worker(w["id"])}
+                rows.append(w)
+        return rows
 
     # --- jobs by id -----------------------------------------------------------------------
 

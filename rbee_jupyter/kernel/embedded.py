@@ -226,7 +226,7 @@ class EmbeddedTransport:
         return self.owner.call(self.hive.workers)
 
     def worker(self, worker_id: str) -> dict[str, Any]:
-        return self.owner.call(lambda: self.hive.worker(worker_id).to_dict())
+        return self.owner.run(self.hive.worker_detail(worker_id))  # live figures too, as over HTTP
 
     def unload(self, worker_id: str) -> None:
         self.owner.run(self.hive.unload(worker_id))

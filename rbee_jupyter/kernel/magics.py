@@ -46,7 +46,10 @@ USAGE = """\
                                               the cell is the prompt; text appears as it streams
 %%rbee chat [--model REF|ID] [--system TEXT] [--reset] [same options as generate]
                                               the cell is your turn; the conversation is kept per model
-%rbee chat [--model REF|ID] --reset | --system TEXT   start over / set the system prompt, without a turn"""
+%rbee chat [--model REF|ID] --reset | --system TEXT   start over / set the system prompt, without a turn
+%rbee batch EXPR --out NAME [--model REF|ID] [--max-tokens N] [--temperature T] [--seed S] [--stop S]
+                                              run every prompt of a list or pandas Series (EXPR) at once;
+                                              the answers go to NAME (a list, or a Series with EXPR's index)"""
 
 _LINES: dict[str, str] = {}
 for _line in USAGE.splitlines():
@@ -89,7 +92,9 @@ def _parser(command: str) -> _Parser:
         p.add_argument("url", metavar="URL")
         p.add_argument("--token")
         p.add_argument("--hf-token", dest="hf_token")
-    if command in ("generate", "chat"):
+    if command == "batch":
+        p.add_argument("--out", required=True)
+    if command in ("generate", "chat", "batch"):
         p.add_argument("--model")
         p.add_argument("--max-tokens", type=int, dest="max_tokens")
         p.add_argument("--temperature", type=float)
@@ -103,7 +108,7 @@ def _parser(command: str) -> _Parser:
 
 
 _COMMANDS = ("download", "load", "ps", "models", "devices", "unload", "cancel", "connect", "status", "help",
-             "generate", "chat")
+             "generate", "chat", "batch")
 
 
 class _Text(str):
@@ -181,7 +186,14 @@ class RbeeMagics(Magics):
             raise UsageError(f"%%rbee {command} is not a cell magic; use %rbee {command}")
         if "-h" in rest or "--help" in rest or command == "help":
             return _Text(USAGE if command == "help" else f"usage: {_usage(command)}")
-        args = _parser(command).parse_args(rest)
+        if command == "batch":  # EXPR is Python (df["q"]): take it verbatim, parse only the options
+            if len(rest) < 2 or rest[0].startswith("--"):
+                raise UsageError(f"batch needs an expression and --out NAME\nusage: {_usage('batch')}")
+            expr, _, options = line.split(None, 1)[1].partition(" --")
+            rest = [expr.strip(), *shlex.split("--" + options if options else "")]
+        args = _parser(command).parse_args(rest[1:] if command == "batch" else rest)
+        if command == "batch":
+            args.expr = rest[0]
         try:
             return getattr(self, f"_{command}")(args, cell)
         except RbeeError as exc:
@@ -308,6 +320,27 @@ class RbeeMagics(Magics):
                 history.extend([turn, {"role": "assistant", "content": gen.text}])
 
         return self._follow_generation(gen, key, args, on_done=remember)
+
+    def _batch(self, args: argparse.Namespace, cell: str | None) -> Any:
+        if not args.out.isidentifier():
+            raise UsageError(f"--out must be a Python name, got {args.out!r}\nusage: {_usage('batch')}")
+        try:
+            data = self.shell.ev(args.expr)
+        except Exception as exc:  # noqa: BLE001 - the user's expression: say what failed, no traceback
+            raise UsageError(f"cannot evaluate {args.expr!r}: {type(exc).__name__}: {exc}") from None
+        series = type(data).__name__ == "Series" and hasattr(data, "index")
+        items = list(data.tolist() if series else data) if not isinstance(data, str) else None
+        if items is None:
+            raise UsageError(f"{args.expr!r} is a single string; batch runs over a list or a pandas Series")
+        model, _ = self._resolve_model(args.model)
+        result = self.client.generate_batch(items, model=model, **self._options(args))
+        answers = result.texts
+        if series:
+            import pandas as pd
+
+            answers = pd.Series(answers, index=data.index, name=args.out)
+        self.shell.user_ns[args.out] = answers
+        return result
 
     def _follow_generation(self, gen: Generation, title: str, args: argparse.Namespace,
                            on_done: Any = None) -> Generation:

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 from ..errors import RbeeError
 from .render import describe, eta_seconds, human_bytes
 
-__all__ = ["progress_mode", "ProgressView", "DownloadView", "LoadingView", "GenerationView", "follow",
+__all__ = ["progress_mode", "ProgressView", "DownloadView", "LoadingView", "GenerationView", "BatchView", "follow",
            "view_for", "show_handle", "Table", "workers_table", "models_table", "devices_table"]
 
 Mode = Literal["widget", "text", "terminal"]
@@ -438,6 +438,52 @@ class GenerationView(ProgressView):
             self.tokens = event.get("total_tokens", self.tokens)
             self.details = (f"{self.tokens} tokens · {event.get('tokens_per_second') or 0:.1f} tok/s · "
                             f"stop: {event.get('stop_reason')}")
+
+
+class BatchView(ProgressView):
+    """Items done out of N, aggregate tokens/s and ETA, for ``generate_batch`` / ``%rbee batch``.
+
+    Fed with :meth:`item_done` as items finish (from any thread); :meth:`close` ends it
+    (``done``, or ``cancelled`` when interrupted). The text fallback is the same line.
+    """
+
+    kind = "batch"
+    verbs = ("generating", "generated", "batch")
+
+    def __init__(self, title: str, *, total: int, **kw: Any) -> None:
+        self.total = total
+        self.done = self.failed = self.tokens = 0
+        super().__init__(title, **kw)
+
+    def line(self) -> str:
+        return f"{self.description}" + (f" — {self.details}" if self.details else "")
+
+    def item_done(self, tokens: int, *, failed: bool = False) -> None:
+        """One item finished (``failed``: with its own error); ``tokens`` it generated."""
+        with self._lock:
+            self.done += 1
+            self.failed += failed
+            self.tokens += tokens
+            self.update({"type": "batch", "done": self.done, "total": self.total})
+
+    def close(self, *, interrupted: bool = False) -> None:
+        with self._lock:
+            self._apply("batch", {})
+            if interrupted:
+                self.cancel(f"interrupted: {self.details}")
+            else:
+                self._finish("done")
+
+    def _apply(self, stage: str | None, event: dict[str, Any]) -> None:
+        elapsed = self.elapsed()
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.fraction = self.done / self.total if self.total else 1.0
+        parts = [f"{self.done}/{self.total} items", f"{rate:.1f} tok/s"]
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        if 0 < self.done < self.total:
+            parts.append(f"ETA {elapsed / self.done * (self.total - self.done):.0f} s")
+        self.details = " · ".join(parts)
 
 
 # --- following a job ----------------------------------------------------------------------

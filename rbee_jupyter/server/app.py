@@ -239,6 +239,27 @@ class RbeeApp(ExtensionApp):
         help="Largest max_tokens a request may ask for. Default 4096.",
     )
 
+    max_batch_size = Int(
+        None, allow_none=True, config=True,
+        help="Generations a worker decodes together in one forward step; more wait in its queue "
+             "(queue_depth). 1 turns batching off. None: 8 on a CPU, 32 on a GPU. Default None.",
+    )
+
+    kv_budget_mb = Float(
+        None, allow_none=True, config=True,
+        help="MB of KV cache a worker's running batch may reserve (each request reserves its prompt plus "
+             "max_tokens); a request that would exceed it waits in the queue. 0: no limit. None: half the "
+             "memory free after loading, at most 4096 MB on a CPU. Default None.",
+    )
+
+    @validate("max_batch_size", "kv_budget_mb")
+    def _check_batching(self, proposal):
+        value, name = proposal["value"], proposal["trait"].name
+        low = 1 if name == "max_batch_size" else 0
+        if value is not None and value < low:
+            raise TraitError(f"c.RbeeApp.{name} must be >= {low} or None, got {value!r}.")
+        return value
+
     service_mode = Bool(
         config=True,
         help="Run as one hive shared by a team (e.g. a JupyterHub service): jobs and workers have an owner "
@@ -416,6 +437,7 @@ class RbeeApp(ExtensionApp):
             download_segment_mb=self.download_segment_mb, max_concurrent_downloads=self.max_concurrent_downloads,
             disk_reserve_mb=self.disk_reserve_mb, job_retention_s=self.job_retention_s,
             pool_class=self.pool_class, queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
+            max_batch_size=self.max_batch_size, kv_budget_mb=self.kv_budget_mb,
             allowed_devices=self.allowed_devices, device_quota_mb=dict(self.device_quota_mb),
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,

@@ -9,6 +9,7 @@ events into OpenAI's objects; errors take OpenAI's shape.
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import time
 from http import HTTPStatus
@@ -53,11 +54,22 @@ class OpenAIHandler(RbeeHandler):
         return self.hive.resolve_model(model, self.principal).id
 
 
+#: Most choices one request may ask for (``n``): each is a sequence in the worker's batch.
+MAX_CHOICES = 8
+
+
+def _choices(body: dict[str, Any]) -> int:
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest(f"n must be an integer between 1 and {MAX_CHOICES}.", details={"field": "n"})
+    return n
+
+
 def _common(body: dict[str, Any]) -> dict[str, Any]:
     """The sampling fields both routes share, in the hive's vocabulary."""
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise InvalidRequest("Only n=1 is supported.", details={"field": "n"})
+    _choices(body)
     out: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
@@ -108,28 +120,54 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
     @authorized
     async def post(self) -> None:
         body = self.json_body()
+        n = _choices(body)
         request = {**_common(body), **self.request_fields(body), "worker_id": self.resolve_worker(body.get("model"))}
         model = body["model"]
-        job = self.hive.infer(request, principal=self.principal)
-        sub, first = await open_owned(self, job)
+        jobs = self._start(request, n)
+        opened = []
+        try:
+            for job in jobs:  # a choice refused before its first event (queue full) refuses the request
+                opened.append(await open_owned(self, job, cancel_on_close=n == 1))
+        except RbeeError:
+            for job in jobs:
+                job.cancel("Another choice of the request was refused.")
+            raise
+        subs, firsts = [sub for sub, _ in opened], [first for _, first in opened]
         created = int(time.time())
-        base = {"id": f"{'chatcmpl' if self.chunk_object.startswith('chat') else 'cmpl'}-{job.id}",
+        base = {"id": f"{'chatcmpl' if self.chunk_object.startswith('chat') else 'cmpl'}-{jobs[0].id}",
                 "created": created, "model": model}
+        events = _merged(subs, firsts)
         if body.get("stream"):
-            await self._stream(sub, first, base, bool((body.get("stream_options") or {}).get("include_usage")))
+            await self._stream(subs, events, base, bool((body.get("stream_options") or {}).get("include_usage")))
         else:
-            await self._collect(sub, first, base)
+            await self._collect(subs, events, base)
 
-    async def _events(self, sub, first):
-        record = first
-        while record is not None:
-            yield json.loads(record.data)
-            try:
-                record = await sub.get()
-            except StopAsyncIteration:
-                return
+    def _start(self, request: dict[str, Any], n: int) -> list[Any]:
+        """One generation per choice, all on the same worker so they share its batch.
 
-    async def _stream(self, sub, first, base: dict[str, Any], include_usage: bool) -> None:
+        With a seed, choice ``i`` uses ``seed + i``: reproducible, yet the choices differ.
+        """
+        jobs: list[Any] = []
+        try:
+            for i in range(n):
+                seed = request.get("seed")
+                choice = request if seed is None or i == 0 else {**request, "seed": seed + i}
+                jobs.append(self.hive.infer(choice, principal=self.principal))
+        except RbeeError:
+            for job in jobs:
+                job.cancel("Another choice of the request was refused.")
+            raise
+        self._rbee_owned_job = jobs[0] if n == 1 else None
+        self._rbee_owned_jobs = jobs
+        return jobs
+
+    def on_connection_close(self) -> None:
+        for job in getattr(self, "_rbee_owned_jobs", ()):
+            if not job.state.finished:
+                job.cancel("The client went away.")
+        super().on_connection_close()
+
+    async def _stream(self, subs, events, base: dict[str, Any], include_usage: bool) -> None:
         from .sse import start_stream
 
         start_stream(self)
@@ -139,47 +177,92 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
             await self.flush()
 
         chunk = {**base, "object": self.chunk_object}
+        ends: list[dict[str, Any]] = []
         try:
-            await send({**chunk, "choices": [self.chunk_choice(None, None, True)]})
-            async for event in self._events(sub, first):
+            for i in range(len(subs)):
+                await send({**chunk, "choices": [{**self.chunk_choice(None, None, True), "index": i}]})
+            async for i, event in events:
                 kind = event.get("type")
                 if kind == "token":
-                    await send({**chunk, "choices": [self.chunk_choice(event["t"], None, False)]})
+                    await send({**chunk, "choices": [{**self.chunk_choice(event["t"], None, False), "index": i}]})
                 elif kind == "end":
-                    await send({**chunk, "choices": [self.chunk_choice(None, _FINISH.get(event["stop_reason"], "stop"),
-                                                                       False)]})
-                    if include_usage:
-                        await send({**chunk, "choices": [], "usage": _usage(event)})
+                    finish = _FINISH.get(event["stop_reason"], "stop")
+                    await send({**chunk, "choices": [{**self.chunk_choice(None, finish, False), "index": i}]})
+                    ends.append(event)
                 elif kind == "error":
                     await send({"error": {"message": event["message"], "type": "server_error", "param": None,
                                           "code": event["code"].lower()}})
+            if include_usage and len(ends) == len(subs):
+                await send({**chunk, "choices": [], "usage": _usage(ends)})
             self.write(sse_done())
             await self.flush()
         except StreamClosedError:  # the client went away: the finally below cancels its work
             pass
         finally:
-            release(sub, cancel=True)
+            _cancel_all(subs)
 
-    async def _collect(self, sub, first, base: dict[str, Any]) -> None:
-        text, end = [], None
-        async for event in self._events(sub, first):
-            if event.get("type") == "token":
-                text.append(event["t"])
-            elif event.get("type") == "end":
-                end = event
-            elif event.get("type") == "error":
-                raise sub.job.error if isinstance(sub.job.error, RbeeError) else RbeeError(event["message"],
-                                                                                        code=event["code"])
-        if end is None:  # an inference job always ends with end or error; say so if that ever breaks
-            raise RbeeError("The generation ended without its end event.")
-        self.reply(200, {**base, "object": self.object_name,
-                         "choices": [self.full_choice("".join(text), _FINISH.get(end["stop_reason"], "stop"))],
-                         "usage": _usage(end)})
+    async def _collect(self, subs, events, base: dict[str, Any]) -> None:
+        texts: list[list[str]] = [[] for _ in subs]
+        ends: dict[int, dict[str, Any]] = {}
+        try:
+            async for i, event in events:
+                if event.get("type") == "token":
+                    texts[i].append(event["t"])
+                elif event.get("type") == "end":
+                    ends[i] = event
+                elif event.get("type") == "error":
+                    job = subs[i].job
+                    raise job.error if isinstance(job.error, RbeeError) else RbeeError(event["message"],
+                                                                                    code=event["code"])
+        finally:
+            _cancel_all(subs)
+        if len(ends) != len(subs):  # an inference job always ends with end or error; say so if that ever breaks
+            raise RbeeError("A generation ended without its end event.")
+        choices = [{**self.full_choice("".join(texts[i]), _FINISH.get(ends[i]["stop_reason"], "stop")), "index": i}
+                   for i in range(len(subs))]
+        self.reply(200, {**base, "object": self.object_name, "choices": choices,
+                         "usage": _usage([ends[i] for i in range(len(subs))])})
 
 
-def _usage(end: dict[str, Any]) -> dict[str, int]:
-    prompt = int(end.get("prompt_tokens") or 0)
-    completion = int(end.get("total_tokens") or 0)
+async def _merged(subs, firsts):
+    """``(choice index, event)`` from every subscription, in the order they come, until all end."""
+    async def one(i: int, sub, first, out: asyncio.Queue) -> None:
+        record = first
+        try:
+            while record is not None:
+                await out.put((i, json.loads(record.data)))
+                try:
+                    record = await sub.get()
+                except StopAsyncIteration:
+                    return
+        finally:
+            await out.put((i, None))
+
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.ensure_future(one(i, sub, first, queue)) for i, (sub, first) in enumerate(zip(subs, firsts))]
+    open_streams = len(tasks)
+    try:
+        while open_streams:
+            i, event = await queue.get()
+            if event is None:
+                open_streams -= 1
+            else:
+                yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _cancel_all(subs) -> None:
+    """Close the subscriptions; a generation nobody reads any more stops."""
+    for sub in subs:
+        release(sub, cancel=True)
+
+
+def _usage(ends: list[dict[str, Any]]) -> dict[str, int]:
+    """One prompt (counted once, as OpenAI does) and the completion tokens of every choice."""
+    prompt = int(ends[0].get("prompt_tokens") or 0) if ends else 0
+    completion = sum(int(end.get("total_tokens") or 0) for end in ends)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -19,12 +19,13 @@ class TransformersServe:
     """``transformers serve <folder>`` as a child process; ``url`` ends in ``/v1``."""
 
     def __init__(self, model_path: Path, log_path: Path, port: int | None = None, *, device: str = "cpu",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+        """``extra_args``: more ``transformers serve`` options, e.g. ``("--continuous-batching",)``."""
         self.model = str(model_path)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
-        self.device, self.threads = device, threads
+        self.device, self.threads, self.extra_args = device, threads, tuple(extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -40,7 +41,7 @@ class TransformersServe:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "transformers.cli.transformers", "serve", self.model, "--device", self.device,
-                 "--host", "127.0.0.1", "--port", str(self.port)],
+                 "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if wait_for_http(self.proc, f"{self.url}/models", timeout, "transformers serve", self.log):
             return self

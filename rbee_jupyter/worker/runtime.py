@@ -1,9 +1,10 @@
-"""The worker's core: its state, the loading thread and the one-at-a-time generation queue.
+"""The worker's core: its state, the loading thread and the batched generation thread.
 
 Nothing here knows about HTTP; ``app.py`` maps routes onto these methods. All state
-changes happen on the worker's asyncio loop; the two kinds of threads (one loading
-thread, one thread per running generation) only report back through
-``call_soon_threadsafe`` / ``Job.publish_threadsafe``, which keeps events in order.
+changes happen on the worker's asyncio loop; the two threads (the loading thread, then
+the generation thread of ``batcher.py`` that decodes every running request together)
+only report back through ``call_soon_threadsafe`` / ``Job.publish_threadsafe``, which
+keeps events in order.
 
 Why threads: torch releases the GIL in its kernels, so the loop keeps answering
 ``/health``, cancels and new requests while a block loads or a token is computed.
@@ -18,35 +19,33 @@ import threading
 import time
 import traceback
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Cancelled, Conflict, InvalidRequest, ModelNotLoaded, OutOfMemory, RbeeError, WorkerBusy
 from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from ..core.jobs import Job
 from ..protocol import GenerationRequest, WorkerState
-from .protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV, WorkerConfig, mb
+from .protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV, MiB, WorkerConfig, mb
 
 __all__ = ["WorkerRuntime", "WorkerState", "GenerationTask"]
 
 
 @dataclass
 class GenerationTask:
-    """One accepted request: its event log (``job``) and the flag its thread polls."""
+    """One accepted request: its event log (``job``) and its place in the batch (``seq``)."""
 
     request_id: str
     request: GenerationRequest
     job: Job
-    cancel: threading.Event = field(default_factory=threading.Event)
-    running: bool = False
+    seq: Any = None  # batch.BatchSequence, whose cancel flag the generation thread polls
 
 
 class WorkerRuntime:
-    """A single model in a single process: load it once, then serve generations FIFO.
+    """A single model in a single process: load it once, then serve generations in batches.
 
     ``block_delay_s`` / ``token_delay_s`` are test hooks (env ``RBEE_WORKER_BLOCK_DELAY_S``,
-    ``RBEE_WORKER_TOKEN_DELAY_S``): a pause after each block / chunk that a cancel cuts short,
+    ``RBEE_WORKER_TOKEN_DELAY_S``): a pause after each block / decode step that a cancel cuts short,
     so tests can act "between layers" or "mid-generation" deterministically.
     """
 
@@ -70,8 +69,7 @@ class WorkerRuntime:
         self.spare: dict[str, Any] | None = None  # what this process did as a spare (server.wait_as_spare), if one
         self._generator: Any = None  # generate.Generator, set once loaded
         self._validator: Any = None  # a Generator on its own tokenizer (fast tokenizers are not thread-safe)
-        self._queue: deque[GenerationTask] = deque()
-        self._current: GenerationTask | None = None
+        self._runner: Any = None  # batcher.BatchRunner, set once loaded
         self._tasks: dict[str, GenerationTask] = {}
 
     @classmethod
@@ -127,7 +125,11 @@ class WorkerRuntime:
     def _loaded(self, generator: Any, validator: Any) -> None:
         if self.state is not WorkerState.LOADING:  # shut down meanwhile
             return
+        from .batcher import BatchRunner
+
         self._generator, self._validator = generator, validator
+        self._runner = BatchRunner(generator, batch_limits(self.config, generator.model),
+                                   on_chunk=self._on_chunk, on_done=self._on_done, step_delay_s=self.token_delay_s)
         self.state = WorkerState.IDLE
         self.load_job.finish(Ready(worker_id=self.config.worker_id, memory_mb=self.memory_mb))
 
@@ -163,7 +165,7 @@ class WorkerRuntime:
             raise Conflict(f"This worker is {self.state.value} and takes no requests.",
                            details={"state": self.state.value})
         request = GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
-        self._validator.encode(request)  # CONTEXT_TOO_LONG etc. as a 400, not as a late error event
+        prompt_ids = self._validator.encode(request)  # CONTEXT_TOO_LONG etc. as a 400, not as a late error event
         request_id = body.get("request_id") or uuid.uuid4().hex[:12]
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
             raise InvalidRequest("'request_id' must be a non-empty string of at most 128 characters.",
@@ -171,76 +173,57 @@ class WorkerRuntime:
         if request_id in self._tasks:
             raise Conflict(f"A request with id {request_id!r} is already running or queued.",
                            details={"request_id": request_id})
-        if self._current is not None and len(self._queue) >= self.config.queue_depth:
-            raise WorkerBusy(f"The worker is busy: one request running and {len(self._queue)} queued "
-                             f"(queue_depth {self.config.queue_depth}). Retry later or load a second worker.",
-                             details={"queue_length": len(self._queue), "queue_depth": self.config.queue_depth})
+        from ..engine.batch import BatchSequence
+        from ..engine.scheduler import QueueFull
+
         task = GenerationTask(request_id, request, Job("inference", job_id=request_id, error_style="type"))
-        task.job.publish(InferenceStarted(job_id=request_id))
-        self._tasks[request_id] = task
-        if self._current is None:
-            self._run(task)
-        else:
-            self._queue.append(task)
+        task.seq = BatchSequence(request_id, request, prompt_ids)
+        self._tasks[request_id] = task  # before the generation thread can see it: its first chunk needs it
+        try:
+            self._runner.submit(task.seq)
+        except QueueFull:
+            del self._tasks[request_id]
+            stats = self._runner.stats()
+            queued, depth = len(stats["queued"]), self.config.queue_depth
+            raise WorkerBusy(f"The worker is busy: {len(stats['active'])} requests running (max_batch_size "
+                             f"{stats['max_batch_size']}) and {queued} queued (queue_depth {depth}). Retry "
+                             "later or load a second worker.",
+                             details={"queue_length": queued, "queue_depth": depth}) from None
+        task.job.publish(InferenceStarted(job_id=request_id))  # chunks come through the loop: after this
+        self.state = WorkerState.BUSY
         return task
 
-    def _run(self, task: GenerationTask) -> None:
-        self._current, task.running = task, True
-        self.state = WorkerState.BUSY
-        threading.Thread(target=self._generate, args=(task,), name=f"rbee-gen-{task.request_id}",
-                         daemon=True).start()
+    def _on_chunk(self, seq: Any, chunk: Any) -> None:
+        """Generation thread: a piece of one request's text."""
+        task = self._tasks.get(seq.id)
+        if task is not None:
+            task.job.publish_threadsafe(Token(t=chunk.text, i=chunk.index))
 
-    def _generate(self, task: GenerationTask) -> None:
-        """Generation thread: pull chunks, publish them, hand the outcome back to the loop."""
-        outcome: Any
-        try:
-            stream = self._generator.stream(task.request, cancel=task.cancel)
-            for chunk in stream:
-                task.job.publish_threadsafe(Token(t=chunk.text, i=chunk.index))
-                if self.token_delay_s:
-                    task.cancel.wait(self.token_delay_s)
-            outcome = stream.stats
-        except BaseException as exc:  # noqa: BLE001 - becomes the stream's error event
-            if not isinstance(exc, RbeeError):
-                traceback.print_exc(file=sys.stderr)
-            outcome = _as_rbee_error(exc)
-        self.loop.call_soon_threadsafe(self._generation_done, task, outcome)
-
-    def _generation_done(self, task: GenerationTask, outcome: Any) -> None:
-        job = task.job
+    def _on_done(self, seq: Any, outcome: Any) -> None:
+        """Generation thread: one request left the batch (stats, or the error that ended it)."""
         if isinstance(outcome, BaseException):
-            job.fail(outcome)
-        elif outcome is None or outcome.stop_reason == "cancelled":
-            job.fail(Cancelled("The generation was cancelled.", details={"request_id": task.request_id}))
-        else:
-            job.finish(InferenceEnd(
-                job_id=task.request_id, total_tokens=outcome.completion_tokens,
-                duration_ms=int(round(outcome.duration_ms)), stop_reason=outcome.stop_reason,
-                prompt_tokens=outcome.prompt_tokens,
-                time_to_first_token_ms=None if outcome.time_to_first_token_ms is None
-                else round(outcome.time_to_first_token_ms, 3),
-                tokens_per_second=round(outcome.tokens_per_second, 3)))
-        self._tasks.pop(task.request_id, None)
-        self._current = None
-        if self._queue and self.state is WorkerState.BUSY:
-            self._run(self._queue.popleft())
-        elif self.state is WorkerState.BUSY:
+            outcome = _as_rbee_error(outcome)
+        self.loop.call_soon_threadsafe(self._generation_done, seq.id, outcome)
+
+    def _generation_done(self, request_id: str, outcome: Any) -> None:
+        task = self._tasks.pop(request_id, None)
+        if task is not None:
+            _end(task, outcome)
+        if not self._tasks and self.state is WorkerState.BUSY:
             self.state = WorkerState.IDLE
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a running or queued request; unknown or finished ids are fine (idempotent DELETE).
 
-        A running one stops before its next forward step (the thread checks the flag
-        before each token); a queued one is dropped at once.
+        A running one leaves the batch before the next forward step (the generation thread
+        checks the flag before each step); a queued one is dropped at once.
         """
         task = self._tasks.get(request_id)
         if task is None:
             return False
-        task.cancel.set()
-        if not task.running:
-            self._queue.remove(task)
-            self._tasks.pop(request_id, None)
-            task.job.fail(Cancelled("The request was cancelled while queued.", details={"request_id": request_id}))
+        if self._runner.cancel(request_id) == "waiting":
+            self._generation_done(request_id, Cancelled("The request was cancelled while queued.",
+                                                        details={"request_id": request_id}))
         return True
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -254,24 +237,82 @@ class WorkerRuntime:
         self.load_cancel.set()
         for request_id in list(self._tasks):
             self.cancel(request_id)
+        if self._runner is not None:
+            self._runner.close()
         self.exit_requested.set()
 
     def health(self) -> dict[str, Any]:
         tokens = self._generator.tokens_computed if self._generator is not None else 0
-        return {
+        batch = self._runner.stats() if self._runner is not None else {"active": [], "queued": []}
+        return {**self._batch_health(batch),
             "worker_id": self.config.worker_id, "pid": os.getpid(), "state": self.state.value,
             "model_path": self.config.model_path, "devices": self.config.devices,
             "memory_mb": self.memory_mb, "rss_mb": _rss_mb(),
             "layers_loaded": self.layers_loaded, "layers_total": self.layers_total,
-            "tokens_computed": tokens, "queue_length": len(self._queue),
-            "queue_depth": self.config.queue_depth,
-            "running": self._current.request_id if self._current is not None else None,
+            "tokens_computed": tokens, "queue_depth": self.config.queue_depth,
             "requests": list(self._tasks),
             "error": self.failure.to_dict()["error"] if self.failure is not None else None,
             "uptime_s": round(time.time() - self.started_at, 3),
             "load_seconds": self.load_timeline.seconds(),
             "spare": self.spare,
         }
+
+
+    @staticmethod
+    def _batch_health(batch: dict[str, Any]) -> dict[str, Any]:
+        """The batching half of ``/health``: what the hive routes by and the sidebar shows."""
+        active, queued = batch.pop("active"), batch.pop("queued")
+        return {**batch, "running": active[0] if active else None, "active": active,
+                "active_sequences": len(active), "queue_length": len(queued)}
+
+
+def _end(task: GenerationTask, outcome: Any) -> None:
+    """The last event of a request's stream: its error, CANCELLED, or ``end`` with its stats."""
+    job = task.job
+    if isinstance(outcome, BaseException):
+        job.fail(outcome)
+    elif outcome is None or outcome.stop_reason == "cancelled":
+        job.fail(Cancelled("The generation was cancelled.", details={"request_id": task.request_id}))
+    else:
+        job.finish(InferenceEnd(
+            job_id=task.request_id, total_tokens=outcome.completion_tokens,
+            duration_ms=int(round(outcome.duration_ms)), stop_reason=outcome.stop_reason,
+            prompt_tokens=outcome.prompt_tokens,
+            time_to_first_token_ms=None if outcome.time_to_first_token_ms is None
+            else round(outcome.time_to_first_token_ms, 3),
+            tokens_per_second=round(outcome.tokens_per_second, 3)))
+
+
+#: Defaults of max_batch_size: a CPU gains little past 8 rows, a GPU keeps gaining to dozens.
+CPU_BATCH, GPU_BATCH = 8, 32
+#: Share of the memory left after loading that the KV cache may reserve when no budget is set
+#: (the rest is for activations and the host), and the most a CPU worker takes by default.
+KV_SHARE, CPU_KV_CAP_MB = 0.5, 4096
+
+
+def batch_limits(config: WorkerConfig, model: Any) -> Any:
+    """The scheduler's limits from the spec, filling in defaults that suit the device."""
+    from ..engine.batch import kv_bytes_per_token
+    from ..engine.scheduler import SchedulerLimits
+
+    gpus = [d for d in config.devices if d.startswith("cuda")]
+    size = config.max_batch_size or (GPU_BATCH if gpus else CPU_BATCH)
+    budget_mb = config.kv_budget_mb if config.kv_budget_mb is not None else _default_kv_mb(gpus)
+    tokens = int(budget_mb * MiB // kv_bytes_per_token(model)) if budget_mb else 0
+    return SchedulerLimits(max_batch_size=size, kv_budget_tokens=tokens, queue_depth=config.queue_depth)
+
+
+def _default_kv_mb(gpus: list[str]) -> float:
+    if gpus:
+        import torch
+
+        return KV_SHARE * sum(torch.cuda.mem_get_info(torch.device(d))[0] for d in gpus) / MiB
+    try:
+        with open("/proc/meminfo") as fh:
+            available = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return CPU_KV_CAP_MB
+    return min(CPU_KV_CAP_MB, KV_SHARE * available)
 
 
 class LoadTimeline:
