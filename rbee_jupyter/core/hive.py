@@ -27,6 +27,7 @@ from .jobs import Job, JobRegistry
 from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
 from ..pools.local import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
+from ..worker.protocol import EMBEDDING, WORKER_KINDS
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")
 _BLOCKS_LOCK = threading.Lock()
@@ -80,6 +81,7 @@ class LoadRequest:
     double_quant: bool = False
     max_memory: dict[str, Any] | None = None
     node: str | None = None
+    kind: str | None = None  # "generate" | "embedding"; None: "embedding" when the files say so
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LoadRequest:
@@ -112,7 +114,12 @@ class LoadRequest:
         if node is not None and (not isinstance(node, str) or not node.strip()):
             raise InvalidRequest("node must be a non-empty string: a node's name or id (GET v1/workers shows "
                                  "where workers run).", details={"field": "node"})
-        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node)
+        kind = body.get("kind")
+        if kind is not None and kind not in WORKER_KINDS:
+            raise InvalidRequest(f"Unknown kind {kind!r}; use one of {', '.join(WORKER_KINDS)}, or leave it out "
+                                 "to detect it from the model's files.",
+                                 details={"field": "kind", "accepted": list(WORKER_KINDS)})
+        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node, kind)
 
 
 @dataclass(frozen=True)
@@ -452,14 +459,18 @@ class Hive:
 
     @staticmethod
     def _blocks(req: LoadRequest, path: str) -> list[Any]:
+        """The checkpoint's blocks to place; none for an embedding model (it loads whole, see ``_place``)."""
         from ..engine.loader import plan_blocks
+
+        if _kind_of(req, path) == EMBEDDING:
+            return []
 
         # One at a time: the first call imports transformers, whose lazy imports fail
         # ("cannot import name AutoConfig") in a second thread while the first is mid-way.
         with _BLOCKS_LOCK:
             return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
 
-    def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str]:
+    def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str] | str:
         """Plan against free memory, the allowed devices and the quota; reserve what the plan takes.
 
         Runs on the event loop, never in a thread, so the quota check and the reservation
@@ -467,6 +478,8 @@ class Hive:
         """
         from ..engine.devices import inventory, plan_placement
 
+        if not blocks:  # an embedding model: one device, the whole model on it
+            return _embedding_device(req.device, inventory())
         plan = plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory,
                               allowed=self.config.allowed_devices, quota=self.quota())
         self._planned[worker_id] = dict(plan.bytes_per_device)
@@ -526,7 +539,8 @@ class Hive:
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
-                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node)
+                          max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node,
+                          kind=_kind_of(req, entry.local_path))
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)
@@ -646,6 +660,29 @@ class Hive:
                 f"or %rbee load {ref}.", details={"model_ref": ref})
         return min(ready, key=lambda w: (w.state != "idle", w.last_used))
 
+    async def embed(self, worker_id: str, body: dict[str, Any], *, principal: Principal | None = None
+                    ) -> dict[str, Any]:
+        """Embed ``body["input"]`` on an embedding worker (validated here, before the worker is asked).
+
+        Returns:
+            ``{"embeddings": [base64 float32 per input], "dimension", "prompt_tokens"}``.
+
+        Raises:
+            InvalidRequest: a bad body, or a worker that generates instead of embedding.
+            AccessDenied: in service mode, a worker the caller may not use.
+        """
+        from ..engine.embed import EmbeddingRequest
+
+        req = EmbeddingRequest.from_json(body)
+        worker = self.worker(worker_id)
+        if not self.may_use_worker(principal, worker):
+            raise _not_yours(worker)
+        if worker.kind != EMBEDDING:
+            raise InvalidRequest(f"{worker.model_ref} (worker {worker.id}) generates text and does not embed; load "
+                                 "a sentence-transformers model (POST v1/workers with \"kind\": \"embedding\").",
+                                 details={"field": "model", "worker_id": worker.id, "kind": worker.kind})
+        return await self.pool.embed(worker.id, req.to_json())
+
     # --- server-wide feed -----------------------------------------------------------
 
     def _feed(self, topic: str, data: dict[str, Any]) -> None:
@@ -654,6 +691,24 @@ class Hive:
             return
         if self.feed is not None:
             self.feed.publish(FeedEvent(topic=topic, data=data))
+
+
+def _kind_of(req: LoadRequest, path: str) -> str:
+    """The worker kind for a model: as asked, else ``embedding`` when its files are sentence-transformers'."""
+    from ..engine.embed import is_embedding_model
+
+    if req.kind is not None:
+        return req.kind
+    return EMBEDDING if is_embedding_model(path) else "generate"
+
+
+def _embedding_device(spec: str | list[str], devices: list[Any]) -> str:
+    """The one device an embedding model goes on: the first asked for; ``auto``: the first GPU, else the CPU."""
+    if isinstance(spec, list):
+        return spec[0]
+    if spec == "auto":
+        return next((d.name for d in devices if d.kind == "cuda"), "cpu")
+    return spec
 
 
 def _not_yours(worker: WorkerInfo) -> AccessDenied:

@@ -657,6 +657,9 @@ class CompositePool(Pool):
     async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
         await self._owner(worker_id).generate(worker_id, body, job)
 
+    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._owner(worker_id).embed(worker_id, body)
+
     async def health(self, worker_id: str) -> dict[str, Any]:
         return await self._owner(worker_id).health(worker_id)
 

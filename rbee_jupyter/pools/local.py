@@ -63,6 +63,7 @@ class WorkerSpec:
     max_tokens_limit: int = 4096
     worker_id: str | None = None  # the hive names workers before they start (their load job's id)
     node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
+    kind: str = "generate"  # "embedding": a sentence-transformers model served by worker/embedding.py
 
 
 @dataclass
@@ -84,6 +85,7 @@ class WorkerInfo:
     layers_loaded: int = 0
     layers_total: int = 0
     node: str | None = None  # the cluster node it runs on; None: this machine
+    kind: str = "generate"  # what its model does: "generate" text or "embedding" vectors
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,6 +156,12 @@ class Pool(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop every worker (bounded); for server shutdown."""
+
+    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Embed ``body["input"]`` on an embedding worker: ``{"embeddings": [base64 float32], "dimension",
+        "prompt_tokens"}``. Default: this pool runs no embedding workers."""
+        raise InvalidRequest(f"Worker {worker_id} cannot embed: {type(self).__name__} runs no embedding workers.",
+                             details={"worker_id": worker_id})
 
     async def health(self, worker_id: str) -> dict[str, Any]:
         """Live numbers from the worker itself (``tokens_computed``, queue); default: the registry's view."""
@@ -323,7 +331,7 @@ class LocalProcessPool(Pool):
         config = WorkerConfig(model_path=spec.model_path, worker_id=worker_id, quantization=spec.quantization,
                               dtype=spec.dtype, device_map=spec.device_map, double_quant=spec.double_quant,
                               compute_dtype=spec.compute_dtype, queue_depth=spec.queue_depth,
-                              max_tokens_limit=spec.max_tokens_limit)
+                              max_tokens_limit=spec.max_tokens_limit, kind=spec.kind)
         log_path = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +344,7 @@ class LocalProcessPool(Pool):
         now = time.time()
         info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state="loading", devices=config.devices,
                           memory_mb={}, pid=process.pid, quantization=spec.quantization, dtype=spec.dtype,
-                          owner=spec.owner, created_at=now, last_used=now)
+                          owner=spec.owner, created_at=now, last_used=now, kind=spec.kind)
         w = _Worker(info, spec, process, job)
         self._workers[worker_id] = w
         job.meta.setdefault("worker_id", worker_id)
@@ -651,7 +659,8 @@ class LocalProcessPool(Pool):
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
+    def _ready(self, worker_id: str) -> _Worker:
+        """A worker that takes requests now; otherwise why not (loading, failed, stopped)."""
         w = self._get(worker_id)
         state = w.info.state
         if state == "loading":
@@ -662,6 +671,10 @@ class LocalProcessPool(Pool):
             raise Conflict(f"Worker {worker_id} is {state}"
                            f"{f' ({w.info.exit_reason})' if w.info.exit_reason else ''}; load the model again.",
                            details={"worker_id": worker_id, "state": state})
+        return w
+
+    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
+        w = self._ready(worker_id)
         self._cancel_idle_timer(w)
         job.on_cancel(lambda: self._spawn(w, self._cancel_generation(w, job)))
         try:
@@ -688,6 +701,20 @@ class LocalProcessPool(Pool):
             w.streams.pop(job, None)
             if w.info.state in ("idle", "busy"):
                 self._update_busy(w)
+                self._touch(w)
+
+    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        w = self._ready(worker_id)
+        self._cancel_idle_timer(w)
+        try:
+            return await w.client.embed(body)  # type: ignore[union-attr] - _ready checked it
+        except httpx.TransportError:
+            if await w.process.wait_exit(self.death_grace_s):
+                raise WorkerDied(f"Worker {worker_id} died while embeddings were computed "
+                                 f"({describe_exit(w.process.returncode)}).", details={"worker_id": worker_id}) from None
+            raise
+        finally:
+            if w.info.state in ("idle", "busy"):
                 self._touch(w)
 
     async def _stalled(self, w: _Worker, job: Job, limit: float | None) -> None:

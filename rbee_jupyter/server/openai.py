@@ -63,12 +63,18 @@ class OpenAIHandler(RbeeHandler):
         self.finish(json.dumps({"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
                                           "param": param, "code": code}}))
 
-    def resolve_worker(self, model: object) -> str:
-        """An OpenAI ``model`` → a ready worker: by worker id, ref, or ``org/repo``."""
+    def resolve_worker(self, model: object, kind: str = "generate") -> str:
+        """An OpenAI ``model`` → a ready worker of ``kind``: by worker id, ref, or ``org/repo``."""
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
         principal = self.principal
         workers = [w for w in self.hive.pool.list() if self.hive.may_use_worker(principal, w)]
+        other = [w for w in workers if getattr(w, "kind", "generate") != kind and model in _names(w)]
+        workers = [w for w in workers if getattr(w, "kind", "generate") == kind]
+        if other and not any(model in _names(w) for w in workers):
+            raise InvalidRequest(f"The model {model!r} is an {other[0].kind} model; this route needs one that "
+                                 f"{'embeds' if kind == 'embedding' else 'generates text'}.",
+                                 details={"field": "model", "kind": other[0].kind})
         ready = [w for w in workers if w.state in ("idle", "busy")]
         for w in sorted(ready, key=lambda w: (w.state != "idle", w.last_used)):
             if model in _names(w):
@@ -114,7 +120,8 @@ class ModelsHandler(OpenAIHandler):
         for w in self.hive.pool.list():
             if w.state in ("idle", "busy") and self.hive.may_use_worker(principal, w):
                 name = _names(w)[0]
-                seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee"})
+                seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee",
+                                       "kind": getattr(w, "kind", "generate")})
         self.reply(200, {"object": "list", "data": list(seen.values())})
 
 
@@ -271,4 +278,8 @@ def openai_handlers(kw: dict[str, Any]) -> list[tuple[str, type, dict[str, Any]]
         (r"/rbee/openai/v1/models", ModelsHandler, kw),
         (r"/rbee/openai/v1/chat/completions", ChatCompletionsHandler, kw),
         (r"/rbee/openai/v1/completions", CompletionsHandler, kw),
+        (r"/rbee/openai/v1/embeddings", EmbeddingsHandler, kw),
     ]
+
+
+from .embeddings import EmbeddingsHandler  # noqa: E402 - it subclasses OpenAIHandler above

@@ -17,7 +17,7 @@ from .. import errors
 from ..errors import InvalidRequest, RbeeError
 
 __all__ = ["WorkerConfig", "SECRET_ENV", "BLOCK_DELAY_ENV", "TOKEN_DELAY_ENV", "SPARE_ENV", "SPARE_READY",
-           "WORKER_STATES", "error_from_json", "describe_exit", "mb"]
+           "WORKER_STATES", "WORKER_KINDS", "EMBEDDING", "error_from_json", "describe_exit", "mb"]
 
 #: The per-worker secret travels in the environment, never in argv (argv is world-readable in /proc).
 SECRET_ENV = "RBEE_WORKER_SECRET"
@@ -31,6 +31,9 @@ SPARE_ENV = "RBEE_WORKER_SPARE"
 SPARE_READY = "rbee spare worker: imports done "
 
 WORKER_STATES = ("loading", "idle", "busy", "draining", "failed")
+#: What a worker's model does: generate text, or embed it (a sentence-transformers model).
+WORKER_KINDS = ("generate", "embedding")
+EMBEDDING = "embedding"
 
 MiB = 1 << 20
 
@@ -59,6 +62,7 @@ class WorkerConfig:
     max_tokens_limit: int = 4096
     keepalive_s: float = 10.0
     watch_stdin: bool = True
+    kind: str = "generate"  # "generate" (a causal LM) or "embedding" (a sentence-transformers model)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +78,8 @@ class WorkerConfig:
             raise InvalidRequest("queue_depth must be an integer >= 0")
         if not isinstance(config.max_tokens_limit, int) or config.max_tokens_limit < 1:
             raise InvalidRequest("max_tokens_limit must be an integer >= 1")
+        if config.kind not in WORKER_KINDS:
+            raise InvalidRequest(f"kind must be one of {', '.join(WORKER_KINDS)}")
         return config
 
     def to_json(self) -> str:
