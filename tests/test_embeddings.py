@@ -104,3 +104,16 @@ def test_a_generating_route_refuses_the_embedding_model(client):
 def test_load_kind_is_validated(rbee_server):
     r = rbee_server.post("v1/workers", {"model_ref": f"hf:{EMBED_REPO}", "kind": "rerank"})
     assert r.status_code == 400 and r.json()["error"]["details"]["field"] == "kind"
+
+
+def test_notebook_client_embed(rbee_server, embed_worker, reference):
+    from rbee_jupyter.kernel.client import Client
+
+    with Client(rbee_server.url, token=rbee_server.token) as client:
+        one = client.embed(TEXTS[1])  # the first ready embedding worker
+        many = client.embed(TEXTS, model=client.worker(embed_worker))
+        by_ref = client.embed(TEXTS, model=f"hf:{EMBED_REPO}", dimensions=4)
+    assert one.shape == (32,) and many.shape == (3, 32) and by_ref.shape == (3, 4)
+    np.testing.assert_allclose(one, reference.encode(TEXTS[1]), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(many, reference.encode(TEXTS), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(by_ref, axis=1), 1.0, atol=1e-5)

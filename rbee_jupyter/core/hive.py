@@ -660,9 +660,10 @@ class Hive:
                 f"or %rbee load {ref}.", details={"model_ref": ref})
         return min(ready, key=lambda w: (w.state != "idle", w.last_used))
 
-    async def embed(self, worker_id: str, body: dict[str, Any], *, principal: Principal | None = None
-                    ) -> dict[str, Any]:
-        """Embed ``body["input"]`` on an embedding worker (validated here, before the worker is asked).
+    async def embed(self, body: dict[str, Any], *, principal: Principal | None = None) -> dict[str, Any]:
+        """Embed ``body["input"]`` on an embedding worker (``worker_id`` or ``model_ref``, as for :meth:`infer`).
+
+        The body is validated here, before any worker is asked.
 
         Returns:
             ``{"embeddings": [base64 float32 per input], "dimension", "prompt_tokens"}``.
@@ -674,9 +675,7 @@ class Hive:
         from ..engine.embed import EmbeddingRequest
 
         req = EmbeddingRequest.from_json(body)
-        worker = self.worker(worker_id)
-        if not self.may_use_worker(principal, worker):
-            raise _not_yours(worker)
+        worker = self._pick_worker(body, principal)
         if worker.kind != EMBEDDING:
             raise InvalidRequest(f"{worker.model_ref} (worker {worker.id}) generates text and does not embed; load "
                                  "a sentence-transformers model (POST v1/workers with \"kind\": \"embedding\").",

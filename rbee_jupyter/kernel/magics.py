@@ -30,7 +30,8 @@ __all__ = ["RbeeMagics", "load_ipython_extension", "USAGE"]
 USAGE = """\
 %rbee download REF [--background]             download a model (REF: hf:org/repo[@rev] or file:///path)
 %rbee load REF [--device auto|cpu|cuda:0[,cuda:1]] [--quant nf4|fp4|int8|none] [--dtype bf16|fp16|fp32]
-           [--background]                     start a worker holding the model (downloads it first if needed)
+           [--embedding] [--background]       start a worker holding the model (downloads it first if needed);
+                                              --embedding: a sentence-transformers model, for client.embed()
 %rbee ps                                      the workers and their memory
 %rbee models                                  the downloaded models
 %rbee devices                                 devices with total and free memory
@@ -84,6 +85,7 @@ def _parser(command: str) -> _Parser:
         p.add_argument("--device")
         p.add_argument("--quant", choices=_QUANTS)
         p.add_argument("--dtype", choices=_DTYPES)
+        p.add_argument("--embedding", action="store_true")
     if command == "connect":
         p.add_argument("url", metavar="URL")
         p.add_argument("--token")
@@ -209,8 +211,10 @@ class RbeeMagics(Magics):
             device = [d.strip() for d in device.split(",") if d.strip()]
         quant = None if args.quant in (None, "none") else args.quant
         client = self.client
-        worker = client.load(args.target, device=device, quantization=quant, dtype=args.dtype)
-        self.current_worker = worker.id
+        worker = client.load(args.target, device=device, quantization=quant, dtype=args.dtype,
+                             kind="embedding" if args.embedding else None)
+        if not args.embedding:  # the default --model of generate and chat stays a generating worker
+            self.current_worker = worker.id
         totals = {d["name"]: int(d["total_bytes"]) // MiB for d in client.devices()}
         view = LoadingView(worker.model_ref or args.target, device_totals_mb=totals)
         follow(worker.loading, view, background=args.background)

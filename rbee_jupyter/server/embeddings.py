@@ -39,6 +39,6 @@ class EmbeddingsHandler(OpenAIHandler):
     async def post(self) -> None:
         body = self.json_body()
         worker_id = self.resolve_worker(body.get("model"), kind=EMBEDDING)
-        result = await self.hive.embed(worker_id, body, principal=self.principal)
+        result = await self.hive.embed({**body, "worker_id": worker_id}, principal=self.principal)
         self.reply(200, embeddings_response(result, model=body["model"],
                                             encoding_format=body.get("encoding_format") or "float"))
