@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import ContextTooLong, InvalidRequest
+from .grammar import GrammarCompiler, GrammarMatcher, ResponseFormat
 
 __all__ = [
     "GenerationRequest",
@@ -59,6 +60,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float = 1.0
+    response_format: ResponseFormat | None = None  # constrained decoding (engine/grammar.py)
 
     @classmethod
     def from_json(cls, body: Any, *, max_tokens_limit: int = 4096) -> GenerationRequest:
@@ -81,6 +83,7 @@ class GenerationRequest:
             seed=_seed(body),
             stop=_stop(body),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, low_open=True),
+            response_format=ResponseFormat.from_json(body.get("response_format")),
         )
 
 
@@ -408,6 +411,7 @@ class Generator:
         # transformers 5.2x renamed the KV-cache argument and output to ``cache`` and warns
         # on ``past_key_values``; older models and remote code still use the old name.
         self._cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
+        self._grammars: GrammarCompiler | None = None  # made on the first constrained request
 
     @property
     def tokens_computed(self) -> int:
@@ -426,7 +430,23 @@ class Generator:
                 f"model's context of {ctx}; shorten the prompt or lower max_tokens",
                 details={"prompt_tokens": len(ids), "max_tokens": req.max_tokens, "context_length": ctx},
             )
+        if req.response_format is not None:  # an uncompilable schema is a 400 now, not a late error event
+            self.grammar_compiler().compile(req.response_format)
         return ids
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """This model's grammar compiler (its tokenizer, its logits' width, its EOS ids)."""
+        if self._grammars is None:
+            config = self.model.config
+            text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+            vocab = getattr(text, "vocab_size", None) or len(self.tokenizer)
+            self._grammars = GrammarCompiler(self.tokenizer, vocab_size=max(int(vocab), len(self.tokenizer)),
+                                             stop_token_ids=sorted(self.eos_token_ids))
+        return self._grammars
+
+    def grammar_matcher(self, req: GenerationRequest) -> GrammarMatcher | None:
+        """A fresh grammar state for one sequence of ``req``; None when its output is free text."""
+        return None if req.response_format is None else self.grammar_compiler().matcher(req.response_format)
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -531,19 +551,27 @@ class TokenStream(Iterator[TokenChunk]):
         gen, req = self._gen, self.request
         sampler = _Sampler(req)
         sampler.observe(self.prompt_ids)
+        grammar = gen.grammar_matcher(req)
         past, step_ids = None, self.prompt_ids
         while self._produced < req.max_tokens:
             if self._cancel is not None and self._cancel.is_set():
                 self._reason = "cancelled"
                 return
             logits, past = gen._forward(step_ids, past)
+            if grammar is not None:
+                logits = grammar.mask(logits)
             token = sampler(logits)
             self._count_token()
             sampler.observe([token])
             if token in gen.eos_token_ids:
                 self._reason = "eos"
                 return
+            if grammar is not None:
+                grammar.advance(token)
             yield token
+            if grammar is not None and grammar.is_done():  # the document is whole: only EOS could follow
+                self._reason = "eos"
+                return
             step_ids = [token]
         self._reason = "length"
 

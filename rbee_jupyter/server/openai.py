@@ -243,7 +243,10 @@ class ChatCompletionsHandler(_CompletionBase):
             if isinstance(content, list):  # content parts: keep the text ones
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
             out.append({"role": m["role"], "content": content})
-        return {"messages": out}
+        fields: dict[str, Any] = {"messages": out}
+        if body.get("response_format") is not None:  # checked by the hive, enforced by the worker's grammar
+            fields["response_format"] = body["response_format"]
+        return fields
 
     def chunk_choice(self, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (

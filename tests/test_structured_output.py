@@ -1,0 +1,113 @@
+"""Structured output: response_format json_object / json_schema, enforced by a grammar, through the openai SDK."""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+from rbee_jupyter.engine.grammar import ResponseFormat
+from rbee_jupyter.errors import InvalidRequest, InvalidSchema, UnsupportedSchema
+from rbee_jupyter.testing.pytest_plugin import TINY_REPO
+
+MODEL = TINY_REPO
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object",  # nested objects in a bounded array, an enum
+     "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 3,
+                              "items": {"type": "object",
+                                        "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 99},
+                                                       "tags": {"type": "array", "maxItems": 2,
+                                                                "items": {"enum": ["a", "b", "c"]}}},
+                                        "required": ["id", "tags"], "additionalProperties": False}},
+                    "color": {"enum": ["red", "green", "blue"]}},
+     "required": ["items", "color"], "additionalProperties": False},
+    {"type": "object",  # bounded numbers, booleans, nullable
+     "properties": {"x": {"type": "number", "minimum": -1.5, "maximum": 2.5},
+                    "ok": {"type": "boolean"}, "note": {"type": ["string", "null"], "maxLength": 5}},
+     "required": ["x", "ok", "note"], "additionalProperties": False},
+    {"type": "object",  # $defs/$ref, a pattern, anyOf
+     "$defs": {"point": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]{2,4}$"}},
+                         "required": ["code"], "additionalProperties": False}},
+     "properties": {"p": {"$ref": "#/$defs/point"},
+                    "v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"const": "none"}]}},
+     "required": ["p", "v"], "additionalProperties": False},
+    {"type": "object", "properties": {"level": {"enum": [1, 2, 3]}, "label": {"const": "fixed"},
+                                      "scores": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 5}, "maxItems": 4}},
+     "required": ["level", "label", "scores"], "additionalProperties": False},
+]
+
+
+@pytest.fixture
+def client(rbee_server, rbee_worker):
+    client = openai.OpenAI(base_url=rbee_server.url + "rbee/openai/v1", api_key=rbee_server.token, max_retries=0)
+    yield client
+    client.close()
+
+
+def schema_format(schema, name="answer"):
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+@pytest.mark.timeout(1200)  # 50 × ~40 tokens; a token of the tiny model takes ~0.1 s on a busy 2-core box
+def test_fifty_json_schema_requests_parse_and_validate(client):
+    # Random weights and sampling: whatever the model prefers, the grammar keeps the text valid.
+    for i in range(50):
+        schema = SCHEMAS[i % len(SCHEMAS)]
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Give me {i}"}],
+                                           response_format=schema_format(schema), max_tokens=400,
+                                           temperature=1.0, seed=i)
+        text = r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop", (i, text)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_schema_streamed_joins_to_a_valid_document(client):
+    schema = SCHEMAS[1]
+    chunks = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "List"}],
+                                            response_format=schema_format(schema), max_tokens=400, stream=True,
+                                            temperature=1.0, seed=7)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), schema)
+
+
+def test_json_object_gives_an_object(client):
+    for seed in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON please"}],
+                                           response_format={"type": "json_object"}, max_tokens=300,
+                                           temperature=0.7, seed=seed)
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("response_format, code, needle", [
+    (schema_format({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}}),
+     "unsupported_schema", "multipleOf"),
+    (schema_format({"type": "string", "pattern": "(?<=a)b"}), "unsupported_schema", "Lookbehind"),
+    (schema_format({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}),
+     "unsupported_schema", "remote reference"),
+    (schema_format({"type": "strnig"}), "invalid_schema", "not a valid JSON Schema"),
+    (schema_format({"type": "object", "required": "name"}), "invalid_schema", "required"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "invalid_schema", "schema"),
+    ({"type": "xml"}, "invalid_request", "json_object"),
+])
+def test_bad_schemas_get_400_naming_the_part(rbee_server, rbee_worker, response_format, code, needle):
+    r = rbee_server.post("openai/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": response_format})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["param"] == "response_format" and needle in error["message"]
+
+
+def test_response_format_parsing_is_transport_free():
+    assert ResponseFormat.from_json(None) is None and ResponseFormat.from_json({"type": "text"}) is None
+    assert ResponseFormat.from_json({"type": "json_object"}).schema == {"type": "object"}
+    with pytest.raises(UnsupportedSchema) as info:
+        ResponseFormat.from_json(schema_format({"type": "object", "properties": {"t": {"not": {"type": "string"}}}}))
+    assert info.value.details == {"field": "response_format", "keyword": "not", "path": "/properties/t"}
+    with pytest.raises(InvalidSchema):
+        ResponseFormat.from_json(schema_format(["not", "an", "object"]))
+    with pytest.raises(InvalidRequest):
+        ResponseFormat.from_json("json")
