@@ -1,10 +1,12 @@
 """Structured output: response_format json_object / json_schema, enforced by a grammar, through the openai SDK."""
 
 import json
+from typing import Annotated, Literal
 
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from rbee_jupyter.engine.grammar import ResponseFormat
 from rbee_jupyter.errors import InvalidRequest, InvalidSchema, UnsupportedSchema
@@ -117,3 +119,41 @@ def test_response_format_parsing_is_transport_free():
         ResponseFormat.from_json(schema_format(["not", "an", "object"]))
     with pytest.raises(InvalidRequest):
         ResponseFormat.from_json("json")
+
+
+class Person(BaseModel):
+    name: Annotated[str, Field(max_length=8)]
+    age: Annotated[int, Field(ge=0, le=150)]
+    color: Literal["red", "green", "blue"]
+    tags: Annotated[list[Literal["x", "y"]], Field(max_length=2)]
+
+
+def test_client_chat_with_a_pydantic_schema_returns_an_instance(rbee_server, rbee_worker):
+    from rbee_jupyter.kernel.client import Client
+
+    with Client(rbee_server.url, token=rbee_server.token) as client:
+        people = [client.chat("Who?", model=rbee_worker, schema=Person, max_tokens=200, temperature=1.0, seed=s)
+                  for s in range(3)]
+        as_dict = client.chat("Who?", model=rbee_worker, schema=SCHEMAS[2], max_tokens=200, temperature=1.0, seed=3)
+        with pytest.raises(UnsupportedSchema):
+            client.chat("Who?", model=rbee_worker, schema={"type": "array", "uniqueItems": True})
+    assert all(isinstance(p, Person) for p in people)
+    jsonschema.validate(as_dict, SCHEMAS[2])
+
+
+def test_rbee_chat_json_pretty_prints(rbee_server, rbee_worker):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from rbee_jupyter.kernel.client import set_default_client
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_line_magic("load_ext", "rbee_jupyter.kernel.magics")
+        shell.run_line_magic("rbee", f"connect {rbee_server.url} --token {rbee_server.token}")
+        result = shell.run_cell(f"%%rbee chat --json --model {rbee_worker} --temperature 0 --max-tokens 200\n"
+                                "JSON please").result
+    finally:
+        set_default_client(None)
+        InteractiveShell.clear_instance()
+    assert repr(result) == json.dumps(json.loads(str(result)), indent=2)
+    assert isinstance(json.loads(str(result)), dict)

@@ -601,6 +601,27 @@ def _infer_body(model: Any, options: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def response_format_for(schema: Any) -> dict[str, Any]:
+    """``response_format`` for a pydantic model class or a JSON Schema dict."""
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return {"type": "json_schema", "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()}}
+    if isinstance(schema, dict):
+        return {"type": "json_schema", "json_schema": {"name": str(schema.get("title") or "answer"), "schema": schema}}
+    raise TypeError(f"schema must be a pydantic model class or a JSON Schema dict, not {type(schema).__name__}")
+
+
+def parse_structured(gen: Generation, schema: Any) -> Any:
+    """The finished generation's JSON as ``schema`` says: a validated model instance, or a dict."""
+    text = gen.text
+    if (gen.end or {}).get("stop_reason") == "length":
+        raise RbeeError(f"The answer was cut at max_tokens ({(gen.end or {}).get('total_tokens')} tokens) before "
+                        "its JSON was complete; raise max_tokens.", code="INCOMPLETE_OUTPUT", status=500,
+                        details={"text": text})
+    if isinstance(schema, type):
+        return schema.model_validate_json(text)
+    return json.loads(text)
+
+
 class Client:
     """The rbee hive, wherever it runs. ``Client()`` discovers it; ``Client(url, token=...)`` names it.
 
@@ -782,14 +803,28 @@ class Client:
 
     def chat(self, messages: Sequence[dict[str, str]] | str, *, model: Worker | str | None = None,
              max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-             seed: int | None = None, stop: str | Sequence[str] | None = None, **extra: Any) -> Generation:
-        """The assistant's next turn for ``messages`` (``[{"role", "content"}, ...]``; a str is one user turn)."""
+             seed: int | None = None, stop: str | Sequence[str] | None = None, schema: Any = None,
+             **extra: Any) -> Any:
+        """The assistant's next turn for ``messages`` (``[{"role", "content"}, ...]``; a str is one user turn).
+
+        Args:
+            schema: a pydantic model class or a JSON Schema dict: the answer is decoded under that
+                schema's grammar and returned parsed (a validated instance of the model, or a dict)
+                instead of a :class:`Generation`.
+
+        Raises:
+            UnsupportedSchema, InvalidSchema: a schema the grammar cannot enforce, or no schema at all.
+            RbeeError: ``INCOMPLETE_OUTPUT`` when ``max_tokens`` ended the answer before the JSON did.
+        """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if schema is not None:
+            extra["response_format"] = response_format_for(schema)
         body = _infer_body(model, {"messages": [dict(m) for m in messages], "max_tokens": max_tokens,
                                    "temperature": temperature, "top_p": top_p, "seed": seed,
                                    "stop": [stop] if isinstance(stop, str) else stop, **extra})
-        return Generation(self, self._transport.infer(body), model=_model_name(model))
+        gen = Generation(self, self._transport.infer(body), model=_model_name(model))
+        return gen if schema is None else parse_structured(gen, schema)
 
     def embed(self, texts: str | Sequence[str], *, model: Worker | str | None = None,
               dimensions: int | None = None) -> Any:

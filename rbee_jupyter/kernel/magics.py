@@ -15,6 +15,7 @@ keeps updating.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from typing import Any
 
@@ -44,8 +45,9 @@ USAGE = """\
 %rbee help                                    this text
 %%rbee generate [--model REF|ID] [--max-tokens N] [--temperature T] [--seed S] [--background]
                                               the cell is the prompt; text appears as it streams
-%%rbee chat [--model REF|ID] [--system TEXT] [--reset] [same options as generate]
-                                              the cell is your turn; the conversation is kept per model
+%%rbee chat [--model REF|ID] [--system TEXT] [--reset] [--json] [same options as generate]
+                                              the cell is your turn; the conversation is kept per model;
+                                              --json: the answer is a JSON object, shown pretty-printed
 %rbee chat [--model REF|ID] --reset | --system TEXT   start over / set the system prompt, without a turn"""
 
 _LINES: dict[str, str] = {}
@@ -100,6 +102,7 @@ def _parser(command: str) -> _Parser:
     if command == "chat":
         p.add_argument("--system")
         p.add_argument("--reset", action="store_true")
+        p.add_argument("--json", action="store_true")
     return p
 
 
@@ -304,13 +307,19 @@ class RbeeMagics(Magics):
                 return _Text(f"conversation with {key}: {len(history)} message(s)")
             raise UsageError(f"the cell is empty: write your message below %%rbee chat\nusage: {_usage('chat')}")
         turn = {"role": "user", "content": text}
-        gen = self.client.chat([*history, turn], model=model, **self._options(args))
+        options = self._options(args)
+        if args.json:  # decoding constrained to a JSON object (engine/grammar.py)
+            options["response_format"] = {"type": "json_object"}
+        gen = self.client.chat([*history, turn], model=model, **options)
 
         def remember(view: Any) -> None:
             if view.state == "done":
                 history.extend([turn, {"role": "assistant", "content": gen.text}])
 
-        return self._follow_generation(gen, key, args, on_done=remember)
+        gen = self._follow_generation(gen, key, args, on_done=remember)
+        if args.json and not args.background:
+            return _Text(json.dumps(json.loads(gen.text), indent=2, ensure_ascii=False))
+        return gen
 
     def _follow_generation(self, gen: Generation, title: str, args: argparse.Namespace,
                            on_done: Any = None) -> Generation:
