@@ -33,13 +33,15 @@ def _wordpiece(vocab_size: int):
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
 
 
-def make_tiny_embedder(path: str | Path, *, hidden: int = 32, layers: int = 2, vocab_size: int = 300,
-                       max_seq_length: int = 64, seed: int = 0) -> Path:
+def make_tiny_embedder(path: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4,
+                       intermediate: int | None = None, vocab_size: int = 300, max_seq_length: int = 64,
+                       seed: int = 0) -> Path:
     """Write a random BERT sentence-embedding model (mean pooling, then normalised) to ``path``.
 
     Args:
         path: folder to create (parents too).
-        hidden: the embedding dimension; ``layers``: encoder blocks; ``vocab_size``: WordPiece size.
+        hidden: the embedding dimension; ``layers``: encoder blocks; ``heads``: attention heads;
+            ``intermediate``: the feed-forward width (default ``2 * hidden``); ``vocab_size``: WordPiece size.
         max_seq_length: the longest input in tokens; longer inputs are refused by the worker.
         seed: weights are a pure function of the seed.
 
@@ -55,7 +57,8 @@ def make_tiny_embedder(path: str | Path, *, hidden: int = 32, layers: int = 2, v
     base = path.parent / f".{path.name}-bert"
     tokenizer = _wordpiece(vocab_size)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=max_seq_length)
+                        num_attention_heads=heads, intermediate_size=intermediate or hidden * 2,
+                        max_position_embeddings=max_seq_length)
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
