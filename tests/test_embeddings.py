@@ -22,10 +22,8 @@ def embed_worker(rbee_server, rbee_embed_repo):
 
 
 @pytest.fixture
-def client(rbee_server, embed_worker):
-    client = openai.OpenAI(base_url=rbee_server.url + "rbee/openai/v1", api_key=rbee_server.token, max_retries=0)
-    yield client
-    client.close()
+def client(openai_client, embed_worker):
+    return openai_client
 
 
 @pytest.fixture(scope="module")

@@ -45,10 +45,8 @@ SCHEMAS = [
 
 
 @pytest.fixture
-def client(rbee_server, rbee_worker):
-    client = openai.OpenAI(base_url=rbee_server.url + "rbee/openai/v1", api_key=rbee_server.token, max_retries=0)
-    yield client
-    client.close()
+def client(openai_client, rbee_worker):
+    return openai_client
 
 
 def schema_format(schema, name="answer"):

@@ -60,6 +60,13 @@ class _Handler(RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(error.to_dict()))
 
+    def json_body(self) -> Any:
+        """The request's JSON; ``InvalidRequest`` when it is not JSON."""
+        try:
+            return json.loads(self.request.body or b"null")
+        except ValueError as exc:
+            raise InvalidRequest(f"The body is not valid JSON: {exc}", details={"field": "body"}) from None
+
     def write_json(self, data: dict[str, Any]) -> None:
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data))
@@ -120,12 +127,7 @@ class GenerateHandler(_Handler):
 
     async def post(self) -> None:
         try:
-            body = json.loads(self.request.body or b"null")
-        except ValueError as exc:
-            self.send_json_error(InvalidRequest(f"The body is not valid JSON: {exc}", details={"field": "body"}))
-            return
-        try:
-            task = self.runtime.submit(body)
+            task = self.runtime.submit(self.json_body())
         except RbeeError as error:
             self.send_json_error(error)
             return
@@ -142,17 +144,12 @@ class EmbedHandler(_Handler):
     """One embedding request of an embedding worker (``worker/embedding.py``): JSON in, JSON out."""
 
     async def post(self) -> None:
-        try:
-            body = json.loads(self.request.body or b"null")
-        except ValueError as exc:
-            self.send_json_error(InvalidRequest(f"The body is not valid JSON: {exc}", details={"field": "body"}))
-            return
         embed = getattr(self.runtime, "embed", None)
         try:
             if embed is None:
                 raise Conflict("This worker generates text and does not embed; load a sentence-transformers "
                                "model for embeddings.", details={"kind": "generate"})
-            self.write_json(await embed(body))
+            self.write_json(await embed(self.json_body()))
         except RbeeError as error:
             self.send_json_error(error)
 

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import Conflict, ModelNotLoaded, RbeeError, WorkerBusy
+from ..errors import Conflict, ModelNotLoaded, WorkerBusy
 from ..events import Ready
 from .protocol import EMBEDDING
-from .runtime import WorkerRuntime, WorkerState, _as_rbee_error
+from .runtime import WorkerRuntime, WorkerState
 
 __all__ = ["EmbeddingRuntime", "EMBEDDING"]
 
@@ -58,9 +57,7 @@ class EmbeddingRuntime(WorkerRuntime):
                                          _Progress(1, 1, "model", device, {device: n})))
             timeline.mark("finish")
         except BaseException as exc:  # noqa: BLE001 - every failure must become an error event
-            if not isinstance(exc, RbeeError):
-                traceback.print_exc(file=sys.stderr)
-            self.loop.call_soon_threadsafe(self._load_failed, _as_rbee_error(exc))
+            self._load_crashed(exc)
         else:
             print(f"rbee embedding worker {self.config.worker_id}: {timeline.describe()}", file=sys.stderr,
                   flush=True)
