@@ -1,4 +1,4 @@
-"""Every error a user can meet, with the code and HTTP status DESIGN.md assigns it.
+"""Every error a user can meet, with its code and HTTP status (the table of docs/errors.md).
 
 Each class carries a stable ``code`` (what clients branch on), an HTTP ``status``
 (what the server answers), a message that says how to fix the problem, and

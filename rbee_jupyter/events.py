@@ -1,4 +1,4 @@
-"""Event types (the JSON of DESIGN.md) and their Server-Sent Events framing.
+"""Event types (the JSON the README's "The events of a stream" shows) and their SSE framing.
 
 Events are small frozen dataclasses so that producers cannot get a field name wrong;
 ``to_dict`` gives the wire JSON. Progress events are *skippable*: a subscriber that

@@ -119,7 +119,7 @@ def test_snapshot_download_is_byte_identical_and_loads(hub: HubServer, tmp_path:
     for name in served:
         assert (local / name).read_bytes() == (folder / name).read_bytes(), name
     assert len(list(local.glob("*.safetensors"))) == (1 if shard is None else 5)
-    # The order DESIGN.md relies on: info by branch, tree by sha, then HEAD/GET on resolve by sha.
+    # The order huggingface_hub calls in: info by branch, tree by sha, then HEAD/GET on resolve by sha.
     assert hub.requests[0].path == f"/api/models/{REPO}/revision/main"
     assert hub.requests[1].path.startswith(f"/api/models/{REPO}/tree/{sha}?recursive=true")
     assert {r.method for r in hub.requests[2:]} == {"HEAD", "GET"}

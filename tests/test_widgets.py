@@ -1,6 +1,6 @@
 """Progress views: states, the widget parts, the stable text/plain, tables and the text fallbacks.
 
-The views are fed the events a real hive publishes (DESIGN.md formats); their widgets are
+The views are fed the events a real hive publishes (rbee_jupyter.events formats); their widgets are
 real ipywidgets (without a kernel their comms are inert, the traits are what a frontend
 would be sent). The terminal fallback is also checked in a real terminal IPython process.
 """

@@ -594,7 +594,7 @@ def _retryable(e: "hf_errors.HfHubHTTPError") -> bool:
 
 
 class _hub_errors:
-    """Translate huggingface_hub's exceptions into the error table of DESIGN.md."""
+    """Translate huggingface_hub's exceptions into our error codes (docs/errors.md)."""
 
     def __init__(self, ref: ModelRef) -> None:
         self.ref = ref

@@ -137,7 +137,7 @@ def _deadline_left(deadline: float | None, default: float) -> float:
 
 
 class HttpTransport:
-    """The server's HTTP API (DESIGN.md) with httpx; SSE with httpx-sse, resumed by ``Last-Event-ID``."""
+    """The server's HTTP API (see the README) with httpx; SSE with httpx-sse, resumed by ``Last-Event-ID``."""
 
     mode = "server"
 
@@ -348,7 +348,7 @@ class JobHandle:
         self._state = _state_of(event)
 
     def events(self, *, last_event_id: int | None = 0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """The job's events as dicts (DESIGN.md formats), ending with its terminal event.
+        """The job's events as dicts (rbee_jupyter.events formats), ending with its terminal event.
 
         Args:
             last_event_id: resume after this event id; 0 replays everything, None starts

@@ -96,7 +96,7 @@ class _Line:
 class ProgressView:
     """Base of the views: state, the ``[description][bar][details]`` row, and the surfaces.
 
-    Feed it events (DESIGN.md formats) with :meth:`update`; a terminal event (complete,
+    Feed it events (rbee_jupyter.events formats) with :meth:`update`; a terminal event (complete,
     ready, end, error) fixes the final state. ``description`` and ``details`` are the texts
     shown; in widget mode ``label``, ``bar`` and ``info`` are the ipywidgets.
     """

@@ -1,7 +1,7 @@
 """Thin Tornado handlers: authenticate, parse, call the hive, serialise or stream.
 
 Every error leaves as ``{"error": {"code", "message", "details"}}`` with the status of
-DESIGN.md's table; nothing here decides anything the hive could.
+docs/errors.md; nothing here decides anything the hive could.
 """
 
 from __future__ import annotations

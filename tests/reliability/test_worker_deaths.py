@@ -1,7 +1,7 @@
 """``kill -9`` of a worker process while it loads, while it generates and while it is idle,
 through a real ``jupyter server`` process.
 
-DESIGN.md: every open stream gets ``WORKER_DIED`` and ``[DONE]`` within 2 s, the registry
+The README's promise: every open stream gets ``WORKER_DIED`` and ``[DONE]`` within 2 s, the registry
 says ``failed`` with the reason, and no process is left. Test-only delays in the workers
 (``RBEE_WORKER_BLOCK_DELAY_S`` after each block, ``RBEE_WORKER_TOKEN_DELAY_S`` after each
 token) keep a load and a generation running long enough to be killed in the middle.
