@@ -37,7 +37,7 @@ __all__ = [
 
 StopReason = Literal["eos", "length", "stop", "cancelled"]
 
-ROLES = frozenset({"system", "user", "assistant"})
+ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 4
 _REPLACEMENT = "\ufffd"
 # Config attributes that different model families use for the context window.
@@ -61,6 +61,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float = 1.0
     response_format: ResponseFormat | None = None  # constrained decoding (engine/grammar.py)
+    tools: list[dict] | None = None  # function definitions the chat template renders
 
     @classmethod
     def from_json(cls, body: Any, *, max_tokens_limit: int = 4096) -> GenerationRequest:
@@ -84,6 +85,7 @@ class GenerationRequest:
             stop=_stop(body),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, low_open=True),
             response_format=ResponseFormat.from_json(body.get("response_format")),
+            tools=_tools(body),
         )
 
 
@@ -117,10 +119,42 @@ def _messages(messages: Any) -> list[dict]:
             raise _bad("messages", f"'messages[{i}]' must be an object with 'role' and 'content'")
         if msg.get("role") not in ROLES:
             raise _bad("messages", f"'messages[{i}].role' must be one of {sorted(ROLES)}")
-        if not isinstance(msg.get("content"), str):
+        calls = msg.get("tool_calls") if msg["role"] == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise _bad("messages", f"'messages[{i}].tool_calls' must be a list")
+        if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
             raise _bad("messages", f"'messages[{i}].content' must be a string")
-        out.append({"role": msg["role"], "content": msg["content"]})
+        item = {"role": msg["role"], "content": msg.get("content") or ""}
+        if calls:  # an earlier turn's calls, rendered by the chat template (its arguments as objects)
+            item["tool_calls"] = [_template_call(c, i) for c in calls]
+        if msg["role"] == "tool" and isinstance(msg.get("tool_call_id"), str):
+            item["tool_call_id"] = msg["tool_call_id"]
+        out.append(item)
     return out
+
+
+def _template_call(call: Any, i: int) -> dict:
+    """An OpenAI tool call of a past assistant turn, with ``arguments`` parsed for the chat template."""
+    import json
+
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise _bad("messages", f"'messages[{i}].tool_calls' items must be {{\"function\": {{\"name\", \"arguments\"}}}}")
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise _bad("messages", f"'messages[{i}].tool_calls' arguments must be JSON") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _tools(body: Mapping) -> list[dict] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise _bad("tools", "'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects")
+    return [dict(t) for t in tools] or None
 
 
 def _max_tokens(body: Mapping, limit: int) -> int:
@@ -419,7 +453,7 @@ class Generator:
 
     def encode(self, req: GenerationRequest) -> list[int]:
         """Prompt ids; raises before any compute if the request cannot fit the context."""
-        ids = self._chat_ids(req.messages) if req.messages is not None else \
+        ids = self._chat_ids(req.messages, req.tools) if req.messages is not None else \
             list(self.tokenizer(req.prompt)["input_ids"])
         if not ids:
             raise InvalidRequest("the prompt encodes to no tokens", details={"field": "prompt"})
@@ -448,11 +482,12 @@ class Generator:
         """A fresh grammar state for one sequence of ``req``; None when its output is free text."""
         return None if req.response_format is None else self.grammar_compiler().matcher(req.response_format)
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def _chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("model has no chat template; send a prompt instead",
                                  details={"field": "messages"})
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        extra = {"tools": tools} if tools else {}
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding by default
             out = out["input_ids"]
         return [int(i) for i in out]

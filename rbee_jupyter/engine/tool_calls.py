@@ -119,3 +119,89 @@ def parse_tool_calls(text: str, names: Collection[str] | None = None) -> ParsedO
         if found is not None:
             return found
     return ParsedOutput(text)
+
+
+# --- tools and tool_choice of a request --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How a chat request uses its tools.
+
+    ``mode``: ``none`` (no tools, or ``tool_choice: "none"``), ``auto`` (the model decides; its
+    text is parsed afterwards), ``required`` (a call to one of the tools, grammar-constrained
+    to ``{"name", "arguments"}``) or ``named`` (``function``'s arguments, grammar-constrained).
+    ``response_format`` is the grammar for the last two; ``tools`` what the chat template renders.
+    """
+
+    mode: str
+    names: tuple[str, ...] = ()
+    function: str | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    response_format: dict[str, Any] | None = None
+
+
+def tool_plan(tools: Any, tool_choice: Any) -> ToolPlan:
+    """Validate OpenAI's ``tools`` and ``tool_choice``; each mistake is a 400 naming the field.
+
+    Raises:
+        InvalidRequest: a malformed tool, or a ``tool_choice`` naming no offered function.
+        InvalidSchema, UnsupportedSchema: a function's ``parameters`` (for the grammar).
+    """
+    from ..errors import InvalidRequest
+    from .grammar import check_schema
+
+    if tools is None or tools == []:
+        if tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("tool_choice needs tools: send the functions in 'tools'.",
+                                 details={"field": "tool_choice"})
+        return ToolPlan("none")
+    if not isinstance(tools, list):
+        raise InvalidRequest("tools must be a list of {\"type\": \"function\", \"function\": {...}}.",
+                             details={"field": "tools"})
+    defs: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+            raise InvalidRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                                 "\"parameters\"}}} with a name of 1-64 letters, digits, _ . -.",
+                                 details={"field": "tools", "index": i})
+        params = fn.get("parameters") or {"type": "object"}
+        if not isinstance(params, dict):
+            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON Schema object.",
+                                 details={"field": "tools", "index": i})
+        check_schema(params, field="tools")
+        defs[name] = {**fn, "parameters": params}
+    names = tuple(defs)
+    template = tuple({"type": "function", "function": d} for d in defs.values())
+    choice = "auto" if tool_choice is None else tool_choice
+    if choice == "none":
+        return ToolPlan("none", names)
+    if choice == "auto":
+        return ToolPlan("auto", names, tools=template)
+    if choice == "required":
+        envelope = {"anyOf": [{"type": "object", "properties": {"name": {"const": n}, "arguments": d["parameters"]},
+                               "required": ["name", "arguments"], "additionalProperties": False}
+                              for n, d in defs.items()]}
+        return ToolPlan("required", names, tools=template, response_format=_json_schema("tool_call", envelope))
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise InvalidRequest("tool_choice must be \"none\", \"auto\", \"required\" or "
+                             "{\"type\": \"function\", \"function\": {\"name\": ...}}.", details={"field": "tool_choice"})
+    if name not in defs:
+        raise InvalidRequest(f"tool_choice names the function {name!r}, which is not in tools ({', '.join(names)}).",
+                             details={"field": "tool_choice", "accepted": list(names)})
+    return ToolPlan("named", names, name, template, _json_schema(name, defs[name]["parameters"]))
+
+
+def _json_schema(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+
+def forced_calls(plan: ToolPlan, text: str) -> tuple[ToolCall, ...]:
+    """The call a ``required`` or ``named`` plan produced (its text is grammar-constrained JSON)."""
+    if plan.mode == "named":  # the text is the arguments, exactly as they were streamed
+        return (ToolCall(plan.function or "", text),)
+    obj = json.loads(text)
+    return (ToolCall(obj["name"], json.dumps(obj["arguments"], ensure_ascii=False)),)

@@ -21,7 +21,9 @@ from tornado.iostream import StreamClosedError
 from ..errors import Conflict, InvalidRequest, ModelNotFound, RbeeError
 from ..events import sse_done, to_json
 from ..core.refs import parse_ref
+from ..engine.tool_calls import ToolPlan
 from .handlers import _HTTP_CODES, RbeeHandler
+from .tools import ToolAnswer, tool_fields
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -143,6 +145,14 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
     def full_choice(self, text: str, finish: str) -> dict[str, Any]:
         """The single choice of a non-streamed answer."""
 
+    def text_choices(self, text: str) -> list[dict[str, Any]]:
+        """The streamed choices for one piece of text (chat with tools may hold it back)."""
+        return [self.chunk_choice(text, None, False)]
+
+    def end_choices(self, finish: str) -> list[dict[str, Any]]:
+        """The streamed choices that close the answer."""
+        return [self.chunk_choice(None, finish, False)]
+
     @web.authenticated
     @authorized
     async def post(self) -> None:
@@ -188,10 +198,11 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
             async for event in self._events(sub, first):
                 kind = event.get("type")
                 if kind == "token":
-                    await send({**chunk, "choices": [self.chunk_choice(event["t"], None, False)]})
+                    for choice in self.text_choices(event["t"]):
+                        await send({**chunk, "choices": [choice]})
                 elif kind == "end":
-                    await send({**chunk, "choices": [self.chunk_choice(None, _FINISH.get(event["stop_reason"], "stop"),
-                                                                       False)]})
+                    for choice in self.end_choices(_FINISH.get(event["stop_reason"], "stop")):
+                        await send({**chunk, "choices": [choice]})
                     if include_usage:
                         await send({**chunk, "choices": [], "usage": _usage(event)})
                 elif kind == "error":
@@ -242,11 +253,28 @@ class ChatCompletionsHandler(_CompletionBase):
             content = m.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            out.append({"role": m["role"], "content": content})
+            out.append({**{k: m[k] for k in ("tool_calls", "tool_call_id") if k in m},
+                        "role": m["role"], "content": content})
         fields: dict[str, Any] = {"messages": out}
         if body.get("response_format") is not None:  # checked by the hive, enforced by the worker's grammar
             fields["response_format"] = body["response_format"]
-        return fields
+        plan, tool_fields_ = tool_fields(body)
+        self._tools = ToolAnswer(plan)
+        return {**fields, **tool_fields_}
+
+    _tools = ToolAnswer(ToolPlan("none"))
+
+    def text_choices(self, text: str) -> list[dict[str, Any]]:
+        if not self._tools.active:
+            return super().text_choices(text)
+        return [_delta(d) for d in self._tools.deltas(text)]
+
+    def end_choices(self, finish: str) -> list[dict[str, Any]]:
+        if not self._tools.active:
+            return super().end_choices(finish)
+        deltas, is_call = self._tools.final_deltas()
+        return [*map(_delta, deltas), self.chunk_choice(None, "tool_calls" if is_call and finish == "stop" else finish,
+                                                         False)]
 
     def chunk_choice(self, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
@@ -254,8 +282,13 @@ class ChatCompletionsHandler(_CompletionBase):
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def full_choice(self, text: str, finish: str) -> dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
+        message, is_call = self._tools.message(text)
+        return {"index": 0, "message": message, "logprobs": None,
+                "finish_reason": "tool_calls" if is_call and finish == "stop" else finish}
+
+
+def _delta(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 class CompletionsHandler(_CompletionBase):
