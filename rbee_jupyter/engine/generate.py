@@ -139,7 +139,8 @@ def _template_call(call: Any, i: int) -> dict:
 
     fn = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-        raise _bad("messages", f"'messages[{i}].tool_calls' items must be {{\"function\": {{\"name\", \"arguments\"}}}}")
+        raise _bad("messages", f"'messages[{i}].tool_calls' items must be "
+                               "{\"function\": {\"name\", \"arguments\"}}")
     args = fn.get("arguments", "{}")
     try:
         args = json.loads(args) if isinstance(args, str) else args

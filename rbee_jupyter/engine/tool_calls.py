@@ -188,7 +188,8 @@ def tool_plan(tools: Any, tool_choice: Any) -> ToolPlan:
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
         raise InvalidRequest("tool_choice must be \"none\", \"auto\", \"required\" or "
-                             "{\"type\": \"function\", \"function\": {\"name\": ...}}.", details={"field": "tool_choice"})
+                             "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                             details={"field": "tool_choice"})
     if name not in defs:
         raise InvalidRequest(f"tool_choice names the function {name!r}, which is not in tools ({', '.join(names)}).",
                              details={"field": "tool_choice", "accepted": list(names)})
