@@ -1,25 +1,26 @@
-"""Benchmark: a download through rbee (real jupyter server + SSE) against plain snapshot_download.
+"""Benchmark: downloads through rbee (real jupyter server + SSE) against plain snapshot_download,
+on a loopback hub shaped like a network.
 
-Generates a ~200 MB repository (4 safetensors shards of random bytes + config.json), serves
-it from a local HubServer (loopback, in this process), then alternates, round by round:
+Two repositories of random bytes (incompressible): ``sharded``, 4 safetensors shards of 40 MB
+(+ index and config), and ``single``, one 160 MB safetensors file (the shape of a GGUF repo).
+Three network shapes, set on the local HubServer (in this process):
 
-* rbee:  a fresh ``jupyter server`` with the extension (fresh cache and catalog), started
-  *before* the clock; timed from ``POST v1/models/download`` until the progress stream's
-  ``[DONE]`` (so it includes planning, transfer, hash checks, the catalog and the SSE hop).
-* plain: a fresh Python subprocess that has already imported huggingface_hub and waits on
-  stdin; timed (here, by the parent) from sending it a fresh cache dir until it answers
-  that ``snapshot_download(repo_id, endpoint=hub.url, cache_dir=...)`` returned. Its tqdm
-  bars are off (they would only cost it time), so the comparison is strict.
+* (a) loopback, no cap;
+* (b) each connection capped at 20 MB/s (a CDN's per-connection limit);
+* (c) a 100 MB/s link shared by every connection (a token bucket).
 
-Both fetch exactly the same files (rbee's file selection keeps every file of this repo),
-from the same hub, into fresh caches on the same disk. The order alternates each round
-and downloaded caches are deleted (and the disk synced) between runs.
+For every (shape, repo), rounds alternate the order of the two contenders:
 
-Usage: python bench/download.py [--rounds 5] [--size-mb 200] [--shards 4] [--profile]
-                                [--nice -10] [--quiet-wait 60]
+* rbee:  one ``jupyter server`` with the extension, started once *before* any clock; each run
+  downloads a repository id it has never seen (the same bytes published under a fresh id),
+  so its cache is fresh. Timed from ``POST v1/models/download`` until the stream's ``[DONE]``
+  (planning, transfer, hash checks, catalog, the SSE hop). The server's CPU time per MB is
+  read from /proc, so parallelism paid for with a busy server would show.
+* plain: a fresh Python subprocess that has already imported huggingface_hub, timed from
+  sending it a fresh cache dir until ``snapshot_download`` returned (8 file workers, its
+  default; tqdm bars off). Its CPU per MB is read the same way.
 
-``--profile`` adds a cProfile run of rbee's Downloader in this process (the code path the
-server's worker thread runs) and prints where its time goes.
+Usage: python bench/download.py [--rounds 3] [--shapes abc] [--repos sharded,single] [--nice -10]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet  # noqa: E402
+from machine import MachineLoad, add_machine_options, apply_machine_options, cpu_of, wait_for_quiet  # noqa: E402
 
 REPO_ID = "bench/random-200mb"
 
@@ -81,64 +82,71 @@ def repo_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_rbee(hub_url: str, work: Path, i: int) -> dict:
-    from rbee_jupyter.testing.server import ServerProcess
+SHAPES = {  # name: (label, per-connection cap, link cap), bytes per second
+    "a": ("loopback, no cap", None, None),
+    "b": ("20 MB/s per connection", 20e6, None),
+    "c": ("100 MB/s shared link", None, 100e6),
+}
+REPOS = {"sharded": 4, "single": 1}  # name: shards of 160 MB in all
+
+
+def run_rbee(server, repo_id: str) -> dict:
     from rbee_jupyter.testing.sse import parse_frames
 
-    folder = work / f"rbee-{i}"
-    cache = folder / "cache"
-    server = ServerProcess(folder, rbee={"hub_endpoint": hub_url, "cache_dir": str(cache)})
-    with server:  # started (and answering) before the clock
-        server.get("v1/models").raise_for_status()  # warm the route and the client connection
-        os.sync()  # earlier runs' dirty pages are not flushed on this run's clock
-        t0 = time.perf_counter()
-        r = server.post("v1/models/download", {"model_ref": f"hf:{REPO_ID}"})
-        r.raise_for_status()
-        url = r.json()["progress_url"]
-        events, buf, done, last = 0, "", False, {}
-        with server.client.stream("GET", f"http://127.0.0.1:{server.port}{url}", timeout=120) as resp:
-            resp.raise_for_status()
-            for chunk in resp.iter_text():
-                buf += chunk
-                while "\n\n" in buf:
-                    block, buf = buf.split("\n\n", 1)
-                    for f in parse_frames(block + "\n\n"):
-                        if f.data == "[DONE]":
-                            done = True
-                        elif f.comment is None:
-                            events += 1
-                            last = f.data
-                if done:
-                    break
-        elapsed = time.perf_counter() - t0
+    os.sync()  # earlier runs' dirty pages are not flushed on this run's clock
+    cpu0 = cpu_of(server.proc.pid)
+    t0 = time.perf_counter()
+    r = server.post("v1/models/download", {"model_ref": f"hf:{repo_id}"})
+    r.raise_for_status()
+    url = r.json()["progress_url"]
+    events, buf, done, last = 0, "", False, {}
+    with server.client.stream("GET", f"http://127.0.0.1:{server.port}{url}", timeout=300) as resp:
+        resp.raise_for_status()
+        for chunk in resp.iter_text():
+            buf += chunk
+            while "\n\n" in buf:
+                block, buf = buf.split("\n\n", 1)
+                for f in parse_frames(block + "\n\n"):
+                    if f.data == "[DONE]":
+                        done = True
+                    elif f.comment is None:
+                        events += 1
+                        last = f.data
+            if done:
+                break
+    elapsed = time.perf_counter() - t0
+    cpu = cpu_of(server.proc.pid) - cpu0
     if not done or last.get("stage") != "complete":
         raise RuntimeError(f"rbee download did not complete: {last}\n{server.log()[-3000:]}")
     size = repo_bytes(Path(last["local_path"]))
-    shutil.rmtree(folder, ignore_errors=True)
-    return {"s": elapsed, "events": events, "bytes": size}
+    shutil.rmtree(Path(last["local_path"]).parents[1], ignore_errors=True)  # this repo's cache folder
+    return {"s": elapsed, "events": events, "bytes": size, "cpu_s": cpu}
 
 
-def run_plain(hub_url: str, work: Path, i: int) -> dict:
+def run_plain(hub_url: str, repo_id: str, work: Path, i: int) -> dict:
     folder = work / f"plain-{i}"
     cache = folder / "cache"
     cache.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _PLAIN_WORKER, hub_url, REPO_ID], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", _PLAIN_WORKER, hub_url, repo_id], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout.readline().strip() == "ready"  # imports done before the clock
-    os.sync()  # earlier runs' dirty pages are not flushed on this run's clock
+    os.sync()
+    cpu0 = cpu_of(proc.pid)
     t0 = time.perf_counter()
     proc.stdin.write(f"{cache}\n")
     proc.stdin.flush()
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - t0
+    cpu = cpu_of(proc.pid) - cpu0
+    proc.stdin.close()
     proc.wait(30)
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"snapshot_download failed (rc {proc.returncode})")
     out = json.loads(line)
     size = repo_bytes(Path(out["path"]))
     shutil.rmtree(folder, ignore_errors=True)
-    return {"s": elapsed, "inner_s": out["inner_s"], "bytes": size}
+    return {"s": elapsed, "inner_s": out["inner_s"], "bytes": size, "cpu_s": cpu}
 
 
 # --- profile -----------------------------------------------------------------------------
@@ -201,61 +209,84 @@ def profile_rbee(hub_url: str, work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--size-mb", type=int, default=200)
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size-mb", type=int, default=160)
+    ap.add_argument("--shapes", default="abc", help="which network shapes to run (letters of a, b, c)")
+    ap.add_argument("--repos", default="sharded,single")
     add_machine_options(ap)
     ap.add_argument("--profile", action="store_true", help="also cProfile rbee's Downloader in-process")
     args = ap.parse_args()
     apply_machine_options(args)
 
     from rbee_jupyter.testing.hub import HubServer
+    from rbee_jupyter.testing.server import ServerProcess
 
+    repos = args.repos.split(",")
     with tempfile.TemporaryDirectory(prefix="rbee-bench-dl-") as tmp:
         work = Path(tmp)
-        t = time.perf_counter()
-        repo = make_repo(work / "repo", args.size_mb, args.shards)
-        total = repo_bytes(repo)
-        print(f"repo: {total / 1e6:.1f} MB in {len(list(repo.iterdir()))} files "
-              f"({args.shards} safetensors shards), made in {time.perf_counter() - t:.1f} s")
-        with HubServer() as hub:
-            hub.add_repo(REPO_ID, repo)
-            shutil.rmtree(repo)  # the hub holds the bytes in memory
-            results: dict[str, list[dict]] = {"rbee": [], "plain": []}
+        contents: dict[str, dict[str, bytes]] = {}
+        for name in repos:
+            folder = make_repo(work / name, args.size_mb, REPOS[name])
+            contents[name] = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+            shutil.rmtree(folder)  # the hub holds the bytes in memory
+        with HubServer() as hub, ServerProcess(work / "rbee", rbee={
+                "hub_endpoint": hub.url, "cache_dir": str(work / "rbee-cache")}) as server:
+            server.get("v1/models").raise_for_status()  # warm the route and the client connection
+            MachineLoad.pids = (server.proc.pid,)
+            rows = []
             other_s = wall_s = 0.0
-            for i in range(args.rounds):
-                order = ("rbee", "plain") if i % 2 == 0 else ("plain", "rbee")
-                for name in order:
-                    if args.quiet_wait > 0:
-                        wait_for_quiet()
-                    with MachineLoad() as load:
-                        r = (run_rbee if name == "rbee" else run_plain)(hub.url, work, i)
-                    other_s, wall_s = other_s + load.other_s, wall_s + load.wall_s
-                    if r["bytes"] != total:
-                        raise RuntimeError(f"{name} fetched {r['bytes']} bytes, expected {total}")
-                    results[name].append(r)
-                    extra = f", {r['events']} SSE events" if name == "rbee" else f", inner {r['inner_s']:.3f} s"
-                    print(f"round {i + 1} {name:5s} {r['s']:.3f} s{extra} (other processes: {load.other_pct:.0f}% CPU)",
-                          flush=True)
+            n = 0
+            for shape in args.shapes:
+                label, per_connection, link = SHAPES[shape]
+                hub.faults.connection_rate_bps, hub.faults.link_rate_bps = per_connection, link
+                for name in repos:
+                    total = sum(map(len, contents[name].values()))
+                    results: dict[str, list[dict]] = {"rbee": [], "plain": []}
+                    for i in range(args.rounds):
+                        order = ("rbee", "plain") if i % 2 == 0 else ("plain", "rbee")
+                        for who in order:
+                            n += 1
+                            repo_id = f"bench/{name}-{shape}-{who}-{i}"
+                            hub.add_repo(repo_id, extra_files=contents[name])
+                            if args.quiet_wait > 0:
+                                wait_for_quiet()
+                            with MachineLoad() as load:
+                                r = run_rbee(server, repo_id) if who == "rbee" else run_plain(hub.url, repo_id, work, n)
+                            other_s, wall_s = other_s + load.other_s, wall_s + load.wall_s
+                            if r["bytes"] != total:
+                                raise RuntimeError(f"{who} fetched {r['bytes']} bytes, expected {total}")
+                            results[who].append(r)
+                            print(f"({shape}) {name:7s} round {i + 1} {who:5s} {r['s']:.3f} s, "
+                                  f"cpu {r['cpu_s']:.2f} s (other processes: {load.other_pct:.0f}% CPU)", flush=True)
+                    rb = statistics.median(r["s"] for r in results["rbee"])
+                    pl = statistics.median(r["s"] for r in results["plain"])
+                    cpu_rb = statistics.median(r["cpu_s"] for r in results["rbee"]) / (total / 1e6)
+                    cpu_pl = statistics.median(r["cpu_s"] for r in results["plain"]) / (total / 1e6)
+                    rows.append((shape, label, name, total, pl, rb, cpu_pl, cpu_rb, link))
             load.other_pct = 100 * other_s / (wall_s * (os.cpu_count() or 1))
             if hub.errors:
                 print("hub errors:", *hub.errors, sep="\n")
 
-            rb = statistics.median(r["s"] for r in results["rbee"])
-            pl = statistics.median(r["s"] for r in results["plain"])
-            print(f"\nDownload of {total / 1e6:.1f} MB from a loopback hub, {args.rounds} rounds alternating "
-                  f"(median; MB = 10^6 bytes)")
-            print(f"| {'contender':28s} | {'median s':>8s} | {'min s':>6s} | {'max s':>6s} | {'MB/s':>6s} |")
-            print(f"|{'-' * 30}|{'-' * 10}|{'-' * 8}|{'-' * 8}|{'-' * 8}|")
-            for label, name, med in (("rbee (POST -> SSE [DONE])", "rbee", rb),
-                                     ("plain snapshot_download", "plain", pl)):
-                xs = [r["s"] for r in results[name]]
-                print(f"| {label:28s} | {med:8.3f} | {min(xs):6.3f} | {max(xs):6.3f} | {total / 1e6 / med:6.1f} |")
-            ratio = rb / pl
-            print(f"\nratio rbee/plain = {ratio:.3f} (goal <= 1.05): {'OK' if ratio <= 1.05 else 'ABOVE GOAL'}")
-            print(load.note())
-            if args.profile:
-                profile_rbee(hub.url, work)
+    goals = {("b", "sharded"): 0.9, ("b", "single"): 0.35}
+    print(f"\nDownloads of 160 MB from a loopback hub shaped like a network, {args.rounds} rounds alternating "
+          "(medians; MB = 10^6 bytes; CPU ms per MB: the jupyter server's for rbee, the process's for plain)")
+    print("| shape | repo | snapshot_download s | rbee s | rbee / plain | goal | % of link | CPU ms/MB plain | CPU ms/MB rbee |")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|")
+    for shape, label, name, total, pl, rb, cpu_pl, cpu_rb, link in rows:
+        ratio = rb / pl
+        goal = goals.get((shape, name), 1.0 if shape == "a" else None)
+        verdict = "" if goal is None else f"<= {goal} {'OK' if ratio <= goal else 'MISSED'}"
+        of_link = ""
+        if link:
+            share = 100 * total / rb / link
+            of_link = f"{share:.0f} % {'OK' if share >= 90 else 'MISSED'}"
+        print(f"| ({shape}) {label} | {name} | {pl:.2f} | {rb:.2f} | {ratio:.2f} | {verdict} | {of_link} | "
+              f"{1000 * cpu_pl:.2f} | {1000 * cpu_rb:.2f} |")
+    print(load.note())
+    if args.profile:
+        with HubServer() as hub:
+            hub.add_repo(REPO_ID, extra_files=contents[repos[0]])
+            profile_rbee(hub.url, Path(tempfile.mkdtemp(prefix="rbee-bench-prof-")))
 
 
 if __name__ == "__main__":

@@ -427,4 +427,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rbee_jupyter.quiet import transformers_bars_off
+
+    with transformers_bars_off():  # the bench's lines only, no transformers bars among them
+        sys.exit(main())

@@ -155,4 +155,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from rbee_jupyter.quiet import transformers_bars_off
+
+    with transformers_bars_off():  # the bench's lines only, no transformers bars among them
+        main()

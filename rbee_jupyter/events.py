@@ -40,6 +40,8 @@ class DownloadProgress(Event):
     files_done: int = 0
     files_total: int = 0
     file: str | None = None
+    files_active: dict[str, int] | None = None
+    """Per-file detail: bytes on disk of each file being fetched now (files run in parallel)."""
     stage: Literal["downloading"] = "downloading"
 
     def to_dict(self) -> dict[str, Any]:

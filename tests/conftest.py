@@ -1,4 +1,3 @@
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -6,6 +5,7 @@ import pytest
 
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
 from rbee_jupyter.testing.server import ServerProcess
+from rbee_jupyter.core.procs import wait_exited
 from rbee_jupyter.worker.process import child_worker_pids
 
 pytest_plugins = ["pytest_jupyter.jupyter_server", "rbee_jupyter.testing.pytest_plugin"]
@@ -49,9 +49,7 @@ def no_worker_left_behind() -> Iterator[None]:
     ``pytestmark = pytest.mark.usefixtures("no_worker_left_behind")``.
     """
     yield
-    deadline = time.monotonic() + 5
-    while child_worker_pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_exited(child_worker_pids(), 120)  # a stopped worker exits at once; a busy machine may delay it
     assert child_worker_pids() == set()
 
 

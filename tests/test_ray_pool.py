@@ -33,6 +33,7 @@ from ray.cluster_utils import Cluster
 from rbee_jupyter.events import LoadingProgress, Ready
 from rbee_jupyter.core.jobs import Job, JobState
 from rbee_jupyter.pools.local import WorkerSpec
+from rbee_jupyter.testing.pytest_plugin import TINY_REPO
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import Frame, read_stream
 from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
@@ -77,12 +78,12 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def server(cluster: Cluster, rbee_tiny_model: Path, tmp_path_factory) -> Iterator[ServerProcess]:
+def server(cluster: Cluster, rbee_tiny_model: Path, rbee_hub_session, tmp_path_factory) -> Iterator[ServerProcess]:
     """A jupyter server whose workers are actors on ``cluster`` (tokens slowed so a node can die mid-stream)."""
     folder = tmp_path_factory.mktemp("ray-server")
     settings = {"pool_class": "rbee_jupyter.pools.ray.RayPool", "ray_address": cluster.address,
                 "cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
-                "sse_keepalive_s": 0.5, "inference_stall_s": 60}
+                "sse_keepalive_s": 0.5, "inference_stall_s": 60, "hub_endpoint": rbee_hub_session.url}
     with ServerProcess(folder, rbee=settings, env={TOKEN_DELAY_ENV: "0.05"}, startup_timeout=120) as s:
         yield s
 
@@ -126,7 +127,7 @@ def local_greedy(model_path: Path, body: dict[str, Any]) -> str:
         torch.set_num_threads(threads)
 
 
-def actor_gone(worker_id: str, pid: int | None, timeout: float = 15.0) -> bool:
+def actor_gone(worker_id: str, pid: int | None, timeout: float = 120.0) -> bool:
     """Ray no longer knows the named actor and its process has exited (bounded poll: no event to wait on)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,14 +170,18 @@ def test_a_load_on_each_node_streams_its_layers_in_order_with_the_node_name(serv
         assert server.delete(f"v1/workers/{worker_id}").status_code == 204
 
 
-def test_an_unknown_node_is_refused_naming_the_nodes(server, model_ref):
-    r = server.post("v1/workers", {"model_ref": model_ref, "device": "cpu", "node": "node-z"})
+@pytest.mark.parametrize("ref", ["local", "hub"])
+def test_an_unknown_node_is_refused_naming_the_nodes(server, model_ref, rbee_hub, ref):
+    """Also for a hub model never downloaded: refused at POST, before the hub is asked anything."""
+    model = model_ref if ref == "local" else f"hf:{TINY_REPO}"
+    r = server.post("v1/workers", {"model_ref": model, "device": "cpu", "node": "node-z"})
 
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "INVALID_REQUEST" and "node-z" in error["message"]
     assert {"node-a", "node-b"} <= set(error["details"]["nodes"])
     assert "node-a" in error["message"] and "node-b" in error["message"]
+    assert [r.path for r in rbee_hub.requests if TINY_REPO in r.path] == []
 
 
 def test_greedy_tokens_from_an_actor_equal_a_local_load(server, model_ref, rbee_tiny_model):

@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rbee_jupyter.core.procs import wait_exited
 from rbee_jupyter.testing.sse import read_stream
 from rbee_jupyter.worker.process import child_worker_pids
 from rbee_jupyter.worker.protocol import SECRET_ENV, TOKEN_DELAY_ENV
@@ -114,9 +115,7 @@ def worker(rbee_tiny_model: Path) -> Iterator[Spawned]:
 def no_stray_workers() -> Iterator[None]:
     """After each test, no worker but the shared one may be alive."""
     yield
-    deadline = time.monotonic() + 5
-    while child_worker_pids() - SHARED and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_exited(child_worker_pids() - SHARED, 120)  # bounded for a busy machine, ends when they exit
     assert child_worker_pids() - SHARED == set()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Catalog, CatalogEntry
-from ..hub.download import Downloader
+from ..hub.download import Downloader, partial_bytes
 from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
                      ModelNotLoaded, RbeeError, WorkerNotFound)
@@ -46,6 +46,8 @@ class HiveConfig:
     download_stall_s: float = 60.0
     download_retries: int = 6
     download_backoff_s: float = 0.5
+    download_connections: int = 8
+    download_segment_mb: float = 8.0
     max_concurrent_downloads: int = 2
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0
@@ -121,6 +123,12 @@ class LoadRequest:
                                  details={"field": "kind", "accepted": list(WORKER_KINDS)})
         return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node, kind)
 
+    def to_json(self) -> dict[str, Any]:
+        """The request as a ``POST v1/workers`` body again (normalised)."""
+        return {"model_ref": str(self.ref), "device": self.device, "quantization": self.quantization,
+                "dtype": self.dtype, "double_quant": self.double_quant, "max_memory": self.max_memory,
+                "node": self.node}
+
 
 @dataclass(frozen=True)
 class _AdmittedLoad:
@@ -143,7 +151,8 @@ class Hive:
         self.downloader = Downloader(
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
             stall_s=config.download_stall_s, retries=config.download_retries,
-            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20)
+            backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20,
+            connections=config.download_connections, segment_bytes=int(config.download_segment_mb * 2**20))
         self._download_slots: asyncio.Semaphore | None = None
         # Transfers block a thread for their whole length: they get threads of their own, so
         # that many downloads never starve asyncio's small default pool (6 threads on 2 cores),
@@ -194,6 +203,7 @@ class Hive:
         self._check_cache(ref)
         job = self.jobs.create("download", key=key, owner=owner)
         job.meta.update(model_ref=str(ref), repo_id=ref.repo_id)
+        job.request = {"model_ref": str(ref)}
         token = self._hub_token(hf_token)
         return self.jobs.start(job, lambda j: self._download(j, ref, token))
 
@@ -337,10 +347,9 @@ class Hive:
         running = {job.meta.get("repo_id") for job in self.jobs.list("download") if not job.state.finished}
         out = []
         for repo_id, path in self.downloader.partial_files():
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:  # finished or removed since the listing
+            if not path.exists():  # finished or removed since the listing
                 continue
+            size = partial_bytes(path)  # a segmented file is full-length: its table says what it holds
             if repo_id not in running:
                 out.append({"repo_id": repo_id, "file": path.name, "bytes": size, "path": str(path)})
         return out
@@ -407,7 +416,12 @@ class Hive:
         for that. The plan itself is still made on the loop, so the quota check and its
         reservation stay one step.
         """
-        admitted = self._admit_load(body, owner, principal, hf_token)
+        from ..engine.devices import inventory
+
+        engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
+        # The first inventory imports torch (seconds): not on the loop, which serves everyone's streams.
+        devices = None if engine else await asyncio.to_thread(inventory)
+        admitted = self._admit_load(body, owner, principal, hf_token, devices=devices)
         if isinstance(admitted, Job):
             return admitted
         entry = admitted.entry
@@ -415,18 +429,14 @@ class Hive:
         return self._start_load(admitted, blocks)
 
     def _admit_load(self, body: dict[str, Any] | LoadRequest, owner: str | None, principal: Principal | None,
-                    hf_token: str | None) -> _AdmittedLoad | Job:
+                    hf_token: str | None, *, devices: list[Any] | None = None) -> _AdmittedLoad | Job:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
         if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
             return self._register_engine(EngineSpec.from_json(body), owner=owner)
-        from ..engine.devices import check_allowed
-
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
-        check_allowed(req.device, self.config.allowed_devices, req.max_memory)
+        self.validate_load(req, devices=devices)
         self._check_local(req.ref)
-        if req.node is not None:
-            self.pool.check_node(req.node)
         entry = self.catalog.get(str(req.ref))
         if entry is None:
             self._check_cache(req.ref)
@@ -438,12 +448,41 @@ class Hive:
                                details={"model_ref": str(req.ref)})
         return _AdmittedLoad(req, entry, owner, hf_token, prove)
 
+    def validate_load(self, req: LoadRequest, *, devices: list[Any] | None = None) -> None:
+        """Every check of a load that needs neither the checkpoint nor the hub; runs before anything starts.
+
+        A user who mistyped a device must learn it at once, not after gigabytes arrived: the
+        request's own shape first (a quantized model split between CPU and GPU), then the
+        node, then this machine (devices, ``max_memory`` keys, the allowed devices) and this
+        server's quota when nothing of it is left. What needs the model's size (does it fit)
+        is the plan's job, made once the checkpoint is on disk.
+
+        Args:
+            devices: this machine's inventory, when the caller took it already (in a thread).
+
+        Raises:
+            InvalidRequest: a quantized CPU+GPU split, a malformed ``max_memory``, an unknown node.
+            DeviceNotAvailable: a device or ``max_memory`` key not on this machine or not
+                allowed; the details list the devices there are.
+            QuotaExceeded: this server's quota leaves nothing on the devices asked for.
+        """
+        from ..engine.devices import check_quantized_split, check_quota_room, inventory, select_devices
+
+        names = [req.device] if isinstance(req.device, str) else list(req.device)
+        check_quantized_split(names, req.quantization is not None)
+        if req.node is not None:
+            self.pool.check_node(req.node)
+        found = inventory() if devices is None else devices
+        chosen, _ = select_devices(req.device, found, req.max_memory, allowed=self.config.allowed_devices)
+        check_quota_room(chosen, self.quota())
+
     def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:
         req, entry = admitted.req, admitted.entry
         worker_id = "w-" + uuid4().hex[:10]
         plan = self._place(req, blocks, worker_id) if blocks is not None else None
         job = self.jobs.create("load", owner=admitted.owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
+        job.request = req.to_json()
         return self.jobs.start(job, lambda j: self._load(j, req, entry, plan, hf_token=admitted.hf_token,
                                                          prove=admitted.prove))
 
@@ -629,6 +668,8 @@ class Hive:
         worker = self._pick_worker(body, principal)
         job = self.jobs.create("inference", owner=owner, error_style="type")
         job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
+        job.request = {k: (f"<{len(v)} items>" if k in ("prompt", "messages") and hasattr(v, "__len__") else v)
+                       for k, v in body.items()}  # the log needs the options, not what the user wrote
         return self.jobs.start(job, lambda j: self.pool.generate(worker.id, body, j))
 
     def _pick_worker(self, body: dict[str, Any], principal: Principal | None = None) -> WorkerInfo:

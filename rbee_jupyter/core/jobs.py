@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ from typing import Any
 
 from ..errors import Cancelled, JobNotFound, RbeeError
 from ..events import ErrorEvent, Event, dumps, sse_event
+
+log = logging.getLogger(__name__)
 
 
 class JobState(str, enum.Enum):
@@ -75,6 +78,9 @@ class Job:
         self.records: list[Record] = []
         self.cancel_event = threading.Event()
         self.meta: dict[str, Any] = {}
+        #: What was asked for (a request body, as the hive received it): only for the server log when
+        #: the job fails with an internal error; never sent to subscribers.
+        self.request: dict[str, Any] | None = None
         self.task: asyncio.Task | None = None
         self.error: BaseException | None = None
         self._loop = loop or asyncio.get_running_loop()
@@ -116,7 +122,10 @@ class Job:
         if isinstance(error, RbeeError):
             code, message, details = error.code, error.message, error.details or None
         else:
-            code, message, details = "INTERNAL_ERROR", f"{type(error).__name__}: {error}", None
+            logged_as = _log_internal_error(self, error)
+            code, details = "INTERNAL_ERROR", {"job_id": logged_as}
+            message = (f"{type(error).__name__}: {error}. This is a bug in rbee-jupyter; the server log has the "
+                       f"details (look for job {logged_as}).")
         state = JobState.CANCELLED if isinstance(error, Cancelled) else JobState.ERROR
         self.finish(ErrorEvent(message=message, code=code, details=details, style=self.error_style), state)
 
@@ -216,6 +225,26 @@ class Job:
                 raise asyncio.TimeoutError(f"job {self.id} still {self.state.value} after {timeout} s")
             await self._changed(remaining)
         return self.state
+
+
+def _log_internal_error(job: Job, error: BaseException) -> str:
+    """Put an unexpected exception's traceback, the job and its request in the server log, once.
+
+    An ``INTERNAL_ERROR`` is a bug, and the event a user sees carries one line; whoever fixes
+    it needs where it happened. A load job relays its download's failure with the same
+    exception object, so the exception remembers the job it was logged under, and the second
+    job points there instead of logging it again. Returns that job's id.
+    """
+    logged_as = getattr(error, "_rbee_logged_as", None)
+    if logged_as is not None:
+        return logged_as
+    try:
+        error._rbee_logged_as = job.id  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__: logging twice is better than not at all
+        pass
+    log.error("rbee: internal error in %s job %s (owner %s); request: %s", job.kind, job.id, job.owner,
+              job.request if job.request is not None else job.meta, exc_info=error)
+    return job.id
 
 
 class Subscription:

@@ -7,6 +7,7 @@ found by the Jupyter server later, and by transformers at any time.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def default_cache_dir() -> str:
@@ -23,3 +24,16 @@ def default_catalog_path() -> str:
     from jupyter_core.paths import jupyter_data_dir
 
     return os.path.join(jupyter_data_dir(), "rbee", "catalog.sqlite")
+
+
+def nearest_existing(folder: str | Path) -> Path:
+    """The folder itself, or its closest ancestor that exists: where creating ``folder`` starts.
+
+    A fresh account has no ``~/.cache/huggingface`` and a new JupyterHub user an empty home,
+    so every folder we write into may be missing at any depth. The disk-space check and the
+    writability probe look here, since that is the disk and the permissions that apply.
+    """
+    folder = Path(folder)
+    while not (folder.exists() or folder.is_symlink()) and folder.parent != folder:
+        folder = folder.parent
+    return folder

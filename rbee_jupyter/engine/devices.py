@@ -24,7 +24,8 @@ from ..errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, Inva
 
 __all__ = ["Device", "Plan", "Holder", "Quota", "inventory", "parse_device_spec", "plan_placement",
            "check_devices_exist", "check_allowed", "allowed_inventory", "default_margin", "parse_bytes",
-           "normalise_device_name", "is_device_name"]
+           "normalise_device_name", "is_device_name", "select_devices", "check_quantized_split",
+           "check_quota_room"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -286,6 +287,70 @@ def check_devices_exist(names: Sequence[str]) -> None:
         raise _not_available(name)
 
 
+def select_devices(spec: DeviceSpec, devices: Sequence[Device], max_memory: dict[str, object] | None = None, *,
+                   allowed: Sequence[str] | None = None) -> tuple[list[Device], dict[str, int]]:
+    """The devices a spec names, in fill order, and ``max_memory`` in bytes per device name.
+
+    Needs the inventory but no checkpoint, so a load is refused with it before anything is
+    downloaded; :func:`plan_placement` starts with the same call. "auto" means every
+    (allowed) GPU and never the CPU.
+
+    Raises:
+        InvalidRequest: malformed spec, or a ``max_memory`` key or value that is not a device or a size.
+        DeviceNotAvailable: a device (or ``max_memory`` key) that is not allowed or not on this
+            machine, listing those that are; "auto" without a GPU.
+    """
+    check_allowed(spec, allowed, max_memory)
+    usable = allowed_inventory(devices, allowed)
+    by_name = {d.name: d for d in usable}
+    spec = parse_device_spec(spec)
+    if spec == "auto":
+        chosen = [d for d in usable if d.kind == "cuda"]
+        if not chosen:
+            raise DeviceNotAvailable(
+                "device \"auto\" uses GPUs, and this machine has none; ask for device \"cpu\" explicitly.",
+                details={"device": "auto", "available": [d.name for d in usable]})
+    else:
+        names = [spec] if isinstance(spec, str) else spec
+        for name in names:
+            if name not in by_name:
+                raise _not_available(name, usable)
+        chosen = [by_name[n] for n in names]
+    caps: dict[str, int] = {}
+    for key, value in (max_memory or {}).items():
+        name = normalise_device_name(str(key))
+        if not is_device_name(name):
+            raise InvalidRequest(f"max_memory key {key!r} is not a device; use \"cpu\" or \"cuda:N\".",
+                                 details={"field": "max_memory", "key": str(key)})
+        if name not in {d.name for d in devices}:
+            raise _not_available(name, devices)
+        caps[name] = parse_bytes(value)
+    return chosen, caps
+
+
+def check_quantized_split(devices: Iterable[str], quantized: bool) -> None:
+    """accelerate runs CPU blocks of a GPU model as offloaded weights, which bitsandbytes layers cannot be.
+
+    A request that names both is refused when it comes (400), and a plan that mixes them too.
+    """
+    names = set(devices)
+    if quantized and "cpu" in names and len(names) > 1:
+        raise InvalidRequest("A quantized model cannot be split between the CPU and GPUs; put it on GPUs only "
+                             "(or only on the CPU), or load it unquantized.",
+                             details={"field": "device", "devices": sorted(names)})
+
+
+def check_quota_room(chosen: Sequence[Device], quota: Quota) -> None:
+    """Refuse (``QUOTA_EXCEEDED``) a load when this server's quota leaves nothing on any device it may use.
+
+    Asked before anything starts: a model that must be downloaded first would otherwise be
+    downloaded only to be refused. A quota with room left is judged by the plan, with sizes.
+    """
+    if not chosen or any(quota.left(d.name) is None or quota.left(d.name) > 0 for d in chosen):
+        return
+    raise _over_quota(None, chosen, quota)
+
+
 # --- planning -----------------------------------------------------------------------------
 
 def default_margin(device: Device) -> int:
@@ -297,24 +362,6 @@ def default_margin(device: Device) -> int:
     if device.kind == "cpu":
         return max(device.total_bytes // 20, GiB)
     return max(device.total_bytes // 10, 512 * MiB)
-
-
-def _select(spec: DeviceSpec, devices: Sequence[Device]) -> list[Device]:
-    """The devices a spec names, in fill order; "auto" means every GPU and never the CPU."""
-    by_name = {d.name: d for d in devices}
-    spec = parse_device_spec(spec)
-    if spec == "auto":
-        gpus = [d for d in devices if d.kind == "cuda"]
-        if not gpus:
-            raise DeviceNotAvailable(
-                "device \"auto\" uses GPUs, and this machine has none; ask for device \"cpu\" explicitly.",
-                details={"device": "auto", "available": [d.name for d in devices]})
-        return gpus
-    names = [spec] if isinstance(spec, str) else spec
-    for name in names:
-        if name not in by_name:
-            raise _not_available(name, devices)
-    return [by_name[n] for n in names]
 
 
 def _capacity(device: Device, max_memory: dict[str, int], margin_bytes: int | None) -> int:
@@ -360,14 +407,7 @@ def plan_placement(
         QuotaExceeded: it fits the devices but not this server's quota (details: need_mb,
             quota_mb, in_use_mb, workers).
     """
-    check_allowed(device_spec, allowed, max_memory)
-    chosen = _select(device_spec, allowed_inventory(inventory, allowed))
-    caps_in = {}
-    for name, value in (max_memory or {}).items():
-        name = normalise_device_name(str(name))
-        if name not in {d.name for d in inventory}:
-            raise _not_available(name, inventory)
-        caps_in[name] = parse_bytes(value)
+    chosen, caps_in = select_devices(device_spec, inventory, max_memory, allowed=allowed)
     capacity = {d.name: _capacity(d, caps_in, margin_bytes) for d in chosen}
     capped = dict(capacity)
     for name, cap in capacity.items():
@@ -380,7 +420,7 @@ def plan_placement(
         return fitted
     if capped != capacity and isinstance(_fill(blocks, chosen, capacity), Plan):
         assert quota is not None
-        raise _over_quota(blocks, chosen, quota)
+        raise _over_quota(sum(_block_bytes(b) for b in blocks), chosen, quota)
     block, size = fitted
     raise _does_not_fit(blocks, chosen, capacity, block, size)
 
@@ -406,8 +446,9 @@ def _fill(blocks: Sequence[BlockLike], chosen: list[Device], capacity: dict[str,
     return Plan(assignments, used)
 
 
-def _over_quota(blocks: Sequence[BlockLike], chosen: list[Device], quota: Quota) -> QuotaExceeded:
-    need_mb = -(-sum(_block_bytes(b) for b in blocks) // MiB)
+def _over_quota(need_bytes: int | None, chosen: list[Device], quota: Quota) -> QuotaExceeded:
+    """``need_bytes`` None: refused before the model's size is known, because nothing is left at all."""
+    need_mb = None if need_bytes is None else -(-need_bytes // MiB)
     limited = [d.name for d in chosen if d.name in quota.limits]
     quota_mb = {n: quota.limits[n] // MiB for n in limited}
     in_use_mb = {n: -(-quota.in_use(n) // MiB) for n in limited}
@@ -420,8 +461,10 @@ def _over_quota(blocks: Sequence[BlockLike], chosen: list[Device], quota: Quota)
         parts.append(f"{n}: quota {quota_mb[n]} MB, {in_use_mb[n]} MB in use" + (f" by {held}" if held else ""))
     unlimited = [d.name for d in chosen if d.name not in quota.limits]
     where = f" (and the free memory of {', '.join(unlimited)})" if unlimited else ""
+    need = (f"Loading needs {need_mb} MB, more than this server's device quota leaves{where}" if need_mb is not None
+            else "This server's device quota is used up")
     return QuotaExceeded(
-        f"Loading needs {need_mb} MB, more than this server's device quota leaves{where}: {'; '.join(parts)}. "
+        f"{need}: {'; '.join(parts)}. "
         "Unload a worker you no longer need (DELETE v1/workers/<id>, or %rbee unload), use a smaller "
         "quantization, or ask the administrator to raise c.RbeeApp.device_quota_mb.",
         details={"need_mb": need_mb, "quota_mb": quota_mb, "in_use_mb": in_use_mb, "workers": workers,

@@ -793,11 +793,9 @@ def _check_devices(devices: set[str]) -> None:
 
 
 def _check_mixed_offload(opts: _Options, devices: set[str]) -> None:
-    """accelerate runs CPU blocks of a GPU model as offloaded weights, which bitsandbytes layers cannot be."""
-    if opts.bnb is not None and "cpu" in devices and len(devices) > 1:
-        raise InvalidRequest("A quantized model cannot be split between the CPU and GPUs; put it on GPUs only "
-                             "(or only on the CPU), or load it unquantized.",
-                             details={"devices": sorted(devices)})
+    from .devices import check_quantized_split
+
+    check_quantized_split(devices, opts.bnb is not None)
 
 
 def _finish(prep: _Prepared) -> nn.Module:

@@ -50,6 +50,7 @@ from typing import Any
 from ..errors import Cancelled, InsufficientDisk, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory, \
     RbeeError
 from ..core.procs import pid_alive as _pid_alive
+from ..quiet import transformers_bars_off
 
 __all__ = ["ImportProgress", "import_gguf", "demo_gguf", "imported_dir", "MARKER"]
 
@@ -341,42 +342,31 @@ def import_gguf(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP_INFIX}{os.getpid()}-", dir=out_dir.parent))
     started = time.monotonic()
-    quiet = _transformers_bars_off()  # our events are the progress; its own bars would leak into cells
-    try:
-        config = _config(tmp, gguf_file, architecture)
-        check_cancel("dequantizing")
-        report("dequantizing", _F_DEQUANT)
-        model = _dequantize(tmp, gguf_file, config, architecture, dtype, report, cancel)
-        check_cancel("tokenizer")
-        report("tokenizer", _F_TOKENIZER)
-        tokenizer = _tokenizer(tmp, gguf_file)
-        check_cancel("writing safetensors")
-        report("writing safetensors", _F_WRITE)
-        _save(model, tokenizer, tmp, out_dir)
-        del model
-        (tmp / MARKER).write_text(json.dumps({
-            "format": _FORMAT, "source": identity, "source_path": str(gguf_file), "architecture": architecture,
-            "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.monotonic() - started, 2),
-            "transformers": _version("transformers"), "gguf": _version("gguf")}, indent=2))
-        check_cancel("finishing")
-        _commit(tmp, out_dir, identity)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        quiet()
+    # our events are the progress; transformers' own bars would leak into cells
+    with transformers_bars_off():
+        try:
+            config = _config(tmp, gguf_file, architecture)
+            check_cancel("dequantizing")
+            report("dequantizing", _F_DEQUANT)
+            model = _dequantize(tmp, gguf_file, config, architecture, dtype, report, cancel)
+            check_cancel("tokenizer")
+            report("tokenizer", _F_TOKENIZER)
+            tokenizer = _tokenizer(tmp, gguf_file)
+            check_cancel("writing safetensors")
+            report("writing safetensors", _F_WRITE)
+            _save(model, tokenizer, tmp, out_dir)
+            del model
+            (tmp / MARKER).write_text(json.dumps({
+                "format": _FORMAT, "source": identity, "source_path": str(gguf_file), "architecture": architecture,
+                "dtype": str(dtype).removeprefix("torch."), "seconds": round(time.monotonic() - started, 2),
+                "transformers": _version("transformers"), "gguf": _version("gguf")}, indent=2))
+            check_cancel("finishing")
+            _commit(tmp, out_dir, identity)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     report("done", _F_DONE)
     return out_dir
-
-
-def _transformers_bars_off() -> Callable[[], None]:
-    """Switch transformers' tqdm bars off; returns how to switch them back on if they were on."""
-    from transformers.utils import logging as tf_logging
-
-    if not tf_logging.is_progress_bar_enabled():
-        return lambda: None
-    tf_logging.disable_progress_bar()
-    return tf_logging.enable_progress_bar
 
 
 def _version(dist: str) -> str | None:

@@ -99,6 +99,20 @@ class RbeeApp(ExtensionApp):
         help="First wait between tries of a download, doubled each time (at most 8 s). Default 0.5.",
     )
 
+    download_connections = Int(
+        8, min=1, config=True,
+        help="HTTP connections one download uses at once, across the files of a repository and the "
+             "ranged segments of its big files (CDNs cap each connection, not the link). 1: one file "
+             "after another over one connection. At least 1. Default 8.",
+    )
+
+    download_segment_mb = Float(
+        8.0, min=0.0625, config=True,
+        help="Files of at least twice this many megabytes (2^20 bytes) are fetched as ranged segments "
+             "of about this size, several at once, each resumable on its own; smaller files come in one "
+             "stream. Servers that ignore ranges always get one stream. At least 0.0625 (64 KiB). Default 8.",
+    )
+
     max_concurrent_downloads = Int(
         2, config=True,
         help="Downloads running at once; more wait in line (their streams say so). Default 2.",
@@ -305,11 +319,15 @@ class RbeeApp(ExtensionApp):
     )
 
     def initialize_settings(self) -> None:
+        from .logs import route_package_logs
+
+        self._detach_logs = route_package_logs(self.log)  # e.g. an internal error's traceback
         config = HiveConfig(
             cache_dir=Path(self.cache_dir).expanduser(), catalog_path=Path(self.catalog_path).expanduser(),
             hub_endpoint=self.hub_endpoint or None, hf_token=self.hf_token,
             download_stall_s=self.download_stall_s, download_retries=self.download_retries,
-            download_backoff_s=self.download_backoff_s, max_concurrent_downloads=self.max_concurrent_downloads,
+            download_backoff_s=self.download_backoff_s, download_connections=self.download_connections,
+            download_segment_mb=self.download_segment_mb, max_concurrent_downloads=self.max_concurrent_downloads,
             disk_reserve_mb=self.disk_reserve_mb, job_retention_s=self.job_retention_s,
             pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
             inference_stall_s=self.inference_stall_s,
@@ -365,6 +383,7 @@ class RbeeApp(ExtensionApp):
         if isinstance(self.hive.feed, FeedJob):  # its streams end with [DONE] before the server goes
             await self.hive.feed.close()
         await self.hive.stop()
+        self._detach_logs()
 
 
 def main(argv: list[str] | None = None) -> None:

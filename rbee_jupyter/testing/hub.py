@@ -86,6 +86,22 @@ class Faults:
     wrong_hash_files: set[str] = field(default_factory=set)
     """Paths in the repo (any repo) served with one byte flipped, at the true length,
     while the tree and headers still publish the true sha256 and size."""
+    connection_rate_bps: float | None = None
+    """Bytes per second one response's body may go out at (a CDN's per-connection cap);
+    None: as fast as the loopback allows. Read when a request starts."""
+    link_rate_bps: float | None = None
+    """Bytes per second all bodies together may go out at: a token bucket shared by every
+    connection (the user's link). None: no cap. Read before every chunk."""
+    ignore_range: bool = False
+    """Answer like a server without ranges: no ``Accept-Ranges``, and a ``Range`` request
+    gets ``200`` with the whole body."""
+    announce_commit: str | None = None
+    """A hostile or broken hub: model info answers this commit sha instead of the real one."""
+    announce_paths: dict[str, str] = field(default_factory=dict)
+    """A hostile hub: the tree lists the file ``key`` under the name ``value`` (``../x``, ...)."""
+    announce_oids: dict[str, str] = field(default_factory=dict)
+    """A hostile hub: the tree gives the file ``key`` this oid (the LFS sha256 for LFS files,
+    the git oid otherwise), the name the client's cache stores its blob under."""
 
 
 @dataclass
@@ -210,6 +226,7 @@ class HubServer:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self._link = _TokenBucket()
 
     # -- repos ---------------------------------------------------------------
 
@@ -314,7 +331,7 @@ class HubServer:
         error answers do not count)."""
         return sum(r.bytes_sent for r in self.file_gets(repo_id, filename) if r.status in (200, 206))
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
         """Block until ``predicate()`` is true (re-checked on every request event), or timeout.
 
         Tests use it to synchronise with a transfer in flight (e.g. "the GET has stalled")
@@ -504,7 +521,8 @@ class _Handler(BaseHTTPRequestHandler):
         org = repo.repo_id.split("/")[0] if "/" in repo.repo_id else None
         self._send_json(200, {
             "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24],
-            "id": repo.repo_id, "modelId": repo.repo_id, "author": org, "sha": commit.sha,
+            "id": repo.repo_id, "modelId": repo.repo_id, "author": org,
+            "sha": self.server.hub.faults.announce_commit or commit.sha,
             "lastModified": commit.date, "createdAt": repo.created,
             "private": repo.private, "gated": "manual" if repo.gated else False, "disabled": False,
             "downloads": 0, "likes": 0, "tags": [], "library_name": "transformers",
@@ -530,9 +548,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if recursive or depth == 1:
                     folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
-                entry: dict[str, Any] = {"type": "file", "oid": f.git_oid, "size": f.size, "path": f.path}
+                faults = self.server.hub.faults
+                oid = faults.announce_oids.get(f.path)
+                entry: dict[str, Any] = {"type": "file", "oid": oid if oid and not f.lfs else f.git_oid,
+                                         "size": f.size, "path": faults.announce_paths.get(f.path, f.path)}
                 if f.lfs:
-                    entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": f.pointer_size}
+                    entry["lfs"] = {"oid": oid or f.sha256, "size": f.size, "pointerSize": f.pointer_size}
                 if expand:
                     entry["lastCommit"] = last_commit
                 files.append(entry)
@@ -571,7 +592,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
         start, end = 0, len(data)  # end exclusive
         status = 200
-        if self.rec.range is not None:
+        if self.rec.range is not None and not hub.faults.ignore_range:
             parsed = _parse_range(self.rec.range, len(data))
             if parsed is None:
                 raise _Reply(416, f"Requested range not satisfiable: {self.rec.range}", None, commit.sha)
@@ -579,7 +600,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
         headers = {
             "Content-Type": "application/octet-stream",
-            "Accept-Ranges": "bytes",
+            **({} if hub.faults.ignore_range else {"Accept-Ranges": "bytes"}),
             "ETag": f'"{f.etag}"',
             "X-Repo-Commit": commit.sha,
             "Content-Disposition": f'inline; filename="{filename.rsplit("/", 1)[-1]}"',
@@ -600,6 +621,7 @@ class _Handler(BaseHTTPRequestHandler):
         drop_at = drop_at if drop_at is not None and drop_at < n else None
         stall_at = faults.stall_after_bytes if faults.stall_times > 0 else None
         stall_at = stall_at if stall_at is not None and stall_at < n else None
+        per_connection = _TokenBucket(faults.connection_rate_bps)
         pos = 0
         try:
             while True:
@@ -620,6 +642,11 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 limit = min(x for x in (n, drop_at, stall_at) if x is not None and x > pos)
                 chunk = body[pos:min(pos + CHUNK_SIZE, limit)]
+                hub._link.rate = faults.link_rate_bps
+                pace = max(per_connection.take(len(chunk)), hub._link.take(len(chunk)))
+                if pace > 0 and stopping.wait(pace):
+                    self._abort("stopped")
+                    return
                 # Count first: a client that got the bytes must never see a smaller count.
                 self.rec.bytes_sent = pos + len(chunk)
                 self.wfile.write(chunk)
@@ -662,6 +689,32 @@ class _Handler(BaseHTTPRequestHandler):
         if r.commit:
             headers["X-Repo-Commit"] = r.commit
         self._send_json(r.status, {"error": r.message}, headers)
+
+
+class _TokenBucket:
+    """Paces bytes to ``rate`` per second, shared by every thread that takes from it.
+
+    A taker reserves its bytes at once (the balance may go negative) and is told how long
+    to wait before sending them, so many connections share the rate fairly without a
+    thread of their own. The burst is one chunk: a cap holds over any 0.1 s, not on average.
+    """
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate = rate
+        self._balance = 0.0
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> float:
+        """Reserve ``n`` bytes; returns the seconds to wait before sending them (0: none)."""
+        rate = self.rate
+        if not rate:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._balance = min(float(CHUNK_SIZE), self._balance + (now - self._at) * rate) - n
+            self._at = now
+            return -self._balance / rate if self._balance < 0 else 0.0
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import httpx
 
+from ..core.procs import wait_exited
 from .server import free_port
 
 __all__ = ["JupyterHubProcess", "find_proxy", "SERVICE_NAME", "MARKER_ENV"]
@@ -148,15 +149,36 @@ class JupyterHubProcess:
                                          env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
 
-    def stop(self, timeout: float = 30.0) -> list[str]:
-        """Stop the hub (it stops servers, services and the proxy); kill what is left.
+    def stop(self, timeout: float = 180.0) -> list[str]:
+        """Stop the users' servers through the hub, then the hub (services, proxy); kill what is left.
 
-        Returns a line per straggler that had to be killed (empty when the hub cleaned up).
+        Each wait is for the event itself (the hub saying a server stopped, a process having
+        exited), bounded by ``timeout`` so that a machine busy with other work has time: the
+        hub's own shutdown gives servers a fixed few seconds, which such a machine overruns.
+
+        Returns a line per straggler that had to be killed (empty when everything exited).
         """
-        self.api.close()
+        try:
+            self._stop_servers(timeout)
+        finally:
+            self.api.close()
         return self._terminate(timeout)
 
-    def _terminate(self, timeout: float = 30.0) -> list[str]:
+    def _stop_servers(self, timeout: float) -> None:
+        """Ask the hub to stop every server it runs, and wait until it reports each one gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        r = self.api.get("users")
+        if r.status_code != 200:
+            return
+        running = [u["name"] for u in r.json() if (u.get("servers") or {}).get("") is not None]
+        for user in running:
+            self.api.delete(f"users/{user}/server")  # 202: stopping; 204: stopped; 400: not running
+        for user in running:
+            self._wait(lambda user=user: "" not in (self.api.get(f"users/{user}").json().get("servers") or {}),
+                       f"{user}'s server to stop", timeout)
+
+    def _terminate(self, timeout: float = 180.0) -> list[str]:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -164,7 +186,9 @@ class JupyterHubProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        stragglers = self._marked_processes()
+        # What the hub stopped may still be exiting (a kernel, a worker after its server): wait for it.
+        left = wait_exited((pid for pid, _ in self._marked_processes()), timeout)
+        stragglers = [(pid, cmdline) for pid, cmdline in self._marked_processes() if pid in left]
         for pid, _ in stragglers:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -285,6 +309,10 @@ class JupyterHubProcess:
             f"c.Spawner.cmd = [{sys.executable!r}, '-m', 'jupyterhub.singleuser']",
             "c.Spawner.start_timeout = 180",
             "c.Spawner.http_timeout = 180",
+            # a server stopping on a busy machine may need more than the default 10 s to stop its
+            # kernels and workers; killing it sooner leaves them behind
+            "c.LocalProcessSpawner.interrupt_timeout = 60",
+            "c.LocalProcessSpawner.term_timeout = 30",
             f"_env = {user_env!r}",
             "def _jupyter_dir(*parts):",
             f"    return lambda spawner: os.path.join({homes!r}, spawner.user.name, *parts)",
@@ -332,7 +360,7 @@ class JupyterHubProcess:
             self._wait(ready, f"{user}'s server", timeout)
         return [self.server_url(user) for user in users]
 
-    def stop_server(self, user: str, *, timeout: float = 60.0) -> None:
+    def stop_server(self, user: str, *, timeout: float = 180.0) -> None:
         r = self.api.delete(f"users/{user}/server")
         if r.status_code not in (202, 204):
             raise RuntimeError(f"stopping {user}'s server: {r.status_code} {r.text}")

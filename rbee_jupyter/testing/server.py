@@ -56,7 +56,7 @@ class ServerProcess:
 
     def __init__(self, folder: str | Path, *, rbee: dict[str, Any] | None = None, base_url: str = "/",
                  server: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 startup_timeout: float = 60.0, module: str = "jupyter_server",
+                 startup_timeout: float = 180.0, module: str = "jupyter_server",
                  config: dict[str, dict[str, Any]] | None = None) -> None:
         self.folder = Path(folder)
         self.token = secrets.token_hex(16)
@@ -109,7 +109,10 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 120.0) -> None:
+        """SIGTERM, then wait until the server has exited (its shutdown stops its workers first); kill
+        only past ``timeout``, a bound a busy machine holds, since a kill leaves its workers to
+        their lifelines."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)

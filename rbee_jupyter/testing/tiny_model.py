@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from ..quiet import transformers_bars_off
+
 Arch = Literal["llama", "gpt2", "qwen2", "mistral", "gpt_neox", "phi"]
 
 CORPUS = [
@@ -58,6 +60,7 @@ def make_tokenizer(vocab_size: int = 512):
         vocab_size=vocab_size,
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bars print blank lines into our output when not on a TTY
     )
     tok.train_from_iterator(CORPUS * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -105,7 +108,8 @@ def make_tiny_model(
     config = _config(arch, hidden=hidden, layers=layers, vocab=len(tokenizer), tie=tie_word_embeddings,
                      context=context)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with transformers_bars_off():  # "Writing model shards" is not ours to print
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     # Random init gives near-uniform logits; scale up so greedy decoding is decisive
     # and parity tests compare meaningful numbers, not ties.
     with torch.no_grad():
@@ -113,8 +117,9 @@ def make_tiny_model(
             if p.dim() >= 2:
                 p.mul_(4.0)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
-    tokenizer.save_pretrained(path)
+    with transformers_bars_off():
+        model.save_pretrained(path, **kwargs)
+        tokenizer.save_pretrained(path)
     gen = path / "generation_config.json"
     if gen.exists():
         data = json.loads(gen.read_text())
