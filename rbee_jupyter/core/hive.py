@@ -127,7 +127,7 @@ class LoadRequest:
         """The request as a ``POST v1/workers`` body again (normalised)."""
         return {"model_ref": str(self.ref), "device": self.device, "quantization": self.quantization,
                 "dtype": self.dtype, "double_quant": self.double_quant, "max_memory": self.max_memory,
-                "node": self.node}
+                "node": self.node, "kind": self.kind}
 
 
 @dataclass(frozen=True)
