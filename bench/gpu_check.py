@@ -222,8 +222,8 @@ async def worker_run(folder: Path, work: Path, device: str, tokens: int) -> dict
     from rbee_jupyter.core.hive import Hive, HiveConfig
 
     logs = work / "worker-logs"
-    hive = Hive(HiveConfig(cache_dir=work / "cache", catalog_path=work / "catalog.sqlite", loading_timeout_s=900.0,
-                           pool_options={"log_dir": logs, "spare_worker": True}))
+    hive = Hive(HiveConfig(cache_dir=work / "cache", catalog_path=work / "catalog.sqlite",
+                           pool_options={"log_dir": logs, "spare_worker": True, "loading_timeout_s": 900.0}))
     body = {"model_ref": f"file://{folder}", "device": device, "quantization": "nf4", "dtype": "bfloat16"}
 
     async def load() -> tuple[str, dict[str, Any]]:

@@ -1,6 +1,12 @@
 """rbee-jupyter: download, load (quantized, layer by layer) and stream local LLMs from Jupyter."""
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time ``__getattr__`` imports on first use
+    from .kernel.client import Client
+    from .kernel.inkernel import load_model
 
 
 def _jupyter_server_extension_points() -> list[dict]:

@@ -227,3 +227,55 @@ class QuotaExceeded(RbeeError):
     which workers hold it, so the user knows what to unload.
     """
     code, status = "QUOTA_EXCEEDED", 507
+
+
+# --- errors across a boundary (HTTP, a worker's stream, an actor) ------------------------
+
+#: The code of an HTTP error that no ``RbeeError`` raised (Tornado's own 404, 405, 413...).
+HTTP_ERROR_CODES: dict[int, str] = {400: "INVALID_REQUEST", 403: "FORBIDDEN", 404: "NOT_FOUND",
+                                    405: "METHOD_NOT_ALLOWED", 413: "BODY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
+
+#: The class for a code this version does not know, by the HTTP status it came with.
+_BY_STATUS: dict[int, type[RbeeError]] = {400: InvalidRequest, 403: AccessDenied, 404: NotFound, 409: Conflict,
+                                          499: Cancelled, 503: WorkerBusy}
+
+
+def _classes_by_code() -> dict[str, type[RbeeError]]:
+    """code → class for every error of this module; the most specific class owns a shared code.
+
+    Walked rather than listed, so a new class maps without an edit here.
+    """
+    table: dict[str, type[RbeeError]] = {}
+    stack: list[type[RbeeError]] = [RbeeError]
+    while stack:
+        cls = stack.pop()
+        if cls.__module__ == __name__:
+            table[cls.code] = cls  # subclasses are visited after their base, so they win
+        stack.extend(cls.__subclasses__())
+    return table
+
+
+def error_from_json(payload: Any, status: int | None = None) -> RbeeError:
+    """Rebuild an :class:`RbeeError` from its JSON, so callers can ``except WorkerBusy``.
+
+    The one decoder for every side (the pool reading a worker, the client reading the
+    server): the same body gives the same exception everywhere.
+
+    Args:
+        payload: the HTTP shape ``{"error": {"code", "message", "details"}}`` or an error
+            event ``{"type"|"stage": "error", "code", "message", "details"}``.
+        status: the HTTP status it came with, if any.
+
+    Returns:
+        The class that owns the code; for a code this version does not know, the class of
+        the HTTP status (e.g. 503 → :class:`WorkerBusy`), else a plain :class:`RbeeError`.
+        The code and the status are kept either way.
+    """
+    body = payload.get("error", payload) if isinstance(payload, dict) else None
+    if not isinstance(body, dict):
+        body = {"message": f"The server answered {status or 'an error'} without an error body: {payload!r}"[:500]}
+    code = str(body.get("code") or "")
+    message = str(body.get("message") or code or f"HTTP {status}")
+    details = body.get("details") if isinstance(body.get("details"), dict) else None
+    cls = _classes_by_code().get(code) or _BY_STATUS.get(status or 0, RbeeError)
+    return cls(message, details=details, code=code or None, status=status if cls is RbeeError and status else None)

@@ -26,7 +26,7 @@ import rbee_jupyter
 from rbee_jupyter import errors
 from rbee_jupyter.errors import RbeeError
 from rbee_jupyter.kernel.client import error_from_json
-from rbee_jupyter.server.handlers import _HTTP_CODES
+from rbee_jupyter.errors import HTTP_ERROR_CODES as _HTTP_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "errors.md"
@@ -103,7 +103,7 @@ def _from_source() -> list[Raised]:
 def _from_http_layer() -> list[Raised]:
     """Tornado's own errors (no token, unknown method, body too large) and what a Python client makes of them."""
     return [Raised(code, status, type(error_from_json({"error": {"code": code, "message": "m"}}, status)).__name__,
-                   f"rbee_jupyter/server/handlers.py: _HTTP_CODES[{status}]")
+                   f"rbee_jupyter/errors.py: HTTP_ERROR_CODES[{status}]")
             for status, code in _HTTP_CODES.items()]
 
 

@@ -175,7 +175,8 @@ def test_a_kernel_of_alices_server_finds_it_and_the_magics_work_through_the_prox
                         "hub_only = Client()\n"
                         "os.environ['RBEE_SERVER_URL'] = saved\n"
                         "print(json.dumps({'bind': os.environ['JUPYTERHUB_SERVICE_URL'], 'found': "
-                        "[[c.mode, c.discovered_by, c.url, c.models()] for c in (published, hub_only)]}))")
+                        "[[c.mode, c.discovered_by, c.url, [m.to_dict() for m in c.models()]] "
+                        "for c in (published, hub_only)]}))")
         # Then: both reach alice's server at the address it binds (no detour through the proxy)
         found = json.loads(found)
         assert found["bind"].endswith("/user/alice/")

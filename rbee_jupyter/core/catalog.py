@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+
+from ..protocol import CatalogEntry
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -34,27 +33,6 @@ CREATE TABLE IF NOT EXISTS models (
 _ADDED_COLUMNS = [("owner", "TEXT"), ("restricted", "INTEGER NOT NULL DEFAULT 0")]
 _COLUMNS = ("ref", "repo_id", "revision", "local_path", "size_bytes", "files", "downloaded_at", "source",
             "owner", "restricted")
-
-
-@dataclass
-class CatalogEntry:
-    """One model on disk. ``revision`` is the commit sha for hub models."""
-
-    ref: str
-    local_path: str
-    size_bytes: int
-    files: list[str]
-    revision: str | None = None
-    repo_id: str | None = None
-    source: str = "hub"
-    downloaded_at: float = field(default_factory=time.time)
-    owner: str | None = None
-    """Who downloaded it, on a shared server (service mode); None otherwise."""
-    restricted: bool = False
-    """The hub repo is gated or private: on a shared server only users with access may use it."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Catalog:

@@ -12,32 +12,38 @@ import functools
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from uuid import uuid4
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
-from .catalog import Catalog, CatalogEntry
-from ..hub.download import Downloader, partial_bytes
-from ..pools.engines import CompositePool, EngineSpec, OpenAIEnginePool, backend_of
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
-                     ModelNotLoaded, RbeeError, WorkerNotFound)
+                      ModelNotLoaded, RbeeError, WorkerNotFound)
 from ..events import DownloadComplete, FeedEvent
+from ..hub.download import Downloader, partial_bytes
+from ..pools.base import Pool
+from ..pools.composite import CompositePool
+from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of
+from ..pools.local import LocalProcessPool
+from ..protocol import (DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
+                        WORKER_KINDS, GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
+from .catalog import Catalog, CatalogEntry
 from .jobs import Job, JobRegistry
 from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
-from ..pools.local import LocalProcessPool, Pool, WorkerInfo, WorkerSpec
 from .refs import ModelRef, parse_ref
-from ..worker.protocol import EMBEDDING, WORKER_KINDS
 
-QUANTIZATIONS = ("nf4", "fp4", "int8")
 _BLOCKS_LOCK = threading.Lock()
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 @dataclass
 class HiveConfig:
-    """What the hive needs to know; the server fills it from ``RbeeApp`` traits."""
+    """What the hive needs to know; the server fills it from ``RbeeApp`` traits.
+
+    The pools' own settings (keep-alive, timeouts, the spare worker, Ray, engines) are not
+    copied here: the pools are traitlets configurables and read them from ``pool_config``
+    (``c.Pool.*``, ``c.LocalProcessPool.*``...), with ``pool_options`` as keyword arguments
+    for a hive built without a server (scripts, embedded, tests).
+    """
 
     cache_dir: Path
     catalog_path: Path
@@ -52,11 +58,8 @@ class HiveConfig:
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0
     pool_class: type[Pool] = LocalProcessPool
-    keep_alive_s: float | None = None
-    loading_timeout_s: float | None = 1800.0
-    inference_stall_s: float | None = 120.0
-    queue_depth: int = 8
-    max_tokens_limit: int = 4096
+    queue_depth: int = QUEUE_DEPTH
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
     allowed_devices: list[str] | None = None
     device_quota_mb: dict[str, float] = field(default_factory=dict)
     service_mode: bool = False
@@ -64,11 +67,13 @@ class HiveConfig:
     admin_users: frozenset[str] = frozenset()
     allowed_local_dirs: tuple[str, ...] = ()
     share_server_token: bool = False
-    engine_timeout_s: float = 5.0
-    engine_health_interval_s: float | None = 10.0
-    #: More keyword arguments for pool_class: the server fills it from the class's ``app_traits``;
-    #: e.g. ``{"spare_worker": True}`` for the default pool (off unless asked for, outside a server).
+    #: Keyword arguments for pool_class, e.g. ``{"spare_worker": True, "keep_alive_s": 60}``
+    #: (the spare is off unless asked for, outside a server).
     pool_options: dict[str, Any] = field(default_factory=dict)
+    #: The traitlets configurable the pools are built under (the server app; its log and config).
+    parent: Any = None
+    #: The traitlets ``Config`` the pools read (``c.Pool.*``, ``c.LocalProcessPool.*``...); None: the parent's.
+    pool_config: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,8 +105,8 @@ class LoadRequest:
                                  details={"field": "quantization", "accepted": list(QUANTIZATIONS)})
         dtype = body.get("dtype")
         if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
-            raise InvalidRequest(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16.",
-                                 details={"field": "dtype", "accepted": ["float32", "bfloat16", "float16"]})
+            raise InvalidRequest(f"Unknown dtype {dtype!r}; use {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}.",
+                                 details={"field": "dtype", "accepted": list(DTYPE_NAMES)})
         double_quant = body.get("double_quant", False)
         if not isinstance(double_quant, bool):
             raise InvalidRequest("double_quant must be true or false.", details={"field": "double_quant"})
@@ -160,12 +165,10 @@ class Hive:
         self._download_threads = ThreadPoolExecutor(max(1, config.max_concurrent_downloads),
                                                      thread_name_prefix="rbee-download")
         self.feed: Job | None = None  # the server-wide event feed, when a UI asked for one
-        primary = config.pool_class(keep_alive_s=config.keep_alive_s, loading_timeout_s=config.loading_timeout_s,
-                                    inference_stall_s=config.inference_stall_s, **config.pool_options)
-        engines = OpenAIEnginePool(timeout_s=config.engine_timeout_s,
-                                   health_interval_s=config.engine_health_interval_s,
-                                   inference_stall_s=config.inference_stall_s)
-        self.pool: Pool = CompositePool(primary, engines)  # external engines sit beside the primary pool
+        where = {"parent": config.parent, "config": config.pool_config}
+        primary = config.pool_class(**where, **config.pool_options)
+        engines = OpenAIEnginePool(**where)
+        self.pool: Pool = CompositePool(primary, engines, **where)  # external engines sit beside the primary pool
         self._planned: dict[str, dict[str, int]] = {}  # worker id -> bytes per device its plan reserved
         self.catalog.resync()
 
@@ -296,8 +299,8 @@ class Hive:
 
     async def _import_gguf(self, job: Job, ref: ModelRef, entry: CatalogEntry) -> CatalogEntry:
         """Turn a downloaded (or local) GGUF file into a safetensors folder the loader reads."""
-        from ..hub import gguf
         from ..events import ImportProgress
+        from ..hub import gguf
 
         source = Path(entry.local_path)
         if source.is_dir():  # a hub snapshot: the ref names the file inside it
@@ -377,7 +380,7 @@ class Hive:
         self._feed("catalog", {"action": "removed", "model": entry.to_dict()})
 
     def _check_not_in_use(self, ref: str) -> None:
-        holders = [w.id for w in self.pool.list() if w.model_ref == ref and w.state not in ("failed", "stopped")]
+        holders = [w.id for w in self.pool.list() if w.model_ref == ref and w.state not in GONE_STATES]
         if holders:
             raise Conflict(f"{ref} is loaded by worker {', '.join(holders)}; unload it first.",
                            details={"model_ref": ref, "workers": holders})
@@ -529,7 +532,7 @@ class Hive:
         the larger of planned and measured afterwards)."""
         from ..engine.devices import Holder, MiB, Quota, normalise_device_name
 
-        live = {w.id: w for w in self.pool.list() if w.state not in ("failed", "stopped")}
+        live = {w.id: w for w in self.pool.list() if w.state not in GONE_STATES}
         for worker_id in list(self._planned):
             if worker_id not in live and self._load_over(worker_id):
                 del self._planned[worker_id]
@@ -574,7 +577,8 @@ class Hive:
         if entry is None:
             entry = await self._download_into(job, req.ref, hf_token)
             plan = self._place(req, await asyncio.to_thread(self._blocks, req, entry.local_path), job.id)
-        assert plan is not None
+        if plan is None:  # the download above plans; a load of a model on disk came with its plan
+            raise RbeeError(f"Loading {req.ref} has no placement plan.", details={"model_ref": str(req.ref)})
         spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
@@ -608,14 +612,14 @@ class Hive:
         except WorkerNotFound:
             job = self._load_job(worker_id)
             return WorkerInfo.pending(worker_id, job.meta["model_ref"], owner=job.owner,
-                                      state="failed" if job.state.finished else "loading")
+                                      state=WorkerState.FAILED if job.state.finished else WorkerState.LOADING)
 
     async def worker_detail(self, worker_id: str) -> dict[str, Any]:
         """The registry's view plus the worker's live counters (``tokens_computed``, queue)."""
         info = self.worker(worker_id).to_dict()
         if info.get("backend") == "openai":
             return await self.pool.health(worker_id)  # probes the engine now
-        if info["pid"] is None or info["state"] in ("failed", "stopped"):
+        if info["pid"] is None or info["state"] in GONE_STATES:
             return info
         live = await self.pool.health(worker_id)
         keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb")
@@ -654,31 +658,50 @@ class Hive:
 
     # --- inference ----------------------------------------------------------------
 
-    def infer(self, body: dict[str, Any], *, owner: str | None = None, principal: Principal | None = None) -> Job:
+    def infer(self, body: dict[str, Any] | GenerationRequest, *, worker_id: str | None = None,
+              model_ref: str | None = None, owner: str | None = None, principal: Principal | None = None) -> Job:
         """Start a generation on ``worker_id`` or on a loaded worker of ``model_ref``.
 
+        Args:
+            body: a ``POST v1/inference`` body (validated here, once: the pool gets the typed
+                request), or a request already parsed at an edge (``worker_id``/``model_ref``
+                then say where).
+
         Raises:
+            InvalidRequest: a malformed body (nothing is started).
             AccessDenied: in service mode, the worker holds a gated or private model
                 the caller has not shown access to.
         """
-        from ..engine.generate import GenerationRequest
-
-        GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
+        if isinstance(body, GenerationRequest):
+            req = body
+        else:
+            req = GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
+            worker_id, model_ref = body.get("worker_id"), body.get("model_ref")
         owner = principal.name if principal is not None else owner
-        worker = self._pick_worker(body, principal)
+        worker = self.pick_worker(worker_id=worker_id, model_ref=model_ref, principal=principal)
         job = self.jobs.create("inference", owner=owner, error_style="type")
         job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
+        raw = body if not isinstance(body, GenerationRequest) else {
+            **req.to_json(), **{k: v for k, v in (("worker_id", worker_id), ("model_ref", model_ref)) if v}}
         job.request = {k: (f"<{len(v)} items>" if k in ("prompt", "messages") and hasattr(v, "__len__") else v)
-                       for k, v in body.items()}  # the log needs the options, not what the user wrote
-        return self.jobs.start(job, lambda j: self.pool.generate(worker.id, body, j))
+                       for k, v in raw.items()}  # the log needs the options, not what the user wrote
+        return self.jobs.start(job, lambda j: self.pool.generate(worker.id, req, j))
 
-    def _pick_worker(self, body: dict[str, Any], principal: Principal | None = None) -> WorkerInfo:
-        worker_id, model_ref = body.get("worker_id"), body.get("model_ref")
+    def pick_worker(self, *, worker_id: Any = None, model_ref: Any = None,
+                    principal: Principal | None = None) -> WorkerInfo:
+        """The worker a generation goes to: ``worker_id``, else the best ready worker of ``model_ref``.
+
+        Raises:
+            InvalidRequest: neither is given, or ``worker_id`` is not a string.
+            Conflict: the worker asked for is not ready.
+            ModelNotLoaded: no worker holds ``model_ref``.
+            AccessDenied: the only workers of it hold another user's gated model.
+        """
         if worker_id is not None:
             if not isinstance(worker_id, str):
                 raise InvalidRequest("worker_id must be a string.", details={"field": "worker_id"})
             worker = self.worker(worker_id)
-            if worker.state not in ("idle", "busy"):
+            if not worker.ready:
                 why = f" ({worker.exit_reason})" if worker.exit_reason else ""
                 raise Conflict(f"Worker {worker_id} is {worker.state}{why}, not ready for inference.",
                                details={"worker_id": worker_id, "state": worker.state})
@@ -690,16 +713,49 @@ class Hive:
         engines = {n: w.model_ref for w in self.pool.list() if getattr(w, "backend", None) == "openai"
                    for n in (w.model_ref, getattr(w, "name", None)) if n}  # an engine: by its ref or its name
         ref = (engines.get(model_ref) if isinstance(model_ref, str) else None) or str(parse_ref(model_ref))
-        ready = [w for w in self.pool.list() if w.model_ref == ref and w.state in ("idle", "busy")]
+        ready = [w for w in self.pool.list() if w.model_ref == ref and w.ready]
         usable = [w for w in ready if self.may_use_worker(principal, w)]
         if ready and not usable:
             raise _not_yours(ready[0])
-        ready = usable
-        if not ready:
+        if not usable:
             raise ModelNotLoaded(
                 f"No worker holds {ref}. Load it first: POST v1/workers {{\"model_ref\": \"{ref}\"}} "
                 f"or %rbee load {ref}.", details={"model_ref": ref})
-        return min(ready, key=lambda w: (w.state != "idle", w.last_used))
+        return _by_preference(usable)[0]
+
+    def resolve_model(self, model: Any, principal: Principal | None = None, *, kind: str = "generate") -> WorkerInfo:
+        """An OpenAI ``model`` name → the best ready worker answering to it (:func:`worker_names`).
+
+        Raises:
+            InvalidRequest: no name given.
+            Conflict: the model's worker is there but not ready (loading, failed).
+            ModelNotFound: no worker the caller may use answers to that name.
+        """
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
+        workers = [w for w in self.pool.list() if self.may_use_worker(principal, w)]
+        other = [w for w in workers if w.kind != kind and model in worker_names(w)]
+        workers = [w for w in workers if w.kind == kind]
+        if other and not any(model in worker_names(w) for w in workers):
+            raise InvalidRequest(f"The model {model!r} is an {other[0].kind} model; this route needs one that "
+                                 f"{'embeds' if kind == EMBEDDING else 'generates text'}.",
+                                 details={"field": "model", "kind": other[0].kind})
+        ready = _by_preference([w for w in workers if w.ready])
+        for w in ready:
+            if model in worker_names(w):
+                return w
+        for w in workers:  # there, but not usable: say why rather than "not loaded"
+            if model in worker_names(w):
+                why = f" ({w.exit_reason})" if w.exit_reason else ""
+                raise Conflict(f"The model {model!r} (worker {w.id}) is {w.state}{why}.",
+                               details={"field": "model", "worker_id": w.id, "state": w.state})
+        raise ModelNotFound(f"The model {model!r} is not loaded. Load it first (POST rbee/v1/workers or "
+                            f"%rbee load); loaded: {', '.join(worker_names(w)[0] for w in ready) or 'none'}.",
+                            details={"field": "model"})
+
+    def served_models(self, principal: Principal | None = None) -> list[WorkerInfo]:
+        """The ready workers the caller may use (what ``openai/v1/models`` lists)."""
+        return [w for w in self.pool.list() if w.ready and self.may_use_worker(principal, w)]
 
     async def embed(self, body: dict[str, Any], *, principal: Principal | None = None) -> dict[str, Any]:
         """Embed ``body["input"]`` on an embedding worker (``worker_id`` or ``model_ref``, as for :meth:`infer`).
@@ -751,6 +807,28 @@ def _embedding_device(spec: str | list[str], devices: list[Any]) -> str:
     return spec
 
 
+def _by_preference(workers: list[WorkerInfo]) -> list[WorkerInfo]:
+    """Where a generation should go first: idle before busy, then the longest unused (routing lives here)."""
+    return sorted(workers, key=lambda w: (w.state != WorkerState.IDLE, w.last_used))
+
+
+def worker_names(w: WorkerInfo) -> list[str]:
+    """Every ``model`` name a worker answers to; the first is the one ``openai/v1/models`` lists.
+
+    An external engine answers to its configured name and its model's name on the engine,
+    every worker to its ref without ``hf:`` (``org/repo``), its ref and its id.
+    """
+    engine = [n for n in (getattr(w, "name", None), getattr(w, "model", None)) if n]
+    return [*engine, _model_id(w.model_ref), w.model_ref, w.id]
+
+
+def _model_id(ref: str) -> str:
+    try:
+        return parse_ref(ref).display_name
+    except RbeeError:
+        return ref
+
+
 def _not_yours(worker: WorkerInfo) -> AccessDenied:
     return AccessDenied(f"Worker {worker.id} holds {worker.model_ref}, a gated or private model that {worker.owner} "
                         "downloaded; load your own worker of it with your hub token (X-HF-Token).",
@@ -759,8 +837,7 @@ def _not_yours(worker: WorkerInfo) -> AccessDenied:
 
 def register_local(ref: ModelRef) -> CatalogEntry:
     """Check a local model folder (or GGUF file) and describe it; nothing is copied."""
-    assert ref.path is not None
-    path = Path(ref.path)
+    path = Path(ref.path or "")
     if not path.exists():
         raise ModelNotFound(f"{path} does not exist on the server's machine.", details={"model_ref": str(ref)})
     if ref.is_gguf:

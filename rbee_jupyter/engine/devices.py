@@ -233,7 +233,8 @@ def _not_allowed(name: str, allowed: Sequence[str]) -> DeviceNotAvailable:
     shown = ", ".join(allowed) or "none"
     return DeviceNotAvailable(
         f"Device {name} is not one this server may use; allowed: {shown}. The administrator sets them "
-        "with c.RbeeApp.allowed_devices.", details={"device": name, "available": list(allowed), "allowed": list(allowed)})
+        "with c.RbeeApp.allowed_devices.",
+            details={"device": name, "available": list(allowed), "allowed": list(allowed)})
 
 
 def check_allowed(spec: DeviceSpec, allowed: Sequence[str] | None,
@@ -374,7 +375,7 @@ def _capacity(device: Device, max_memory: dict[str, int], margin_bytes: int | No
 def _block_bytes(block: object) -> int:
     size = getattr(block, "bytes", None)
     if size is None:
-        size = getattr(block, "bytes_after_quant")
+        size = block.bytes_after_quant
     return int(size)
 
 

@@ -1,8 +1,9 @@
 """Streaming text generation with cancellation, independent of any transport.
 
 The worker process drives a :class:`Generator` and turns each :class:`TokenChunk` into an
-SSE ``token`` event; the HTTP layer only parses bodies with
-:meth:`GenerationRequest.from_json`. Keeping the decode loop here, rather than using
+SSE ``token`` event; bodies are parsed at the edge into a
+:class:`~rbee_jupyter.protocol.GenerationRequest` (torch-free, shared with the hive).
+Keeping the decode loop here, rather than using
 ``model.generate`` with a streamer, gives us three things a streamer cannot: a cancel
 check before every forward step (a client that goes away frees the slot within one token),
 stop strings that never leak into the output, and a counter of forward steps that tests and
@@ -16,13 +17,14 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from ..errors import ContextTooLong, InvalidRequest
-from .grammar import GrammarCompiler, GrammarMatcher, ResponseFormat
+from ..protocol import GenerationRequest, is_int as _is_int
+from .grammar import GrammarCompiler, GrammarMatcher
 
 __all__ = [
     "GenerationRequest",
@@ -37,175 +39,10 @@ __all__ = [
 
 StopReason = Literal["eos", "length", "stop", "cancelled"]
 
-ROLES = frozenset({"system", "user", "assistant", "tool"})
-MAX_STOP_STRINGS = 4
 _REPLACEMENT = "\ufffd"
 # Config attributes that different model families use for the context window.
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
                   "seq_length", "max_seq_len")
-
-
-# --- request -----------------------------------------------------------------------------
-
-@dataclass
-class GenerationRequest:
-    """What to generate and how; exactly one of ``prompt`` and ``messages`` is set."""
-
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    repetition_penalty: float = 1.0
-    response_format: ResponseFormat | None = None  # constrained decoding (engine/grammar.py)
-    tools: list[dict] | None = None  # function definitions the chat template renders
-
-    @classmethod
-    def from_json(cls, body: Any, *, max_tokens_limit: int = 4096) -> GenerationRequest:
-        """Validate an untrusted HTTP body.
-
-        Every rejection names the field (in the message and in ``details["field"]``) so a
-        client can point at what to fix. Unknown keys are ignored on purpose: OpenAI-style
-        bodies carry ``model``, ``stream`` and more that the routing layer consumes.
-        """
-        if not isinstance(body, Mapping):
-            raise InvalidRequest("the request body must be a JSON object", details={"field": "body"})
-        prompt, messages = _prompt_or_messages(body)
-        return cls(
-            prompt=prompt,
-            messages=messages,
-            max_tokens=_max_tokens(body, max_tokens_limit),
-            temperature=_number(body, "temperature", 0.0, low=0.0, high=2.0),
-            top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
-            top_k=_int(body, "top_k", 0, low=0),
-            seed=_seed(body),
-            stop=_stop(body),
-            repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, low_open=True),
-            response_format=ResponseFormat.from_json(body.get("response_format")),
-            tools=_tools(body),
-        )
-
-
-def _bad(fld: str, message: str) -> InvalidRequest:
-    return InvalidRequest(message, details={"field": fld})
-
-
-def _is_int(value: Any) -> bool:
-    # JSON true/false arrive as bool, which Python treats as int; a client sending
-    # "max_tokens": true has a bug we should report, not read as 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _prompt_or_messages(body: Mapping) -> tuple[str | None, list[dict] | None]:
-    prompt, messages = body.get("prompt"), body.get("messages")
-    if (prompt is None) == (messages is None):
-        raise _bad("prompt", "send exactly one of 'prompt' (a string) or 'messages' (a chat list)")
-    if prompt is not None:
-        if not isinstance(prompt, str) or not prompt:
-            raise _bad("prompt", "'prompt' must be a non-empty string")
-        return prompt, None
-    return None, _messages(messages)
-
-
-def _messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages", "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping):
-            raise _bad("messages", f"'messages[{i}]' must be an object with 'role' and 'content'")
-        if msg.get("role") not in ROLES:
-            raise _bad("messages", f"'messages[{i}].role' must be one of {sorted(ROLES)}")
-        calls = msg.get("tool_calls") if msg["role"] == "assistant" else None
-        if calls is not None and not isinstance(calls, list):
-            raise _bad("messages", f"'messages[{i}].tool_calls' must be a list")
-        if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
-            raise _bad("messages", f"'messages[{i}].content' must be a string")
-        item = {"role": msg["role"], "content": msg.get("content") or ""}
-        if calls:  # an earlier turn's calls, rendered by the chat template (its arguments as objects)
-            item["tool_calls"] = [_template_call(c, i) for c in calls]
-        if msg["role"] == "tool" and isinstance(msg.get("tool_call_id"), str):
-            item["tool_call_id"] = msg["tool_call_id"]
-        out.append(item)
-    return out
-
-
-def _template_call(call: Any, i: int) -> dict:
-    """An OpenAI tool call of a past assistant turn, with ``arguments`` parsed for the chat template."""
-    import json
-
-    fn = call.get("function") if isinstance(call, Mapping) else None
-    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-        raise _bad("messages", f"'messages[{i}].tool_calls' items must be "
-                               "{\"function\": {\"name\", \"arguments\"}}")
-    args = fn.get("arguments", "{}")
-    try:
-        args = json.loads(args) if isinstance(args, str) else args
-    except ValueError:
-        raise _bad("messages", f"'messages[{i}].tool_calls' arguments must be JSON") from None
-    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
-
-
-def _tools(body: Mapping) -> list[dict] | None:
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
-        raise _bad("tools", "'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects")
-    return [dict(t) for t in tools] or None
-
-
-def _max_tokens(body: Mapping, limit: int) -> int:
-    default = min(GenerationRequest.max_tokens, limit)
-    return _int(body, "max_tokens", default, low=1, high=limit)
-
-
-def _int(body: Mapping, name: str, default: int, *, low: int, high: int | None = None) -> int:
-    value = body.get(name)
-    if value is None:
-        return default
-    span = f"between {low} and {high}" if high is not None else f">= {low}"
-    if not _is_int(value) or value < low or (high is not None and value > high):
-        raise _bad(name, f"'{name}' must be an integer {span}, got {value!r}")
-    return value
-
-
-def _number(body: Mapping, name: str, default: float, *, low: float, high: float | None = None,
-            low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and (high is None or value <= high))
-    if not ok:
-        lo = f"> {low}" if low_open else f">= {low}"
-        span = f"{lo} and <= {high}" if high is not None else lo
-        raise _bad(name, f"'{name}' must be a number {span}, got {value!r}")
-    return float(value)
-
-
-def _seed(body: Mapping) -> int | None:
-    value = body.get("seed")
-    if value is None:
-        return None
-    if not _is_int(value) or not 0 <= value < 2**63:
-        raise _bad("seed", f"'seed' must be an integer between 0 and 2**63-1, got {value!r}")
-    return value
-
-
-def _stop(body: Mapping) -> list[str]:
-    value = body.get("stop")
-    if value is None:
-        return []
-    stops = [value] if isinstance(value, str) else value
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise _bad("stop", f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
-                           "non-empty strings")
-    return list(stops)
 
 
 # --- results -----------------------------------------------------------------------------

@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from ..errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
+from ..protocol import DTYPE_NAMES, QUANTIZATIONS
 
 __all__ = ["BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
            "QUANTIZATIONS", "DTYPES"]
 
 Quantization = Literal["nf4", "fp4", "int8"]
-QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "int8")
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The protocol's dtype names as torch dtypes (the names and QUANTIZATIONS are the protocol's).
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 # Suffixes bitsandbytes adds to a quantized ``.weight`` when transformers saves it.
 _STATS_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",

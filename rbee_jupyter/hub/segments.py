@@ -135,7 +135,8 @@ def read(path: Path, size: int) -> list[Segment] | None:
     if len(raw) < _HEADER.size:
         return None
     magic, recorded_size, n = _HEADER.unpack_from(raw)
-    if magic != _MAGIC or recorded_size != size or not 0 < n <= _MAX_SEGMENTS or len(raw) != _HEADER.size + n * _SLOT.size:
+    if (magic != _MAGIC or recorded_size != size or not 0 < n <= _MAX_SEGMENTS
+            or len(raw) != _HEADER.size + n * _SLOT.size):
         return None
     segments, expected_start = [], 0
     for i in range(n):

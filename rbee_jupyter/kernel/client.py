@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import httpx
 
 from .. import errors as _errors
-from ..errors import Cancelled, RbeeError
+from ..errors import Cancelled, RbeeError, error_from_json
+from ..protocol import READY_STATES, CatalogEntry, DeviceInfo, WorkerInfo, WorkerState
 from .kernel_env import ENV_TOKEN, ENV_URL, Connection, discover
 
 __all__ = ["Client", "Download", "Worker", "JobHandle", "Generation", "Connection", "discover",
@@ -43,40 +44,6 @@ TERMINAL_STATES = ("complete", "error", "cancelled")
 
 
 # --- errors -------------------------------------------------------------------------------
-
-def _error_classes() -> dict[str, type[RbeeError]]:
-    """Every ``RbeeError`` subclass by its code (walked, so new classes map without edits here)."""
-    found: dict[str, type[RbeeError]] = {}
-    todo: list[type[RbeeError]] = [RbeeError]
-    while todo:
-        cls = todo.pop()
-        found.setdefault(cls.code, cls)
-        todo.extend(cls.__subclasses__())
-    return found
-
-
-_BY_STATUS: dict[int, type[RbeeError]] = {
-    400: _errors.InvalidRequest, 403: _errors.AccessDenied, 404: _errors.NotFound,
-    409: _errors.Conflict, 499: _errors.Cancelled, 503: _errors.WorkerBusy,
-}
-
-
-def error_from_json(payload: Any, status: int | None = None) -> RbeeError:
-    """The ``RbeeError`` for an HTTP error body or an error event (code → class, else status → class).
-
-    Args:
-        payload: ``{"error": {"code", "message", "details"}}`` or ``{"stage"|"type": "error", ...}``.
-        status: the HTTP status, used when the code is unknown to this version.
-    """
-    body = payload.get("error", payload) if isinstance(payload, dict) else {}
-    if not isinstance(body, dict):
-        body = {"message": str(body)}
-    code = str(body.get("code") or "")
-    message = str(body.get("message") or f"HTTP {status}")
-    details = body.get("details") if isinstance(body.get("details"), dict) else None
-    cls = _error_classes().get(code) or _BY_STATUS.get(status or 0, RbeeError)
-    return cls(message, details=details, code=code or None, status=status if cls is RbeeError and status else None)
-
 
 def _state_of(event: dict[str, Any]) -> str:
     """Job state after ``event``: complete (download done, ready, end), error, cancelled or running."""
@@ -311,7 +278,22 @@ class _HttpInference:
 
 # --- handles ------------------------------------------------------------------------------
 
-class JobHandle:
+class _ShownOnce:
+    """A handle a magic has already drawn a live view for: the next automatic display is skipped."""
+
+    _display_suppressed = False
+
+    def suppress_next_display(self) -> None:
+        """The view is on screen already: the handle returned to ``Out``/``_`` must not draw a second one."""
+        self._display_suppressed = True
+
+    def consume_display_suppression(self) -> bool:
+        """True once after :meth:`suppress_next_display` (the display that is skipped), then False."""
+        suppressed, self._display_suppressed = self._display_suppressed, False
+        return suppressed
+
+
+class JobHandle(_ShownOnce):
     """A download or load running in the hive: follow it, wait for it, cancel it.
 
     Handles are cheap views; several can follow one job, and each ``events()`` call is a
@@ -320,13 +302,12 @@ class JobHandle:
 
     kind = "job"
 
-    def __init__(self, client: Client, job_id: str, *, model_ref: str | None = None) -> None:
+    def __init__(self, client: Client, job_id: str, *, model_ref: str | None = None, state: str = "running") -> None:
         self.client = client
         self.id = job_id
         self.model_ref = model_ref
         self.last_event: dict[str, Any] | None = None
-        self._state = "running"
-        self._display_suppressed = False
+        self._state = state
 
     @property
     def state(self) -> str:
@@ -342,6 +323,11 @@ class JobHandle:
     @property
     def done(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def last_state(self) -> str:
+        """The state as last seen, without asking the hive (what ``repr`` shows)."""
+        return self._state
 
     def _seen(self, event: dict[str, Any]) -> None:
         self.last_event = event
@@ -389,8 +375,7 @@ class JobHandle:
 
     def _ipython_display_(self) -> None:
         """Show a live progress view (skipped once right after a magic already showed one)."""
-        if self._display_suppressed:
-            self._display_suppressed = False
+        if self.consume_display_suppression():
             return
         from .widgets import show_handle
 
@@ -423,11 +408,12 @@ class Worker:
     worker (waiting for it to be ready first); ``unload`` stops it and frees its memory.
     """
 
-    def __init__(self, client: Client, worker_id: str, *, model_ref: str | None = None) -> None:
+    def __init__(self, client: Client, worker_id: str, *, model_ref: str | None = None, ready: bool = False) -> None:
+        """``ready``: the hive already said it is loaded (its load job may be long gone)."""
         self.client = client
         self.id = worker_id
         self.model_ref = model_ref
-        self.loading = LoadJob(client, worker_id, model_ref=model_ref)
+        self.loading = LoadJob(client, worker_id, model_ref=model_ref, state="complete" if ready else "running")
 
     # the load job's handle, for symmetry with Download
     def events(self, **kw: Any) -> Iterator[dict[str, Any]]:
@@ -455,12 +441,12 @@ class Worker:
         return self.client._transport.worker(self.id)
 
     def _ensure_ready(self) -> None:
-        if self.loading._state == "complete":
+        if self.loading.last_state == "complete":
             return
         try:
             self.wait()
         except _errors.JobNotFound:  # the load job expired long ago: ask the worker itself
-            if self.state not in ("idle", "busy"):
+            if self.state not in READY_STATES:
                 raise
 
     def generate(self, prompt: str, **options: Any) -> Generation:
@@ -479,18 +465,17 @@ class Worker:
             self.client._transport.unload(self.id)
 
     def __repr__(self) -> str:
-        return f"<Worker {self.id} {self.model_ref or ''} {self.loading._state}>"
+        return f"<Worker {self.id} {self.model_ref or ''} {self.loading.last_state}>"
 
     def _ipython_display_(self) -> None:
-        if self.loading._display_suppressed:
-            self.loading._display_suppressed = False
+        if self.loading.consume_display_suppression():
             return
         from .widgets import show_handle
 
         show_handle(self.loading, text=repr(self))
 
 
-class Generation:
+class Generation(_ShownOnce):
     """A generation in flight: iterate it for text pieces as they stream; ``text`` waits for the rest.
 
     The stream is read once; pieces already read are kept, so ``text`` after a loop (or
@@ -511,7 +496,6 @@ class Generation:
         self.error: RbeeError | None = None
         self.last_event: dict[str, Any] | None = None
         self._state = "running"
-        self._display_suppressed = False
 
     @property
     def state(self) -> str:
@@ -575,8 +559,7 @@ class Generation:
         p.text("".join(self.pieces))
 
     def _ipython_display_(self) -> None:
-        if self._display_suppressed:
-            self._display_suppressed = False
+        if self.consume_display_suppression():
             return
         from .widgets import progress_mode
 
@@ -695,7 +678,7 @@ class Client:
         workers = self.workers()
         return {"mode": self.mode, "discovered_by": self.discovered_by, "url": self.url,
                 "notes": list(self.connection.notes), "workers": len(workers),
-                "ready": sum(w.get("state") in ("idle", "busy") for w in workers),
+                "ready": sum(w.ready for w in workers),
                 "models": len(self.models())}
 
     # --- models ---------------------------------------------------------------------------
@@ -709,9 +692,12 @@ class Client:
         answer = self._transport.download(model_ref)
         return Download(self, answer["download_id"], model_ref=answer.get("model_ref", model_ref))
 
-    def models(self) -> list[dict[str, Any]]:
-        """The catalog: ``ref``, ``local_path``, ``size_bytes``, ``files``, ``revision``, ``downloaded_at``."""
-        return self._transport.models()
+    def models(self) -> list[CatalogEntry]:
+        """The catalog: ``ref``, ``local_path``, ``size_bytes``, ``files``, ``revision``, ``downloaded_at``.
+
+        Typed entries; ``m["ref"]`` reads as before (see :class:`~rbee_jupyter.protocol.Record`).
+        """
+        return [CatalogEntry.from_json(m) for m in self._transport.models()]
 
     def delete_model(self, model_ref: str) -> None:
         """Remove a downloaded model from disk (``Conflict`` while a worker holds it)."""
@@ -743,17 +729,14 @@ class Client:
         answer = self._transport.load(body)
         return Worker(self, answer["worker_id"], model_ref=answer.get("model_ref", model_ref))
 
-    def workers(self) -> list[dict[str, Any]]:
-        """Every worker: ``id``, ``model_ref``, ``state``, ``devices``, ``memory_mb``, ..."""
-        return self._transport.workers()
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker: ``id``, ``model_ref``, ``state``, ``devices``, ``memory_mb``, ... (``w["id"]`` works too)."""
+        return [WorkerInfo.from_json(w) for w in self._transport.workers()]
 
     def worker(self, worker_id: str) -> Worker:
         """A handle on an existing worker (``WorkerNotFound`` if there is none)."""
-        info = self._transport.worker(worker_id)
-        worker = Worker(self, worker_id, model_ref=info.get("model_ref"))
-        if info.get("state") in ("idle", "busy"):
-            worker.loading._state = "complete"
-        return worker
+        info = WorkerInfo.from_json(self._transport.worker(worker_id))
+        return Worker(self, worker_id, model_ref=info.model_ref, ready=info.ready)
 
     def unload(self, worker: Worker | str) -> list[str]:
         """Unload a worker (by handle or id) or every worker of a model ref; returns the ids unloaded.
@@ -765,12 +748,12 @@ class Client:
             worker.unload()
             return [worker.id]
         workers = self.workers()
-        ids = [w["id"] for w in workers if w["id"] == worker]
+        ids = [w.id for w in workers if w.id == worker]
         if not ids and ":" in worker:  # a model ref: every worker holding it
             from ..core.refs import parse_ref
 
             ref = str(parse_ref(worker))
-            ids = [w["id"] for w in workers if w.get("model_ref") == ref and w.get("state") != "stopped"]
+            ids = [w.id for w in workers if w.model_ref == ref and w.state != WorkerState.STOPPED]
             if not ids:
                 raise _errors.WorkerNotFound(f"No worker holds {ref}. `%rbee ps` lists the workers.",
                                              details={"model_ref": ref})
@@ -779,9 +762,9 @@ class Client:
             self._transport.unload(worker_id)
         return ids
 
-    def devices(self) -> list[dict[str, Any]]:
-        """The hive's devices: ``name``, ``kind``, ``total_bytes``, ``free_bytes``, ``label``."""
-        return self._transport.devices()
+    def devices(self) -> list[DeviceInfo]:
+        """The hive's devices: ``name``, ``kind``, ``total_bytes``, ``free_bytes``, ``label`` (``d["name"]`` too)."""
+        return [DeviceInfo.from_json(d) for d in self._transport.devices()]
 
     # --- inference ------------------------------------------------------------------------
 

@@ -75,8 +75,8 @@ def load_model(ref: str, *, quantization: str | None = None, device: str | Seque
         RbeeError subclasses (``ModelNotFound``, ``InsufficientVram``, ``DeviceNotAvailable``...);
         ``KeyboardInterrupt`` after cancelling the load between blocks.
     """
-    from ..core.hive import DTYPES
     from ..engine.loader import load_model as load_layers
+    from ..protocol import DTYPES
 
     if quantization in ("none", ""):
         quantization = None

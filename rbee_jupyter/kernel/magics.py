@@ -22,8 +22,9 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from .client import Client, Generation, default_client, error_from_json, set_default_client
 from ..errors import RbeeError
+from ..protocol import ACTIVE_STATES, DTYPES
+from .client import Client, Generation, default_client, error_from_json, set_default_client
 from .widgets import DownloadView, GenerationView, LoadingView, devices_table, follow, models_table, workers_table
 
 __all__ = ["RbeeMagics", "load_ipython_extension", "USAGE"]
@@ -54,7 +55,7 @@ _LINES: dict[str, str] = {}
 for _line in USAGE.splitlines():
     if _line.startswith("%"):
         _LINES.setdefault(_line.split()[1], _line)
-_DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+_DTYPES = tuple(DTYPES)  # every name a load accepts: bf16, bfloat16, fp16, half...
 _QUANTS = ("nf4", "fp4", "int8", "none")
 MiB = 1 << 20
 
@@ -265,7 +266,7 @@ class RbeeMagics(Magics):
     def _resolve_model(self, requested: str | None) -> tuple[str, str]:
         """``(model for the request, conversation key)``; the default is the last or only ready worker."""
         workers = self.client.workers()
-        ready = [w for w in workers if w.get("state") in ("idle", "busy", "loading")]
+        ready = [w for w in workers if w.state in ACTIVE_STATES]
         if requested:
             for w in workers:
                 if w["id"] == requested:
@@ -341,7 +342,7 @@ def _shown_already(handle: Any, view: Any) -> None:
     In a terminal there is no live view to duplicate, so ``Out`` shows the handle's repr.
     """
     if view.mode != "terminal":
-        handle._display_suppressed = True
+        handle.suppress_next_display()
 
 
 def _raise_if_failed(view: Any) -> None:

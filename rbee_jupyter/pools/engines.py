@@ -19,8 +19,9 @@ The API key is sent to the engine as ``Authorization: Bearer`` and nowhere else:
 in any ``WorkerInfo``, event, error or log line, and URLs that carry credentials (user info,
 query) are refused so the key cannot hide in them.
 
-:class:`CompositePool` lets the hive keep one ``pool``: workers of the primary pool (local
-processes, Ray...) and engines side by side, each call routed to the pool that owns the id.
+The registry and busy/idle are :class:`~.base.RegistryPool`'s; this module is the HTTP
+transport and the translation of OpenAI's stream. :class:`~.composite.CompositePool` puts
+these workers beside the primary pool's.
 """
 
 from __future__ import annotations
@@ -30,21 +31,23 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from traitlets import Float
 
-from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
-                     InvalidRequest, ModelNotFound, RbeeError, WorkerBusy, WorkerNotFound)
-from ..events import DONE, InferenceEnd, InferenceStarted, Ready, Token
 from ..core.jobs import Job
-from .local import Pool, WorkerInfo, _snapshot
+from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
+                      InvalidRequest, ModelNotFound, RbeeError, WorkerBusy)
+from ..events import DONE, InferenceEnd, InferenceStarted, Ready, Token
+from ..protocol import GenerationRequest, WorkerInfo, WorkerState, as_request
 from ..sse_client import SSEParser
+from .base import Entry, RegistryPool
 
-__all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "CompositePool", "backend_of"]
+__all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "backend_of"]
 
 log = logging.getLogger(__name__)
 
@@ -141,64 +144,44 @@ class EngineInfo(WorkerInfo):
     name: str | None = None
 
 
-@dataclass(eq=False)
-class _Engine:
+@dataclass(eq=False, kw_only=True)
+class _Engine(Entry):
     info: EngineInfo
     spec: EngineSpec
     client: httpx.AsyncClient
-    load_job: Job
-    streams: dict[Job, asyncio.Task] = field(default_factory=dict)
-    tasks: set[asyncio.Task] = field(default_factory=set)
     slow_probes: int = 0  # health probes in a row that timed out
 
 
-class OpenAIEnginePool(Pool):
-    """Workers that are external OpenAI-compatible engines, reached over HTTP.
+class OpenAIEnginePool(RegistryPool):
+    """Workers that are external OpenAI-compatible engines, reached over HTTP (``c.OpenAIEnginePool.*``).
 
-    Args:
-        timeout_s: connect timeout, and how long ``GET {url}/models`` may take before the
-            engine counts as not answering.
-        health_interval_s: seconds between health probes of every engine; None or 0: only
-            at registration and when a stream breaks. A probe that times out counts only on
-            the second time in a row (a busy engine can be slow to answer); a refused
-            connection counts at once.
-        inference_stall_s: a generation whose engine sends nothing for this long is stopped
-            with ``INFERENCE_STALLED`` (the upstream request is closed); None: no limit.
+    ``inference_stall_s`` (a :class:`~.base.Pool` trait) stops a generation whose engine sends
+    nothing for that long with ``INFERENCE_STALLED``, closing the upstream request.
     """
 
-    slow_probes_allowed = 1
+    timeout_s = Float(
+        5.0, config=True,
+        help="Seconds an external engine may take to accept a connection or answer GET /models before it counts "
+             "as unreachable (ENGINE_UNREACHABLE). Default 5. (Was c.RbeeApp.engine_timeout_s.)",
+    )
+    health_interval_s = Float(
+        10.0, allow_none=True, config=True,
+        help="Seconds between health checks of every engine: one that stops answering turns its worker failed "
+             "and ends its streams; one that answers again turns it idle. A probe that times out counts only the "
+             "second time in a row (a busy engine can be slow to answer); a refused connection counts at once. "
+             "None or 0: check only at registration and when a stream breaks. Default 10. "
+             "(Was c.RbeeApp.engine_health_interval_s.)",
+    )
 
-    def __init__(self, *, timeout_s: float = 5.0, health_interval_s: float | None = 10.0,
-                 inference_stall_s: float | None = 120.0) -> None:
-        super().__init__()
-        self.timeout_s = timeout_s
-        self.health_interval_s = health_interval_s
-        self.inference_stall_s = inference_stall_s
-        self._engines: dict[str, _Engine] = {}
+    slow_probes_allowed = 1
+    not_found_message = "No engine worker with id {id!r}."
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._closing: set[asyncio.Task] = set()
         # A streaming generation has no per-read timeout (a timer armed and cancelled per chunk):
         # a _Watchdog per generation watches for the stall instead.
-        self._stream_timeout = httpx.Timeout(None, connect=timeout_s)
-
-    # --- registry ------------------------------------------------------------------------
-
-    def _get(self, worker_id: str) -> _Engine:
-        e = self._engines.get(worker_id)
-        if e is None:
-            raise WorkerNotFound(f"No engine worker with id {worker_id!r}.", details={"worker_id": worker_id})
-        return e
-
-    def get(self, worker_id: str) -> WorkerInfo:
-        return _snapshot(self._get(worker_id).info)
-
-    def list(self) -> list[WorkerInfo]:
-        return [_snapshot(e.info) for e in self._engines.values()]
-
-    def _spawn(self, e: _Engine, coro: Any) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        e.tasks.add(task)
-        task.add_done_callback(e.tasks.discard)
-        return task
+        self._stream_timeout = httpx.Timeout(None, connect=self.timeout_s)
 
     # --- registration --------------------------------------------------------------------
 
@@ -208,11 +191,12 @@ class OpenAIEnginePool(Pool):
         client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, timeout=httpx.Timeout(
             self.inference_stall_s, connect=self.timeout_s))
         now = time.time()
-        info = EngineInfo(id=job.id, model_ref=spec.model_ref, state="loading", devices=[], memory_mb={}, pid=None,
+        info = EngineInfo(id=job.id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=[], memory_mb={},
+                          pid=None,
                           quantization=None, dtype=None, owner=job.owner, created_at=now, last_used=now,
                           url=spec.url, model=spec.model, name=spec.name)
-        e = _Engine(info, spec, client, job)
-        self._engines[info.id] = e
+        e = _Engine(info=info, spec=spec, client=client, load_job=job)
+        self._workers[info.id] = e
         job.meta.setdefault("worker_id", info.id)
         check = self._spawn(e, self._register(e))
         if job.task is None:
@@ -220,7 +204,7 @@ class OpenAIEnginePool(Pool):
         job.on_cancel(lambda: self._drop(e, "registration cancelled", Cancelled(
             f"Registering the engine at {spec.url} was cancelled.", details={"worker_id": info.id}), close=True))
         self._notify("loading", info)
-        return _snapshot(info)
+        return info.copy()
 
     async def _register(self, e: _Engine) -> None:
         try:
@@ -229,7 +213,7 @@ class OpenAIEnginePool(Pool):
             self._failed(e, error)
             e.load_job.fail(error)
         else:
-            e.info.state = "idle"
+            e.info.state = WorkerState.IDLE
             e.load_job.finish(Ready(worker_id=e.info.id, memory_mb={}))
             self._notify("ready", e.info)
         if self.health_interval_s:
@@ -285,25 +269,25 @@ class OpenAIEnginePool(Pool):
                 self._failed(e, error)
             return None
         e.slow_probes = 0
-        if e.info.state == "failed" and self._engines.get(e.info.id) is e:  # the engine is back
-            e.info.state, e.info.exit_reason = "idle", None
+        if e.info.state == WorkerState.FAILED and self._listed(e):  # the engine is back
+            e.info.state, e.info.exit_reason = WorkerState.IDLE, None
             log.info("rbee: engine %s at %s answers again", e.info.id, e.spec.url)
             self._notify("ready", e.info)
         return latency
 
     async def _watch(self, e: _Engine) -> None:
-        while self._engines.get(e.info.id) is e:
+        while self._listed(e):
             await asyncio.sleep(self.health_interval_s or 0)
             await self._check(e)
 
     def _failed(self, e: _Engine, error: RbeeError) -> None:
         """The engine does not answer (or not properly): fail the worker and every stream it feeds."""
-        if self._engines.get(e.info.id) is not e:
+        if not self._listed(e):
             return
         reason = f"{error.code}: {error.message}"
-        if e.info.state != "failed":
+        if e.info.state != WorkerState.FAILED:
             log.warning("rbee: engine %s failed: %s", e.info.id, reason)
-            e.info.state, e.info.exit_reason = "failed", reason
+            e.info.state, e.info.exit_reason = WorkerState.FAILED, reason
             self._notify("failed", e.info)
         if e.streams:
             cut = type(error)(f"The engine stopped answering during the generation: {error.message}",
@@ -322,20 +306,18 @@ class OpenAIEnginePool(Pool):
 
     # --- generation ------------------------------------------------------------------------
 
-    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
+    async def generate(self, worker_id: str, req: GenerationRequest | dict[str, Any], job: Job) -> None:
         e = self._get(worker_id)
-        if e.info.state not in ("idle", "busy"):
+        req = as_request(req)
+        if not e.info.ready:
             raise Conflict(f"Engine worker {worker_id} is {e.info.state}"
                            f"{f' ({e.info.exit_reason})' if e.info.exit_reason else ''}.",
                            details={"worker_id": worker_id, "state": e.info.state})
-        from ..engine.generate import GenerationRequest  # torch is imported on first use, not with the server
-
-        req = GenerationRequest.from_json(body, max_tokens_limit=2**31 - 1)  # the hive checked its own limit
         path, payload = _upstream_request(req, e.spec.model)
         relay = asyncio.get_running_loop().create_task(self._relay(e, job, path, payload, bool(req.stop)))
         e.streams[job] = relay
         job.on_cancel(relay.cancel)  # closes the upstream request: the engine stops generating
-        self._set_busy(e)
+        self._update_busy(e)
         try:
             await asyncio.wait({relay})
         except asyncio.CancelledError:  # server shutting down
@@ -344,7 +326,7 @@ class OpenAIEnginePool(Pool):
         finally:
             e.streams.pop(job, None)
             e.info.last_used = time.time()
-            self._set_busy(e)
+            self._update_busy(e)
         if relay.cancelled():
             job.fail(Cancelled("The generation was cancelled.", details={"request_id": job.id}))
         elif relay.exception() is not None:
@@ -428,19 +410,11 @@ class OpenAIEnginePool(Pool):
         When it is gone, ``_failed`` has already ended this stream (and every other one of
         the engine) with the probe's error; what is returned then only reaches the log.
         """
-        if await self._check(e) is None and e.info.state == "failed":
+        if await self._check(e) is None and e.info.state == WorkerState.FAILED:
             return EngineUnreachable(f"The engine at {e.spec.url} stopped answering during the generation ({what}).",
                                      details={"worker_id": e.info.id, "url": e.spec.url})
         return EngineError(f"The engine at {e.spec.url} broke off the stream ({what}) but still answers; try again.",
                            details={"worker_id": e.info.id, "url": e.spec.url})
-
-    def _set_busy(self, e: _Engine) -> None:
-        if e.info.state not in ("idle", "busy"):
-            return
-        state = "busy" if e.streams else "idle"
-        if e.info.state != state:
-            e.info.state = state
-            self._notify(state, e.info)
 
     # --- stopping --------------------------------------------------------------------------
 
@@ -452,16 +426,16 @@ class OpenAIEnginePool(Pool):
 
     def _drop(self, e: _Engine, reason: str, error: RbeeError, *, close: bool = False) -> None:
         """Forget ``e`` now (synchronously, so a cancel callback can call it); ``close``: release it later."""
-        if self._engines.get(e.info.id) is not e:
+        if not self._listed(e):
             return
-        del self._engines[e.info.id]
+        del self._workers[e.info.id]
         for job, task in list(e.streams.items()):
             job.fail(error)
             task.cancel()
         e.load_job.fail(error)
         for task in list(e.tasks):
             task.cancel()
-        e.info.state, e.info.exit_reason = "stopped", reason
+        e.info.state, e.info.exit_reason = WorkerState.STOPPED, reason
         self._notify("stopped", e.info)
         if close:
             task = asyncio.get_running_loop().create_task(self._closed(e))
@@ -477,7 +451,7 @@ class OpenAIEnginePool(Pool):
             await e.client.aclose()
 
     async def close(self) -> None:
-        engines = list(self._engines.values())
+        engines = list(self._workers.values())
         for e in engines:
             self._drop(e, "server shutting down", Cancelled("The server is shutting down."))
         for e in engines:
@@ -516,7 +490,7 @@ class _Watchdog:
 
 # --- translation ----------------------------------------------------------------------------
 
-def _upstream_request(req: Any, model: str) -> tuple[str, dict[str, Any]]:
+def _upstream_request(req: GenerationRequest, model: str) -> tuple[str, dict[str, Any]]:
     """Our request in OpenAI's words: the path and a streaming body.
 
     Only what the request sets goes out: ``top_k`` and ``repetition_penalty`` are not OpenAI
@@ -608,68 +582,3 @@ def _refusal(e: _Engine, r: httpx.Response) -> RbeeError:
     if r.status_code in (429, 503):
         return WorkerBusy(f"The engine is busy ({said}); try again shortly.", details=details)
     return EngineError(f"The generation failed: {said}.", details=details)
-
-
-# --- one pool for the hive -------------------------------------------------------------------
-
-class CompositePool(Pool):
-    """The primary pool and the engine pool seen as one: each call goes to the pool that owns the id."""
-
-    def __init__(self, primary: Pool, engines: OpenAIEnginePool) -> None:
-        super().__init__()
-        self.primary = primary
-        self.engines = engines
-        self._pools: tuple[Pool, ...] = (primary, engines)
-
-    def _owner(self, worker_id: str) -> Pool:
-        for pool in self._pools:
-            try:
-                pool.get(worker_id)
-                return pool
-            except WorkerNotFound:
-                continue
-        return self.primary  # which raises the WorkerNotFound the caller expects
-
-    def check_node(self, node: str) -> None:
-        self.primary.check_node(node)  # engines are placed by their URL, never by node
-
-    @property
-    def keep_alive_s(self) -> float | None:
-        """The primary pool's idle unload (engines are never unloaded for idling)."""
-        return self.primary.keep_alive_s
-
-    def warm_up(self) -> None:
-        self.primary.warm_up()  # engines run elsewhere: nothing to prepare
-
-    async def start(self, spec: Any, job: Job) -> WorkerInfo:
-        pool = self.engines if isinstance(spec, EngineSpec) else self.primary
-        return await pool.start(spec, job)
-
-    async def stop(self, worker_id: str) -> None:
-        await self._owner(worker_id).stop(worker_id)
-
-    def get(self, worker_id: str) -> WorkerInfo:
-        return self._owner(worker_id).get(worker_id)
-
-    def list(self) -> list[WorkerInfo]:
-        return [w for pool in self._pools for w in pool.list()]
-
-    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
-        await self._owner(worker_id).generate(worker_id, body, job)
-
-    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._owner(worker_id).embed(worker_id, body)
-
-    async def health(self, worker_id: str) -> dict[str, Any]:
-        return await self._owner(worker_id).health(worker_id)
-
-    def listen(self, callback: Callable[[str, WorkerInfo], None]) -> Callable[[], None]:
-        unsubscribes = [pool.listen(callback) for pool in self._pools]
-
-        def unsubscribe() -> None:
-            for each in unsubscribes:
-                each()
-        return unsubscribe
-
-    async def close(self) -> None:
-        await asyncio.gather(*(pool.close() for pool in self._pools))

@@ -1,8 +1,4 @@
-"""Worker pools: start, watch, stop workers and relay their streams into the hive's jobs.
-
-:class:`Pool` is the interface the hive programs against; :class:`LocalProcessPool`
-runs each model in its own ``python -m rbee_jupyter.worker`` process on this machine
-(a Ray-actor pool or an external OpenAI-compatible engine would be other subclasses).
+"""Workers as local processes: one ``python -m rbee_jupyter.worker`` process per loaded model.
 
 Why separate processes: unloading must free every byte (the process exits), and a crash,
 an OOM kill or a wedged kernel must cost one model, never the Jupyter server. The price is
@@ -10,354 +6,118 @@ that the pool must notice deaths itself: it awaits every process's exit, so a wo
 with SIGKILL fails each stream it fed with ``WORKER_DIED`` at once instead of leaving
 clients waiting on a dead socket.
 
-Everything here runs on the server's asyncio loop. Listeners (``pool.listen``) get
-``(event, info)`` for: ``loading``, ``progress``, ``ready``, ``busy``, ``idle``,
-``draining`` (being stopped), ``failed`` (load error or timeout), ``died`` (unexpected exit), ``stopped`` (unloaded,
-cancelled, or keep-alive expired) and ``removed`` (a failed entry expired).
+This module is only the transport (spawn, the HTTP client of a worker, kill, the spare
+process); the registry and the lifecycle are :class:`~.base.WorkerPool`'s.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from traitlets import Bool, Dict, Float, Instance, Unicode, Union, default
 
-from ..errors import (Cancelled, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout, ModelNotLoaded, RbeeError,
-                     WorkerDied, WorkerNotFound)
-from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from ..core.jobs import Job
-from ..worker.client import GenerationStream, WorkerClient
+from ..errors import Cancelled, RbeeError, WorkerDied
+from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerInfo, WorkerSpec, WorkerState
+from ..worker.client import WorkerClient
 from ..worker.process import WorkerProcess
-from ..worker.protocol import WorkerConfig, describe_exit, error_from_json
+from ..worker.protocol import describe_exit
+from .base import Listener, ManagedEntry, Pool, WorkerPool, relay_inference, under_jupyterhub
 
 __all__ = ["Pool", "LocalProcessPool", "WorkerSpec", "WorkerInfo", "Listener", "relay_inference"]
 
 log = logging.getLogger(__name__)
 
 
-# --- data -------------------------------------------------------------------------------
-
-@dataclass
-class WorkerSpec:
-    """What to load and how; ``device_map`` is one device or a ``{block: device}`` plan."""
-
-    model_ref: str
-    model_path: str
-    device_map: dict[str, str] | str = "cpu"
-    quantization: str | None = None
-    dtype: str | None = None
-    double_quant: bool = False
-    compute_dtype: str | None = None
-    owner: str | None = None
-    queue_depth: int = 8
-    max_tokens_limit: int = 4096
-    worker_id: str | None = None  # the hive names workers before they start (their load job's id)
-    node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
-    kind: str = "generate"  # "embedding": a sentence-transformers model served by worker/embedding.py
-
-
-@dataclass
-class WorkerInfo:
-    """A worker as the registry sees it (a snapshot: the pool hands out copies)."""
-
-    id: str
-    model_ref: str
-    state: str  # loading | idle | busy | draining | failed | stopped
-    devices: list[str]
-    memory_mb: dict[str, int]
-    pid: int | None
-    quantization: str | None
-    dtype: str | None
-    owner: str | None
-    created_at: float
-    last_used: float
-    exit_reason: str | None = None
-    layers_loaded: int = 0
-    layers_total: int = 0
-    node: str | None = None  # the cluster node it runs on; None: this machine
-    kind: str = "generate"  # what its model does: "generate" text or "embedding" vectors
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def pending(cls, worker_id: str, model_ref: str, *, owner: str | None, state: str) -> WorkerInfo:
-        """A worker the hive announced whose process does not exist yet (its model is downloading)."""
-        now = time.time()
-        return cls(id=worker_id, model_ref=model_ref, state=state, devices=[], memory_mb={}, pid=None,
-                   quantization=None, dtype=None, owner=owner, created_at=now, last_used=now)
-
-
-Listener = Callable[[str, WorkerInfo], None]
-
-
-# --- interface --------------------------------------------------------------------------
-
-class Pool(abc.ABC):
-    """Where models run. Implementations relay their progress and tokens into hive jobs."""
-
-    #: ``RbeeApp`` traits the server passes to this class's constructor as keyword arguments
-    #: (besides keep_alive_s, loading_timeout_s and inference_stall_s, which every pool takes).
-    app_traits: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        self._listeners: list[Listener] = []
-
-    def check_node(self, node: str) -> None:
-        """Refuse a load's ``node`` option that this pool cannot honour (``InvalidRequest``, a 400).
-
-        Called before anything starts. This machine's pools have no nodes to choose from.
-        """
-        raise InvalidRequest(f"This server runs workers on its own machine; it cannot place one on node {node!r}. "
-                             "Drop 'node', or run the hive with c.RbeeApp.pool_class = "
-                             "'rbee_jupyter.pools.ray.RayPool'.", details={"field": "node"})
-
-    @abc.abstractmethod
-    async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
-        """Start loading; returns at once (state ``loading``) and reports into ``job``.
-
-        ``job`` gets a ``LoadingProgress`` per block, then ``Ready`` (finished) or an error;
-        ``job.cancel()`` stops the load between blocks (``CANCELLED``) and the worker exits.
-        Do not run it as ``JobRegistry.start``'s work (that would end the job when ``start``
-        returns); the pool sets ``job.task`` itself when it is unset. Raises (and fails ``job``)
-        only if no process could be started.
-        """
-
-    @abc.abstractmethod
-    async def stop(self, worker_id: str) -> None:
-        """Cancel a load or unload; returns once the worker is gone. Unknown id: ``WorkerNotFound``."""
-
-    @abc.abstractmethod
-    def get(self, worker_id: str) -> WorkerInfo:
-        """A snapshot of one worker; ``WorkerNotFound`` if unknown."""
-
-    @abc.abstractmethod
-    def list(self) -> list[WorkerInfo]:
-        """Snapshots of every worker the pool knows (failed ones too, until stopped or expired)."""
-
-    @abc.abstractmethod
-    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
-        """Run one generation, relaying started/token/end into ``job`` (which it finishes).
-
-        Refusals come as exceptions before any event (``WorkerBusy``, ``InvalidRequest``,
-        ``ModelNotLoaded``...); ``job.cancel()`` stops the generation within one token.
-        """
-
-    @abc.abstractmethod
-    async def close(self) -> None:
-        """Stop every worker (bounded); for server shutdown."""
-
-    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Embed ``body["input"]`` on an embedding worker: ``{"embeddings": [base64 float32], "dimension",
-        "prompt_tokens"}``. Default: this pool runs no embedding workers."""
-        raise InvalidRequest(f"Worker {worker_id} cannot embed: {type(self).__name__} runs no embedding workers.",
-                             details={"worker_id": worker_id})
-
-    async def health(self, worker_id: str) -> dict[str, Any]:
-        """Live numbers from the worker itself (``tokens_computed``, queue); default: the registry's view."""
-        return self.get(worker_id).to_dict()
-
-    def warm_up(self) -> None:
-        """Prepare for loads once the server runs (on its loop); default: nothing to prepare."""
-
-    def listen(self, callback: Listener) -> Callable[[], None]:
-        """Call ``callback(event, info)`` on every worker state change; returns an unsubscribe."""
-        self._listeners.append(callback)
-        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
-
-    def _notify(self, event: str, info: WorkerInfo) -> None:
-        snapshot = _snapshot(info)
-        for callback in list(self._listeners):
-            try:
-                callback(event, snapshot)
-            except Exception:  # noqa: BLE001 - a broken listener must not break the pool
-                log.exception("worker listener %r failed on %s", callback, event)
-
-
-def _snapshot(info: WorkerInfo) -> WorkerInfo:
-    return replace(info, devices=list(info.devices), memory_mb=dict(info.memory_mb))
-
-
-def relay_inference(job: Job, event: dict[str, Any]) -> bool:
-    """Publish one worker event (its JSON) into ``job``; True when it was the terminal one.
-
-    Shared by the pools whose workers run :class:`~.worker.runtime.WorkerRuntime` (processes, Ray actors).
-    """
-    kind = event.get("type")
-    if kind == "token":
-        job.publish(Token(t=str(event.get("t", "")), i=int(event.get("i", 0))))
-    elif kind == "started":
-        job.publish(InferenceStarted(job_id=job.id, timestamp=int(event.get("timestamp") or time.time() * 1000)))
-    elif kind == "end":
-        job.finish(InferenceEnd(
-            job_id=job.id, total_tokens=int(event.get("total_tokens", 0)),
-            duration_ms=int(event.get("duration_ms", 0)), stop_reason=str(event.get("stop_reason", "")),
-            prompt_tokens=event.get("prompt_tokens"), time_to_first_token_ms=event.get("time_to_first_token_ms"),
-            tokens_per_second=event.get("tokens_per_second")))
-        return True
-    elif kind == "error":
-        job.fail(error_from_json(event))
-        return True
-    return False
-
-
-# --- local processes ----------------------------------------------------------------------
-
-@dataclass(eq=False)
-class _Worker:
+@dataclass(eq=False, kw_only=True)
+class _Worker(ManagedEntry):
     """The pool's bookkeeping for one process."""
 
-    info: WorkerInfo
-    spec: WorkerSpec
     process: WorkerProcess
-    load_job: Job
     client: WorkerClient | None = None
-    streams: dict[Job, GenerationStream | None] = field(default_factory=dict)
-    tasks: set[asyncio.Task] = field(default_factory=set)
-    load_started: float = field(default_factory=time.monotonic)
-    last_block: str | None = None
-    expected_exit: bool = False  # we are stopping it: its exit is not a death
     exit_handled: bool = False
-    stop_task: asyncio.Future | None = None
-    idle_timer: asyncio.TimerHandle | None = None
-    forget_timer: asyncio.TimerHandle | None = None
 
 
-class LocalProcessPool(Pool):
-    """One worker process per loaded model, on this machine.
+class LocalProcessPool(WorkerPool):
+    """One worker process per loaded model, on this machine (``c.LocalProcessPool.*``)."""
 
-    Args:
-        keep_alive_s: unload a worker idle for this long (like Ollama's ``keep_alive``); None: never.
-        loading_timeout_s: fail a load (``LOADING_TIMEOUT``, naming the block it was stuck
-            after) and kill the worker when loading takes longer; None: no limit. Read at every
-            check, so a change applies to loads in progress.
-        python: interpreter for workers (an environment with torch).
-        env: extra environment for workers (e.g. ``CUDA_VISIBLE_DEVICES``, ``HF_HOME``).
-        startup_timeout_s: how long a new process may take to announce its port.
-        stop_grace_s: how long a worker asked to exit may take before it is killed.
-        log_dir: where each worker's stderr is also written (``{worker_id}.log``); None: memory only.
-        failed_retention_s: how long failed workers stay listed (with their ``exit_reason``).
-        inference_stall_s: a started generation that sends nothing for this long is stopped
-            and ends with ``INFERENCE_STALLED``; None: wait for ever. Waiting in the queue
-            does not count.
-        spare_worker: keep one worker process started ahead of need, with torch, transformers
-            and the loader already imported (~400 MB of host memory, no GPU memory), and hand it
-            the next load, which then skips those seconds of imports. See :meth:`warm_up`.
-    """
+    python = Unicode(
+        sys.executable, config=True,
+        help="Interpreter the worker processes run (an environment with torch). Default: the server's own.",
+    )
+    env = Dict(
+        config=True,
+        help="Extra environment for worker processes, e.g. {\"CUDA_VISIBLE_DEVICES\": \"0\"}. Default: none.",
+    )
+    startup_timeout_s = Float(
+        60.0, config=True, help="Seconds a new worker process may take to announce its port. Default 60.",
+    )
+    stop_grace_s = Float(
+        5.0, config=True,
+        help="Seconds a worker asked to exit may take before it is killed. Default 5.",
+    )
+    log_dir = Union(
+        [Unicode(), Instance(os.PathLike)], default_value=None, allow_none=True, config=True,
+        help="Folder where each worker's stderr is also written ({worker_id}.log). Default None: memory only.",
+    )
+    spare_worker = Bool(
+        config=True,
+        help="Keep one worker process started ahead of need, with torch, transformers and the loader already "
+             "imported, and hand it the next load: a load then skips those imports (seconds, most of a small "
+             "model's load). It costs about 400 MB of host memory while it waits, and no GPU memory. Default: "
+             "True in a server (False when it runs under JupyterHub, where many users' servers share one node's "
+             "memory); False for a pool built without a parent (scripts, tests).",
+    )
 
-    #: The server passes ``c.RbeeApp.spare_worker`` (pools without worker processes never see it).
-    app_traits = ("spare_worker",)
-    cancel_grace_s = 3.0  # a cancelled load/generation must end this long after we asked
+    @default("spare_worker")
+    def _default_spare_worker(self) -> bool:
+        return self.parent is not None and not under_jupyterhub()
+
     death_grace_s = 1.5  # after a broken connection, how long to wait for the process to exit
 
-    def __init__(self, *, keep_alive_s: float | None = None, loading_timeout_s: float | None = None,
-                 python: str = sys.executable, env: dict[str, str] | None = None,
-                 startup_timeout_s: float = 60.0, stop_grace_s: float = 5.0, log_dir: str | Path | None = None,
-                 failed_retention_s: float = 600.0, inference_stall_s: float | None = 120.0,
-                 spare_worker: bool = False) -> None:
-        super().__init__()
-        self.inference_stall_s = inference_stall_s
-        self.keep_alive_s = keep_alive_s
-        self.loading_timeout_s = loading_timeout_s
-        self.python = python
-        self.env = dict(env or {})
-        self.startup_timeout_s = startup_timeout_s
-        self.stop_grace_s = stop_grace_s
-        self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.failed_retention_s = failed_retention_s
-        self._workers: dict[str, _Worker] = {}
-        self.spare_worker = spare_worker
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._spare: WorkerProcess | None = None
         self._spare_starting: asyncio.Task | None = None
         self._closed = False
 
-    # --- registry ------------------------------------------------------------------------
-
-    def _get(self, worker_id: str) -> _Worker:
-        w = self._workers.get(worker_id)
-        if w is None:
-            raise WorkerNotFound(f"No worker with id {worker_id!r}: it was never started, or it was unloaded.",
-                                 details={"worker_id": worker_id})
-        return w
-
-    def get(self, worker_id: str) -> WorkerInfo:
-        return _snapshot(self._get(worker_id).info)
-
-    def list(self) -> list[WorkerInfo]:
-        return [_snapshot(w.info) for w in self._workers.values()]
-
-    def _spawn(self, w: _Worker, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
-        """A task tied to a worker (kept referenced; cancelled on close)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        w.tasks.add(task)
-        task.add_done_callback(w.tasks.discard)
-        return task
-
-    def _forget(self, w: _Worker, state: str, reason: str | None, event: str = "stopped") -> None:
-        """Drop a worker from the registry (once) and tell listeners."""
-        self._cancel_idle_timer(w)
-        if w.forget_timer is not None:
-            w.forget_timer.cancel()
-        if self._workers.get(w.info.id) is not w:
-            return
-        del self._workers[w.info.id]
-        if w.info.state != "failed" or not w.info.exit_reason:  # keep why it failed
-            w.info.exit_reason = reason
-        w.info.state = state
-        self._notify(event, w.info)
-
-    def _mark_failed(self, w: _Worker, reason: str, event: str) -> None:
-        """Keep a failed worker listed (with why) for ``failed_retention_s``, then drop it."""
-        w.info.state, w.info.exit_reason = "failed", reason
-        self._cancel_idle_timer(w)
-        self._notify(event, w.info)
-        loop = asyncio.get_running_loop()
-        w.forget_timer = loop.call_later(self.failed_retention_s, self._forget, w, "failed", None, "removed")
+    @property
+    def _log_dir(self) -> Path | None:
+        return Path(self.log_dir) if self.log_dir is not None else None
 
     # --- loading ---------------------------------------------------------------------------
 
     async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
         worker_id = spec.worker_id or f"w-{uuid.uuid4().hex[:10]}"
-        config = WorkerConfig(model_path=spec.model_path, worker_id=worker_id, quantization=spec.quantization,
-                              dtype=spec.dtype, device_map=spec.device_map, double_quant=spec.double_quant,
-                              compute_dtype=spec.compute_dtype, queue_depth=spec.queue_depth,
-                              max_tokens_limit=spec.max_tokens_limit, kind=spec.kind)
+        config = spec.worker_config(worker_id)
         log_path = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = self.log_dir / f"{worker_id}.log"
+        if self._log_dir is not None:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = self._log_dir / f"{worker_id}.log"
         try:
             process = await self._process_for(config, log_path)
         except RbeeError as exc:  # no process at all: subscribers learn it from the job too
             job.fail(exc)
             raise
         now = time.time()
-        info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state="loading", devices=config.devices,
+        info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=config.devices,
                           memory_mb={}, pid=process.pid, quantization=spec.quantization, dtype=spec.dtype,
                           owner=spec.owner, created_at=now, last_used=now, kind=spec.kind)
-        w = _Worker(info, spec, process, job)
-        self._workers[worker_id] = w
-        job.meta.setdefault("worker_id", worker_id)
-        relay = self._spawn(w, self._run_load(w))
-        if job.task is None:  # so job.cancel() waits for the work to really end (see Job.cancel)
-            job.task = relay
-        job.on_cancel(lambda: self._spawn(w, self._cancel_load(w)))
+        w = _Worker(info=info, spec=spec, process=process, load_job=job)
         job.on_finish(lambda _: self._start_spare())  # ready or failed: the machine is free for imports again
         if not process.spare:  # a spare's exit is watched once it announced (see _handshake)
             self._spawn(w, self._watch_exit(w))
-        self._spawn(w, self._loading_watchdog(w))
-        self._notify("loading", info)
-        return _snapshot(info)
+        return self._register(w, self._run_load(w))
 
     async def _run_load(self, w: _Worker) -> None:
         """Handshake, then relay ``GET /load`` into the load job."""
@@ -372,19 +132,8 @@ class LocalProcessPool(Pool):
             return
         w.client = WorkerClient(port, w.process.secret)
         try:
-            async for _, event in w.client.load_events():
-                if job.state.finished:
-                    return
-                stage = event.get("stage")
-                if stage == "loading_to_vram":
-                    self._on_progress(w, event)
-                elif stage == "ready":
-                    self._on_ready(w, event)
-                    return
-                elif stage == "error":
-                    await self._load_failed(w, error_from_json(event))
-                    return
-            raise httpx.RemoteProtocolError("the load stream ended without ready or error")
+            if not await self._relay_load(w, (event async for _, event in w.client.load_events())):
+                raise httpx.RemoteProtocolError("the load stream ended without ready or error")
         except (httpx.HTTPError, RbeeError) as exc:
             await self._relay_broke(w, job, exc)
 
@@ -420,98 +169,56 @@ class LocalProcessPool(Pool):
         self._spawn(w, self._watch_exit(w))
         return await fresh.handshake(self.startup_timeout_s)
 
-    def _on_progress(self, w: _Worker, event: dict[str, Any]) -> None:
-        info = w.info
-        info.layers_loaded = int(event.get("layers_loaded", 0))
-        info.layers_total = int(event.get("layers_total", 0))
-        device = str(event.get("device", ""))
-        vram_mb = int(event.get("vram_mb", 0))
-        memory = event.get("memory_mb")
-        info.memory_mb = dict(memory) if isinstance(memory, dict) else {**info.memory_mb, device: vram_mb}
-        w.last_block = event.get("block")
-        w.load_job.publish(LoadingProgress(layers_loaded=info.layers_loaded, layers_total=info.layers_total,
-                                           vram_mb=vram_mb, device=device, block=w.last_block,
-                                           memory_mb=dict(info.memory_mb), timestamp=event.get("timestamp")))
-        self._notify("progress", info)
+    # --- the transport of the lifecycle ---------------------------------------------------------
 
-    def _on_ready(self, w: _Worker, event: dict[str, Any]) -> None:
-        if w.load_job.cancel_event.is_set():  # cancelled at the last moment: the cancel path ends it
-            return
-        memory = event.get("memory_mb")
-        if isinstance(memory, dict):
-            w.info.memory_mb = dict(memory)
-        w.info.state = "idle"
-        w.load_job.finish(Ready(worker_id=w.info.id, memory_mb=dict(w.info.memory_mb)))
-        self._notify("ready", w.info)
-        self._touch(w)
+    def _reachable(self, w: _Worker) -> bool:
+        return w.client is not None and w.process.alive
 
-    async def _load_failed(self, w: _Worker, error: RbeeError) -> None:
-        """The worker reported a load error (or never started): stop it, then report.
+    def _can_serve(self, w: _Worker) -> bool:
+        return w.client is not None
 
-        Reporting after the exit means that when a client reads ``OUT_OF_MEMORY`` or
-        ``CANCELLED``, the memory is already free.
-        """
-        w.expected_exit = True
-        await self._shutdown(w)
-        if isinstance(error, Cancelled):
-            self._forget(w, "stopped", "load cancelled")
-        else:
-            self._mark_failed(w, f"{error.code}: {error.message}", "failed")
-        w.load_job.fail(error)
+    def _starting_where(self, w: _Worker) -> str | None:
+        return "stuck while the worker process was starting" if w.client is None else None
 
-    async def _cancel_load(self, w: _Worker) -> None:
-        """``job.cancel()`` while loading: ask the worker to stop between blocks; kill if it cannot."""
-        job = w.load_job
-        if job.state.finished:
-            return
-        if w.client is not None and w.process.alive:
-            with contextlib.suppress(httpx.HTTPError, RbeeError, asyncio.TimeoutError):
-                await asyncio.wait_for(w.client.cancel_load(), self.cancel_grace_s)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await job.wait(self.cancel_grace_s)  # the relay reports CANCELLED once the process is gone
-            if job.state.finished:
-                return
-        # Not started yet (importing torch) or stuck inside one block: the process must go anyway.
+    async def _ask_cancel_load(self, w: _Worker) -> None:
+        if w.client is not None:
+            with contextlib.suppress(httpx.HTTPError, RbeeError):
+                await w.client.cancel_load()
+
+    async def _ask_cancel_generation(self, w: _Worker, request_id: str) -> None:
+        if w.client is not None:
+            with contextlib.suppress(httpx.HTTPError, RbeeError):
+                await w.client.cancel_generation(request_id)
+
+    async def _drop_stream(self, w: _Worker, job: Job) -> None:
+        stream = w.streams.get(job)
+        if stream is not None:
+            await stream.aclose()  # dropping the connection cancels on the worker too
+
+    async def _kill_now(self, w: _Worker) -> None:
         w.expected_exit = True
         await w.process.terminate(0.0)
         await self._release(w)
-        self._forget(w, "stopped", "load cancelled")
-        n, total = w.info.layers_loaded, w.info.layers_total
-        job.fail(Cancelled(f"Loading was cancelled ({self._where(w)}); the worker was stopped.",
-                           details={"worker_id": w.info.id, "layers_loaded": n, "layers_total": total}))
 
-    async def _loading_watchdog(self, w: _Worker) -> None:
-        """Fail the load with ``LOADING_TIMEOUT`` once it exceeds ``loading_timeout_s``."""
-        job = w.load_job
-        while not job.state.finished:
-            timeout = self.loading_timeout_s
-            if timeout is not None and time.monotonic() - w.load_started > timeout and not w.expected_exit:
-                await self._loading_timed_out(w, timeout)
-                return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await job.wait(0.1)
-
-    async def _loading_timed_out(self, w: _Worker, timeout: float) -> None:
-        where = self._where(w)
+    async def _terminate(self, w: _Worker) -> None:
+        """Ask the process to exit, kill it if it does not within ``stop_grace_s``; wait until gone."""
         w.expected_exit = True
-        await w.process.terminate(0.0)  # a stuck load cannot be asked politely
+        if w.process.alive and w.client is not None:
+            with contextlib.suppress(httpx.HTTPError, RbeeError, asyncio.TimeoutError):
+                await asyncio.wait_for(w.client.shutdown(), 2.0)
+            await w.process.wait_exit(self.stop_grace_s)
+        await w.process.terminate(grace_s=2.0)
         await self._release(w)
-        self._mark_failed(w, f"loading timeout: {where}", "failed")
-        w.load_job.fail(LoadingTimeout(
-            f"Loading {w.info.model_ref} took longer than {timeout:g} s, {where}; the worker was stopped. "
-            "Raise the loading timeout, or check the device and the model files.",
-            details={"worker_id": w.info.id, "timeout_s": timeout, "block": w.last_block,
-                     "layers_loaded": w.info.layers_loaded, "layers_total": w.info.layers_total}))
 
     @staticmethod
-    def _where(w: _Worker) -> str:
-        """Where a load stands, for messages: "stuck after block layers.2 (3/6)"."""
-        n, total = w.info.layers_loaded, w.info.layers_total
-        if w.last_block:
-            return f"stuck after block {w.last_block} ({n}/{total})"
-        if w.client is None:
-            return "stuck while the worker process was starting"
-        return f"stuck before the first block (0/{total or '?'})"
+    async def _release(w: _Worker) -> None:
+        """Close the HTTP client and pipes once the process is gone."""
+        client, w.client = w.client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        if not w.process.alive:
+            w.process.close()
 
     # --- deaths ------------------------------------------------------------------------------
 
@@ -528,11 +235,8 @@ class LocalProcessPool(Pool):
         if w.expected_exit:
             return
         stage = w.info.state
-        error = w.process.death_error(f"while {stage}" if stage in ("loading", "idle", "busy") else "")
-        self._mark_failed(w, describe_exit(w.process.returncode), "died")
-        w.load_job.fail(error)
-        for job in list(w.streams):
-            job.fail(error)
+        error = w.process.death_error(f"while {stage}" if stage in ACTIVE_STATES else "")
+        self._fail_all(w, error, describe_exit(w.process.returncode))
 
     async def _relay_broke(self, w: _Worker, job: Job, exc: BaseException | None) -> None:
         """A relay lost its worker connection: a death if the process is gone, else a failure.
@@ -659,26 +363,27 @@ class LocalProcessPool(Pool):
 
     # --- generation ----------------------------------------------------------------------------
 
-    def _ready(self, worker_id: str) -> _Worker:
-        """A worker that takes requests now; otherwise why not (loading, failed, stopped)."""
+    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
         w = self._get(worker_id)
-        state = w.info.state
-        if state == "loading":
-            raise ModelNotLoaded(f"Worker {worker_id} is still loading ({w.info.layers_loaded}/"
-                                 f"{w.info.layers_total} blocks); wait until it is ready.",
-                                 details={"worker_id": worker_id, "state": state})
-        if state not in ("idle", "busy") or w.client is None:
-            raise Conflict(f"Worker {worker_id} is {state}"
-                           f"{f' ({w.info.exit_reason})' if w.info.exit_reason else ''}; load the model again.",
-                           details={"worker_id": worker_id, "state": state})
-        return w
-
-    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
-        w = self._ready(worker_id)
+        self._refuse_unless_ready(w, connected=w.client is not None)
         self._cancel_idle_timer(w)
-        job.on_cancel(lambda: self._spawn(w, self._cancel_generation(w, job)))
         try:
-            async with w.client.generate({**body, "request_id": job.id}) as stream:
+            return await w.client.embed(body)  # type: ignore[union-attr] - checked just above
+        except httpx.TransportError:
+            if await w.process.wait_exit(self.death_grace_s):
+                raise WorkerDied(f"Worker {worker_id} died while embeddings were computed "
+                                 f"({describe_exit(w.process.returncode)}).", details={"worker_id": worker_id}) from None
+            raise
+        finally:
+            if w.info.ready:
+                self._touch(w)
+
+    async def _stream_generation(self, w: _Worker, req: GenerationRequest, job: Job) -> None:
+        client = w.client
+        if client is None:  # released a moment ago: the death or the stop reports it
+            raise WorkerDied(f"Worker {w.info.id} is gone.", details={"worker_id": w.info.id})
+        try:
+            async with client.generate({**req.to_json(), "request_id": job.id}) as stream:
                 w.streams[job] = stream  # accepted: from here a death must reach this job
                 self._update_busy(w)
                 events = stream.__aiter__()
@@ -697,55 +402,6 @@ class LocalProcessPool(Pool):
                 raise httpx.RemoteProtocolError("the generation stream ended without end or error")
         except httpx.HTTPError as exc:
             await self._relay_broke(w, job, exc)
-        finally:
-            w.streams.pop(job, None)
-            if w.info.state in ("idle", "busy"):
-                self._update_busy(w)
-                self._touch(w)
-
-    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        w = self._ready(worker_id)
-        self._cancel_idle_timer(w)
-        try:
-            return await w.client.embed(body)  # type: ignore[union-attr] - _ready checked it
-        except httpx.TransportError:
-            if await w.process.wait_exit(self.death_grace_s):
-                raise WorkerDied(f"Worker {worker_id} died while embeddings were computed "
-                                 f"({describe_exit(w.process.returncode)}).", details={"worker_id": worker_id}) from None
-            raise
-        finally:
-            if w.info.state in ("idle", "busy"):
-                self._touch(w)
-
-    async def _stalled(self, w: _Worker, job: Job, limit: float | None) -> None:
-        """Nothing came for ``limit`` seconds: stop the generation and say so."""
-        if w.client is not None and w.process.alive:
-            with contextlib.suppress(httpx.HTTPError, RbeeError, asyncio.TimeoutError):
-                await asyncio.wait_for(w.client.cancel_generation(job.id), self.cancel_grace_s)
-        job.fail(InferenceStalled(
-            f"Worker {w.info.id} produced nothing for {limit:g} s after {len(job.records) - 1} tokens; the "
-            "generation was stopped. The device may be overloaded; raise c.RbeeApp.inference_stall_s if "
-            "single tokens legitimately take this long.",
-            details={"worker_id": w.info.id, "stall_s": limit}))
-
-    async def _cancel_generation(self, w: _Worker, job: Job) -> None:
-        """``job.cancel()`` (e.g. the client went away): stop the worker's generation now."""
-        if w.client is not None and w.process.alive:
-            with contextlib.suppress(httpx.HTTPError, RbeeError, asyncio.TimeoutError):
-                await asyncio.wait_for(w.client.cancel_generation(job.id), self.cancel_grace_s)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await job.wait(self.cancel_grace_s)  # the worker's stream ends with CANCELLED
-        if not job.state.finished:
-            stream = w.streams.get(job)
-            if stream is not None:
-                await stream.aclose()  # dropping the connection cancels on the worker too
-            job.fail(Cancelled("The generation was cancelled.", details={"request_id": job.id}))
-
-    def _update_busy(self, w: _Worker) -> None:
-        state = "busy" if w.streams else "idle"
-        if w.info.state != state:
-            w.info.state = state
-            self._notify(state, w.info)
 
     async def health(self, worker_id: str) -> dict[str, Any]:
         """``GET /health`` of the worker: state, memory, ``tokens_computed``, queue, request ids."""
@@ -757,85 +413,19 @@ class LocalProcessPool(Pool):
         except httpx.TransportError:  # it died a moment ago; the watcher is about to say so
             return {**w.info.to_dict(), "reachable": False}
 
-    # --- keep-alive ------------------------------------------------------------------------------
+    # --- closing ---------------------------------------------------------------------------------
 
-    def _touch(self, w: _Worker) -> None:
-        """Mark use; an idle worker is unloaded ``keep_alive_s`` after its last use."""
-        w.info.last_used = time.time()
-        self._cancel_idle_timer(w)
-        if self.keep_alive_s is not None and w.info.state == "idle" and not w.streams:
-            w.idle_timer = asyncio.get_running_loop().call_later(self.keep_alive_s, self._idle_expired, w)
-
-    def _idle_expired(self, w: _Worker) -> None:
-        w.idle_timer = None
-        if self._workers.get(w.info.id) is w and w.info.state == "idle" and not w.streams:
-            self._spawn(w, self._stop(w, f"idle for {self.keep_alive_s:g} s (keep_alive)"))
-
-    @staticmethod
-    def _cancel_idle_timer(w: _Worker) -> None:
-        if w.idle_timer is not None:
-            w.idle_timer.cancel()
-            w.idle_timer = None
-
-    # --- stopping --------------------------------------------------------------------------------
-
-    async def stop(self, worker_id: str) -> None:
-        await self._stop(self._get(worker_id), "unloaded")
-
-    async def _stop(self, w: _Worker, reason: str) -> None:
-        if w.stop_task is None:  # concurrent stops share one
-            w.stop_task = asyncio.ensure_future(self._do_stop(w, reason))
-        await asyncio.shield(w.stop_task)
-
-    async def _do_stop(self, w: _Worker, reason: str) -> None:
-        job = w.load_job
-        if not job.state.finished:
-            job.cancel(f"Worker {w.info.id} was unloaded while loading.")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await job.wait(2 * self.cancel_grace_s + 1)
-        w.expected_exit = True
-        if w.info.state in ("idle", "busy"):
-            w.info.state = "draining"
-            self._notify("draining", w.info)
-        for stream_job in list(w.streams):
-            stream_job.fail(Cancelled(f"Worker {w.info.id} was unloaded ({reason}).",
-                                      details={"worker_id": w.info.id}))
-        await self._shutdown(w)
-        self._forget(w, "stopped", reason)
-
-    async def _shutdown(self, w: _Worker) -> None:
-        """Ask the process to exit, kill it if it does not within ``stop_grace_s``; wait until gone."""
-        w.expected_exit = True
-        if w.process.alive and w.client is not None:
-            with contextlib.suppress(httpx.HTTPError, RbeeError, asyncio.TimeoutError):
-                await asyncio.wait_for(w.client.shutdown(), 2.0)
-            await w.process.wait_exit(self.stop_grace_s)
-        await w.process.terminate(grace_s=2.0)
-        await self._release(w)
-
-    @staticmethod
-    async def _release(w: _Worker) -> None:
-        """Close the HTTP client and pipes once the process is gone."""
-        client, w.client = w.client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
-        if not w.process.alive:
-            w.process.close()
+    def _close_timeout_s(self) -> float:
+        return self.stop_grace_s + 2 * self.cancel_grace_s + 5
 
     async def close(self) -> None:
         self._closed = True
         await self._stop_spare()
-        workers = list(self._workers.values())
-        if workers:
-            stops = [asyncio.ensure_future(self._stop(w, "server shutting down")) for w in workers]
-            await asyncio.wait(stops, timeout=self.stop_grace_s + 2 * self.cancel_grace_s + 5)
+        await super().close()
+
+    async def _abandon(self, workers: list[_Worker]) -> None:
         for w in workers:  # whatever did not stop in time
-            w.expected_exit = True
             w.process.kill()
         for w in workers:
             await w.process.wait_exit(5.0)
             await self._release(w)
-            self._forget(w, "stopped", "server shutting down")
-            for task in list(w.tasks):
-                task.cancel()

@@ -10,7 +10,7 @@ loader, generation queue), so events, errors and cancellation mean the same ever
 How the pieces map:
 
 * start: an actor (``max_restarts=0``: a restarted actor would have lost its model), placed
-  by ``num_gpus`` (the CUDA devices of the plan), ``c.RbeeApp.ray_resources`` and the
+  by ``num_gpus`` (the CUDA devices of the plan), ``c.RayPool.resources`` and the
   load's ``node`` option. Actors reserve no CPU (``num_cpus=0``): a CPU each would make
   the next load wait for ever on a small node; torch's threads do the work anyway.
 * events: Ray streaming generators (``num_returns="streaming"``), one per load and one per
@@ -46,7 +46,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 try:
@@ -56,12 +56,14 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("The Ray pool needs Ray: pip install 'rbee-jupyter[ray]'.") from exc
 
-from ..errors import (Cancelled, ClusterUnavailable, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout,
-                     ModelNotLoaded, RbeeError, WorkerDied, WorkerNotFound)
-from ..events import LoadingProgress, Ready
+from traitlets import Dict, Float, List, Unicode
+
 from ..core.jobs import Job
-from .local import Pool, WorkerInfo, WorkerSpec, relay_inference
-from ..worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV, WorkerConfig, error_from_json
+from ..errors import (Cancelled, ClusterUnavailable, InvalidRequest, ModelNotLoaded, RbeeError, WorkerDied,
+                      error_from_json)
+from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerInfo, WorkerSpec, WorkerState
+from ..worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
+from .base import ManagedEntry, WorkerPool, relay_inference
 
 __all__ = ["RayPool", "WorkerActor", "node_name"]
 
@@ -157,77 +159,78 @@ def _alive_nodes() -> list[dict[str, Any]]:
 
 # --- the pool ------------------------------------------------------------------------------
 
-@dataclass(eq=False)
-class _Actor:
+@dataclass(eq=False, kw_only=True)
+class _Actor(ManagedEntry):
     """The pool's bookkeeping for one actor."""
 
-    info: WorkerInfo
-    spec: WorkerSpec
     handle: Any
-    load_job: Job
     node_id: str | None = None
     load_stream: Any = None
-    streams: dict[Job, Any] = field(default_factory=dict)
-    tasks: set[asyncio.Task] = field(default_factory=set)
-    load_started: float = field(default_factory=time.monotonic)
-    last_block: str | None = None
     placed: bool = False
-    expected_exit: bool = False  # we are killing it: its end is not a death
     dead: bool = False
-    cancelling: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)
-    stop_task: asyncio.Future | None = None
-    idle_timer: asyncio.TimerHandle | None = None
-    forget_timer: asyncio.TimerHandle | None = None
 
 
-class RayPool(Pool):
-    """One Ray actor per loaded model, on the nodes of a Ray cluster.
+class RayPool(WorkerPool):
+    """One Ray actor per loaded model, on the nodes of a Ray cluster (``c.RayPool.*``).
 
-    Args:
-        keep_alive_s, loading_timeout_s, inference_stall_s, failed_retention_s: as for
-            :class:`~.pool.LocalProcessPool`.
-        ray_address: the cluster (``"host:6379"``, ``"auto"``); None starts a private Ray
-            instance in this process. Connecting starts at once, in the background.
-        ray_resources: Ray resources every actor asks for besides its GPUs.
-        namespace: Ray namespace of the actors (named by worker id, so ``ray.get_actor`` finds them).
-        placement_timeout_s: how long an actor may wait for a node with room before the load
-            fails with ``CLUSTER_UNAVAILABLE``.
-        connect_timeout_s: how long a request waits for the connection to the cluster.
-        health_interval_s, health_timeout_s: a ping every interval; no answer within the
-            timeout (or Ray saying the actor is unavailable or dead) is a death.
-        call_timeout_s: bound on every other call into an actor.
-        forward_env: environment variables of this process that actors get too (the
-            worker's test knobs by default; e.g. add ``HF_HUB_OFFLINE``).
+    ``RayPool(ray_address=..., ray_resources=...)``, the constructor's old keywords, still work.
     """
 
-    app_traits = ("ray_address", "ray_resources")
+    address = Unicode(
+        None, allow_none=True, config=True,
+        help="Ray cluster the workers run on: a GCS address 'host:6379', or 'auto' for the cluster this machine "
+             "belongs to (RAY_ADDRESS, else the one `ray start` made here). Connecting starts at once, in the "
+             "background. Default None: a private Ray instance in this process. (Was c.RbeeApp.ray_address.)",
+    )
+    resources = Dict(
+        config=True,
+        help="Ray resources every worker actor asks for besides its GPUs, e.g. {\"llm-node\": 0.01} to keep "
+             "workers on nodes started with --resources '{\"llm-node\": 1}'. Default {}: any node. "
+             "(Was c.RbeeApp.ray_resources.)",
+    )
+    namespace = Unicode(
+        "rbee", config=True,
+        help="Ray namespace of the actors (named by worker id, so ray.get_actor finds them). Default 'rbee'.",
+    )
+    placement_timeout_s = Float(
+        120.0, config=True,
+        help="Seconds an actor may wait for a node with room before its load fails with CLUSTER_UNAVAILABLE. "
+             "Default 120.",
+    )
+    connect_timeout_s = Float(
+        60.0, config=True, help="Seconds a request waits for the connection to the cluster. Default 60.",
+    )
+    health_interval_s = Float(
+        1.0, config=True, help="Seconds between health pings of every actor. Default 1.",
+    )
+    health_timeout_s = Float(
+        30.0, config=True,
+        help="Seconds a ping may go unanswered before the actor counts as dead (as does Ray saying it is "
+             "unavailable or dead). Default 30.",
+    )
+    call_timeout_s = Float(
+        30.0, config=True, help="Bound, in seconds, on every other call into an actor. Default 30.",
+    )
+    forward_env = List(
+        Unicode(), default_value=[BLOCK_DELAY_ENV, TOKEN_DELAY_ENV], config=True,
+        help="Environment variables of the server that actors get too (the worker's test knobs by default; "
+             "e.g. add HF_HUB_OFFLINE).",
+    )
 
-    cancel_grace_s = 3.0
     kill_timeout_s = 10.0
     check_connect_timeout_s = 5.0
+    check_hint = "the node, the device and the model files"
+    stall_suspect = "The node"
 
-    def __init__(self, *, keep_alive_s: float | None = None, loading_timeout_s: float | None = None,
-                 inference_stall_s: float | None = 120.0, failed_retention_s: float = 600.0,
-                 ray_address: str | None = None, ray_resources: dict[str, float] | None = None,
-                 namespace: str = "rbee", placement_timeout_s: float = 120.0, connect_timeout_s: float = 60.0,
-                 health_interval_s: float = 1.0, health_timeout_s: float = 30.0, call_timeout_s: float = 30.0,
-                 forward_env: tuple[str, ...] = (BLOCK_DELAY_ENV, TOKEN_DELAY_ENV)) -> None:
-        super().__init__()
-        self.keep_alive_s = keep_alive_s
-        self.loading_timeout_s = loading_timeout_s
-        self.inference_stall_s = inference_stall_s
-        self.failed_retention_s = failed_retention_s
-        self.ray_address = ray_address
-        self.ray_resources = {str(k): float(v) for k, v in (ray_resources or {}).items()}
-        self.namespace = namespace
-        self.placement_timeout_s = placement_timeout_s
-        self.connect_timeout_s = connect_timeout_s
-        self.health_interval_s = health_interval_s
-        self.health_timeout_s = health_timeout_s
-        self.call_timeout_s = call_timeout_s
-        self.forward_env = tuple(forward_env)
-        self._workers: dict[str, _Actor] = {}
+    def __init__(self, *, ray_address: str | None = None, ray_resources: dict[str, float] | None = None,
+                 **kwargs: Any) -> None:
+        if ray_address is not None:
+            kwargs.setdefault("address", ray_address)
+        if ray_resources is not None:
+            kwargs.setdefault("resources", ray_resources)
+        super().__init__(**kwargs)
+        self.ray_resources = {str(k): float(v) for k, v in self.resources.items()}
         self._owns_ray = False
         self._connect_error: BaseException | None = None
         self._connector = threading.Thread(target=self._connect, name="rbee-ray-connect", daemon=True)
@@ -239,24 +242,24 @@ class RayPool(Pool):
         """Connect to the cluster (a thread: ray.init takes seconds, the server must not wait)."""
         try:
             if not ray.is_initialized():
-                ray.init(address=self.ray_address, namespace=self.namespace, log_to_driver=False)
+                ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
                 self._owns_ray = True
         except BaseException as exc:  # noqa: BLE001 - reported to every request that needs the cluster
-            log.error("rbee: cannot connect to the Ray cluster at %s: %s", self.ray_address or "(local)", exc)
+            log.error("rbee: cannot connect to the Ray cluster at %s: %s", self.address or "(local)", exc)
             self._connect_error = exc
 
     def _ensure_connected(self, timeout: float | None = None) -> None:
         timeout = self.connect_timeout_s if timeout is None else timeout
         self._connector.join(timeout)
-        where = self.ray_address or "a local Ray instance"
+        where = self.address or "a local Ray instance"
         if self._connector.is_alive():
             raise ClusterUnavailable(f"Still connecting to the Ray cluster at {where} after {timeout:g} s; "
-                                     "retry in a moment, and check c.RbeeApp.ray_address if this persists.",
-                                     details={"ray_address": self.ray_address})
+                                     "retry in a moment, and check c.RayPool.address if this persists.",
+                                     details={"ray_address": self.address})
         if self._connect_error is not None or not ray.is_initialized():
             raise ClusterUnavailable(f"Cannot connect to the Ray cluster at {where}: {self._connect_error}. "
-                                     "Check c.RbeeApp.ray_address and that the cluster runs the same Ray version.",
-                                     details={"ray_address": self.ray_address})
+                                     "Check c.RayPool.address and that the cluster runs the same Ray version.",
+                                     details={"ray_address": self.address})
 
     def nodes(self) -> list[dict[str, Any]]:
         """The cluster's live nodes: ``{"name", "id", "ip", "resources"}`` (blocking: a cluster call)."""
@@ -301,57 +304,11 @@ class RayPool(Pool):
             options["runtime_env"] = {"env_vars": env}
         return options
 
-    # --- registry ------------------------------------------------------------------------------
-
-    def _get(self, worker_id: str) -> _Actor:
-        a = self._workers.get(worker_id)
-        if a is None:
-            raise WorkerNotFound(f"No worker with id {worker_id!r}: it was never started, or it was unloaded.",
-                                 details={"worker_id": worker_id})
-        return a
-
-    def get(self, worker_id: str) -> WorkerInfo:
-        return _copy(self._get(worker_id).info)
-
-    def list(self) -> list[WorkerInfo]:
-        return [_copy(a.info) for a in self._workers.values()]
-
-    def _spawn(self, a: _Actor, coro: Any) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        a.tasks.add(task)
-        task.add_done_callback(a.tasks.discard)
-        return task
-
-    def _forget(self, a: _Actor, state: str, reason: str | None, event: str = "stopped") -> None:
-        self._cancel_idle_timer(a)
-        if a.forget_timer is not None:
-            a.forget_timer.cancel()
-        a.gone.set()
-        if self._workers.get(a.info.id) is not a:
-            return
-        del self._workers[a.info.id]
-        if a.info.state != "failed" or not a.info.exit_reason:
-            a.info.exit_reason = reason
-        a.info.state = state
-        self._notify(event, a.info)
-
-    def _mark_failed(self, a: _Actor, reason: str, event: str) -> None:
-        a.info.state, a.info.exit_reason = "failed", reason
-        a.gone.set()
-        self._cancel_idle_timer(a)
-        self._notify(event, a.info)
-        a.forget_timer = asyncio.get_running_loop().call_later(
-            self.failed_retention_s, self._forget, a, "failed", None, "removed")
-
     # --- loading -------------------------------------------------------------------------------
 
     async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
         worker_id = spec.worker_id or f"w-{uuid.uuid4().hex[:10]}"
-        config = WorkerConfig(model_path=spec.model_path, worker_id=worker_id, quantization=spec.quantization,
-                              dtype=spec.dtype, device_map=_visible_cuda(spec.device_map),
-                              double_quant=spec.double_quant, compute_dtype=spec.compute_dtype,
-                              queue_depth=spec.queue_depth, max_tokens_limit=spec.max_tokens_limit,
-                              watch_stdin=False)
+        config = spec.worker_config(worker_id, device_map=_visible_cuda(spec.device_map), watch_stdin=False)
         try:
             await asyncio.to_thread(self._ensure_connected)
             options = await asyncio.to_thread(self._actor_options, spec, worker_id)
@@ -365,19 +322,11 @@ class RayPool(Pool):
             job.fail(error)
             raise error from None
         now = time.time()
-        info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state="loading", devices=config.devices,
+        info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=config.devices,
                           memory_mb={}, pid=None, quantization=spec.quantization, dtype=spec.dtype,
                           owner=spec.owner, created_at=now, last_used=now, node=spec.node)
         a = _Actor(info=info, spec=spec, handle=handle, load_job=job)
-        self._workers[worker_id] = a
-        job.meta.setdefault("worker_id", worker_id)
-        relay = self._spawn(a, self._run_load(a))
-        if job.task is None:
-            job.task = relay
-        job.on_cancel(lambda: self._spawn(a, self._cancel_load(a)))
-        self._spawn(a, self._loading_watchdog(a))
-        self._notify("loading", info)
-        return _copy(info)
+        return self._register(a, self._run_load(a))
 
     async def _run_load(self, a: _Actor) -> None:
         """Wait for placement, then relay the actor's load stream into the load job."""
@@ -399,20 +348,8 @@ class RayPool(Pool):
         self._spawn(a, self._watch_health(a))
         try:
             a.load_stream = a.handle.load.options(num_returns="streaming").remote()
-            async for ref in a.load_stream:
-                event = await asyncio.wait_for(ref, self.call_timeout_s)
-                if job.state.finished:
-                    return
-                stage = event.get("stage")
-                if stage == "loading_to_vram":
-                    self._on_progress(a, event)
-                elif stage == "ready":
-                    self._on_ready(a, event)
-                    return
-                elif stage == "error":
-                    await self._load_failed(a, error_from_json(event))
-                    return
-            raise RbeeError(f"The load stream of worker {a.info.id} ended without ready or error.")
+            if not await self._relay_load(a, self._events(a.load_stream)):
+                raise RbeeError(f"The load stream of worker {a.info.id} ended without ready or error.")
         except TaskCancelledError:
             return  # we cancelled it; whoever did reports why
         except RayActorError as exc:
@@ -421,6 +358,11 @@ class RayPool(Pool):
             if not job.state.finished and not a.expected_exit:
                 await self._load_failed(a, exc if isinstance(exc, RbeeError) else RbeeError(
                     f"Worker {a.info.id} failed while loading: {exc}", details={"worker_id": a.info.id}))
+
+    async def _events(self, stream: Any):
+        """The dicts of a Ray streaming generator, each bounded by ``call_timeout_s``."""
+        async for ref in stream:
+            yield await asyncio.wait_for(ref, self.call_timeout_s)
 
     def _name_of(self, node_id: str | None) -> str | None:
         for n in _alive_nodes():
@@ -437,85 +379,55 @@ class RayPool(Pool):
             needs.append(f"node {a.spec.node}")
         return ", ".join(needs) or "room"
 
-    def _on_progress(self, a: _Actor, event: dict[str, Any]) -> None:
-        info = a.info
-        info.layers_loaded = int(event.get("layers_loaded", 0))
-        info.layers_total = int(event.get("layers_total", 0))
-        device, vram_mb = str(event.get("device", "")), int(event.get("vram_mb", 0))
-        memory = event.get("memory_mb")
-        info.memory_mb = dict(memory) if isinstance(memory, dict) else {**info.memory_mb, device: vram_mb}
-        a.last_block = event.get("block")
-        a.load_job.publish(LoadingProgress(layers_loaded=info.layers_loaded, layers_total=info.layers_total,
-                                           vram_mb=vram_mb, device=device, block=a.last_block,
-                                           memory_mb=dict(info.memory_mb), node=info.node,
-                                           timestamp=event.get("timestamp")))
-        self._notify("progress", info)
+    # --- the transport of the lifecycle ---------------------------------------------------------
 
-    def _on_ready(self, a: _Actor, event: dict[str, Any]) -> None:
-        if a.load_job.cancel_event.is_set():  # cancelled at the last moment: the cancel path ends it
-            return
-        memory = event.get("memory_mb")
-        if isinstance(memory, dict):
-            a.info.memory_mb = dict(memory)
-        a.info.state = "idle"
-        a.load_job.finish(Ready(worker_id=a.info.id, memory_mb=dict(a.info.memory_mb), node=a.info.node))
-        self._notify("ready", a.info)
-        self._touch(a)
+    def _reachable(self, a: _Actor) -> bool:
+        return a.placed and not a.dead
 
-    async def _load_failed(self, a: _Actor, error: RbeeError) -> None:
-        """The load failed: kill the actor, then report (so its memory is free when clients read it)."""
+    def _starting_where(self, a: _Actor) -> str | None:
+        return "still waiting for a Ray node" if not a.placed else None
+
+    def _details(self, a: _Actor) -> dict[str, Any]:
+        return {"worker_id": a.info.id, "node": a.info.node}
+
+    def _on_gone(self, a: _Actor) -> None:
+        a.gone.set()
+
+    async def _ask_cancel_load(self, a: _Actor) -> None:
+        with contextlib.suppress(RayError):
+            await a.handle.cancel_load.remote()
+
+    async def _ask_cancel_generation(self, a: _Actor, request_id: str) -> None:
+        with contextlib.suppress(RayError):
+            await a.handle.cancel.remote(request_id)
+
+    async def _drop_stream(self, a: _Actor, job: Job) -> None:
+        stream = a.streams.get(job)
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                ray.cancel(stream)
+
+    async def _kill_now(self, a: _Actor) -> None:
         await self._kill(a)
-        if isinstance(error, Cancelled):
-            self._forget(a, "stopped", "load cancelled")
-        else:
-            self._mark_failed(a, f"{error.code}: {error.message}", "failed")
-        a.load_job.fail(error)
 
-    async def _cancel_load(self, a: _Actor) -> None:
-        """``job.cancel()`` while loading: ask the actor to stop between blocks; kill it if it cannot."""
-        job = a.load_job
-        if job.state.finished or a.cancelling:
+    async def _terminate(self, a: _Actor) -> None:
+        await self._kill(a)
+
+    async def _kill(self, a: _Actor) -> None:
+        """``ray.kill`` the actor and wait (bounded) until Ray says it is dead: its memory is then free."""
+        a.expected_exit = True
+        if a.dead:
             return
-        a.cancelling = True
-        if a.placed and not a.dead:
-            with contextlib.suppress(RayError, asyncio.TimeoutError):
-                await asyncio.wait_for(a.handle.cancel_load.remote(), self.cancel_grace_s)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await job.wait(self.cancel_grace_s)  # the relay reports CANCELLED once the actor is gone
-            if job.state.finished:
-                return
-        await self._kill(a)  # not placed yet, or stuck inside one block
-        self._forget(a, "stopped", "load cancelled")
-        job.fail(Cancelled(f"Loading was cancelled ({self._where(a)}); the worker was stopped.",
-                           details={"worker_id": a.info.id, "node": a.info.node,
-                                    "layers_loaded": a.info.layers_loaded, "layers_total": a.info.layers_total}))
-
-    async def _loading_watchdog(self, a: _Actor) -> None:
-        job = a.load_job
-        while not job.state.finished:
-            timeout = self.loading_timeout_s
-            if timeout is not None and time.monotonic() - a.load_started > timeout and not a.expected_exit:
-                where = self._where(a)
-                await self._kill(a)
-                self._mark_failed(a, f"loading timeout: {where}", "failed")
-                job.fail(LoadingTimeout(
-                    f"Loading {a.info.model_ref} took longer than {timeout:g} s, {where}; the worker was stopped. "
-                    "Raise the loading timeout, or check the node, the device and the model files.",
-                    details={"worker_id": a.info.id, "node": a.info.node, "timeout_s": timeout,
-                             "block": a.last_block, "layers_loaded": a.info.layers_loaded,
-                             "layers_total": a.info.layers_total}))
-                return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await job.wait(0.1)
-
-    @staticmethod
-    def _where(a: _Actor) -> str:
-        n, total = a.info.layers_loaded, a.info.layers_total
-        if a.last_block:
-            return f"stuck after block {a.last_block} ({n}/{total})"
-        if not a.placed:
-            return "still waiting for a Ray node"
-        return f"stuck before the first block (0/{total or '?'})"
+        with contextlib.suppress(Exception):
+            ray.kill(a.handle, no_restart=True)
+        deadline = time.monotonic() + self.kill_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                await asyncio.wait_for(a.handle.ping.remote(), max(0.1, deadline - time.monotonic()))
+            except (RayError, asyncio.TimeoutError):
+                break  # dead (or its node is): nothing of it runs any more
+        a.dead = True
+        a.gone.set()
 
     # --- deaths --------------------------------------------------------------------------------
 
@@ -545,10 +457,7 @@ class RayPool(Pool):
             if stream is not None:
                 with contextlib.suppress(Exception):
                     ray.cancel(stream)
-        self._mark_failed(a, error.details["reason"], "died")
-        a.load_job.fail(error)
-        for job in list(a.streams):
-            job.fail(error)
+        self._fail_all(a, error, error.details["reason"])
 
     def _death_error(self, a: _Actor, exc: BaseException | None) -> WorkerDied:
         if exc is None:
@@ -559,7 +468,7 @@ class RayPool(Pool):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             reason = f"Ray reports the actor dead ({type(exc).__name__}: {first[:300]})"
         stage = a.info.state
-        when = f" while {stage}" if stage in ("loading", "idle", "busy") else ""
+        when = f" while {stage}" if stage in ACTIVE_STATES else ""
         return WorkerDied(f"Worker {a.info.id} on node {a.info.node or '?'} died{when}: {reason}. Load the model "
                           "again (on another node if that one is gone).",
                           details={"worker_id": a.info.id, "node": a.info.node, "node_id": a.node_id,
@@ -567,20 +476,8 @@ class RayPool(Pool):
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def generate(self, worker_id: str, body: dict[str, Any], job: Job) -> None:
-        a = self._get(worker_id)
-        state = a.info.state
-        if state == "loading":
-            raise ModelNotLoaded(f"Worker {worker_id} is still loading ({a.info.layers_loaded}/"
-                                 f"{a.info.layers_total} blocks); wait until it is ready.",
-                                 details={"worker_id": worker_id, "state": state})
-        if state not in ("idle", "busy"):
-            raise Conflict(f"Worker {worker_id} is {state}"
-                           f"{f' ({a.info.exit_reason})' if a.info.exit_reason else ''}; load the model again.",
-                           details={"worker_id": worker_id, "state": state})
-        self._cancel_idle_timer(a)
-        job.on_cancel(lambda: self._spawn(a, self._cancel_generation(a, job)))
-        stream = a.handle.generate.options(num_returns="streaming").remote({**body, "request_id": job.id})
+    async def _stream_generation(self, a: _Actor, req: GenerationRequest, job: Job) -> None:
+        stream = a.handle.generate.options(num_returns="streaming").remote({**req.to_json(), "request_id": job.id})
         a.streams[job] = stream  # from here a death must reach this job
         self._update_busy(a)
         try:
@@ -609,48 +506,16 @@ class RayPool(Pool):
             await self._died(a, exc)
             if not job.state.finished:
                 job.fail(self._death_error(a, exc))
-        finally:
-            a.streams.pop(job, None)
-            if a.info.state in ("idle", "busy"):
-                self._update_busy(a)
-                self._touch(a)
 
     async def _stalled(self, a: _Actor, job: Job, limit: float | None) -> None:
-        with contextlib.suppress(RayError, asyncio.TimeoutError):
-            await asyncio.wait_for(a.handle.cancel.remote(job.id), self.cancel_grace_s)
-        stream = a.streams.get(job)
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                ray.cancel(stream)
-        if not job.records:
+        if job.records:
+            await super()._stalled(a, job, limit)
+        else:  # not even "started": the actor does not answer
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ask_cancel_generation(a, job.id), self.cancel_grace_s)
             job.fail(ClusterUnavailable(f"Worker {a.info.id} on node {a.info.node} did not answer within "
                                         f"{limit:g} s.", details={"worker_id": a.info.id, "node": a.info.node}))
-            return
-        job.fail(InferenceStalled(
-            f"Worker {a.info.id} produced nothing for {limit:g} s after {len(job.records) - 1} tokens; the "
-            "generation was stopped. The node may be overloaded; raise c.RbeeApp.inference_stall_s if "
-            "single tokens legitimately take this long.",
-            details={"worker_id": a.info.id, "node": a.info.node, "stall_s": limit}))
-
-    async def _cancel_generation(self, a: _Actor, job: Job) -> None:
-        """``job.cancel()`` (e.g. the client went away): stop the actor's generation now."""
-        if not a.dead:
-            with contextlib.suppress(RayError, asyncio.TimeoutError):
-                await asyncio.wait_for(a.handle.cancel.remote(job.id), self.cancel_grace_s)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await job.wait(self.cancel_grace_s)  # the actor's stream ends with CANCELLED
-        if not job.state.finished:
-            stream = a.streams.get(job)
-            if stream is not None:
-                with contextlib.suppress(Exception):
-                    ray.cancel(stream)
-            job.fail(Cancelled("The generation was cancelled.", details={"request_id": job.id}))
-
-    def _update_busy(self, a: _Actor) -> None:
-        state = "busy" if a.streams else "idle"
-        if a.info.state != state:
-            a.info.state = state
-            self._notify(state, a.info)
+        await self._drop_stream(a, job)
 
     async def health(self, worker_id: str) -> dict[str, Any]:
         a = self._get(worker_id)
@@ -662,78 +527,15 @@ class RayPool(Pool):
             return {**a.info.to_dict(), "reachable": False}
         return {**live, "node": a.info.node, "reachable": True}
 
-    # --- keep-alive ----------------------------------------------------------------------------
+    # --- closing -------------------------------------------------------------------------------
 
-    def _touch(self, a: _Actor) -> None:
-        a.info.last_used = time.time()
-        self._cancel_idle_timer(a)
-        if self.keep_alive_s is not None and a.info.state == "idle" and not a.streams:
-            a.idle_timer = asyncio.get_running_loop().call_later(self.keep_alive_s, self._idle_expired, a)
-
-    def _idle_expired(self, a: _Actor) -> None:
-        a.idle_timer = None
-        if self._workers.get(a.info.id) is a and a.info.state == "idle" and not a.streams:
-            self._spawn(a, self._stop(a, f"idle for {self.keep_alive_s:g} s (keep_alive)"))
-
-    @staticmethod
-    def _cancel_idle_timer(a: _Actor) -> None:
-        if a.idle_timer is not None:
-            a.idle_timer.cancel()
-            a.idle_timer = None
-
-    # --- stopping ------------------------------------------------------------------------------
-
-    async def stop(self, worker_id: str) -> None:
-        await self._stop(self._get(worker_id), "unloaded")
-
-    async def _stop(self, a: _Actor, reason: str) -> None:
-        if a.stop_task is None:  # concurrent stops share one
-            a.stop_task = asyncio.ensure_future(self._do_stop(a, reason))
-        await asyncio.shield(a.stop_task)
-
-    async def _do_stop(self, a: _Actor, reason: str) -> None:
-        job = a.load_job
-        if not job.state.finished:
-            job.cancel(f"Worker {a.info.id} was unloaded while loading.")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await job.wait(2 * self.cancel_grace_s + self.kill_timeout_s)
-        if a.info.state in ("idle", "busy"):
-            a.info.state = "draining"
-            self._notify("draining", a.info)
-        a.expected_exit = True
-        for stream_job in list(a.streams):
-            stream_job.fail(Cancelled(f"Worker {a.info.id} was unloaded ({reason}).",
-                                      details={"worker_id": a.info.id}))
-        await self._kill(a)
-        self._forget(a, "stopped", reason)
-
-    async def _kill(self, a: _Actor) -> None:
-        """``ray.kill`` the actor and wait (bounded) until Ray says it is dead: its memory is then free."""
-        a.expected_exit = True
-        if a.dead:
-            return
-        with contextlib.suppress(Exception):
-            ray.kill(a.handle, no_restart=True)
-        deadline = time.monotonic() + self.kill_timeout_s
-        while time.monotonic() < deadline:
-            try:
-                await asyncio.wait_for(a.handle.ping.remote(), max(0.1, deadline - time.monotonic()))
-            except (RayError, asyncio.TimeoutError):
-                break  # dead (or its node is): nothing of it runs any more
-        a.dead = True
-        a.gone.set()
-
-    async def close(self) -> None:
-        workers = list(self._workers.values())
-        if workers:
-            stops = [asyncio.ensure_future(self._stop(a, "server shutting down")) for a in workers]
-            await asyncio.wait(stops, timeout=2 * self.cancel_grace_s + 2 * self.kill_timeout_s)
+    async def _abandon(self, workers: list[_Actor]) -> None:
         for a in workers:
             with contextlib.suppress(Exception):
                 ray.kill(a.handle, no_restart=True)
-            self._forget(a, "stopped", "server shutting down")
-            for task in list(a.tasks):
-                task.cancel()
+
+    async def close(self) -> None:
+        await super().close()
         if self._owns_ray:
             await asyncio.to_thread(ray.shutdown)
 
@@ -750,7 +552,3 @@ def _visible_cuda(device_map: dict[str, str] | str) -> dict[str, str] | str:
     if isinstance(device_map, str):
         return mapping.get(device_map, device_map)
     return {block: mapping.get(d, d) for block, d in device_map.items()}
-
-
-def _copy(info: WorkerInfo) -> WorkerInfo:
-    return replace(info, devices=list(info.devices), memory_mb=dict(info.memory_mb))

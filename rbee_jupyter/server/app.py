@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Float, Int, List, Set, TraitError, Type, Unicode, default, validate
+from traitlets.config import Config
 
 from .. import __version__
 from ..core.hive import Hive, HiveConfig
 from ..core.paths import default_cache_dir, default_catalog_path
-from ..pools.local import LocalProcessPool, Pool
+from ..pools.base import Pool, under_jupyterhub
+from ..pools.engines import OpenAIEnginePool
+from ..pools.local import LocalProcessPool
+from ..protocol import MAX_TOKENS_LIMIT, QUEUE_DEPTH
 from .handlers import handlers
 from .openai import openai_handlers
 
+__all__ = ["RbeeApp", "main", "under_jupyterhub"]
 
-def under_jupyterhub() -> bool:
-    """Whether this server was spawned by JupyterHub (it sets these for every single-user server)."""
-    return bool(os.environ.get("JUPYTERHUB_API_TOKEN") or os.environ.get("JUPYTERHUB_SERVICE_PREFIX"))
+#: Settings every pool takes, declared on RbeeApp (hive-wide, documented there) and passed on as c.Pool.*.
+_POOL_WIDE = ("keep_alive_s", "loading_timeout_s", "inference_stall_s")
+#: Settings that moved to the pool that uses them: old c.RbeeApp name -> (class, trait). The old names
+#: still work, with a deprecation warning.
+_MOVED = {
+    "spare_worker": ("LocalProcessPool", "spare_worker"),
+    "ray_address": ("RayPool", "address"),
+    "ray_resources": ("RayPool", "resources"),
+    "engine_timeout_s": ("OpenAIEnginePool", "timeout_s"),
+    "engine_health_interval_s": ("OpenAIEnginePool", "health_interval_s"),
+}
 
 
 def _device_name(value: object, trait: str) -> str:
@@ -28,6 +42,12 @@ def _device_name(value: object, trait: str) -> str:
     if not is_device_name(name):
         raise TraitError(f"c.RbeeApp.{trait}: {value!r} is not a device name; use \"cpu\" or \"cuda:N\".")
     return name
+
+
+def _pool_wide(trait: Float) -> Float:
+    """A pool setting offered on RbeeApp too: the same default and help, declared once on :class:`Pool`."""
+    return Float(trait.default_value, allow_none=trait.allow_none, config=True,
+                 help=f"{trait.help} Set here, it applies to every pool (c.Pool.* and a pool's own section win).")
 
 
 class RbeeApp(ExtensionApp):
@@ -138,22 +158,18 @@ class RbeeApp(ExtensionApp):
     pool_class = Type(
         default_value=LocalProcessPool, klass=Pool, config=True,
         help="Where workers run: the default starts one local process per loaded model. Any "
-             "rbee_jupyter.pools.local.Pool subclass can be named (e.g. a Ray or external-engine pool).",
+             "rbee_jupyter.pools.base.Pool subclass can be named (e.g. 'rbee_jupyter.pools.ray.RayPool'). "
+             "Each pool has settings of its own: c.LocalProcessPool.*, c.RayPool.*, c.OpenAIEnginePool.*, and "
+             "c.Pool.* for all of them.",
     )
 
     ray_address = Unicode(
         None, allow_none=True, config=True,
-        help="Ray cluster the Ray pool (pool_class = 'rbee_jupyter.pools.ray.RayPool', pip install "
-             "'rbee-jupyter[ray]') runs workers on: a GCS address 'host:6379', or 'auto' for the cluster "
-             "this machine belongs to (RAY_ADDRESS, else the one `ray start` made here). Default None: a "
-             "private Ray instance on this machine. Ignored by other pools.",
+        help="Deprecated: use c.RayPool.address (this name still works and is passed on).",
     )
 
     ray_resources = Dict(
-        config=True,
-        help="Ray resources every worker actor of the Ray pool asks for besides its GPUs, e.g. "
-             "{\"llm-node\": 0.01} to keep workers on nodes started with --resources '{\"llm-node\": 1}'. "
-             "Default {}: any node. Ignored by other pools.",
+        config=True, help="Deprecated: use c.RayPool.resources (this name still works and is passed on).",
     )
 
     keep_alive_s = Float(
@@ -170,12 +186,8 @@ class RbeeApp(ExtensionApp):
 
     spare_worker = Bool(
         config=True,
-        help="Keep one worker process started ahead of need, with torch, transformers and the loader already "
-             "imported, and hand it the next load: a load then skips those imports (seconds, most of a small "
-             "model's load). It costs about 400 MB of host memory while it waits, and no GPU memory. Only the "
-             "default pool (LocalProcessPool) has one. Default: True, but False when the server runs under "
-             "JupyterHub (JUPYTERHUB_API_TOKEN or JUPYTERHUB_SERVICE_PREFIX is set), where many users' servers "
-             "share one node's memory.",
+        help="Deprecated: use c.LocalProcessPool.spare_worker (this name still works and is passed on). "
+             "Default: True, but False under JupyterHub.",
     )
 
     @default("spare_worker")
@@ -213,25 +225,16 @@ class RbeeApp(ExtensionApp):
             quota[_device_name(name, "device_quota_mb")] = mb
         return quota
 
-    loading_timeout_s = Float(
-        1800.0, allow_none=True, config=True,
-        help="Seconds a load may take before it fails with LOADING_TIMEOUT (naming the layer it was "
-             "at) and its worker is stopped. None: no limit. Default 1800.",
-    )
-
-    inference_stall_s = Float(
-        120.0, allow_none=True, config=True,
-        help="Seconds a started generation may go without producing a token before it is stopped "
-             "with INFERENCE_STALLED. None: no limit. Default 120.",
-    )
+    loading_timeout_s = _pool_wide(Pool.loading_timeout_s)
+    inference_stall_s = _pool_wide(Pool.inference_stall_s)
 
     queue_depth = Int(
-        8, config=True,
+        QUEUE_DEPTH, config=True,
         help="Generations that may wait for a worker; more are refused with 503 WORKER_BUSY. Default 8.",
     )
 
     max_tokens_limit = Int(
-        4096, config=True,
+        MAX_TOKENS_LIMIT, config=True,
         help="Largest max_tokens a request may ask for. Default 4096.",
     )
 
@@ -306,17 +309,33 @@ class RbeeApp(ExtensionApp):
         return proposal["value"]
 
     engine_timeout_s = Float(
-        5.0, config=True,
-        help="Seconds an external engine may take to accept a connection or answer GET /models before it "
-             "counts as unreachable (ENGINE_UNREACHABLE). Default 5.",
+        OpenAIEnginePool.timeout_s.default_value, config=True,
+        help="Deprecated: use c.OpenAIEnginePool.timeout_s (this name still works and is passed on).",
     )
 
     engine_health_interval_s = Float(
-        10.0, allow_none=True, config=True,
-        help="Seconds between health checks of every external engine: one that stops answering turns its "
-             "worker failed and ends its streams; one that answers again turns it idle. None or 0: check "
-             "only at registration and when a stream breaks. Default 10.",
+        OpenAIEnginePool.health_interval_s.default_value, allow_none=True, config=True,
+        help="Deprecated: use c.OpenAIEnginePool.health_interval_s (this name still works and is passed on).",
     )
+
+    def _pool_config(self) -> Config:
+        """The configuration the pools read: this server's, plus what RbeeApp passes on.
+
+        The hive-wide ``c.RbeeApp.keep_alive_s``, ``loading_timeout_s`` and ``inference_stall_s``
+        become ``c.Pool.*`` unless that is set (a class's own section, e.g.
+        ``c.LocalProcessPool.keep_alive_s``, wins over both, as traitlets does). A moved name
+        set on RbeeApp is passed to its new home with a warning, unless the new name is set too.
+        """
+        config = copy.deepcopy(self.config)
+        for name in _POOL_WIDE:
+            if name not in config.Pool:
+                config.Pool[name] = getattr(self, name)
+        for old, (section, new) in _MOVED.items():
+            if old in self.config.RbeeApp:
+                self.log.warning("rbee: c.RbeeApp.%s is deprecated; use c.%s.%s", old, section, new)
+                if new not in config[section]:
+                    config[section][new] = self.config.RbeeApp[old]
+        return config
 
     def initialize_settings(self) -> None:
         from .logs import route_package_logs
@@ -329,20 +348,18 @@ class RbeeApp(ExtensionApp):
             download_backoff_s=self.download_backoff_s, download_connections=self.download_connections,
             download_segment_mb=self.download_segment_mb, max_concurrent_downloads=self.max_concurrent_downloads,
             disk_reserve_mb=self.disk_reserve_mb, job_retention_s=self.job_retention_s,
-            pool_class=self.pool_class, keep_alive_s=self.keep_alive_s, loading_timeout_s=self.loading_timeout_s,
-            inference_stall_s=self.inference_stall_s,
-            queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
+            pool_class=self.pool_class, queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
             allowed_devices=self.allowed_devices, device_quota_mb=dict(self.device_quota_mb),
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
-            engine_timeout_s=self.engine_timeout_s, engine_health_interval_s=self.engine_health_interval_s,
-            pool_options={name: getattr(self, name) for name in self.pool_class.app_traits},
+            parent=self, pool_config=self._pool_config(),
         )
         self.hive = Hive(config)
+        pool = self.hive.pool.primary
         self.log.info("rbee: cache %s, hub %s", config.cache_dir, config.hub_endpoint)
-        self.log.info("rbee: keep_alive_s=%s%s, allowed_devices=%s, device_quota_mb=%s, pool options %s",
-                      config.keep_alive_s, " (under JupyterHub)" if under_jupyterhub() else "",
-                      config.allowed_devices, config.device_quota_mb, config.pool_options)
+        self.log.info("rbee: keep_alive_s=%s%s, allowed_devices=%s, device_quota_mb=%s, pool %s",
+                      pool.keep_alive_s, " (under JupyterHub)" if under_jupyterhub() else "",
+                      config.allowed_devices, config.device_quota_mb, type(pool).__name__)
         if config.service_mode:
             self.log.info("rbee: service mode; admins: %s; file:// folders: %s; server token shared: %s",
                           ", ".join(sorted(config.admin_users)) or "none",

@@ -14,7 +14,7 @@ from typing import Any
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 
-from ..worker.protocol import EMBEDDING
+from ..protocol import EMBEDDING
 from .openai import OpenAIHandler
 
 

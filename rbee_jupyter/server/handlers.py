@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +15,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..errors import InvalidRequest, RbeeError
+from ..errors import HTTP_ERROR_CODES, InvalidRequest, RbeeError
 from ..core.hive import Hive
 from ..core.owners import TOKEN_HEADER, Principal, parse_user_token, principal_of
 from .sse import stream_job
@@ -27,8 +26,6 @@ if TYPE_CHECKING:
 AUTH_RESOURCE = "rbee"
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_HTTP_CODES = {400: "INVALID_REQUEST", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-               413: "BODY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
 
 
 class RbeeHandler(APIHandler):
@@ -106,7 +103,7 @@ class RbeeHandler(APIHandler):
             message = getattr(exc, "log_message", None) or HTTPStatus(status_code).phrase
             if status_code >= 500 and not isinstance(exc, web.HTTPError):
                 message = f"Internal error: {type(exc).__name__}: {exc}"
-            body = {"error": {"code": _HTTP_CODES.get(status_code, "INTERNAL_ERROR" if status_code >= 500
+            body = {"error": {"code": HTTP_ERROR_CODES.get(status_code, "INTERNAL_ERROR" if status_code >= 500
                                                        else f"HTTP_{status_code}"),
                               "message": message, "details": {}}}
         self.set_header("Content-Type", "application/json")
@@ -210,7 +207,7 @@ class WorkerReadyHandler(RbeeHandler):
     @authorized
     async def get(self, worker_id: str) -> None:
         worker = self.hive.worker(worker_id)
-        if worker.state in ("idle", "busy"):
+        if worker.ready:
             self.reply(200, {"ready": True, "state": worker.state, "model_loaded": True})
         else:
             self.reply(200, {"ready": False, "state": worker.state,

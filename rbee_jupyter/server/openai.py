@@ -18,34 +18,18 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from ..errors import Conflict, InvalidRequest, ModelNotFound, RbeeError
+from ..core.hive import worker_names
+from ..errors import HTTP_ERROR_CODES, InvalidRequest, RbeeError
 from ..events import sse_done, to_json
-from ..core.refs import parse_ref
 from ..engine.tool_calls import ToolPlan
-from .handlers import _HTTP_CODES, RbeeHandler
+from .handlers import RbeeHandler
+from .sse import open_owned, release
 from .tools import ToolAnswer, tool_fields
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
                 503: "server_error"}
-
-
-def _model_id(ref: str) -> str:
-    """The ``model`` name clients use: the ref without ``hf:`` (``org/repo``)."""
-    try:
-        return parse_ref(ref).display_name
-    except RbeeError:
-        return ref
-
-
-def _names(w: Any) -> list[str]:
-    """Every ``model`` a worker answers to; the first is the one ``GET models`` lists.
-
-    An external engine answers to its configured name and its model's name on the engine.
-    """
-    engine = [n for n in (getattr(w, "name", None), getattr(w, "model", None)) if n]
-    return [*engine, _model_id(w.model_ref), w.model_ref, w.id]
 
 
 class OpenAIHandler(RbeeHandler):
@@ -58,7 +42,8 @@ class OpenAIHandler(RbeeHandler):
             param = exc.details.get("field")
         else:
             status, param = status_code, None
-            code = _HTTP_CODES.get(status_code, "internal_error" if status_code >= 500 else f"http_{status_code}").lower()
+            fallback = "internal_error" if status_code >= 500 else f"http_{status_code}"
+            code = HTTP_ERROR_CODES.get(status_code, fallback).lower()
             message = getattr(exc, "log_message", None) or HTTPStatus(status_code).phrase
         self.set_status(status if status in range(400, 600) and status != 499 else 500)
         self.set_header("Content-Type", "application/json")
@@ -66,29 +51,8 @@ class OpenAIHandler(RbeeHandler):
                                           "param": param, "code": code}}))
 
     def resolve_worker(self, model: object, kind: str = "generate") -> str:
-        """An OpenAI ``model`` → a ready worker of ``kind``: by worker id, ref, or ``org/repo``."""
-        if not isinstance(model, str) or not model:
-            raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
-        principal = self.principal
-        workers = [w for w in self.hive.pool.list() if self.hive.may_use_worker(principal, w)]
-        other = [w for w in workers if getattr(w, "kind", "generate") != kind and model in _names(w)]
-        workers = [w for w in workers if getattr(w, "kind", "generate") == kind]
-        if other and not any(model in _names(w) for w in workers):
-            raise InvalidRequest(f"The model {model!r} is an {other[0].kind} model; this route needs one that "
-                                 f"{'embeds' if kind == 'embedding' else 'generates text'}.",
-                                 details={"field": "model", "kind": other[0].kind})
-        ready = [w for w in workers if w.state in ("idle", "busy")]
-        for w in sorted(ready, key=lambda w: (w.state != "idle", w.last_used)):
-            if model in _names(w):
-                return w.id
-        for w in workers:  # there, but not usable: say why rather than "not loaded"
-            if model in _names(w):
-                why = f" ({w.exit_reason})" if w.exit_reason else ""
-                raise Conflict(f"The model {model!r} (worker {w.id}) is {w.state}{why}.",
-                               details={"field": "model", "worker_id": w.id, "state": w.state})
-        raise ModelNotFound(f"The model {model!r} is not loaded. Load it first (POST rbee/v1/workers or "
-                            f"%rbee load); loaded: {', '.join(_names(w)[0] for w in ready) or 'none'}.",
-                            details={"field": "model"})
+        """An OpenAI ``model`` → a ready worker's id of ``kind`` (the hive decides which: :meth:`Hive.resolve_model`)."""
+        return self.hive.resolve_model(model, self.principal, kind=kind).id
 
 
 def _common(body: dict[str, Any]) -> dict[str, Any]:
@@ -118,12 +82,10 @@ class ModelsHandler(OpenAIHandler):
     @authorized
     async def get(self) -> None:
         seen: dict[str, Any] = {}
-        principal = self.principal
-        for w in self.hive.pool.list():
-            if w.state in ("idle", "busy") and self.hive.may_use_worker(principal, w):
-                name = _names(w)[0]
-                seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee",
-                                       "kind": getattr(w, "kind", "generate")})
+        for w in self.hive.served_models(self.principal):
+            name = worker_names(w)[0]
+            seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee",
+                                   "kind": w.kind})
         self.reply(200, {"object": "list", "data": list(seen.values())})
 
 
@@ -160,12 +122,7 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
         request = {**_common(body), **self.request_fields(body), "worker_id": self.resolve_worker(body.get("model"))}
         model = body["model"]
         job = self.hive.infer(request, principal=self.principal)
-        self._rbee_owned_job = job
-        sub = job.subscribe(last_event_id=0)
-        self._rbee_subscription = sub
-        first = await sub.get()
-        if job.state.finished and len(job.records) == 1 and isinstance(job.error, RbeeError):
-            raise job.error
+        sub, first = await open_owned(self, job)
         created = int(time.time())
         base = {"id": f"{'chatcmpl' if self.chunk_object.startswith('chat') else 'cmpl'}-{job.id}",
                 "created": created, "model": model}
@@ -213,9 +170,7 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
         except StreamClosedError:  # the client went away: the finally below cancels its work
             pass
         finally:
-            sub.close()
-            if not sub.job.state.finished:
-                sub.job.cancel("The client went away.")
+            release(sub, cancel=True)
 
     async def _collect(self, sub, first, base: dict[str, Any]) -> None:
         text, end = [], None
@@ -227,7 +182,8 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
             elif event.get("type") == "error":
                 raise sub.job.error if isinstance(sub.job.error, RbeeError) else RbeeError(event["message"],
                                                                                         code=event["code"])
-        assert end is not None
+        if end is None:  # an inference job always ends with end or error; say so if that ever breaks
+            raise RbeeError("The generation ended without its end event.")
         self.reply(200, {**base, "object": self.object_name,
                          "choices": [self.full_choice("".join(text), _FINISH.get(end["stop_reason"], "stop"))],
                          "usage": _usage(end)})

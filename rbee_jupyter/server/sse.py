@@ -8,7 +8,7 @@ from tornado.iostream import StreamClosedError
 
 from ..errors import RbeeError
 from ..events import sse_comment, sse_done
-from ..core.jobs import Job
+from ..core.jobs import Job, Record, Subscription
 
 
 def last_event_id(handler) -> int | None:
@@ -43,16 +43,14 @@ async def stream_job(handler, job: Job, *, keepalive_s: float, refuse_early_erro
         cancel_on_close: the client owns the job (an inference request): cancel it
             when the client goes away, so the work stops and frees its slot.
     """
-    sub = job.subscribe(last_event_id=last_event_id(handler) if not refuse_early_errors else 0)
-    handler._rbee_subscription = sub
-    if cancel_on_close:
-        handler._rbee_owned_job = job
     first = None
     if refuse_early_errors:
-        first = await sub.get()
-        if job.state.finished and len(job.records) == 1 and isinstance(job.error, RbeeError):
-            sub.close()
-            raise job.error
+        sub, first = await open_owned(handler, job, cancel_on_close=cancel_on_close)
+    else:
+        sub = job.subscribe(last_event_id=last_event_id(handler))
+        handler._rbee_subscription = sub
+        if cancel_on_close:
+            handler._rbee_owned_job = job
     start_stream(handler)
     try:
         if first is not None:
@@ -74,6 +72,30 @@ async def stream_job(handler, job: Job, *, keepalive_s: float, refuse_early_erro
     except (StreamClosedError, asyncio.CancelledError):
         pass
     finally:
+        release(sub, cancel=cancel_on_close)
+
+
+async def open_owned(handler, job: Job, *, cancel_on_close: bool = True) -> tuple[Subscription, Record]:
+    """Subscribe ``handler`` to a job from its start and wait for the first event.
+
+    A job that fails before its first event (a full queue, a prompt too long) is raised as
+    its error, so the client gets a plain HTTP 503/400 rather than a stream. With
+    ``cancel_on_close`` the client owns the job: it is cancelled when the client goes away.
+    Used by ``stream_job`` and by the OpenAI routes, which write their own frames.
+    """
+    sub = job.subscribe(last_event_id=0)
+    handler._rbee_subscription = sub
+    if cancel_on_close:
+        handler._rbee_owned_job = job
+    first = await sub.get()
+    if job.state.finished and len(job.records) == 1 and isinstance(job.error, RbeeError):
         sub.close()
-        if cancel_on_close and not job.state.finished:
-            job.cancel("The client went away.")
+        raise job.error
+    return sub, first
+
+
+def release(sub: Subscription, *, cancel: bool) -> None:
+    """End a subscription; ``cancel``: the client owned the job, so unfinished work stops too."""
+    sub.close()
+    if cancel and not sub.job.state.finished:
+        sub.job.cancel("The client went away.")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import Conflict, ModelNotLoaded, WorkerBusy
 from ..events import Ready
-from .protocol import EMBEDDING
+from ..protocol import EMBEDDING
 from .runtime import WorkerRuntime, WorkerState
 
 __all__ = ["EmbeddingRuntime", "EMBEDDING"]

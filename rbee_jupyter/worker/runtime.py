@@ -12,7 +12,6 @@ Why threads: torch releases the GIL in its kernels, so the loop keeps answering
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import sys
 import threading
@@ -26,17 +25,10 @@ from typing import Any
 from ..errors import Cancelled, Conflict, InvalidRequest, ModelNotLoaded, OutOfMemory, RbeeError, WorkerBusy
 from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from ..core.jobs import Job
+from ..protocol import GenerationRequest, WorkerState
 from .protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV, WorkerConfig, mb
 
 __all__ = ["WorkerRuntime", "WorkerState", "GenerationTask"]
-
-
-class WorkerState(str, enum.Enum):
-    LOADING = "loading"
-    IDLE = "idle"
-    BUSY = "busy"
-    DRAINING = "draining"
-    FAILED = "failed"
 
 
 @dataclass
@@ -44,7 +36,7 @@ class GenerationTask:
     """One accepted request: its event log (``job``) and the flag its thread polls."""
 
     request_id: str
-    request: Any  # generate.GenerationRequest (imported lazily: it pulls in torch)
+    request: GenerationRequest
     job: Job
     cancel: threading.Event = field(default_factory=threading.Event)
     running: bool = False
@@ -174,8 +166,6 @@ class WorkerRuntime:
         if self.state in (WorkerState.FAILED, WorkerState.DRAINING) or self._generator is None:
             raise Conflict(f"This worker is {self.state.value} and takes no requests.",
                            details={"state": self.state.value})
-        from ..engine.generate import GenerationRequest
-
         request = GenerationRequest.from_json(body, max_tokens_limit=self.config.max_tokens_limit)
         self._validator.encode(request)  # CONTEXT_TOO_LONG etc. as a 400, not as a late error event
         request_id = body.get("request_id") or uuid.uuid4().hex[:12]

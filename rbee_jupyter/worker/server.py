@@ -103,7 +103,8 @@ async def serve(config: WorkerConfig, secret: str, announce: IO[str], spare: dic
 
     from .app import make_app
     from .lifeline import watch_parent
-    from .embedding import EMBEDDING, EmbeddingRuntime
+    from ..protocol import EMBEDDING
+    from .embedding import EmbeddingRuntime
     from .runtime import LoadTimeline, WorkerRuntime
 
     runtime = (EmbeddingRuntime if config.kind == EMBEDDING else WorkerRuntime).from_env(config)

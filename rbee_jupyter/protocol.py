@@ -1,0 +1,478 @@
+"""The types both ends share: requests, worker states and snapshots, load specs, option names.
+
+Why one module: the server parses a body once at its edge into these types and hands them
+inward (hive, pools, worker process, Ray actor, client), so a field, a default or a state
+name is declared once. It imports neither torch nor tornado, so the server, the kernel
+client and the worker's start-up can all import it cheaply (``tests/test_layers.py``
+checks that, and import-linter keeps it at the bottom of the layers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+from typing import Any
+
+from .errors import InvalidRequest
+from .response_format import ResponseFormat
+
+__all__ = ["WORKER_KINDS", "EMBEDDING", "WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
+           "GenerationRequest", "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH",
+           "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request",
+           "Record", "CatalogEntry", "DeviceInfo"]
+
+
+# --- defaults (the traits, dataclasses and pools that take these settings all read them here) ---
+
+#: Largest ``max_tokens`` a request may ask for (``c.RbeeApp.max_tokens_limit``).
+MAX_TOKENS_LIMIT = 4096
+#: Generations that may wait for a worker before 503 ``WORKER_BUSY`` (``c.RbeeApp.queue_depth``).
+QUEUE_DEPTH = 8
+#: Seconds a started generation may send nothing before ``INFERENCE_STALLED`` (``c.Pool.inference_stall_s``).
+INFERENCE_STALL_S = 120.0
+#: Seconds a load may take before ``LOADING_TIMEOUT`` (``c.Pool.loading_timeout_s``).
+LOADING_TIMEOUT_S = 1800.0
+#: Seconds a failed worker stays listed with its reason (``c.Pool.failed_retention_s``).
+FAILED_RETENTION_S = 600.0
+
+
+# --- names ---------------------------------------------------------------------------------
+
+class WorkerState(str, Enum):
+    """Where a worker is in its life. A ``str``: JSON, comparisons with ``"idle"`` and f-strings are unchanged."""
+
+    LOADING = "loading"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:  # "idle", as the plain string it replaces (not "WorkerState.IDLE")
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:  # 'idle' in a WorkerInfo's repr, as a notebook shows it
+        return repr(self.value)
+
+    def __hash__(self) -> int:  # as its value's, so "idle" in READY_STATES holds for plain strings too
+        return str.__hash__(self)
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can take a generation now (idle, or busy with room in its queue)."""
+        return self in READY_STATES
+
+
+#: The states in which a worker serves generations.
+READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+#: The states of a worker that holds (or is getting) a model: ready, or still loading.
+ACTIVE_STATES = READY_STATES | {WorkerState.LOADING}
+#: The states of a worker that holds nothing any more (its entry stays a while to say why).
+GONE_STATES = frozenset({WorkerState.FAILED, WorkerState.STOPPED})
+
+#: bitsandbytes quantizations a load may ask for (``null``: none).
+QUANTIZATIONS: tuple[str, ...] = ("nf4", "fp4", "int8")
+#: The dtype names a load accepts, each to its canonical name (the loader maps those to torch dtypes).
+DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                          "float16": "float16", "fp16": "float16", "half": "float16"}
+#: The canonical dtype names.
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+#: What a worker's model does: generate text, or embed it (a sentence-transformers model).
+WORKER_KINDS = ("generate", "embedding")
+EMBEDDING = "embedding"
+MAX_STOP_STRINGS = 4
+
+
+# --- generation ----------------------------------------------------------------------------
+
+@dataclass
+class GenerationRequest:
+    """What to generate and how; exactly one of ``prompt`` and ``messages`` is set."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    response_format: ResponseFormat | None = None  # constrained decoding (engine/grammar.py)
+    tools: list[dict] | None = None  # function definitions the chat template renders
+
+    @classmethod
+    def from_json(cls, body: Any, *, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> GenerationRequest:
+        """Validate an untrusted HTTP body.
+
+        Every rejection names the field (in the message and in ``details["field"]``) so a
+        client can point at what to fix. Unknown keys are ignored on purpose: OpenAI-style
+        bodies carry ``model``, ``stream`` and more that the routing layer consumes.
+        """
+        if not isinstance(body, Mapping):
+            raise InvalidRequest("the request body must be a JSON object", details={"field": "body"})
+        prompt, messages = _prompt_or_messages(body)
+        return cls(
+            prompt=prompt,
+            messages=messages,
+            max_tokens=_max_tokens(body, max_tokens_limit),
+            temperature=_number(body, "temperature", 0.0, low=0.0, high=2.0),
+            top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
+            top_k=_int(body, "top_k", 0, low=0),
+            seed=_seed(body),
+            stop=_stop(body),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, low_open=True),
+            response_format=ResponseFormat.from_json(body.get("response_format")),
+            tools=_tools(body),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The body that :meth:`from_json` reads back as this request (unset fields left out)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.response_format is not None:
+            out["response_format"] = self.response_format.to_json()
+        return out
+
+
+
+def as_request(value: GenerationRequest | Mapping[str, Any]) -> GenerationRequest:
+    """A request as given, or parsed from a body (a caller below the hive that still passes JSON).
+
+    No ``max_tokens`` limit here: the hive enforced its own, and a worker enforces its own.
+    """
+    if isinstance(value, GenerationRequest):
+        return value
+    return GenerationRequest.from_json(value, max_tokens_limit=2**31 - 1)
+
+def _bad(fld: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, details={"field": fld})
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON ``true`` is no count)."""
+    # JSON true/false arrive as bool, which Python treats as int; a client sending
+    # "max_tokens": true has a bug we should report, not read as 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt_or_messages(body: Mapping) -> tuple[str | None, list[dict] | None]:
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise _bad("prompt", "send exactly one of 'prompt' (a string) or 'messages' (a chat list)")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise _bad("prompt", "'prompt' must be a non-empty string")
+        return prompt, None
+    return None, _messages(messages)
+
+
+def _messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise _bad("messages", f"'messages[{i}]' must be an object with 'role' and 'content'")
+        if msg.get("role") not in ROLES:
+            raise _bad("messages", f"'messages[{i}].role' must be one of {sorted(ROLES)}")
+        calls = msg.get("tool_calls") if msg["role"] == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise _bad("messages", f"'messages[{i}].tool_calls' must be a list")
+        if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
+            raise _bad("messages", f"'messages[{i}].content' must be a string")
+        item = {"role": msg["role"], "content": msg.get("content") or ""}
+        if calls:  # an earlier turn's calls, rendered by the chat template (its arguments as objects)
+            item["tool_calls"] = [_template_call(c, i) for c in calls]
+        if msg["role"] == "tool" and isinstance(msg.get("tool_call_id"), str):
+            item["tool_call_id"] = msg["tool_call_id"]
+        out.append(item)
+    return out
+
+
+def _template_call(call: Any, i: int) -> dict:
+    """An OpenAI tool call of a past assistant turn, with ``arguments`` parsed for the chat template."""
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise _bad("messages", f"'messages[{i}].tool_calls' items must be "
+                               "{\"function\": {\"name\", \"arguments\"}}")
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise _bad("messages", f"'messages[{i}].tool_calls' arguments must be JSON") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _tools(body: Mapping) -> list[dict] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise _bad("tools", "'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects")
+    return [dict(t) for t in tools] or None
+
+
+def _max_tokens(body: Mapping, limit: int) -> int:
+    default = min(GenerationRequest.max_tokens, limit)
+    return _int(body, "max_tokens", default, low=1, high=limit)
+
+
+def _int(body: Mapping, name: str, default: int, *, low: int, high: int | None = None) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    span = f"between {low} and {high}" if high is not None else f">= {low}"
+    if not is_int(value) or value < low or (high is not None and value > high):
+        raise _bad(name, f"'{name}' must be an integer {span}, got {value!r}")
+    return value
+
+
+def _number(body: Mapping, name: str, default: float, *, low: float, high: float | None = None,
+            low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and (high is None or value <= high))
+    if not ok:
+        lo = f"> {low}" if low_open else f">= {low}"
+        span = f"{lo} and <= {high}" if high is not None else lo
+        raise _bad(name, f"'{name}' must be a number {span}, got {value!r}")
+    return float(value)
+
+
+def _seed(body: Mapping) -> int | None:
+    value = body.get("seed")
+    if value is None:
+        return None
+    if not is_int(value) or not 0 <= value < 2**63:
+        raise _bad("seed", f"'seed' must be an integer between 0 and 2**63-1, got {value!r}")
+    return value
+
+
+def _stop(body: Mapping) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise _bad("stop", f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
+                           "non-empty strings")
+    return list(stops)
+
+
+# --- answers: typed, and readable as the dicts they replace -----------------------------------
+
+class Record(Mapping[str, Any]):
+    """Typed answers that still read like the JSON objects they came from.
+
+    ``w.state`` is the typed way; ``w["state"]``, ``w.get("state")`` and ``dict(w)`` keep
+    working for code written when the client returned plain dicts. Fields the server sends
+    that this version does not know land in ``extra`` (also readable by key), so a newer
+    server never breaks an older client.
+    """
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def _field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._field_names():
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._field_names()
+        yield from self.extra
+
+    def __len__(self) -> int:
+        return len(self._field_names()) + len(self.extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (the API's shape: ``extra`` merged back in)."""
+        data = asdict(self)  # type: ignore[call-overload]
+        data.update(data.pop("extra", {}))
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Any:
+        """From the API's JSON; unknown keys go to ``extra``."""
+        names = set(cls._field_names())
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+
+@dataclass(eq=False)
+class CatalogEntry(Record):
+    """One model on disk (``GET v1/models``). ``revision`` is the commit sha for hub models."""
+
+    ref: str
+    local_path: str
+    size_bytes: int
+    files: list[str]
+    revision: str | None = None
+    repo_id: str | None = None
+    source: str = "hub"
+    downloaded_at: float = field(default_factory=time.time)
+    owner: str | None = None
+    """Who downloaded it, on a shared server (service mode); None otherwise."""
+    restricted: bool = False
+    """The hub repo is gated or private: on a shared server only users with access may use it."""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CatalogEntry) and self.to_dict() == other.to_dict()
+
+
+@dataclass(eq=False)
+class DeviceInfo(Record):
+    """A device the hive may use (``GET v1/devices``): memory in bytes, this server's quota and use in MB."""
+
+    name: str
+    kind: str
+    total_bytes: int
+    free_bytes: int
+    label: str = ""
+    quota_mb: int | None = None
+    in_use_mb: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+# --- workers -------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class WorkerInfo(Record):
+    """A worker as the registry sees it (a snapshot: pools hand out copies)."""
+
+    id: str
+    model_ref: str
+    state: WorkerState
+    devices: list[str]
+    memory_mb: dict[str, int]
+    pid: int | None
+    quantization: str | None
+    dtype: str | None
+    owner: str | None
+    created_at: float
+    last_used: float
+    exit_reason: str | None = None
+    layers_loaded: int = 0
+    layers_total: int = 0
+    node: str | None = None  # the cluster node it runs on; None: this machine
+    kind: str = "generate"  # what its model does: "generate" text or "embedding" vectors
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.state in WorkerState._value2member_map_:  # a state a newer server invented stays a str
+            self.state = WorkerState(self.state)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkerInfo) and self.to_dict() == other.to_dict()
+
+    @property
+    def ready(self) -> bool:
+        """Whether it serves generations now."""
+        return self.state in READY_STATES
+
+    def copy(self) -> WorkerInfo:
+        """A snapshot that later changes to this one do not reach."""
+        return replace(self, devices=list(self.devices), memory_mb=dict(self.memory_mb), extra=dict(self.extra))
+
+    @classmethod
+    def pending(cls, worker_id: str, model_ref: str, *, owner: str | None, state: WorkerState) -> WorkerInfo:
+        """A worker the hive announced whose process does not exist yet (its model is downloading)."""
+        now = time.time()
+        return cls(id=worker_id, model_ref=model_ref, state=WorkerState(state), devices=[], memory_mb={},
+                   pid=None, quantization=None, dtype=None, owner=owner, created_at=now, last_used=now)
+
+
+@dataclass
+class WorkerSpec:
+    """What to load and how: the one load description, from the hive to the pool to the worker.
+
+    ``device_map`` is one device or a ``{block: device}`` plan. The worker process gets the
+    same fields as a :class:`WorkerConfig` (:meth:`worker_config`), never copied by hand.
+    """
+
+    model_ref: str
+    model_path: str
+    device_map: dict[str, str] | str = "cpu"
+    quantization: str | None = None
+    dtype: str | None = None
+    double_quant: bool = False
+    compute_dtype: str | None = None
+    owner: str | None = None
+    queue_depth: int = QUEUE_DEPTH
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
+    worker_id: str | None = None  # the hive names workers before they start (their load job's id)
+    node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
+    kind: str = "generate"  # "embedding": a sentence-transformers model served by worker/embedding.py
+
+    def worker_config(self, worker_id: str, **overrides: Any) -> WorkerConfig:
+        """The start-up spec a worker reads: this load's fields plus the transport's ``overrides``."""
+        shared = {f.name for f in fields(WorkerConfig)} & {f.name for f in fields(self)}
+        values = {name: getattr(self, name) for name in shared}
+        return WorkerConfig(**{**values, "worker_id": worker_id, **overrides})
+
+
+@dataclass
+class WorkerConfig:
+    """The JSON line a worker reads from stdin at start-up (or a Ray actor gets as its argument).
+
+    ``watch_stdin``: exit when stdin reaches EOF. The pool keeps the pipe open for the
+    worker's life, so EOF means the parent died (even by SIGKILL): no orphaned workers.
+    """
+
+    model_path: str
+    worker_id: str = "worker"
+    quantization: str | None = None
+    dtype: str | None = None
+    device_map: dict[str, str] | str = "cpu"
+    double_quant: bool = False
+    compute_dtype: str | None = None
+    queue_depth: int = QUEUE_DEPTH
+    max_tokens_limit: int = MAX_TOKENS_LIMIT
+    keepalive_s: float = 10.0
+    watch_stdin: bool = True
+    kind: str = "generate"  # "generate" (a causal LM) or "embedding" (a sentence-transformers model)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any) -> WorkerConfig:
+        if not isinstance(data, dict) or not isinstance(data.get("model_path"), str):
+            raise InvalidRequest("the worker spec must be a JSON object with a string 'model_path'")
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        config = cls(**{k: v for k, v in data.items() if k in known},
+                     extra={k: v for k, v in data.items() if k not in known})
+        if not isinstance(config.device_map, (str, dict)):
+            raise InvalidRequest("device_map must be a device name or a {block: device} object")
+        if not isinstance(config.queue_depth, int) or config.queue_depth < 0:
+            raise InvalidRequest("queue_depth must be an integer >= 0")
+        if not isinstance(config.max_tokens_limit, int) or config.max_tokens_limit < 1:
+            raise InvalidRequest("max_tokens_limit must be an integer >= 1")
+        if config.kind not in WORKER_KINDS:
+            raise InvalidRequest(f"kind must be one of {', '.join(WORKER_KINDS)}")
+        return config
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return json.dumps(data, separators=(",", ":"))
+
+    @property
+    def devices(self) -> list[str]:
+        if isinstance(self.device_map, str):
+            return [self.device_map]
+        return list(dict.fromkeys(self.device_map.values()))
