@@ -20,7 +20,8 @@ from typing import Any
 from .errors import InvalidRequest
 from .response_format import ResponseFormat
 
-__all__ = ["WORKER_KINDS", "EMBEDDING", "WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
+__all__ = ["WORKER_KINDS", "EMBEDDING",
+           "WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
            "GenerationRequest", "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH",
            "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request",
            "Record", "CatalogEntry", "DeviceInfo"]

@@ -77,7 +77,8 @@ class ResponseFormat:
         """OpenAI's shape again (what :meth:`from_json` reads back as this format)."""
         if self.type == "json_object":
             return {"type": "json_object"}
-        return {"type": "json_schema", "json_schema": {"name": self.name or "answer", "schema": dict(self.schema or {})}}
+        return {"type": "json_schema",
+                "json_schema": {"name": self.name or "answer", "schema": dict(self.schema or {})}}
 
     @property
     def key(self) -> str:

@@ -4,7 +4,6 @@ import json
 from typing import Annotated, Literal
 
 import jsonschema
-import openai
 import pytest
 from pydantic import BaseModel, Field
 

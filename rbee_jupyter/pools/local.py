@@ -372,7 +372,8 @@ class LocalProcessPool(WorkerPool):
         except httpx.TransportError:
             if await w.process.wait_exit(self.death_grace_s):
                 raise WorkerDied(f"Worker {worker_id} died while embeddings were computed "
-                                 f"({describe_exit(w.process.returncode)}).", details={"worker_id": worker_id}) from None
+                                 f"({describe_exit(w.process.returncode)}).",
+                                 details={"worker_id": worker_id}) from None
             raise
         finally:
             if w.info.ready:

@@ -51,7 +51,7 @@ class OpenAIHandler(RbeeHandler):
                                           "param": param, "code": code}}))
 
     def resolve_worker(self, model: object, kind: str = "generate") -> str:
-        """An OpenAI ``model`` → a ready worker's id of ``kind`` (the hive decides which: :meth:`Hive.resolve_model`)."""
+        """An OpenAI ``model`` → a ready worker's id of ``kind`` (the hive decides: :meth:`Hive.resolve_model`)."""
         return self.hive.resolve_model(model, self.principal, kind=kind).id
 
 
