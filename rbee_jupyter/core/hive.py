@@ -772,7 +772,7 @@ class Hive:
         from ..engine.embed import EmbeddingRequest
 
         req = EmbeddingRequest.from_json(body)
-        worker = self._pick_worker(body, principal)
+        worker = self.pick_worker(worker_id=body.get("worker_id"), model_ref=body.get("model_ref"), principal=principal)
         if worker.kind != EMBEDDING:
             raise InvalidRequest(f"{worker.model_ref} (worker {worker.id}) generates text and does not embed; load "
                                  "a sentence-transformers model (POST v1/workers with \"kind\": \"embedding\").",
