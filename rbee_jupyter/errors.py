@@ -229,6 +229,18 @@ class QuotaExceeded(RbeeError):
     code, status = "QUOTA_EXCEEDED", 507
 
 
+# --- shared hive ---------------------------------------------------------------------------
+
+class UserLimit(RbeeError):
+    """A per-user cap of a shared hive (service mode) was reached: too many workers, downloads or streams.
+
+    ``details`` names the cap, its limit, what the user holds now and the trait an
+    administrator sets it with (``c.RbeeApp.max_user_*``), so the user knows what to stop
+    first and the administrator what to raise.
+    """
+    code, status = "USER_LIMIT", 429
+
+
 # --- errors across a boundary (HTTP, a worker's stream, an actor) ------------------------
 
 #: The code of an HTTP error that no ``RbeeError`` raised (Tornado's own 404, 405, 413...).

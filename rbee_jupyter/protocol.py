@@ -91,6 +91,8 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 WORKER_KINDS = ("generate", "embedding")
 EMBEDDING = "embedding"
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+"""Longest stop string: the matcher holds back and rescans up to this much text at every token."""
 
 
 # --- generation ----------------------------------------------------------------------------
@@ -266,9 +268,9 @@ def _stop(body: Mapping) -> list[str]:
         return []
     stops = [value] if isinstance(value, str) else value
     if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
         raise _bad("stop", f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} "
-                           "non-empty strings")
+                           f"non-empty strings, each at most {MAX_STOP_CHARS} characters")
     return list(stops)
 
 

@@ -28,12 +28,12 @@ def gate(monkeypatch: pytest.MonkeyPatch):
     opened, entered = threading.Event(), threading.Event()
     real = hive_module.Hive._blocks
 
-    def gated(req, path):
+    def gated(self, req, path):
         entered.set()
         assert opened.wait(30), "the test never opened the gate"
-        return real(req, path)
+        return real(self, req, path)
 
-    monkeypatch.setattr(hive_module.Hive, "_blocks", staticmethod(gated))
+    monkeypatch.setattr(hive_module.Hive, "_blocks", gated)
     return opened, entered
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 from ..errors import (AccessDenied, Cancelled, Conflict, InvalidCheckpoint, InvalidRequest, ModelNotFound,
                       ModelNotLoaded, RbeeError, WorkerNotFound)
@@ -28,7 +26,10 @@ from ..pools.local import LocalProcessPool
 from ..protocol import (DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
                         WORKER_KINDS, GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
 from .catalog import Catalog, CatalogEntry
+from .confine import check_folder, remove_snapshot
+from .ids import new_id
 from .jobs import Job, JobRegistry
+from .limits import UserLimits, check_cap
 from .owners import Principal, check_control, check_local_path, may_control, token_fingerprint
 from .refs import ModelRef, parse_ref
 
@@ -67,6 +68,10 @@ class HiveConfig:
     admin_users: frozenset[str] = frozenset()
     allowed_local_dirs: tuple[str, ...] = ()
     share_server_token: bool = False
+    user_limits: UserLimits = field(default_factory=UserLimits)
+    """Per-user caps in service mode (admins are not capped); see core/limits.py."""
+    import_memory_mb: int | None = None
+    """Memory a GGUF import's helper process may use (None: the host's available memory)."""
     #: Keyword arguments for pool_class, e.g. ``{"spare_worker": True, "keep_alive_s": 60}``
     #: (the spare is off unless asked for, outside a server).
     pool_options: dict[str, Any] = field(default_factory=dict)
@@ -146,12 +151,17 @@ class _AdmittedLoad:
     prove: bool  # another user's gated model: ask the hub whether this caller may use it
 
 
+HEADER_MEMORY = 1 << 30
+"""Memory the helper that reads a checkpoint's headers may use (headers are capped at 100 MB each)."""
+
+
 class Hive:
     """Downloads, catalog and (later) workers, behind one asynchronous API."""
 
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
-        self.jobs = JobRegistry(retention_s=config.job_retention_s)
+        self.jobs = JobRegistry(retention_s=config.job_retention_s,
+                                kept_per_owner=config.user_limits.kept_jobs if config.service_mode else 0)
         self.catalog = Catalog(config.catalog_path)
         self.downloader = Downloader(
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
@@ -204,6 +214,7 @@ class Hive:
         if existing is not None:
             return existing
         self._check_cache(ref)
+        self._check_user_cap(principal, "downloads")
         job = self.jobs.create("download", key=key, owner=owner)
         job.meta.update(model_ref=str(ref), repo_id=ref.repo_id)
         job.request = {"model_ref": str(ref)}
@@ -282,6 +293,23 @@ class Hive:
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
             check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
+        if ref.scheme == "file" and not ref.is_gguf:
+            check_folder(ref.path or "")  # 400 now for a link out of the folder, before any job starts
+
+    _CAP_JOBS = {"workers": "load", "downloads": "download", "streams": "inference"}
+
+    def _check_user_cap(self, principal: Principal | None, cap: str) -> None:
+        """429 ``USER_LIMIT`` when a non-admin of a shared hive already holds its cap of ``cap``.
+
+        Counted now from the jobs running and (for workers) the pool's live workers, by owner.
+        """
+        if not self.config.service_mode or principal is None or principal.admin:
+            return
+        user = principal.name
+        held = {j.id for j in self.jobs.list(self._CAP_JOBS[cap]) if j.owner == user and not j.state.finished}
+        if cap == "workers":
+            held |= {w.id for w in self.pool.list() if w.owner == user and w.state not in ("failed", "stopped")}
+        check_cap(cap, getattr(self.config.user_limits, cap), len(held), user)
 
     def may_see_all(self, principal: Principal | None) -> bool:
         """Whether the caller may see server-wide internals (cache paths of unfinished downloads):
@@ -303,17 +331,27 @@ class Hive:
         from ..hub import gguf
 
         source = Path(entry.local_path)
-        if source.is_dir():  # a hub snapshot: the ref names the file inside it
-            source = source / (ref.filename or "")
+        if source.is_dir():  # a hub snapshot: the ref names the file inside it, and it must stay there
+            from .confine import resolve_inside
+
+            source = resolve_inside(source, ref.filename or "")
         target = gguf.imported_dir(Path(self.config.cache_dir), source)
         folder = await asyncio.to_thread(
-            gguf.import_gguf, source, target, cancel=job.cancel_event,
+            gguf.import_gguf_isolated, source, target, cancel=job.cancel_event, memory_bytes=self._import_budget(),
             on_progress=lambda p: job.publish_threadsafe(ImportProgress(step=p.step, fraction=p.fraction)))
         await asyncio.sleep(0)  # let the last threadsafe progress event land first
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         return CatalogEntry(ref=entry.ref, repo_id=entry.repo_id, revision=entry.revision, local_path=str(folder),
                             size_bytes=sum((folder / f).stat().st_size for f in files), files=files,
                             source=entry.source, restricted=entry.restricted)
+
+    def _import_budget(self) -> int:
+        """Bytes a GGUF import's helper process may grow by: the configured cap, else what the host has free."""
+        if self.config.import_memory_mb:
+            return self.config.import_memory_mb * 2**20
+        from ..engine.devices import _meminfo
+
+        return _meminfo()[1]
 
     def _check_cache(self, ref: ModelRef) -> None:
         """403 ``CACHE_NOT_WRITABLE`` now, not an error event later, when the download could not be stored."""
@@ -376,7 +414,7 @@ class Hive:
         self._check_not_in_use(str(ref))
         self.catalog.remove(str(ref))
         if entry.source == "hub":
-            _remove_snapshot(Path(entry.local_path), still_used={Path(e.local_path) for e in self.catalog.list()})
+            remove_snapshot(Path(entry.local_path), still_used={Path(e.local_path) for e in self.catalog.list()})
         self._feed("catalog", {"action": "removed", "model": entry.to_dict()})
 
     def _check_not_in_use(self, ref: str) -> None:
@@ -435,6 +473,7 @@ class Hive:
                     hf_token: str | None, *, devices: list[Any] | None = None) -> _AdmittedLoad | Job:
         """Every check of a load that needs no checkpoint read; an engine registration is done here."""
         owner = principal.name if principal is not None else owner
+        self._check_user_cap(principal, "workers")
         if not isinstance(body, LoadRequest) and backend_of(body) == "openai":
             return self._register_engine(EngineSpec.from_json(body), owner=owner)
         req = body if isinstance(body, LoadRequest) else LoadRequest.from_json(body)
@@ -481,7 +520,7 @@ class Hive:
 
     def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:
         req, entry = admitted.req, admitted.entry
-        worker_id = "w-" + uuid4().hex[:10]
+        worker_id = new_id("w-")
         plan = self._place(req, blocks, worker_id) if blocks is not None else None
         job = self.jobs.create("load", owner=admitted.owner, job_id=worker_id)
         job.meta.update(model_ref=str(req.ref), worker_id=worker_id)
@@ -491,7 +530,7 @@ class Hive:
 
     def _register_engine(self, spec: EngineSpec, *, owner: str | None) -> Job:
         """An external engine becomes a worker; its load job ends ``ready`` once the engine answers."""
-        job = self.jobs.create("load", owner=owner, job_id="w-" + uuid4().hex[:10])
+        job = self.jobs.create("load", owner=owner, job_id=new_id("w-"))
         job.meta.update(model_ref=spec.model_ref, worker_id=job.id, backend="openai")
 
         async def register(job: Job) -> None:
@@ -499,13 +538,17 @@ class Hive:
             await job.wait()
         return self.jobs.start(job, register)
 
-    @staticmethod
-    def _blocks(req: LoadRequest, path: str) -> list[Any]:
+    def _blocks(self, req: LoadRequest, path: str) -> list[Any]:
         """The checkpoint's blocks to place; none for an embedding model (it loads whole, see ``_place``)."""
         from ..engine.loader import plan_blocks
 
         if _kind_of(req, path) == EMBEDDING:
             return []
+        if self.config.service_mode:  # a user's files: a helper with a memory limit reads the headers first
+            from ..hub.isolate import run_isolated
+
+            run_isolated("rbee_jupyter.core.checkpoint:probe", {"folder": str(path)}, memory_bytes=HEADER_MEMORY,
+                         what=f"Reading the safetensors headers of {Path(path).name}")
 
         # One at a time: the first call imports transformers, whose lazy imports fail
         # ("cannot import name AutoConfig") in a second thread while the first is mid-way.
@@ -679,6 +722,7 @@ class Hive:
             worker_id, model_ref = body.get("worker_id"), body.get("model_ref")
         owner = principal.name if principal is not None else owner
         worker = self.pick_worker(worker_id=worker_id, model_ref=model_ref, principal=principal)
+        self._check_user_cap(principal, "streams")
         job = self.jobs.create("inference", owner=owner, error_style="type")
         job.meta.update(worker_id=worker.id, model_ref=worker.model_ref)
         raw = body if not isinstance(body, GenerationRequest) else {
@@ -859,20 +903,3 @@ def register_local(ref: ModelRef) -> CatalogEntry:
         files = names
         size = sum((path / n).stat().st_size for n in names)
     return CatalogEntry(ref=str(ref), local_path=str(path), size_bytes=size, files=files, source="file")
-
-
-def _remove_snapshot(snapshot: Path, *, still_used: set[Path]) -> None:
-    """Delete a snapshot and the blobs only it pointed at; the repo folder goes when empty."""
-    if not snapshot.exists():
-        return
-    repo_dir = snapshot.parent.parent
-    keep = set()
-    for other in still_used:
-        if other.parent.parent == repo_dir and other.exists():
-            keep |= {p.resolve() for p in other.rglob("*") if p.is_symlink()}
-    blobs = {p.resolve() for p in snapshot.rglob("*") if p.is_symlink()}
-    shutil.rmtree(snapshot, ignore_errors=True)
-    for blob in blobs - keep:
-        blob.unlink(missing_ok=True)
-    if not any((repo_dir / "snapshots").iterdir()):
-        shutil.rmtree(repo_dir, ignore_errors=True)

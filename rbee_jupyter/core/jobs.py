@@ -18,11 +18,11 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .ids import new_id
 from ..errors import Cancelled, JobNotFound, RbeeError
 from ..events import ErrorEvent, Event, dumps, sse_event
 
@@ -67,7 +67,7 @@ class Job:
     def __init__(self, kind: str, *, job_id: str | None = None, key: Any = None,
                  owner: str | None = None, error_style: str = "stage",
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.id = job_id or uuid.uuid4().hex[:12]
+        self.id = job_id or new_id()
         self.kind = kind
         self.key = key
         self.owner = owner
@@ -325,8 +325,11 @@ class Subscription:
 class JobRegistry:
     """All jobs of a hive by id; finished ones are dropped ``retention_s`` later."""
 
-    def __init__(self, *, retention_s: float = 600.0) -> None:
+    def __init__(self, *, retention_s: float = 600.0, kept_per_owner: int = 0) -> None:
         self.retention_s = retention_s
+        #: Finished jobs kept per owner (0: no cap): a user firing requests cannot fill the
+        #: server's memory with event logs; their oldest finished jobs are forgotten first.
+        self.kept_per_owner = kept_per_owner
         self._jobs: dict[str, Job] = {}
         self._active_keys: dict[Any, str] = {}
         self._listeners: list[Callable[[str, Job], None]] = []
@@ -386,6 +389,10 @@ class JobRegistry:
             del self._active_keys[job.key]
         self._notify("finished", job)
         asyncio.get_running_loop().call_later(self.retention_s, self._jobs.pop, job.id, None)
+        if self.kept_per_owner > 0 and job.owner is not None:
+            kept = [j.id for j in self._jobs.values() if j.owner == job.owner and j.state.finished]
+            for old in kept[:max(0, len(kept) - self.kept_per_owner)]:  # dicts keep creation order
+                self._jobs.pop(old, None)
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Cancel every running job and wait (bounded) for their tasks to end."""

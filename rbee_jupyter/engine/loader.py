@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import re
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,10 +32,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..core.checkpoint import MAX_HEADER_BYTES, checkpoint_files, read_header
+from ..core.confine import check_folder
 from ..errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
 from ..protocol import DTYPE_NAMES, QUANTIZATIONS
 
-__all__ = ["BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
+__all__ = ["MAX_HEADER_BYTES", "BlockInfo", "LoadProgress", "load_model", "plan_blocks", "device_map_for",
            "QUANTIZATIONS", "DTYPES"]
 
 Quantization = Literal["nf4", "fp4", "int8"]
@@ -183,54 +183,26 @@ class _TensorMeta:
         return math.prod(self.shape) * _SAFETENSORS_DTYPE_BYTES.get(self.dtype, 1)
 
 
-def _read_header(file: Path) -> dict[str, _TensorMeta]:
-    """Parse and check a safetensors header, so a truncated or corrupt file fails before loading starts."""
-    size = file.stat().st_size
-    try:
-        with file.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(fh.read(n))
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise InvalidCheckpoint(f"{file.name} is not a valid safetensors file ({exc}); download it again.",
-                                details={"file": str(file)}) from None
-    if 8 + n + end != size:
-        raise InvalidCheckpoint(
-            f"{file.name} is truncated or corrupt: its header describes {8 + n + end} bytes but the file has "
-            f"{size}; download it again.", details={"file": str(file), "expected_bytes": 8 + n + end,
-                                                   "actual_bytes": size})
-    return {k: _TensorMeta(file, k, v["dtype"], tuple(v["shape"])) for k, v in tensors.items()}
-
-
 def _checkpoint_tensors(folder: Path) -> dict[str, _TensorMeta]:
     """Every tensor of a single-file or sharded safetensors checkpoint, from headers only."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise InvalidCheckpoint(f"{index.name} is not a valid shard index ({exc}).",
-                                    details={"file": str(index)}) from None
-        files = sorted(set(weight_map.values()))
-    elif single.is_file():
-        files = [single.name]
-    else:
-        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-        hint = f" (found {', '.join(others)}: convert it to safetensors)" if others else ""
-        raise InvalidCheckpoint(f"No model.safetensors (or model.safetensors.index.json) in {folder}{hint}.",
-                                details={"path": str(folder)})
-    tensors: dict[str, _TensorMeta] = {}
-    for name in files:
-        file = folder / name
-        if not file.is_file():
-            raise InvalidCheckpoint(f"Shard {name} listed in the index is missing from {folder}; download it again.",
-                                    details={"file": str(file)})
-        tensors.update(_read_header(file))
-    return tensors
+    return {key: _TensorMeta(file, key, dtype, shape)
+            for file in checkpoint_files(folder) for key, (dtype, shape) in read_header(file).items()}
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The folder's tokenizer, read only from inside it (links checked) and never running its code.
+
+    Raises:
+        InvalidCheckpoint: a file of the folder leads outside it, or the tokenizer cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    root = check_folder(path).root
+    try:
+        return AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
+        raise InvalidCheckpoint(f"The tokenizer in {path} cannot be loaded: {exc}", details={"path": str(path)}) \
+            from None
 
 
 def _load_config(folder: Path):
@@ -476,7 +448,7 @@ class _Prepared:
 
 
 def _prepare(path: str | Path, quantization, dtype, compute_dtype=None, double_quant: bool = False) -> _Prepared:
-    folder = Path(path).expanduser()
+    folder = check_folder(path).root  # every link stays inside; from here on only resolved paths are read
     config = _load_config(folder)
     opts = _resolve_options(config, quantization, dtype, compute_dtype, double_quant)
     tensors = _checkpoint_tensors(folder)

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import Cancelled, InsufficientDisk, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory, \
-    RbeeError
+from ..errors import (Cancelled, InsufficientDisk, InsufficientRam, InvalidCheckpoint, InvalidRequest, ModelNotFound,
+                      OutOfMemory, RbeeError)
 from ..core.procs import pid_alive as _pid_alive
 from ..quiet import transformers_bars_off
 
@@ -185,6 +185,13 @@ def _read_header(gguf_file: Path) -> tuple[str, int, Any]:
     size = gguf_file.stat().st_size
     try:
         header = GgufHeader.from_file(str(gguf_file))
+    except MemoryError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:  # mapping the file failed under a memory limit: not the file's fault
+            raise MemoryError(str(exc)) from None
+        raise InvalidCheckpoint(f"{gguf_file.name} cannot be read ({exc}).", details={"file": str(gguf_file)}) \
+            from None
     except Exception as exc:  # a corrupt file fails in many ways: struct, Value, Key, Unicode...
         raise InvalidCheckpoint(f"{gguf_file.name} is not a readable GGUF file ({type(exc).__name__}: {exc}); "
                                 "download it again.", details={"file": str(gguf_file)}) from None
@@ -207,6 +214,19 @@ def _check_disk(target_parent: Path, need: int) -> None:
             f"Importing needs about {need // _MIB} MB in {target_parent} but only {free // _MIB} MB are free; "
             "free some space or choose another cache folder.",
             details={"need_mb": need // _MIB, "have_mb": free // _MIB, "path": str(target_parent)})
+
+
+def _check_ram(weight_bytes: int) -> None:
+    """Dequantizing holds the whole model in host memory: refuse before starting when it cannot fit."""
+    from ..engine.devices import _meminfo
+
+    _, available = _meminfo()
+    need = int(weight_bytes * 1.2) + 256 * _MIB  # the model, save_pretrained's buffers, the libraries
+    if available < need:
+        raise InsufficientRam(
+            f"Importing needs about {need // _MIB} MB of host memory but only {available // _MIB} MB are available; "
+            "free some memory (unload models) or import a smaller file.",
+            details={"need_mb": need // _MIB, "have_mb": available // _MIB})
 
 
 def _prepare_target(out_dir: Path) -> None:
@@ -292,6 +312,35 @@ def _tensor_progress(report: Callable[[str, float], None], cancel: threading.Eve
 
 # --- the import ----------------------------------------------------------------------------
 
+def import_gguf_isolated(gguf_file: str | Path, out_dir: str | Path, *, memory_bytes: int,
+                         on_progress: Callable[[ImportProgress], None] | None = None,
+                         cancel: threading.Event | None = None) -> Path:
+    """:func:`import_gguf` in a child process whose memory may grow by at most ``memory_bytes``.
+
+    What a server does with a file a user named: the GGUF's metadata and tensors are parsed
+    and dequantized in the child (:mod:`.isolate`), so a hostile or oversized file costs that
+    child, never the server. Same results, progress and errors as :func:`import_gguf`, plus
+    ``OutOfMemory`` past the limit; a cancel kills the child and its temporary folder is
+    swept at once.
+    """
+    from .isolate import run_isolated
+
+    out_dir = Path(out_dir).expanduser().absolute()
+    try:
+        done = run_isolated(f"{__name__}:_import_in_child", {"gguf_file": str(gguf_file), "out_dir": str(out_dir)},
+                            memory_bytes=memory_bytes, cancel=cancel, preload=("torch", "transformers"),
+                            on_message=None if on_progress is None else lambda m: on_progress(ImportProgress(*m)),
+                            what=f"The GGUF import of {Path(gguf_file).name}")
+    except BaseException:
+        _sweep_stale(out_dir)  # the child is gone: its temporary folder goes too
+        raise
+    return Path(done)
+
+
+def _import_in_child(emit: Callable[[Any], None], *, gguf_file: str, out_dir: str) -> str:
+    return str(import_gguf(gguf_file, out_dir, on_progress=lambda p: emit([p.step, p.fraction])))
+
+
 def import_gguf(
     gguf_file: str | Path,
     out_dir: str | Path,
@@ -338,6 +387,7 @@ def import_gguf(
     architecture, weight_bytes, dtype = _read_header(gguf_file)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(out_dir.parent, weight_bytes)
+    _check_ram(weight_bytes)
     _sweep_stale(out_dir)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_TMP_INFIX}{os.getpid()}-", dir=out_dir.parent))

@@ -104,9 +104,9 @@ def load_model(ref: str, *, quantization: str | None = None, device: str | Seque
                          on_progress=on_progress, cancel=cancel)
     try:
         model = future.result()
-        from transformers import AutoTokenizer
+        from ..engine.loader import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     except KeyboardInterrupt:
         cancel.set()
         if view is not None:

@@ -93,13 +93,20 @@ def _token(serverapp: Any) -> str:
     return token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
 
 
-def publish(serverapp: Any) -> dict[str, str]:
+def publish(serverapp: Any, *, with_token: bool = True) -> dict[str, str]:
     """Set the variables in this (the server's) process so kernels started from now on inherit them.
 
     Idempotent; returns what was set. :func:`unpublish` restores the previous values.
+
+    Args:
+        with_token: publish the server's token too. A shared hive (service mode) passes False:
+            its token (or the hub API token it falls back to) would let any kernel's code act
+            as the server; kernels there authenticate as their own user instead.
     """
     global _previous
     env = server_env(serverapp)
+    if not with_token:
+        del env[ENV_TOKEN]
     if _previous is None:
         _previous = {name: os.environ.get(name) for name in VARIABLES}
     for name in VARIABLES:

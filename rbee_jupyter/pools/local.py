@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 from traitlets import Bool, Dict, Float, Instance, Unicode, Union, default
 
+from ..core.ids import new_id
 from ..core.jobs import Job
 from ..errors import Cancelled, RbeeError, WorkerDied
 from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerInfo, WorkerSpec, WorkerState
@@ -98,7 +98,7 @@ class LocalProcessPool(WorkerPool):
     # --- loading ---------------------------------------------------------------------------
 
     async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
-        worker_id = spec.worker_id or f"w-{uuid.uuid4().hex[:10]}"
+        worker_id = spec.worker_id or new_id("w-")
         config = spec.worker_config(worker_id)
         log_path = None
         if self._log_dir is not None:

@@ -43,9 +43,10 @@ import contextlib
 import json
 import logging
 import os
+import secrets
+import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 from traitlets import Dict, Float, List, Unicode
 
+from ..core.ids import new_id
 from ..core.jobs import Job
 from ..errors import (Cancelled, ClusterUnavailable, InvalidRequest, ModelNotLoaded, RbeeError, WorkerDied,
                       error_from_json)
@@ -74,6 +76,38 @@ _BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "TPU", "NPU", "HPU", "memory", "ob
 #: How much of a node's name resource one worker takes: effectively unlimited workers per node.
 _NAME_SHARE = 0.001
 _UNLIMITED_LAG = 1 << 30  # the actor relays every event; the hive's subscribers do their own skipping
+
+
+# --- the private cluster -------------------------------------------------------------------
+
+def private_cluster_options(token_dir: str | None = None) -> dict[str, Any]:
+    """``ray.init`` options for the cluster the hive starts itself (no ``ray_address``); sets up its token.
+
+    Anyone who can reach a Ray cluster's ports can run code on it as the server's user. So
+    the private one starts no dashboard (an HTTP API that submits jobs) and requires Ray's
+    token authentication (``RAY_AUTH_MODE=token``, Ray >= 2.40) with a fresh token in a file
+    only this user can read, whose path (``RAY_AUTH_TOKEN_PATH``) the raylet and actors
+    inherit; a client without it is refused. Loopback only is not something Ray 2.60 offers:
+    its gRPC servers listen on every interface whatever ``_node_ip_address`` says (and with
+    127.0.0.1 there its node did not start here), so the token is what closes them; a firewall
+    in front of the host's ephemeral ports is the second line (docs/cluster.md). Workers
+    started by the local pool never get the token (see :mod:`~rbee_jupyter.worker.environment`).
+    A cluster named by ``c.RayPool.address`` is someone else's to secure: docs/cluster.md
+    says what it needs.
+    """
+    folder = tempfile.mkdtemp(prefix="rbee-ray-auth-", dir=token_dir)  # mode 0700
+    path = os.path.join(folder, "auth_token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # would win over the file
+    with contextlib.suppress(ImportError, AttributeError):  # Ray caches its config when imported; refresh
+        from ray._raylet import Config  # it, as ray.init does itself when it turns token mode on
+
+        Config.initialize("")
+    return {"include_dashboard": False}
 
 
 # --- inside the actor ---------------------------------------------------------------------
@@ -242,7 +276,8 @@ class RayPool(WorkerPool):
         """Connect to the cluster (a thread: ray.init takes seconds, the server must not wait)."""
         try:
             if not ray.is_initialized():
-                ray.init(address=self.address, namespace=self.namespace, log_to_driver=False)
+                private = {} if self.address else private_cluster_options()
+                ray.init(address=self.address, namespace=self.namespace, log_to_driver=False, **private)
                 self._owns_ray = True
         except BaseException as exc:  # noqa: BLE001 - reported to every request that needs the cluster
             log.error("rbee: cannot connect to the Ray cluster at %s: %s", self.address or "(local)", exc)
@@ -307,7 +342,7 @@ class RayPool(WorkerPool):
     # --- loading -------------------------------------------------------------------------------
 
     async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
-        worker_id = spec.worker_id or f"w-{uuid.uuid4().hex[:10]}"
+        worker_id = spec.worker_id or new_id("w-")
         config = spec.worker_config(worker_id, device_map=_visible_cuda(spec.device_map), watch_stdin=False)
         try:
             await asyncio.to_thread(self._ensure_connected)

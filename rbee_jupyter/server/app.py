@@ -12,6 +12,7 @@ from traitlets.config import Config
 
 from .. import __version__
 from ..core.hive import Hive, HiveConfig
+from ..core.limits import UserLimits
 from ..core.paths import default_cache_dir, default_catalog_path
 from ..pools.base import Pool, under_jupyterhub
 from ..pools.engines import OpenAIEnginePool
@@ -279,6 +280,37 @@ class RbeeApp(ExtensionApp):
              "is never used for users' requests. Ignored outside service_mode.",
     )
 
+    max_user_workers = Int(
+        4, config=True,
+        help="In service_mode, most workers one user (not an admin) may have loading or loaded at once, "
+             "external engines included; one more is refused with 429 USER_LIMIT. 0: no cap. Default 4.",
+    )
+
+    max_user_downloads = Int(
+        2, config=True,
+        help="In service_mode, most downloads one user (not an admin) may have running at once (joining a "
+             "download already running is free); one more is refused with 429 USER_LIMIT. 0: no cap. Default 2.",
+    )
+
+    max_user_streams = Int(
+        8, config=True,
+        help="In service_mode, most generations one user (not an admin) may have streaming at once, OpenAI "
+             "routes included; one more is refused with 429 USER_LIMIT. 0: no cap. Default 8.",
+    )
+
+    max_user_jobs = Int(
+        100, config=True,
+        help="In service_mode, most finished jobs (with their events, for late readers) kept per user; beyond "
+             "it that user's oldest are forgotten before job_retention_s. 0: no cap. Default 100.",
+    )
+
+    import_memory_mb = Int(
+        None, allow_none=True, config=True,
+        help="Megabytes of memory a GGUF import may use; it runs in a helper process with this address-space "
+             "limit (RLIMIT_AS, on top of its libraries), so a hostile or oversized file fails with OUT_OF_MEMORY "
+             "instead of exhausting the server. Default None: the host's available memory when the import starts.",
+    )
+
     def _jupyter_server_config(self) -> dict:
         """Server settings when launched as `jupyter rbee`: in service mode, the hub's auth and address."""
         config = super()._jupyter_server_config()
@@ -353,6 +385,9 @@ class RbeeApp(ExtensionApp):
             service_mode=self.service_mode, admin_users=frozenset(self.admin_users),
             allowed_local_dirs=tuple(self.allowed_local_dirs), share_server_token=self.share_server_token,
             parent=self, pool_config=self._pool_config(),
+            user_limits=UserLimits(workers=self.max_user_workers, downloads=self.max_user_downloads,
+                                   streams=self.max_user_streams, kept_jobs=self.max_user_jobs),
+            import_memory_mb=self.import_memory_mb,
         )
         self.hive = Hive(config)
         pool = self.hive.pool.primary
@@ -383,7 +418,7 @@ class RbeeApp(ExtensionApp):
         from ..core.feed import ensure_feed
         from ..kernel.kernel_env import publish
 
-        publish(serverapp)
+        publish(serverapp, with_token=not self.service_mode)  # a shared hive's token stays in the server
         ensure_feed(self.hive)  # from now on, so resuming clients find what happened
         self.hive.pool.warm_up()  # e.g. the spare worker's imports, while the user opens a notebook
         for entry in self.engines:  # registered in the background: an engine that is down shows as failed

@@ -28,8 +28,15 @@ AUTH_RESOURCE = "rbee"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+@web.stream_request_body
 class RbeeHandler(APIHandler):
-    """Base: the hive and settings come in through ``initialize``; errors become JSON."""
+    """Base: the hive and settings come in through ``initialize``; errors become JSON.
+
+    Bodies are streamed in, not buffered by Tornado first: ``prepare`` runs after the headers,
+    so a declared ``Content-Length`` over ``max_body_bytes`` gets 413 before one byte of the body
+    is read, and a chunked one is cut off by the connection at the same limit (Tornado's own
+    limit is the server's 512 MiB, meant for file uploads, and applies to every route).
+    """
 
     auth_resource = AUTH_RESOURCE
 
@@ -38,11 +45,22 @@ class RbeeHandler(APIHandler):
         self.hive: Hive = app.hive
         self._rbee_subscription = None
         self._rbee_owned_job = None
+        self._rbee_body: bytearray | None = None
 
     def prepare(self):  # type: ignore[override]
-        if len(self.request.body or b"") > self.app.max_body_bytes:
-            raise web.HTTPError(413, f"The request body is larger than {self.app.max_body_bytes} bytes.")
+        limit = self.app.max_body_bytes
+        declared = self.request.headers.get("Content-Length", "0")
+        if not declared.isdigit() or int(declared) > limit:
+            raise web.HTTPError(413, f"The request body is larger than {limit} bytes.")
+        self.request.connection.set_max_body_size(limit)  # chunked bodies: the connection stops at it
+        self._rbee_body = bytearray()
         return super().prepare()
+
+    def data_received(self, chunk: bytes) -> None:
+        """One piece of the body; the whole is ``request.body`` once the verb runs."""
+        if getattr(self, "_rbee_body", None) is not None:  # None: refused in prepare, nothing to keep
+            self._rbee_body += chunk
+            self.request.body = bytes(self._rbee_body)
 
     def json_body(self) -> dict[str, Any]:
         """The body as a JSON object, or 400 saying what is wrong with it."""
@@ -106,6 +124,9 @@ class RbeeHandler(APIHandler):
             body = {"error": {"code": HTTP_ERROR_CODES.get(status_code, "INTERNAL_ERROR" if status_code >= 500
                                                        else f"HTTP_{status_code}"),
                               "message": message, "details": {}}}
+        body_read = getattr(self.request, "_body_future", None)
+        if body_read is not None and not body_read.done():  # refused before its body: Tornado drops the connection
+            self.set_header("Connection", "close")
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(body))
 

@@ -29,7 +29,7 @@ from .tools import ToolAnswer, tool_fields
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "invalid_request_error", 413: "invalid_request_error",
-                503: "server_error"}
+                429: "rate_limit_error", 503: "server_error"}
 
 
 class OpenAIHandler(RbeeHandler):

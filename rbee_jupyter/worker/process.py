@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoadingTimeout, RbeeError, WorkerDied
+from .environment import worker_env
 from .protocol import SECRET_ENV, SPARE_ENV, SPARE_READY, WorkerConfig, describe_exit
 
 __all__ = ["WorkerProcess", "child_worker_pids"]
@@ -61,7 +62,7 @@ class WorkerProcess:
         the stdin lifeline (a spare: through EOF on stdin while it waits).
         """
         secret = secrets.token_urlsafe(32)
-        full_env = {**os.environ, **(env or {}), SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}
+        full_env = {**worker_env(env), SECRET_ENV: secret, "PYTHONUNBUFFERED": "1"}  # no secret of the server
         if spare:
             full_env[SPARE_ENV] = "1"
         try:
@@ -229,11 +230,12 @@ class WorkerProcess:
             self.proc.stdin.close()
 
 
-def child_worker_pids(parent: int | None = None) -> set[int]:
+def child_worker_pids(parent: int | None = None, *, marker: bytes = b"rbee_jupyter.worker") -> set[int]:
     """Live worker processes whose parent is ``parent`` (default: this process); zombies count as gone.
 
     Linux only (reads /proc; elsewhere: empty). For shutdown checks and tests that assert no
-    worker outlives its pool.
+    worker outlives its pool. ``marker``: what the command line holds (another kind of child,
+    e.g. ``b"ipykernel"`` for a server's kernels).
     """
     parent = os.getpid() if parent is None else parent
     pids: set[int] = set()
@@ -249,6 +251,6 @@ def child_worker_pids(parent: int | None = None) -> set[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
-        if fields[0] != "Z" and int(fields[1]) == parent and b"rbee_jupyter.worker" in cmdline:
+        if fields[0] != "Z" and int(fields[1]) == parent and marker in cmdline:
             pids.add(int(entry.name))
     return pids

@@ -89,7 +89,7 @@ class WorkerRuntime:
         timeline = self.load_timeline
         try:
             from ..engine.generate import Generator
-            from ..engine.loader import load_model
+            from ..engine.loader import load_model, load_tokenizer
 
             timeline.mark("imports")
             c = self.config
@@ -98,8 +98,8 @@ class WorkerRuntime:
             model = load_model(c.model_path, quantization=c.quantization, dtype=c.dtype,
                                double_quant=c.double_quant, compute_dtype=c.compute_dtype,
                                device_map=c.device_map, on_progress=self._on_progress, cancel=self.load_cancel)
-            generator = Generator(model, _tokenizer(c.model_path))
-            validator = Generator(model, _tokenizer(c.model_path))
+            generator = Generator(model, load_tokenizer(c.model_path))
+            validator = Generator(model, load_tokenizer(c.model_path))
             timeline.mark("finish")
         except BaseException as exc:  # noqa: BLE001 - every failure must become an error event
             self._load_crashed(exc)
@@ -348,18 +348,6 @@ def _seconds_env(name: str) -> float:
         return max(0.0, float(os.environ.get(name, "") or 0.0))
     except ValueError:
         return 0.0
-
-
-def _tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    from ..errors import InvalidCheckpoint
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
-        raise InvalidCheckpoint(f"The tokenizer in {path} cannot be loaded: {exc}",
-                                details={"path": path}) from None
 
 
 def _as_rbee_error(exc: BaseException) -> RbeeError:
