@@ -61,6 +61,16 @@ class ContextTooLong(InvalidRequest):
     code = "CONTEXT_TOO_LONG"
 
 
+class InvalidSchema(InvalidRequest):
+    """``response_format.json_schema.schema`` (or a tool's parameters) is not a valid JSON Schema."""
+    code = "INVALID_SCHEMA"
+
+
+class UnsupportedSchema(InvalidRequest):
+    """A valid JSON Schema that constrained decoding cannot enforce; the message names the keyword."""
+    code = "UNSUPPORTED_SCHEMA"
+
+
 class InvalidCheckpoint(InvalidRequest):
     """A model folder lacks config.json or safetensors, or a file in it is corrupt."""
     code = "INVALID_CHECKPOINT"

@@ -18,8 +18,10 @@ from enum import Enum
 from typing import Any
 
 from .errors import InvalidRequest
+from .response_format import ResponseFormat
 
-__all__ = ["WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
+__all__ = ["WORKER_KINDS", "EMBEDDING",
+           "WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
            "GenerationRequest", "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH",
            "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request",
            "Record", "CatalogEntry", "DeviceInfo"]
@@ -84,7 +86,10 @@ DTYPES: dict[str, str] = {"float32": "float32", "fp32": "float32", "bfloat16": "
 #: The canonical dtype names.
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
-ROLES = frozenset({"system", "user", "assistant"})
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+#: What a worker's model does: generate text, or embed it (a sentence-transformers model).
+WORKER_KINDS = ("generate", "embedding")
+EMBEDDING = "embedding"
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 """Longest stop string: the matcher holds back and rescans up to this much text at every token."""
@@ -105,6 +110,8 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     repetition_penalty: float = 1.0
+    response_format: ResponseFormat | None = None  # constrained decoding (engine/grammar.py)
+    tools: list[dict] | None = None  # function definitions the chat template renders
 
     @classmethod
     def from_json(cls, body: Any, *, max_tokens_limit: int = MAX_TOKENS_LIMIT) -> GenerationRequest:
@@ -127,11 +134,16 @@ class GenerationRequest:
             seed=_seed(body),
             stop=_stop(body),
             repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, low_open=True),
+            response_format=ResponseFormat.from_json(body.get("response_format")),
+            tools=_tools(body),
         )
 
     def to_json(self) -> dict[str, Any]:
         """The body that :meth:`from_json` reads back as this request (unset fields left out)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.response_format is not None:
+            out["response_format"] = self.response_format.to_json()
+        return out
 
 
 
@@ -175,10 +187,41 @@ def _messages(messages: Any) -> list[dict]:
             raise _bad("messages", f"'messages[{i}]' must be an object with 'role' and 'content'")
         if msg.get("role") not in ROLES:
             raise _bad("messages", f"'messages[{i}].role' must be one of {sorted(ROLES)}")
-        if not isinstance(msg.get("content"), str):
+        calls = msg.get("tool_calls") if msg["role"] == "assistant" else None
+        if calls is not None and not isinstance(calls, list):
+            raise _bad("messages", f"'messages[{i}].tool_calls' must be a list")
+        if not isinstance(msg.get("content"), str) and not (calls and msg.get("content") is None):
             raise _bad("messages", f"'messages[{i}].content' must be a string")
-        out.append({"role": msg["role"], "content": msg["content"]})
+        item = {"role": msg["role"], "content": msg.get("content") or ""}
+        if calls:  # an earlier turn's calls, rendered by the chat template (its arguments as objects)
+            item["tool_calls"] = [_template_call(c, i) for c in calls]
+        if msg["role"] == "tool" and isinstance(msg.get("tool_call_id"), str):
+            item["tool_call_id"] = msg["tool_call_id"]
+        out.append(item)
     return out
+
+
+def _template_call(call: Any, i: int) -> dict:
+    """An OpenAI tool call of a past assistant turn, with ``arguments`` parsed for the chat template."""
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise _bad("messages", f"'messages[{i}].tool_calls' items must be "
+                               "{\"function\": {\"name\", \"arguments\"}}")
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise _bad("messages", f"'messages[{i}].tool_calls' arguments must be JSON") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
+def _tools(body: Mapping) -> list[dict] | None:
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+        raise _bad("tools", "'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects")
+    return [dict(t) for t in tools] or None
 
 
 def _max_tokens(body: Mapping, limit: int) -> int:
@@ -331,6 +374,7 @@ class WorkerInfo(Record):
     layers_loaded: int = 0
     layers_total: int = 0
     node: str | None = None  # the cluster node it runs on; None: this machine
+    kind: str = "generate"  # what its model does: "generate" text or "embedding" vectors
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -379,6 +423,7 @@ class WorkerSpec:
     kv_budget_mb: float | None = None  # None: the worker picks from the memory free after loading
     worker_id: str | None = None  # the hive names workers before they start (their load job's id)
     node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
+    kind: str = "generate"  # "embedding": a sentence-transformers model served by worker/embedding.py
 
     def worker_config(self, worker_id: str, **overrides: Any) -> WorkerConfig:
         """The start-up spec a worker reads: this load's fields plus the transport's ``overrides``."""
@@ -410,6 +455,7 @@ class WorkerConfig:
     kv_budget_mb: float | None = None
     keepalive_s: float = 10.0
     watch_stdin: bool = True
+    kind: str = "generate"  # "generate" (a causal LM) or "embedding" (a sentence-transformers model)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -432,6 +478,8 @@ class WorkerConfig:
         if config.kv_budget_mb is not None and (not isinstance(config.kv_budget_mb, (int, float))
                                                 or isinstance(config.kv_budget_mb, bool) or config.kv_budget_mb < 0):
             raise InvalidRequest("kv_budget_mb must be a number >= 0 (0: no limit) or null")
+        if config.kind not in WORKER_KINDS:
+            raise InvalidRequest(f"kind must be one of {', '.join(WORKER_KINDS)}")
         return config
 
     def to_json(self) -> str:

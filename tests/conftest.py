@@ -33,6 +33,16 @@ def rbee_worker(rbee_server):
 
 
 @pytest.fixture
+def openai_client(rbee_server):
+    """The official openai SDK against the session server's OpenAI-compatible routes."""
+    import openai
+
+    client = openai.OpenAI(base_url=rbee_server.url + "rbee/openai/v1", api_key=rbee_server.token, max_retries=0)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def no_worker_left_behind() -> Iterator[None]:
     """After the test, no worker process of this one may be alive (pools are closed inside tests).
 

@@ -12,10 +12,8 @@ PROMPT = "Once upon a time"
 
 
 @pytest.fixture
-def client(rbee_server, rbee_worker):
-    client = openai.OpenAI(base_url=rbee_server.url + "rbee/openai/v1", api_key=rbee_server.token, max_retries=0)
-    yield client
-    client.close()
+def client(openai_client, rbee_worker):
+    return openai_client
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from ..pools.base import Pool
 from ..pools.composite import CompositePool
 from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
 from ..pools.local import LocalProcessPool
-from ..protocol import (DTYPE_NAMES, DTYPES, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
-                        GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
+from ..protocol import (DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
+                        WORKER_KINDS, GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
 from .catalog import Catalog, CatalogEntry
 from .confine import check_folder, remove_snapshot
 from .ids import new_id
@@ -101,6 +101,7 @@ class LoadRequest:
     double_quant: bool = False
     max_memory: dict[str, Any] | None = None
     node: str | None = None
+    kind: str | None = None  # "generate" | "embedding"; None: "embedding" when the files say so
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> LoadRequest:
@@ -133,13 +134,18 @@ class LoadRequest:
         if node is not None and (not isinstance(node, str) or not node.strip()):
             raise InvalidRequest("node must be a non-empty string: a node's name or id (GET v1/workers shows "
                                  "where workers run).", details={"field": "node"})
-        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node)
+        kind = body.get("kind")
+        if kind is not None and kind not in WORKER_KINDS:
+            raise InvalidRequest(f"Unknown kind {kind!r}; use one of {', '.join(WORKER_KINDS)}, or leave it out "
+                                 "to detect it from the model's files.",
+                                 details={"field": "kind", "accepted": list(WORKER_KINDS)})
+        return cls(ref, device, quant, DTYPES.get(dtype) if dtype else None, double_quant, max_memory, node, kind)
 
     def to_json(self) -> dict[str, Any]:
         """The request as a ``POST v1/workers`` body again (normalised)."""
         return {"model_ref": str(self.ref), "device": self.device, "quantization": self.quantization,
                 "dtype": self.dtype, "double_quant": self.double_quant, "max_memory": self.max_memory,
-                "node": self.node}
+                "node": self.node, "kind": self.kind}
 
 
 @dataclass(frozen=True)
@@ -643,8 +649,11 @@ class Hive:
         return self.jobs.start(job, register)
 
     def _blocks(self, req: LoadRequest, path: str) -> list[Any]:
+        """The checkpoint's blocks to place; none for an embedding model (it loads whole, see ``_place``)."""
         from ..engine.loader import plan_blocks
 
+        if _kind_of(req, path) == EMBEDDING:
+            return []
         if self.config.service_mode:  # a user's files: a helper with a memory limit reads the headers first
             from ..hub.isolate import run_isolated
 
@@ -656,7 +665,7 @@ class Hive:
         with _BLOCKS_LOCK:
             return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
 
-    def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str]:
+    def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str] | str:
         """Plan against free memory, the allowed devices and the quota; reserve what the plan takes.
 
         Runs on the event loop, never in a thread, so the quota check and the reservation
@@ -664,6 +673,8 @@ class Hive:
         """
         from ..engine.devices import inventory, plan_placement
 
+        if not blocks:  # an embedding model: one device, the whole model on it
+            return _embedding_device(req.device, inventory())
         plan = plan_placement(blocks, req.device, inventory(), max_memory=req.max_memory,
                               allowed=self.config.allowed_devices, quota=self.quota())
         self._planned[worker_id] = dict(plan.bytes_per_device)
@@ -725,7 +736,8 @@ class Hive:
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
                           max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node,
-                          max_batch_size=self.config.max_batch_size, kv_budget_mb=self.config.kv_budget_mb)
+                          max_batch_size=self.config.max_batch_size, kv_budget_mb=self.config.kv_budget_mb,
+                          kind=_kind_of(req, entry.local_path))
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)
@@ -906,7 +918,7 @@ class Hive:
                 f"or %rbee load {what}.", details={"model_ref": what})
         return _by_preference(usable, principal, loads=self._loads())[0]
 
-    def resolve_model(self, model: Any, principal: Principal | None = None) -> WorkerInfo:
+    def resolve_model(self, model: Any, principal: Principal | None = None, *, kind: str = "generate") -> WorkerInfo:
         """An OpenAI ``model`` name → the best ready worker answering to it (:func:`worker_names`).
 
         Only workers the caller may use are candidates; their own come first, and a real holder
@@ -920,6 +932,12 @@ class Hive:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model is required: one of GET openai/v1/models.", details={"field": "model"})
         workers = [w for w in self.pool.list() if self.may_use_worker(principal, w)]
+        other = [w for w in workers if w.kind != kind and model in worker_names(w)]
+        workers = [w for w in workers if w.kind == kind]
+        if other and not any(model in worker_names(w) for w in workers):
+            raise InvalidRequest(f"The model {model!r} is an {other[0].kind} model; this route needs one that "
+                                 f"{'embeds' if kind == EMBEDDING else 'generates text'}.",
+                                 details={"field": "model", "kind": other[0].kind})
         ready = _by_preference([w for w in workers if w.ready], principal, model=model, loads=self._loads())
         for w in ready:
             if model in worker_names(w):
@@ -938,6 +956,28 @@ class Hive:
         """The ready workers the caller may use (what ``openai/v1/models`` lists)."""
         return [w for w in self.pool.list() if w.ready and self.may_use_worker(principal, w)]
 
+    async def embed(self, body: dict[str, Any], *, principal: Principal | None = None) -> dict[str, Any]:
+        """Embed ``body["input"]`` on an embedding worker (``worker_id`` or ``model_ref``, as for :meth:`infer`).
+
+        The body is validated here, before any worker is asked.
+
+        Returns:
+            ``{"embeddings": [base64 float32 per input], "dimension", "prompt_tokens"}``.
+
+        Raises:
+            InvalidRequest: a bad body, or a worker that generates instead of embedding.
+            AccessDenied: in service mode, a worker the caller may not use.
+        """
+        from ..engine.embed import EmbeddingRequest
+
+        req = EmbeddingRequest.from_json(body)
+        worker = self.pick_worker(worker_id=body.get("worker_id"), model_ref=body.get("model_ref"), principal=principal)
+        if worker.kind != EMBEDDING:
+            raise InvalidRequest(f"{worker.model_ref} (worker {worker.id}) generates text and does not embed; load "
+                                 "a sentence-transformers model (POST v1/workers with \"kind\": \"embedding\").",
+                                 details={"field": "model", "worker_id": worker.id, "kind": worker.kind})
+        return await self.pool.embed(worker.id, req.to_json())
+
     # --- server-wide feed -----------------------------------------------------------
 
     def _feed(self, topic: str, data: dict[str, Any]) -> None:
@@ -947,6 +987,23 @@ class Hive:
         if self.feed is not None:
             self.feed.publish(FeedEvent(topic=topic, data=data))
 
+
+def _kind_of(req: LoadRequest, path: str) -> str:
+    """The worker kind for a model: as asked, else ``embedding`` when its files are sentence-transformers'."""
+    from ..engine.embed import is_embedding_model
+
+    if req.kind is not None:
+        return req.kind
+    return EMBEDDING if is_embedding_model(path) else "generate"
+
+
+def _embedding_device(spec: str | list[str], devices: list[Any]) -> str:
+    """The one device an embedding model goes on: the first asked for; ``auto``: the first GPU, else the CPU."""
+    if isinstance(spec, list):
+        return spec[0]
+    if spec == "auto":
+        return next((d.name for d in devices if d.kind == "cuda"), "cpu")
+    return spec
 
 def _by_preference(workers: list[WorkerInfo], principal: Principal | None = None, *,
                    model: str | None = None, loads: dict[str, int] | None = None) -> list[WorkerInfo]:

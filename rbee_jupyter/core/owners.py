@@ -85,7 +85,8 @@ def may_see(principal: Principal | None, owner: str | None, *, shared: bool = Fa
 
 #: What users other than its owner see of a shared worker: no URL, owner, process or failure text.
 PUBLIC_WORKER_FIELDS = ("id", "model_ref", "state", "devices", "memory_mb", "quantization", "dtype", "created_at",
-                        "last_used", "layers_loaded", "layers_total", "backend", "model", "name", "shared", "load", "kind")
+                        "last_used", "layers_loaded", "layers_total", "backend", "model", "name", "shared", "load",
+                        "kind")
 
 
 def public_worker(info: dict[str, Any]) -> dict[str, Any]:

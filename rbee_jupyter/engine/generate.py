@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ContextTooLong, InvalidRequest
 from ..protocol import GenerationRequest, is_int as _is_int
+from .grammar import GrammarCompiler, GrammarMatcher
 
 __all__ = [
     "GenerationRequest",
@@ -353,6 +354,7 @@ class Generator:
         # transformers 5.2x renamed the KV-cache argument and output to ``cache`` and warns
         # on ``past_key_values``; older models and remote code still use the old name.
         self._cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
+        self._grammars: GrammarCompiler | None = None  # made on the first constrained request
 
     @property
     def tokens_computed(self) -> int:
@@ -360,7 +362,7 @@ class Generator:
 
     def encode(self, req: GenerationRequest) -> list[int]:
         """Prompt ids; raises before any compute if the request cannot fit the context."""
-        ids = self._chat_ids(req.messages) if req.messages is not None else \
+        ids = self._chat_ids(req.messages, req.tools) if req.messages is not None else \
             list(self.tokenizer(req.prompt)["input_ids"])
         if not ids:
             raise InvalidRequest("the prompt encodes to no tokens", details={"field": "prompt"})
@@ -371,13 +373,30 @@ class Generator:
                 f"model's context of {ctx}; shorten the prompt or lower max_tokens",
                 details={"prompt_tokens": len(ids), "max_tokens": req.max_tokens, "context_length": ctx},
             )
+        if req.response_format is not None:  # an uncompilable schema is a 400 now, not a late error event
+            self.grammar_compiler().compile(req.response_format)
         return ids
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def grammar_compiler(self) -> GrammarCompiler:
+        """This model's grammar compiler (its tokenizer, its logits' width, its EOS ids)."""
+        if self._grammars is None:
+            config = self.model.config
+            text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+            vocab = getattr(text, "vocab_size", None) or len(self.tokenizer)
+            self._grammars = GrammarCompiler(self.tokenizer, vocab_size=max(int(vocab), len(self.tokenizer)),
+                                             stop_token_ids=sorted(self.eos_token_ids))
+        return self._grammars
+
+    def grammar_matcher(self, req: GenerationRequest) -> GrammarMatcher | None:
+        """A fresh grammar state for one sequence of ``req``; None when its output is free text."""
+        return None if req.response_format is None else self.grammar_compiler().matcher(req.response_format)
+
+    def _chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("model has no chat template; send a prompt instead",
                                  details={"field": "messages"})
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        extra = {"tools": tools} if tools else {}
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(out, Mapping):  # transformers 5 returns a BatchEncoding by default
             out = out["input_ids"]
         return [int(i) for i in out]
@@ -471,19 +490,27 @@ class TokenStream(Iterator[TokenChunk]):
         gen, req = self._gen, self.request
         sampler = Sampler(req)
         sampler.observe(self.prompt_ids)
+        grammar = gen.grammar_matcher(req)
         past, step_ids = None, self.prompt_ids
         while self._clock.produced < req.max_tokens:
             if self._cancel is not None and self._cancel.is_set():
                 self._reason = "cancelled"
                 return
             logits, past = gen._forward(step_ids, past)
+            if grammar is not None:
+                logits = grammar.mask(logits)
             token = sampler(logits)
             self._clock.count()
             sampler.observe([token])
             if token in gen.eos_token_ids:
                 self._reason = "eos"
                 return
+            if grammar is not None:
+                grammar.advance(token)
             yield token
+            if grammar is not None and grammar.is_done():  # the document is whole: only EOS could follow
+                self._reason = "eos"
+                return
             step_ids = [token]
         self._reason = "length"
 

@@ -74,6 +74,7 @@ class Transport(Protocol):
     def stream(self, kind: str, job_id: str, *, last_event_id: int | None = 0,
                deadline: float | None = None) -> Iterator[tuple[int | None, dict[str, Any]]]: ...
     def infer(self, body: dict[str, Any]) -> InferenceStream: ...
+    def embed(self, body: dict[str, Any]) -> dict[str, Any]: ...
     def cancel(self, kind: str, job_id: str) -> None: ...
     def models(self) -> list[dict[str, Any]]: ...
     def delete_model(self, ref: str) -> None: ...
@@ -193,6 +194,15 @@ class HttpTransport:
                                     status=503) from None
             if retries < 0:
                 raise TimeoutError(f"The {kind} stream of {job_id} stayed silent.")
+
+    def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Through the OpenAI route (it takes a worker id or a ref as ``model``), as base64 float32."""
+        model = body.get("worker_id") or body.get("model_ref")
+        payload = {k: v for k, v in body.items() if k not in ("worker_id", "model_ref")}
+        answer = self._json("POST", "openai/v1/embeddings", json={**payload, "model": model,
+                                                                  "encoding_format": "base64"})
+        return {"embeddings": [d["embedding"] for d in answer["data"]],
+                "prompt_tokens": answer["usage"]["prompt_tokens"]}
 
     def infer(self, body: dict[str, Any]) -> _HttpInference:
         request = self.http.build_request("POST", "v1/inference", json=body,
@@ -578,6 +588,27 @@ if TYPE_CHECKING:
     from .batch import BatchResult
 
 
+def response_format_for(schema: Any) -> dict[str, Any]:
+    """``response_format`` for a pydantic model class or a JSON Schema dict."""
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return {"type": "json_schema", "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()}}
+    if isinstance(schema, dict):
+        return {"type": "json_schema", "json_schema": {"name": str(schema.get("title") or "answer"), "schema": schema}}
+    raise TypeError(f"schema must be a pydantic model class or a JSON Schema dict, not {type(schema).__name__}")
+
+
+def parse_structured(gen: Generation, schema: Any) -> Any:
+    """The finished generation's JSON as ``schema`` says: a validated model instance, or a dict."""
+    text = gen.text
+    if (gen.end or {}).get("stop_reason") == "length":
+        raise RbeeError(f"The answer was cut at max_tokens ({(gen.end or {}).get('total_tokens')} tokens) before "
+                        "its JSON was complete; raise max_tokens.", code="INCOMPLETE_OUTPUT", status=500,
+                        details={"text": text})
+    if isinstance(schema, type):
+        return schema.model_validate_json(text)
+    return json.loads(text)
+
+
 class Client:
     """The rbee hive, wherever it runs. ``Client()`` discovers it; ``Client(url, token=...)`` names it.
 
@@ -679,7 +710,7 @@ class Client:
     # --- workers --------------------------------------------------------------------------
 
     def load(self, model_ref: str, *, device: str | Sequence[str] | None = None, quantization: str | None = None,
-             dtype: str | None = None, max_memory: dict[str, Any] | None = None) -> Worker:
+             dtype: str | None = None, max_memory: dict[str, Any] | None = None, kind: str | None = None) -> Worker:
         """Start a worker for ``model_ref`` (downloading it first if needed); returns at once.
 
         Args:
@@ -687,13 +718,16 @@ class Client:
             quantization: "nf4", "fp4", "int8" or None.
             dtype: "bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32" or None (the checkpoint's).
             max_memory: per-device caps, e.g. ``{"cuda:0": "20GiB"}``.
+            kind: "embedding" (a sentence-transformers model, for :meth:`embed`) or "generate";
+                None: the hive tells from the model's files.
 
         Raises:
             InvalidRequest, DeviceNotAvailable, InsufficientVram: refused before anything starts.
         """
         body: dict[str, Any] = {"model_ref": model_ref}
         for key, value in (("device", list(device) if isinstance(device, (list, tuple)) else device),
-                           ("quantization", quantization), ("dtype", dtype), ("max_memory", max_memory)):
+                           ("quantization", quantization), ("dtype", dtype), ("max_memory", max_memory),
+                           ("kind", kind)):
             if value is not None:
                 body[key] = value
         answer = self._transport.load(body)
@@ -756,14 +790,60 @@ class Client:
 
     def chat(self, messages: Sequence[dict[str, str]] | str, *, model: Worker | str | None = None,
              max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-             seed: int | None = None, stop: str | Sequence[str] | None = None, **extra: Any) -> Generation:
-        """The assistant's next turn for ``messages`` (``[{"role", "content"}, ...]``; a str is one user turn)."""
+             seed: int | None = None, stop: str | Sequence[str] | None = None, schema: Any = None,
+             **extra: Any) -> Any:
+        """The assistant's next turn for ``messages`` (``[{"role", "content"}, ...]``; a str is one user turn).
+
+        Args:
+            schema: a pydantic model class or a JSON Schema dict: the answer is decoded under that
+                schema's grammar and returned parsed (a validated instance of the model, or a dict)
+                instead of a :class:`Generation`.
+
+        Raises:
+            UnsupportedSchema, InvalidSchema: a schema the grammar cannot enforce, or no schema at all.
+            RbeeError: ``INCOMPLETE_OUTPUT`` when ``max_tokens`` ended the answer before the JSON did.
+        """
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if schema is not None:
+            extra["response_format"] = response_format_for(schema)
         body = _infer_body(model, {"messages": [dict(m) for m in messages], "max_tokens": max_tokens,
                                    "temperature": temperature, "top_p": top_p, "seed": seed,
                                    "stop": [stop] if isinstance(stop, str) else stop, **extra})
-        return Generation(self, self._transport.infer(body), model=_model_name(model))
+        gen = Generation(self, self._transport.infer(body), model=_model_name(model))
+        return gen if schema is None else parse_structured(gen, schema)
+
+    def embed(self, texts: str | Sequence[str], *, model: Worker | str | None = None,
+              dimensions: int | None = None) -> Any:
+        """Embedding vectors of ``texts``, as the model's sentence-transformers pipeline makes them.
+
+        Args:
+            texts: one text (→ a 1-D array) or a list of texts (→ a 2-D array, one row each).
+            model: an embedding :class:`Worker`, a worker id, or a model ref; None: the first
+                ready embedding worker.
+            dimensions: keep this many leading components (renormalised if the model normalises).
+
+        Returns:
+            A float32 numpy array.
+
+        Raises:
+            InvalidRequest: empty or non-string inputs, or a model that does not embed.
+            ContextTooLong: a text longer than the model takes.
+        """
+        import base64
+
+        import numpy as np
+
+        if model is None:
+            ready = [w for w in self.workers() if w.get("kind") == "embedding" and w.get("state") in ("idle", "busy")]
+            if not ready:
+                raise _errors.ModelNotLoaded("No embedding model is loaded: `%rbee load REF --embedding` or "
+                                             "client.load(REF, kind='embedding') first.")
+            model = ready[0]["id"]
+        body = _infer_body(model, {"input": texts, "dimensions": dimensions})
+        answer = self._transport.embed(body)
+        vectors = np.array([np.frombuffer(base64.b64decode(v), dtype="<f4") for v in answer["embeddings"]])
+        return vectors[0] if isinstance(texts, str) else vectors
 
     def generate_batch(self, items: Sequence[str | Sequence[dict[str, str]]], *, model: Worker | str | None = None,
                        max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,

@@ -210,6 +210,9 @@ class EmbeddedTransport:
         job = self.owner.call(self.hive.infer, body)
         return _EmbeddedInference(self.owner, job)
 
+    def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.owner.run(self.hive.embed(body))
+
     def cancel(self, kind: str, job_id: str) -> None:
         if kind == "load":
             self.owner.run(self.hive.unload(job_id))

@@ -15,6 +15,7 @@ keeps updating.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from typing import Any
 
@@ -31,7 +32,8 @@ __all__ = ["RbeeMagics", "load_ipython_extension", "USAGE"]
 USAGE = """\
 %rbee download REF [--background]             download a model (REF: hf:org/repo[@rev] or file:///path)
 %rbee load REF [--device auto|cpu|cuda:0[,cuda:1]] [--quant nf4|fp4|int8|none] [--dtype bf16|fp16|fp32]
-           [--background]                     start a worker holding the model (downloads it first if needed)
+           [--embedding] [--background]       start a worker holding the model (downloads it first if needed);
+                                              --embedding: a sentence-transformers model, for client.embed()
 %rbee ps                                      the workers and their memory
 %rbee models                                  the downloaded models
 %rbee devices                                 devices with total and free memory
@@ -44,8 +46,9 @@ USAGE = """\
 %rbee help                                    this text
 %%rbee generate [--model REF|ID] [--max-tokens N] [--temperature T] [--seed S] [--background]
                                               the cell is the prompt; text appears as it streams
-%%rbee chat [--model REF|ID] [--system TEXT] [--reset] [same options as generate]
-                                              the cell is your turn; the conversation is kept per model
+%%rbee chat [--model REF|ID] [--system TEXT] [--reset] [--json] [same options as generate]
+                                              the cell is your turn; the conversation is kept per model;
+                                              --json: the answer is a JSON object, shown pretty-printed
 %rbee chat [--model REF|ID] --reset | --system TEXT   start over / set the system prompt, without a turn
 %rbee batch EXPR --out NAME [--model REF|ID] [--max-tokens N] [--temperature T] [--seed S] [--stop S]
                                               run every prompt of a list or pandas Series (EXPR) at once;
@@ -88,6 +91,7 @@ def _parser(command: str) -> _Parser:
         p.add_argument("--device")
         p.add_argument("--quant", choices=_QUANTS)
         p.add_argument("--dtype", choices=_DTYPES)
+        p.add_argument("--embedding", action="store_true")
     if command == "connect":
         p.add_argument("url", metavar="URL")
         p.add_argument("--token")
@@ -104,6 +108,7 @@ def _parser(command: str) -> _Parser:
     if command == "chat":
         p.add_argument("--system")
         p.add_argument("--reset", action="store_true")
+        p.add_argument("--json", action="store_true")
     return p
 
 
@@ -222,8 +227,10 @@ class RbeeMagics(Magics):
             device = [d.strip() for d in device.split(",") if d.strip()]
         quant = None if args.quant in (None, "none") else args.quant
         client = self.client
-        worker = client.load(args.target, device=device, quantization=quant, dtype=args.dtype)
-        self.current_worker = worker.id
+        worker = client.load(args.target, device=device, quantization=quant, dtype=args.dtype,
+                             kind="embedding" if args.embedding else None)
+        if not args.embedding:  # the default --model of generate and chat stays a generating worker
+            self.current_worker = worker.id
         totals = {d["name"]: int(d["total_bytes"]) // MiB for d in client.devices()}
         view = LoadingView(worker.model_ref or args.target, device_totals_mb=totals)
         follow(worker.loading, view, background=args.background)
@@ -313,13 +320,19 @@ class RbeeMagics(Magics):
                 return _Text(f"conversation with {key}: {len(history)} message(s)")
             raise UsageError(f"the cell is empty: write your message below %%rbee chat\nusage: {_usage('chat')}")
         turn = {"role": "user", "content": text}
-        gen = self.client.chat([*history, turn], model=model, **self._options(args))
+        options = self._options(args)
+        if args.json:  # decoding constrained to a JSON object (engine/grammar.py)
+            options["response_format"] = {"type": "json_object"}
+        gen = self.client.chat([*history, turn], model=model, **options)
 
         def remember(view: Any) -> None:
             if view.state == "done":
                 history.extend([turn, {"role": "assistant", "content": gen.text}])
 
-        return self._follow_generation(gen, key, args, on_done=remember)
+        gen = self._follow_generation(gen, key, args, on_done=remember)
+        if args.json and not args.background:
+            return _Text(json.dumps(json.loads(gen.text), indent=2, ensure_ascii=False))
+        return gen
 
     def _batch(self, args: argparse.Namespace, cell: str | None) -> Any:
         if not args.out.isidentifier():

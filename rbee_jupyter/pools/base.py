@@ -136,6 +136,12 @@ class Pool(LoggingConfigurable, metaclass=_PoolMeta):
     async def close(self) -> None:
         """Stop every worker (bounded); for server shutdown."""
 
+    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Embed ``body["input"]`` on an embedding worker: ``{"embeddings": [base64 float32], "dimension",
+        "prompt_tokens"}``. Default: this pool runs no embedding workers."""
+        raise InvalidRequest(f"Worker {worker_id} cannot embed: {type(self).__name__} runs no embedding workers.",
+                             details={"worker_id": worker_id})
+
     async def health(self, worker_id: str) -> dict[str, Any]:
         """Live numbers from the worker itself (``tokens_computed``, queue); default: the registry's view."""
         return self.get(worker_id).to_dict()

@@ -64,6 +64,9 @@ class CompositePool(Pool):
     async def generate(self, worker_id: str, req: GenerationRequest, job: Job) -> None:
         await self._owner(worker_id).generate(worker_id, req, job)
 
+    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._owner(worker_id).embed(worker_id, body)
+
     async def health(self, worker_id: str) -> dict[str, Any]:
         return await self._owner(worker_id).health(worker_id)
 

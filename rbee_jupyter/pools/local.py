@@ -112,7 +112,7 @@ class LocalProcessPool(WorkerPool):
         now = time.time()
         info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=config.devices,
                           memory_mb={}, pid=process.pid, quantization=spec.quantization, dtype=spec.dtype,
-                          owner=spec.owner, created_at=now, last_used=now)
+                          owner=spec.owner, created_at=now, last_used=now, kind=spec.kind)
         w = _Worker(info=info, spec=spec, process=process, load_job=job)
         job.on_finish(lambda _: self._start_spare())  # ready or failed: the machine is free for imports again
         if not process.spare:  # a spare's exit is watched once it announced (see _handshake)
@@ -362,6 +362,22 @@ class LocalProcessPool(WorkerPool):
             spare.close()
 
     # --- generation ----------------------------------------------------------------------------
+
+    async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        w = self._get(worker_id)
+        self._refuse_unless_ready(w, connected=w.client is not None)
+        self._cancel_idle_timer(w)
+        try:
+            return await w.client.embed(body)  # type: ignore[union-attr] - checked just above
+        except httpx.TransportError:
+            if await w.process.wait_exit(self.death_grace_s):
+                raise WorkerDied(f"Worker {worker_id} died while embeddings were computed "
+                                 f"({describe_exit(w.process.returncode)}).",
+                                 details={"worker_id": worker_id}) from None
+            raise
+        finally:
+            if w.info.ready:
+                self._touch(w)
 
     async def _stream_generation(self, w: _Worker, req: GenerationRequest, job: Job) -> None:
         client = w.client

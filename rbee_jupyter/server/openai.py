@@ -22,8 +22,10 @@ from tornado.iostream import StreamClosedError
 from ..core.hive import worker_names
 from ..errors import HTTP_ERROR_CODES, InvalidRequest, RbeeError
 from ..events import sse_done, to_json
+from ..engine.tool_calls import ToolPlan
 from .handlers import RbeeHandler
 from .sse import open_owned, release
+from .tools import ToolAnswer, tool_fields
 
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -49,9 +51,9 @@ class OpenAIHandler(RbeeHandler):
         self.finish(json.dumps({"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
                                           "param": param, "code": code}}))
 
-    def resolve_worker(self, model: object) -> str:
-        """An OpenAI ``model`` → a ready worker's id (the hive decides which: :meth:`Hive.resolve_model`)."""
-        return self.hive.resolve_model(model, self.principal).id
+    def resolve_worker(self, model: object, kind: str = "generate") -> str:
+        """An OpenAI ``model`` → a ready worker's id of ``kind`` (the hive decides: :meth:`Hive.resolve_model`)."""
+        return self.hive.resolve_model(model, self.principal, kind=kind).id
 
 
 #: Most choices one request may ask for (``n``): each is a sequence in the worker's batch.
@@ -94,7 +96,8 @@ class ModelsHandler(OpenAIHandler):
         seen: dict[str, Any] = {}
         for w in self.hive.served_models(self.principal):
             name = worker_names(w)[0]
-            seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee"})
+            seen.setdefault(name, {"id": name, "object": "model", "created": int(w.created_at), "owned_by": "rbee",
+                                   "kind": w.kind})
         self.reply(200, {"object": "list", "data": list(seen.values())})
 
 
@@ -115,6 +118,14 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def full_choice(self, text: str, finish: str) -> dict[str, Any]:
         """The single choice of a non-streamed answer."""
+
+    def text_choices(self, text: str) -> list[dict[str, Any]]:
+        """The streamed choices for one piece of text (chat with tools may hold it back)."""
+        return [self.chunk_choice(text, None, False)]
+
+    def end_choices(self, finish: str) -> list[dict[str, Any]]:
+        """The streamed choices that close the answer."""
+        return [self.chunk_choice(None, finish, False)]
 
     @web.authenticated
     @authorized
@@ -184,10 +195,11 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
             async for i, event in events:
                 kind = event.get("type")
                 if kind == "token":
-                    await send({**chunk, "choices": [{**self.chunk_choice(event["t"], None, False), "index": i}]})
+                    for choice in self.text_choices(event["t"]):
+                        await send({**chunk, "choices": [{**choice, "index": i}]})
                 elif kind == "end":
-                    finish = _FINISH.get(event["stop_reason"], "stop")
-                    await send({**chunk, "choices": [{**self.chunk_choice(None, finish, False), "index": i}]})
+                    for choice in self.end_choices(_FINISH.get(event["stop_reason"], "stop")):
+                        await send({**chunk, "choices": [{**choice, "index": i}]})
                     ends.append(event)
                 elif kind == "error":
                     await send({"error": {"message": event["message"], "type": "server_error", "param": None,
@@ -280,8 +292,31 @@ class ChatCompletionsHandler(_CompletionBase):
             content = m.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            out.append({"role": m["role"], "content": content})
-        return {"messages": out}
+            out.append({**{k: m[k] for k in ("tool_calls", "tool_call_id") if k in m},
+                        "role": m["role"], "content": content})
+        fields: dict[str, Any] = {"messages": out}
+        if body.get("response_format") is not None:  # checked by the hive, enforced by the worker's grammar
+            fields["response_format"] = body["response_format"]
+        plan, tool_fields_ = tool_fields(body)
+        self._tools = ToolAnswer(plan)
+        if self._tools.active and _choices(body) > 1:  # one answer's call parser; n choices would need n
+            raise InvalidRequest("n > 1 is not supported together with tools; ask for one choice.",
+                                 details={"field": "n"})
+        return {**fields, **tool_fields_}
+
+    _tools = ToolAnswer(ToolPlan("none"))
+
+    def text_choices(self, text: str) -> list[dict[str, Any]]:
+        if not self._tools.active:
+            return super().text_choices(text)
+        return [_delta(d) for d in self._tools.deltas(text)]
+
+    def end_choices(self, finish: str) -> list[dict[str, Any]]:
+        if not self._tools.active:
+            return super().end_choices(finish)
+        deltas, is_call = self._tools.final_deltas()
+        return [*map(_delta, deltas), self.chunk_choice(None, "tool_calls" if is_call and finish == "stop" else finish,
+                                                         False)]
 
     def chunk_choice(self, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
@@ -289,8 +324,13 @@ class ChatCompletionsHandler(_CompletionBase):
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def full_choice(self, text: str, finish: str) -> dict[str, Any]:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish}
+        message, is_call = self._tools.message(text)
+        return {"index": 0, "message": message, "logprobs": None,
+                "finish_reason": "tool_calls" if is_call and finish == "stop" else finish}
+
+
+def _delta(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 class CompletionsHandler(_CompletionBase):
@@ -316,4 +356,8 @@ def openai_handlers(kw: dict[str, Any]) -> list[tuple[str, type, dict[str, Any]]
         (r"/rbee/openai/v1/models", ModelsHandler, kw),
         (r"/rbee/openai/v1/chat/completions", ChatCompletionsHandler, kw),
         (r"/rbee/openai/v1/completions", CompletionsHandler, kw),
+        (r"/rbee/openai/v1/embeddings", EmbeddingsHandler, kw),
     ]
+
+
+from .embeddings import EmbeddingsHandler  # noqa: E402 - it subclasses OpenAIHandler above

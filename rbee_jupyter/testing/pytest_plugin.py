@@ -21,6 +21,7 @@ from .tiny_model import make_tiny_model
 TINY_REPO = "rbee-test/tiny-llama"
 SHARDED_REPO = "rbee-test/tiny-llama-sharded"
 GATED_REPO = "rbee-test/gated"
+EMBED_REPO = "rbee-test/tiny-embedder"
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,21 @@ def rbee_hub_session(rbee_tiny_model: Path, rbee_tiny_model_sharded: Path) -> It
     hub.add_repo(GATED_REPO, rbee_tiny_model, gated=True)
     with hub:
         yield hub
+
+
+@pytest.fixture(scope="session")
+def rbee_tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sentence-transformers model (random BERT, hidden 32, mean pooling, normalised)."""
+    from .tiny_embedder import make_tiny_embedder
+
+    return make_tiny_embedder(tmp_path_factory.mktemp("models") / "tiny-embedder")
+
+
+@pytest.fixture(scope="session")
+def rbee_embed_repo(rbee_hub_session: HubServer, rbee_tiny_embedder: Path) -> str:
+    """``EMBED_REPO`` published on the session's hub (only for the sessions that ask for it)."""
+    rbee_hub_session.add_repo(EMBED_REPO, rbee_tiny_embedder)
+    return EMBED_REPO
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from ..quiet import transformers_bars_off
 
 Arch = Literal["llama", "gpt2", "qwen2", "mistral", "gpt_neox", "phi"]
 
-_CORPUS = [
+CORPUS = [
     "Once upon a time there was a tiny model that lived in a notebook.",
     "The quick brown fox jumps over the lazy dog.",
     "Jupyter notebooks run Python code in cells, one after another.",
@@ -62,7 +62,7 @@ def make_tokenizer(vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,  # its bars print blank lines into our output when not on a TTY
     )
-    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = (
         "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"

@@ -7,6 +7,7 @@ Routes (every one needs ``Authorization: Bearer <secret>``, else 403):
 ``GET /load``              SSE: loading events then ready/error, then ``[DONE]`` (Last-Event-ID)
 ``DELETE /load``           cancel loading at the next block boundary (204; stream ends CANCELLED)
 ``POST /generate``         JSON body → SSE started/token.../end|error, ``[DONE]``; 400/409/503 JSON
+``POST /embed``            JSON ``{"input"...}`` → JSON vectors (embedding workers; others 409)
 ``DELETE /generate/{id}``  cancel a running or queued request (204, idempotent)
 ``POST /shutdown``         202, then the process exits (cancelling whatever runs)
 =========================  =====================================================================
@@ -24,7 +25,7 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 from tornado.web import Application, RequestHandler
 
-from ..errors import AccessDenied, InvalidRequest, RbeeError
+from ..errors import AccessDenied, Conflict, InvalidRequest, RbeeError
 from ..events import sse_comment, sse_done, sse_event
 from ..core.jobs import Job, Subscription
 from .runtime import WorkerRuntime
@@ -58,6 +59,13 @@ class _Handler(RequestHandler):
         error = exc if isinstance(exc, RbeeError) else RbeeError(self._reason, status=status_code)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(error.to_dict()))
+
+    def json_body(self) -> Any:
+        """The request's JSON; ``InvalidRequest`` when it is not JSON."""
+        try:
+            return json.loads(self.request.body or b"null")
+        except ValueError as exc:
+            raise InvalidRequest(f"The body is not valid JSON: {exc}", details={"field": "body"}) from None
 
     def write_json(self, data: dict[str, Any]) -> None:
         self.set_header("Content-Type", "application/json")
@@ -119,12 +127,7 @@ class GenerateHandler(_Handler):
 
     async def post(self) -> None:
         try:
-            body = json.loads(self.request.body or b"null")
-        except ValueError as exc:
-            self.send_json_error(InvalidRequest(f"The body is not valid JSON: {exc}", details={"field": "body"}))
-            return
-        try:
-            task = self.runtime.submit(body)
+            task = self.runtime.submit(self.json_body())
         except RbeeError as error:
             self.send_json_error(error)
             return
@@ -135,6 +138,20 @@ class GenerateHandler(_Handler):
         if self._request_id is not None:
             self.runtime.cancel(self._request_id)
         super().on_connection_close()
+
+
+class EmbedHandler(_Handler):
+    """One embedding request of an embedding worker (``worker/embedding.py``): JSON in, JSON out."""
+
+    async def post(self) -> None:
+        embed = getattr(self.runtime, "embed", None)
+        try:
+            if embed is None:
+                raise Conflict("This worker generates text and does not embed; load a sentence-transformers "
+                               "model for embeddings.", details={"kind": "generate"})
+            self.write_json(await embed(self.json_body()))
+        except RbeeError as error:
+            self.send_json_error(error)
 
 
 class CancelHandler(_Handler):
@@ -161,5 +178,6 @@ def make_app(runtime: WorkerRuntime, secret: str) -> Application:
         (r"/load", LoadHandler, kwargs),
         (r"/generate", GenerateHandler, kwargs),
         (r"/generate/([^/]+)", CancelHandler, kwargs),
+        (r"/embed", EmbedHandler, kwargs),
         (r"/shutdown", ShutdownHandler, kwargs),
     ], xsrf_cookies=False)

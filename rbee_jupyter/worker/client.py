@@ -55,6 +55,10 @@ class WorkerClient:
                 _json_or_raise(r)
             yield GenerationStream(r)
 
+    async def embed(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /embed``: base64 float32 vectors, their dimension and the token count."""
+        return _json_or_raise(await self._http.post("/embed", json=body))
+
     async def cancel_generation(self, request_id: str) -> None:
         r = await self._http.delete(f"/generate/{request_id}", timeout=self._timeout_s)
         _check(r)

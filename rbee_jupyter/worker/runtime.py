@@ -100,12 +100,16 @@ class WorkerRuntime:
             validator = Generator(model, load_tokenizer(c.model_path))
             timeline.mark("finish")
         except BaseException as exc:  # noqa: BLE001 - every failure must become an error event
-            if not isinstance(exc, RbeeError):
-                traceback.print_exc(file=sys.stderr)
-            self.loop.call_soon_threadsafe(self._load_failed, _as_rbee_error(exc))
+            self._load_crashed(exc)
         else:
             print(f"rbee worker {self.config.worker_id}: {timeline.describe()}", file=sys.stderr, flush=True)
             self.loop.call_soon_threadsafe(self._loaded, generator, validator)
+
+    def _load_crashed(self, exc: BaseException) -> None:
+        """Loading thread: a failure becomes the load stream's error event (with a traceback when unexpected)."""
+        if not isinstance(exc, RbeeError):
+            traceback.print_exc(file=sys.stderr)
+        self.loop.call_soon_threadsafe(self._load_failed, _as_rbee_error(exc))
 
     def _on_progress(self, progress: Any) -> None:
         """Loader callback (loading thread): publish, then honour the test delay."""

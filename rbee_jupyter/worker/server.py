@@ -103,9 +103,11 @@ async def serve(config: WorkerConfig, secret: str, announce: IO[str], spare: dic
 
     from .app import make_app
     from .lifeline import watch_parent
+    from ..protocol import EMBEDDING
+    from .embedding import EmbeddingRuntime
     from .runtime import LoadTimeline, WorkerRuntime
 
-    runtime = WorkerRuntime.from_env(config)
+    runtime = (EmbeddingRuntime if config.kind == EMBEDDING else WorkerRuntime).from_env(config)
     runtime.spare = spare
     if spare is not None:  # its load began with the spec, not with the process (imported, then idle)
         runtime.load_timeline = LoadTimeline(since=spec_at)
