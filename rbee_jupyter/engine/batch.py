@@ -32,6 +32,7 @@ import torch
 
 from .generate import (GenerationClock, GenerationRequest, GenerationStats, Generator, Sampler, StopReason,
                        TextAssembler, TokenChunk)
+from .grammar import GrammarMatcher
 
 __all__ = ["BatchDecoder", "BatchSequence", "kv_bytes_per_token", "supports_batching"]
 
@@ -50,6 +51,7 @@ class BatchSequence:
     sampler: Sampler = field(init=False)
     clock: GenerationClock = field(init=False)
     text: TextAssembler | None = None
+    grammar: GrammarMatcher | None = None  # its own grammar state when its output is constrained (JSON)
     last_token: int | None = None
     reason: StopReason | None = None
 
@@ -114,6 +116,7 @@ class BatchDecoder:
                 self._finish(seq, "cancelled")
                 continue
             seq.text = TextAssembler(self.gen.tokenizer, seq.request.stop)
+            seq.grammar = self.gen.grammar_matcher(seq.request)
             live.append(seq)
         if not live:
             return
@@ -198,8 +201,14 @@ class BatchDecoder:
         return out.logits[:, -1]
 
     def _take(self, seq: BatchSequence, logits: torch.Tensor) -> None:
-        """Sample ``seq``'s next token from its logits and turn it into text (or an end)."""
+        """Sample ``seq``'s next token from its logits and turn it into text (or an end).
+
+        A constrained row masks its own logits row with its own grammar state, as
+        :class:`Generator` does for one sequence; the other rows are not touched.
+        """
         assert seq.text is not None
+        if seq.grammar is not None:
+            logits = seq.grammar.mask(logits)
         token = seq.sampler(logits)
         seq.clock.count()
         seq.sampler.observe([token])
@@ -207,10 +216,14 @@ class BatchDecoder:
         if token in self.gen.eos_token_ids:
             self._finish(seq, "eos")
             return
+        if seq.grammar is not None:
+            seq.grammar.advance(token)
         chunk = seq.text.push(token)
         if chunk is not None:
             self._on_chunk(seq, chunk)
-        if seq.text.stopped:
+        if seq.grammar is not None and seq.grammar.is_done():  # the document is whole: only EOS could follow
+            self._finish(seq, "eos")
+        elif seq.text.stopped:
             self._finish(seq, "stop")
         elif seq.clock.produced >= seq.request.max_tokens:
             self._finish(seq, "length")
