@@ -281,14 +281,9 @@ def test_rbee_batch_in_a_real_kernel_writes_the_answers_back(server, worker, sol
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RBEE_PROGRESS", "text")
     questions = PROMPTS[:5]
-    try:
-        import pandas  # noqa: F401
-        series = True
-    except ImportError:  # pandas is optional: the list form is the same path without the index
-        series = False
-    data = f"pd.Series({questions!r}, index=list('abcde'), name='q')" if series else repr(questions)
+    data = f"pd.Series({questions!r}, index=list('abcde'), name='q')"  # pandas: the test extra has it
     cells = ["%load_ext rbee_jupyter.kernel.magics",
-             ("import pandas as pd\n" if series else "") + f"questions = {data}",
+             f"import pandas as pd\nquestions = {data}",
              f"%rbee batch questions --out answers --model {worker} --max-tokens 6 --temperature 0",
              "print(type(answers).__name__, list(answers.index) if hasattr(answers, 'index') and "
              "not isinstance(answers, list) else None)\nfor a in list(answers): print(repr(a))"]
@@ -298,7 +293,7 @@ def test_rbee_batch_in_a_real_kernel_writes_the_answers_back(server, worker, sol
     assert re.fullmatch(rf"✔ generated {worker} — 5/5 items · [0-9.]+ tok/s", shown[0]["data"]["text/plain"])
     assert shown[-1]["data"]["text/plain"] == "<BatchResult 5 items, 5 ok, 0 failed>"
     printed = "".join(o["text"] for o in nb.cells[3].outputs if o["output_type"] == "stream").splitlines()
-    assert printed[0] == ("Series ['a', 'b', 'c', 'd', 'e']" if series else "list None")
+    assert printed[0] == "Series ['a', 'b', 'c', 'd', 'e']"  # a Series in, a Series with its index out
     assert printed[1:] == [repr(solo(prompt=q, max_tokens=6)) for q in questions]
 
 
