@@ -35,6 +35,16 @@ MAX_TOKENS_LIMIT = 4096
 QUEUE_DEPTH = 8
 #: Seconds a started generation may send nothing before ``INFERENCE_STALLED`` (``c.Pool.inference_stall_s``).
 INFERENCE_STALL_S = 120.0
+#: Seconds without a byte before a transfer is retried, then ``DOWNLOAD_STALLED`` (``c.RbeeApp.download_stall_s``).
+DOWNLOAD_STALL_S = 60.0
+#: Tries per file of a download, each resuming (``c.RbeeApp.download_retries``).
+DOWNLOAD_RETRIES = 6
+#: First wait between tries of a download, doubled each time (``c.RbeeApp.download_backoff_s``).
+DOWNLOAD_BACKOFF_S = 0.5
+#: HTTP transfers of one download at once, files and segments (``c.RbeeApp.download_connections``).
+DOWNLOAD_CONNECTIONS = 8
+#: Files of at least twice this many MiB come as ranged segments (``c.RbeeApp.download_segment_mb``).
+DOWNLOAD_SEGMENT_MB = 8.0
 #: Seconds a load may take before ``LOADING_TIMEOUT`` (``c.Pool.loading_timeout_s``).
 LOADING_TIMEOUT_S = 1800.0
 #: Seconds a failed worker stays listed with its reason (``c.Pool.failed_retention_s``).

@@ -24,8 +24,9 @@ from ..pools.base import Pool
 from ..pools.composite import CompositePool
 from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
 from ..pools.local import LocalProcessPool
-from ..protocol import (DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH,
-                        WORKER_KINDS, GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
+from ..protocol import (DOWNLOAD_BACKOFF_S, DOWNLOAD_CONNECTIONS, DOWNLOAD_RETRIES, DOWNLOAD_SEGMENT_MB,
+                        DOWNLOAD_STALL_S, DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS,
+                        QUEUE_DEPTH, WORKER_KINDS, GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
 from .catalog import Catalog, CatalogEntry
 from .confine import check_folder, remove_snapshot
 from .ids import new_id
@@ -52,11 +53,11 @@ class HiveConfig:
     catalog_path: Path
     hub_endpoint: str | None = None
     hf_token: str | None = None
-    download_stall_s: float = 60.0
-    download_retries: int = 6
-    download_backoff_s: float = 0.5
-    download_connections: int = 8
-    download_segment_mb: float = 8.0
+    download_stall_s: float = DOWNLOAD_STALL_S
+    download_retries: int = DOWNLOAD_RETRIES
+    download_backoff_s: float = DOWNLOAD_BACKOFF_S
+    download_connections: int = DOWNLOAD_CONNECTIONS
+    download_segment_mb: float = DOWNLOAD_SEGMENT_MB
     max_concurrent_downloads: int = 2
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0

@@ -59,6 +59,8 @@ from ..errors import (
     RevisionNotFound,
 )
 from ..events import DownloadProgress
+from ..protocol import (DOWNLOAD_BACKOFF_S, DOWNLOAD_CONNECTIONS, DOWNLOAD_RETRIES, DOWNLOAD_SEGMENT_MB,
+                        DOWNLOAD_STALL_S)
 from .names import check_commit, check_etag, check_inside, check_repo_path
 from .segments import PrefixHasher, Segment, SegmentTable, done_bytes, sidecar_of
 
@@ -234,15 +236,15 @@ class Downloader:
     cache_dir: Path
     endpoint: str | None = None
     token: str | None = None
-    stall_s: float = 60.0
-    retries: int = 6
-    backoff_s: float = 0.5
+    stall_s: float = DOWNLOAD_STALL_S
+    retries: int = DOWNLOAD_RETRIES
+    backoff_s: float = DOWNLOAD_BACKOFF_S
     disk_reserve_bytes: int = 0
     lock_poll_s: float = 0.25
     """While another process holds a blob's lock: how often its partial file is measured."""
-    connections: int = 8
+    connections: int = DOWNLOAD_CONNECTIONS
     """HTTP transfers of one download at once, across its files and its big files' segments."""
-    segment_bytes: int = 8 << 20
+    segment_bytes: int = int(DOWNLOAD_SEGMENT_MB * 2**20)
     """Files of at least twice this size are fetched as ranged segments of about this size."""
     _api: HfApi = field(init=False)
 

@@ -17,7 +17,8 @@ from ..core.paths import default_cache_dir, default_catalog_path
 from ..pools.base import Pool, under_jupyterhub
 from ..pools.engines import OpenAIEnginePool
 from ..pools.local import LocalProcessPool
-from ..protocol import MAX_TOKENS_LIMIT, QUEUE_DEPTH
+from ..protocol import (DOWNLOAD_BACKOFF_S, DOWNLOAD_CONNECTIONS, DOWNLOAD_RETRIES, DOWNLOAD_SEGMENT_MB,
+                        DOWNLOAD_STALL_S, MAX_TOKENS_LIMIT, QUEUE_DEPTH)
 from .handlers import handlers
 from .openai import openai_handlers
 
@@ -104,31 +105,31 @@ class RbeeApp(ExtensionApp):
     )
 
     download_stall_s = Float(
-        60.0, config=True,
+        DOWNLOAD_STALL_S, config=True,
         help="Seconds without a single byte after which a transfer counts as stalled and is retried "
              "(after the last retry: DOWNLOAD_STALLED). Default 60.",
     )
 
     download_retries = Int(
-        6, config=True,
+        DOWNLOAD_RETRIES, config=True,
         help="Tries per file for connection resets, stalls and hash mismatches, with exponential "
              "backoff; each try resumes from the partial file. Default 6.",
     )
 
     download_backoff_s = Float(
-        0.5, config=True,
+        DOWNLOAD_BACKOFF_S, config=True,
         help="First wait between tries of a download, doubled each time (at most 8 s). Default 0.5.",
     )
 
     download_connections = Int(
-        8, min=1, config=True,
+        DOWNLOAD_CONNECTIONS, min=1, config=True,
         help="HTTP connections one download uses at once, across the files of a repository and the "
              "ranged segments of its big files (CDNs cap each connection, not the link). 1: one file "
              "after another over one connection. At least 1. Default 8.",
     )
 
     download_segment_mb = Float(
-        8.0, min=0.0625, config=True,
+        DOWNLOAD_SEGMENT_MB, min=0.0625, config=True,
         help="Files of at least twice this many megabytes (2^20 bytes) are fetched as ranged segments "
              "of about this size, several at once, each resumable on its own; smaller files come in one "
              "stream. Servers that ignore ranges always get one stream. At least 0.0625 (64 KiB). Default 8.",
