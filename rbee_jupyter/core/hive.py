@@ -908,8 +908,8 @@ class Hive:
             AccessDenied: only workers of a gated model the caller has not shown access to hold it.
             ModelNotLoaded: no usable worker holds it.
         """
-        ready = [w for w in self.pool.list() if w.ready and self.sees_worker(principal, w)
-                 and matches(w)]
+        ready = [w for w in self.pool.list() if w.ready and w.kind != EMBEDDING and self.sees_worker(principal, w)
+                 and matches(w)]  # a generation never goes to an embedding worker of the same model
         usable = [w for w in ready if self.may_use_worker(principal, w)]
         if ready and not usable:
             raise _not_yours(ready[0])
