@@ -45,6 +45,9 @@ DOWNLOAD_BACKOFF_S = 0.5
 DOWNLOAD_CONNECTIONS = 8
 #: Files of at least twice this many MiB come as ranged segments (``c.RbeeApp.download_segment_mb``).
 DOWNLOAD_SEGMENT_MB = 8.0
+#: A big file's first connection at least this fast (MB/s) is taken as uncapped: its segments then
+#: go one after another over it (``c.RbeeApp.download_spread_below_mbps``).
+DOWNLOAD_SPREAD_BELOW_MBPS = 150.0
 #: Seconds a load may take before ``LOADING_TIMEOUT`` (``c.Pool.loading_timeout_s``).
 LOADING_TIMEOUT_S = 1800.0
 #: Seconds a failed worker stays listed with its reason (``c.Pool.failed_retention_s``).

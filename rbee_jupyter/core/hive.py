@@ -25,8 +25,9 @@ from ..pools.composite import CompositePool
 from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
 from ..pools.local import LocalProcessPool
 from ..protocol import (DOWNLOAD_BACKOFF_S, DOWNLOAD_CONNECTIONS, DOWNLOAD_RETRIES, DOWNLOAD_SEGMENT_MB,
-                        DOWNLOAD_STALL_S, DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES, MAX_TOKENS_LIMIT, QUANTIZATIONS,
-                        QUEUE_DEPTH, WORKER_KINDS, GenerationRequest, WorkerInfo, WorkerSpec, WorkerState)
+                        DOWNLOAD_SPREAD_BELOW_MBPS, DOWNLOAD_STALL_S, DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES,
+                        MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH, WORKER_KINDS, GenerationRequest, WorkerInfo,
+                        WorkerSpec, WorkerState)
 from .catalog import Catalog, CatalogEntry
 from .confine import check_folder, remove_snapshot
 from .ids import new_id
@@ -58,6 +59,7 @@ class HiveConfig:
     download_backoff_s: float = DOWNLOAD_BACKOFF_S
     download_connections: int = DOWNLOAD_CONNECTIONS
     download_segment_mb: float = DOWNLOAD_SEGMENT_MB
+    download_spread_below_mbps: float = DOWNLOAD_SPREAD_BELOW_MBPS
     max_concurrent_downloads: int = 2
     disk_reserve_mb: int = 0
     job_retention_s: float = 600.0
@@ -177,7 +179,8 @@ class Hive:
             cache_dir=Path(config.cache_dir), endpoint=config.hub_endpoint, token=config.hf_token,
             stall_s=config.download_stall_s, retries=config.download_retries,
             backoff_s=config.download_backoff_s, disk_reserve_bytes=config.disk_reserve_mb * 2**20,
-            connections=config.download_connections, segment_bytes=int(config.download_segment_mb * 2**20))
+            connections=config.download_connections, segment_bytes=int(config.download_segment_mb * 2**20),
+            spread_below_bps=config.download_spread_below_mbps * 1e6)
         self._download_slots: asyncio.Semaphore | None = None
         # Transfers block a thread for their whole length: they get threads of their own, so
         # that many downloads never starve asyncio's small default pool (6 threads on 2 cores),

@@ -60,9 +60,9 @@ from ..errors import (
 )
 from ..events import DownloadProgress
 from ..protocol import (DOWNLOAD_BACKOFF_S, DOWNLOAD_CONNECTIONS, DOWNLOAD_RETRIES, DOWNLOAD_SEGMENT_MB,
-                        DOWNLOAD_STALL_S)
+                        DOWNLOAD_SPREAD_BELOW_MBPS, DOWNLOAD_STALL_S)
 from .names import check_commit, check_etag, check_inside, check_repo_path
-from .segments import PrefixHasher, Segment, SegmentTable, done_bytes, sidecar_of
+from .segments import PrefixHasher, Segment, SegmentTable, done_bytes, sidecar_of, start_writeback
 
 try:  # huggingface_hub >= 2 ships its own fork of httpx
     import httpx2 as _http
@@ -246,6 +246,8 @@ class Downloader:
     """HTTP transfers of one download at once, across its files and its big files' segments."""
     segment_bytes: int = int(DOWNLOAD_SEGMENT_MB * 2**20)
     """Files of at least twice this size are fetched as ranged segments of about this size."""
+    spread_below_bps: float = DOWNLOAD_SPREAD_BELOW_MBPS * 1e6
+    """A first ranged connection at least this fast keeps a file's segments to itself (see :class:`_RangeProbe`)."""
     _api: HfApi = field(init=False)
 
     def __post_init__(self) -> None:
@@ -562,11 +564,15 @@ class Downloader:
 
     def _stream_to_file(self, r, partial: Path, have: int, f: RepoFile, meter: ByteMeter, run: _Run) -> int:
         """Append (``have`` > 0) or write from the start; returns the bytes the file then holds."""
-        done = [have]
+        done, flushed = [have], [have]
 
         def advanced(n: int) -> None:
             done[0] += n
             meter.set(f.path, done[0])
+            if done[0] - flushed[0] >= self.segment_bytes:  # see start_writeback: the last fsync waits less
+                out.flush()
+                start_writeback(out.fileno(), flushed[0], done[0] - flushed[0])
+                flushed[0] = done[0]
 
         with open(partial, "ab" if have else "wb") as out:
             self._pump(r, out.write, advanced, run)
@@ -596,7 +602,7 @@ class Downloader:
         hasher.start()
         fd = os.open(partial, os.O_WRONLY)
         try:
-            probe = _RangeProbe()
+            probe = _RangeProbe(fast_bps=self.spread_below_bps)
             self._segment_pool(plan, f, partial, table, fd, probe, meter, run)
             if probe.status == 200:
                 return None
@@ -685,6 +691,7 @@ class Downloader:
         self._pump(r, write, progress, run)
         if seg.remaining:
             raise _http.TransportError(f"connection closed {seg.remaining} bytes before the end of a segment")
+        start_writeback(fd, seg.start, seg.end - seg.start)
 
     def _link(self, plan: DownloadPlan, f: RepoFile) -> None:
         """Point ``snapshots/<sha>/<file>`` at its blob, as huggingface_hub does."""
@@ -780,9 +787,13 @@ class _RangeProbe:
     decided: threading.Event = field(default_factory=threading.Event)
     parallel: bool = True
     ramp_bytes: int = 4 << 20
-    fast_bps: float = 150e6
+    fast_bps: float = DOWNLOAD_SPREAD_BELOW_MBPS * 1e6  # 0: always spread
     _since: float = 0.0
     _got: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fast_bps <= 0:  # told to spread whatever the speed
+            self.decided.set()
 
     def answer(self, status: int) -> None:
         if not self.known.is_set():
@@ -802,7 +813,7 @@ class _RangeProbe:
 
     def spread(self) -> bool:
         """For the other workers: start (True), or leave the file to the first connection."""
-        self.decided.wait(4 * self.ramp_bytes / self.fast_bps + 0.1)  # no answer in time: a slow link
+        self.decided.wait(4 * self.ramp_bytes / max(self.fast_bps, 1.0) + 0.1)  # no answer in time: a slow link
         return self.parallel
 
 

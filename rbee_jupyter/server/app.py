@@ -18,7 +18,7 @@ from ..pools.base import Pool, under_jupyterhub
 from ..pools.engines import OpenAIEnginePool
 from ..pools.local import LocalProcessPool
 from ..protocol import (DOWNLOAD_BACKOFF_S, DOWNLOAD_CONNECTIONS, DOWNLOAD_RETRIES, DOWNLOAD_SEGMENT_MB,
-                        DOWNLOAD_STALL_S, MAX_TOKENS_LIMIT, QUEUE_DEPTH)
+                        DOWNLOAD_SPREAD_BELOW_MBPS, DOWNLOAD_STALL_S, MAX_TOKENS_LIMIT, QUEUE_DEPTH)
 from .handlers import handlers
 from .openai import openai_handlers
 
@@ -133,6 +133,15 @@ class RbeeApp(ExtensionApp):
         help="Files of at least twice this many megabytes (2^20 bytes) are fetched as ranged segments "
              "of about this size, several at once, each resumable on its own; smaller files come in one "
              "stream. Servers that ignore ranges always get one stream. At least 0.0625 (64 KiB). Default 8.",
+    )
+
+    download_spread_below_mbps = Float(
+        DOWNLOAD_SPREAD_BELOW_MBPS, min=0.0, config=True,
+        help="A big file's first ranged connection is timed over its first 4 MiB: at this many megabytes "
+             "(10^6 bytes) per second or more the server is taken as uncapped (loopback, a LAN mirror) and "
+             "the segments go one after another over that one connection, since more would only cost CPU. "
+             "Slower, they spread over download_connections (a CDN caps each connection). 0: always spread. "
+             "Default 150.",
     )
 
     max_concurrent_downloads = Int(
@@ -435,7 +444,8 @@ class RbeeApp(ExtensionApp):
             hub_endpoint=self.hub_endpoint or None, hf_token=self.hf_token,
             download_stall_s=self.download_stall_s, download_retries=self.download_retries,
             download_backoff_s=self.download_backoff_s, download_connections=self.download_connections,
-            download_segment_mb=self.download_segment_mb, max_concurrent_downloads=self.max_concurrent_downloads,
+            download_segment_mb=self.download_segment_mb, download_spread_below_mbps=self.download_spread_below_mbps,
+            max_concurrent_downloads=self.max_concurrent_downloads,
             disk_reserve_mb=self.disk_reserve_mb, job_retention_s=self.job_retention_s,
             pool_class=self.pool_class, queue_depth=self.queue_depth, max_tokens_limit=self.max_tokens_limit,
             max_batch_size=self.max_batch_size, kv_budget_mb=self.kv_budget_mb,

@@ -114,6 +114,34 @@ def test_segments_and_files_go_at_once_and_each_byte_is_served_once(rbee_hub, tm
     assert 3 <= most[0] <= SEGMENTS
 
 
+def test_a_fast_first_connection_keeps_the_segments_to_itself(rbee_hub, tmp_path):
+    """An uncapped server (loopback, a LAN mirror): more connections would only cost CPU, so the
+    segments go one after another over the first one. The threshold is lowered so that the
+    verdict does not depend on how fast this machine is: 4 MB/s per connection is "fast" against
+    0.25 MB/s, whatever else the machine is doing."""
+    files = make_repo(rbee_hub)
+    rbee_hub.faults.connection_rate_bps = 4_000_000
+    most = [0]
+
+    def open_now() -> bool:
+        most[0] = max(most[0], len([g for g in rbee_hub.file_gets(REPO, BIG) if g.bytes_sent and not g.completed]))
+        return True
+
+    with ServerProcess(tmp_path, rbee=settings(tmp_path, rbee_hub, download_spread_below_mbps=0.25)) as server:
+        stream = download(server)
+        # re-checked on every chunk the hub sends: two segments on the wire at once would be seen
+        assert rbee_hub.wait_until(lambda: open_now() and sum(g.completed for g in rbee_hub.file_gets(REPO, BIG))
+                                   == SEGMENTS, 120)
+        events = finished(stream)
+
+    gets = rbee_hub.file_gets(REPO, BIG)
+    assert [g.range for g in gets] == ranges()  # in file order, one after another
+    assert all(g.status == 206 and g.bytes_sent == SEGMENT for g in gets) and most[0] == 1
+    assert rbee_hub.bytes_served(REPO, BIG) == len(files[BIG])
+    assert_complete(events, files)
+    assert leftovers(tmp_path / "cache") == []
+
+
 def test_a_hub_that_ignores_ranges_gets_one_stream(rbee_hub, tmp_path):
     files = make_repo(rbee_hub)
     rbee_hub.faults.ignore_range = True
@@ -314,12 +342,13 @@ def test_connection_and_segment_settings_are_validated_and_reach_the_downloader(
     from rbee_jupyter.core.hive import Hive, HiveConfig
     from rbee_jupyter.server.app import RbeeApp
 
-    app = RbeeApp(download_connections=3, download_segment_mb=0.5)
-    assert (app.download_connections, app.download_segment_mb) == (3, 0.5)
-    for bad in ({"download_connections": 0}, {"download_segment_mb": 0.0}):
+    app = RbeeApp(download_connections=3, download_segment_mb=0.5, download_spread_below_mbps=40)
+    assert (app.download_connections, app.download_segment_mb, app.download_spread_below_mbps) == (3, 0.5, 40)
+    for bad in ({"download_connections": 0}, {"download_segment_mb": 0.0}, {"download_spread_below_mbps": -1}):
         with pytest.raises(TraitError):
             RbeeApp(**bad)
 
     hive = Hive(HiveConfig(cache_dir=tmp_path / "c", catalog_path=tmp_path / "catalog.sqlite",
-                           download_connections=3, download_segment_mb=0.5))
+                           download_connections=3, download_segment_mb=0.5, download_spread_below_mbps=40))
     assert (hive.downloader.connections, hive.downloader.segment_bytes) == (3, 512 << 10)
+    assert hive.downloader.spread_below_bps == 40e6
