@@ -124,6 +124,25 @@ class InferenceStarted(Event):
 
 
 @dataclass(frozen=True)
+class Heartbeat(Event):
+    """Worker to pool only: a request is alive although it has sent no text for a while.
+
+    ``queued`` is its place in line (0: in the batch, computing tokens that make no text yet,
+    e.g. bytes of a character still incomplete). Sent about every
+    :data:`~rbee_jupyter.worker.batcher.HEARTBEAT_S`, and only while the batch makes progress,
+    so the pool's ``inference_stall_s`` watchdog measures a stuck worker, not time in line
+    behind long generations or tokens held back by the detokenizer. A worker whose steps stop
+    sends none, and its requests stall. Pools do not relay it to clients.
+    """
+
+    queued: int = 0
+    type: Literal["heartbeat"] = "heartbeat"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "heartbeat", "queued": self.queued}
+
+
+@dataclass(frozen=True)
 class Token(Event):
     t: str
     i: int

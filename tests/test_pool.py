@@ -269,6 +269,28 @@ async def test_queue_full_is_worker_busy_cancel_frees_the_slot_and_a_stall_is_re
         await until(lambda: pool.get(info.id).state == "idle", 3, "the worker to be idle again")
 
 
+async def test_time_in_line_or_without_text_is_not_a_stall(rbee_tiny_model):
+    """``inference_stall_s`` measures a worker that stops, not a request that waits in line behind
+    a long generation, nor one whose tokens make no text yet (this random model spends hundreds
+    of tokens on bytes that never form a character, as a real one may on a long emoji run).
+    While its batch moves, the worker sends such requests a heartbeat the pool keeps to itself.
+    The limit is 200 token delays, so that a busy machine does not stall the generation itself."""
+    async with opened(env=SLOW_TOKENS, inference_stall_s=10.0) as pool:
+        info = await loaded(pool, rbee_tiny_model, queue_depth=1, max_batch_size=1)
+        first = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 400})
+        await next_event(first, lambda e: isinstance(e, Token), 30)
+        second = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 5})
+        await next_event(second, lambda e: isinstance(e, InferenceStarted), 30)
+        queued_at = time.monotonic()
+        assert await first.wait(120) is JobState.COMPLETE, first.last.data
+        assert time.monotonic() - queued_at > 10.0  # the precondition: it waited longer than the limit
+        # the precondition of the other case: 400 tokens made far fewer pieces of text
+        assert first.last.event.total_tokens == 400 and len(first.records) < 200
+        assert await second.wait(60) is JobState.COMPLETE, second.last.data
+        kinds = [r.event.type for r in second.records]
+        assert kinds == ["started", "token", "token", "token", "token", "token", "end"]
+
+
 # --- deaths ---------------------------------------------------------------------------------------
 
 async def test_sigkill_while_loading_idle_or_generating_is_worker_died(rbee_tiny_model):

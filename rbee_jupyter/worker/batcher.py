@@ -25,6 +25,9 @@ __all__ = ["BatchRunner"]
 
 #: Seconds of recent steps that the aggregate tokens-per-second figure covers.
 RATE_WINDOW_S = 5.0
+#: Seconds a request may go without an event before the generation thread sends it a heartbeat
+#: (see events.Heartbeat): queued requests, and rows whose tokens make no text yet.
+HEARTBEAT_S = 0.5
 
 
 class BatchRunner:
@@ -37,9 +40,11 @@ class BatchRunner:
     def __init__(self, generator: Generator, limits: SchedulerLimits, *,
                  on_chunk: Callable[[BatchSequence, TokenChunk], None],
                  on_done: Callable[[BatchSequence, GenerationStats | BaseException], None],
+                 on_heartbeat: Callable[[BatchSequence, int], None] | None = None,
                  step_delay_s: float = 0.0) -> None:
-        self._on_chunk, self._on_done = on_chunk, on_done
-        self._decoder = BatchDecoder(generator, on_chunk=on_chunk, on_done=self._finished)
+        self._on_chunk, self._on_done, self._on_heartbeat = on_chunk, on_done, on_heartbeat
+        self._last_sent: dict[str, float] = {}  # seq id -> when it last got an event (generation thread)
+        self._decoder = BatchDecoder(generator, on_chunk=self._chunk, on_done=self._finished)
         if not self._decoder.batching:
             limits = SchedulerLimits(max_batch_size=1, kv_budget_tokens=limits.kv_budget_tokens,
                                      queue_depth=limits.queue_depth)
@@ -130,6 +135,7 @@ class BatchRunner:
                 self._fail_all(newcomers, exc)
             if closed:
                 return
+            self._heartbeat()
             if self.step_delay_s and self._decoder.rows:
                 self._kick.wait(self.step_delay_s)
             self._kick.clear()
@@ -144,6 +150,25 @@ class BatchRunner:
         with self._lock:
             self._batch_size = len(self._decoder.rows)
 
+    def _chunk(self, seq: BatchSequence, chunk: TokenChunk) -> None:
+        self._last_sent[seq.id] = time.monotonic()
+        self._on_chunk(seq, chunk)
+
+    def _heartbeat(self) -> None:
+        """After a step (the batch moves): a sign of life to each request silent for HEARTBEAT_S."""
+        if self._on_heartbeat is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            waiting = [self._seqs[i] for i in self.scheduler.waiting if i in self._seqs]
+        lines = [(seq, 0) for seq in self._decoder.rows] + [(seq, n) for n, seq in enumerate(waiting, 1)]
+        last, self._last_sent = self._last_sent, {}  # rebuilt: ids that left the line are dropped
+        for seq, queued in lines:
+            self._last_sent[seq.id] = last.get(seq.id, now)
+            if now - self._last_sent[seq.id] >= HEARTBEAT_S:
+                self._last_sent[seq.id] = now
+                self._on_heartbeat(seq, queued)
+
     def _count(self, tokens: int) -> None:
         if tokens:
             now = time.monotonic()
@@ -154,6 +179,7 @@ class BatchRunner:
 
     def _finished(self, seq: BatchSequence, stats: GenerationStats) -> None:
         """Decoder callback: the sequence left; free its place, admit who waits, report."""
+        self._last_sent.pop(seq.id, None)
         with self._lock:
             self.scheduler.remove(seq.id)
             self._seqs.pop(seq.id, None)

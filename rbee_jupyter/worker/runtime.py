@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Cancelled, Conflict, InvalidRequest, ModelNotLoaded, OutOfMemory, RbeeError, WorkerBusy
-from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
+from ..events import InferenceEnd, InferenceStarted, Heartbeat, LoadingProgress, Ready, Token
 from ..core.jobs import Job
 from ..protocol import GenerationRequest, WorkerState
 from .protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV, MiB, WorkerConfig, mb
@@ -133,7 +133,8 @@ class WorkerRuntime:
 
         self._generator, self._validator = generator, validator
         self._runner = BatchRunner(generator, batch_limits(self.config, generator.model),
-                                   on_chunk=self._on_chunk, on_done=self._on_done, step_delay_s=self.token_delay_s)
+                                   on_chunk=self._on_chunk, on_done=self._on_done, on_heartbeat=self._on_heartbeat,
+                                   step_delay_s=self.token_delay_s)
         self.state = WorkerState.IDLE
         self.load_job.finish(Ready(worker_id=self.config.worker_id, memory_mb=self.memory_mb))
 
@@ -202,6 +203,12 @@ class WorkerRuntime:
         task = self._tasks.get(seq.id)
         if task is not None:
             task.job.publish_threadsafe(Token(t=chunk.text, i=chunk.index))
+
+    def _on_heartbeat(self, seq: Any, queued: int) -> None:
+        """Generation thread: ``seq`` is alive but silent (in line, or no text yet); tell the pool's watchdog."""
+        task = self._tasks.get(seq.id)
+        if task is not None:
+            task.job.publish_threadsafe(Heartbeat(queued=queued))
 
     def _on_done(self, seq: Any, outcome: Any) -> None:
         """Generation thread: one request left the batch (stats, or the error that ended it)."""
