@@ -56,6 +56,11 @@ class DeviceNotAvailable(InvalidRequest):
     code = "DEVICE_NOT_AVAILABLE"
 
 
+class DtypeNotSupported(InvalidRequest):
+    """The device cannot compute in the dtype asked for (bf16 before compute capability 8.0)."""
+    code = "DTYPE_NOT_SUPPORTED"
+
+
 class ContextTooLong(InvalidRequest):
     """The prompt does not fit the model's context window."""
     code = "CONTEXT_TOO_LONG"

@@ -335,3 +335,28 @@ def test_a_cpu_quota_is_quota_exceeded_not_insufficient_ram():
     with pytest.raises(QuotaExceeded) as info:
         plan_placement(model(layers=2), "cpu", NODE, quota=Quota({"cpu": 1000 * MiB}))
     assert info.value.details["need_mb"] == 3 * 1024 + 1 and info.value.details["workers"] == []
+
+
+# --- dtypes the device cannot compute in ------------------------------------------------------------
+
+def test_bf16_on_a_gpu_before_ampere_is_refused_at_post_and_fp16_is_not(tmp_path):
+    """No GPU here: the inventory is made up, as everywhere in this file. The hive's check is the
+    one POST v1/workers runs before any download (tests/test_early_refusal.py)."""
+    from rbee_jupyter.core.hive import Hive, HiveConfig, LoadRequest
+    from rbee_jupyter.errors import DtypeNotSupported
+
+    hive = Hive(HiveConfig(cache_dir=tmp_path / "c", catalog_path=tmp_path / "catalog.sqlite"))
+    inventory_ = [CPU, Device("cuda:0", "cuda", 16 * GiB, 15 * GiB, "Tesla T4", (7, 5)),
+                  Device("cuda:1", "cuda", 80 * GiB, 79 * GiB, "A100", (8, 0))]
+    body = {"model_ref": "hf:org/model", "device": "cuda:0", "dtype": "bf16"}
+
+    def check(**change) -> None:
+        hive.validate_load(LoadRequest.from_json({**body, **change}), devices=inventory_)
+
+    for refused in ({}, {"device": "auto"}, {"device": ["cuda:1", "cuda:0"]}):
+        with pytest.raises(DtypeNotSupported) as e:
+            check(**refused)
+        assert e.value.code == "DTYPE_NOT_SUPPORTED" and e.value.status == 400
+        assert e.value.details["devices"] == ["cuda:0"] and "Tesla T4, compute capability 7.5" in str(e.value)
+    for accepted in ({"device": "cuda:1"}, {"dtype": "fp16"}, {"dtype": None}, {"device": "cpu"}):
+        check(**accepted)

@@ -571,9 +571,11 @@ class Hive:
             InvalidRequest: a quantized CPU+GPU split, a malformed ``max_memory``, an unknown node.
             DeviceNotAvailable: a device or ``max_memory`` key not on this machine or not
                 allowed; the details list the devices there are.
+            DtypeNotSupported: bf16 on a GPU older than compute capability 8.0.
             QuotaExceeded: this server's quota leaves nothing on the devices asked for.
         """
-        from ..engine.devices import check_quantized_split, check_quota_room, inventory, select_devices
+        from ..engine.devices import (check_dtype_support, check_quantized_split, check_quota_room, inventory,
+                                      select_devices)
 
         names = [req.device] if isinstance(req.device, str) else list(req.device)
         check_quantized_split(names, req.quantization is not None)
@@ -581,6 +583,7 @@ class Hive:
             self.pool.check_node(req.node)
         found = inventory() if devices is None else devices
         chosen, _ = select_devices(req.device, found, req.max_memory, allowed=self.config.allowed_devices)
+        check_dtype_support(chosen, req.dtype)
         check_quota_room(chosen, self.quota())
 
     def _start_load(self, admitted: _AdmittedLoad, blocks: list[Any] | None) -> Job:

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from ..errors import DeviceNotAvailable, InsufficientRam, InsufficientVram, InvalidRequest, QuotaExceeded
+from ..errors import (DeviceNotAvailable, DtypeNotSupported, InsufficientRam, InsufficientVram, InvalidRequest,
+                      QuotaExceeded)
 
 __all__ = ["Device", "Plan", "Holder", "Quota", "inventory", "parse_device_spec", "plan_placement",
            "check_devices_exist", "check_allowed", "allowed_inventory", "default_margin", "parse_bytes",
@@ -42,6 +43,7 @@ class Device:
     total_bytes: int
     free_bytes: int
     label: str = ""
+    capability: tuple[int, int] | None = None  # CUDA compute capability; None: the CPU, or unknown
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,11 @@ def _nvml_devices() -> list[Device] | None:
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             name = pynvml.nvmlDeviceGetName(handle)
             label = name.decode() if isinstance(name, bytes) else str(name)
-            devices.append(Device(f"cuda:{i}", "cuda", int(mem.total), int(mem.free), label))
+            try:
+                capability = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+            except Exception:  # noqa: BLE001 - an old driver: unknown, not refused
+                capability = None
+            devices.append(Device(f"cuda:{i}", "cuda", int(mem.total), int(mem.free), label, capability))
         return devices
     finally:
         pynvml.nvmlShutdown()
@@ -159,8 +165,31 @@ def _torch_cuda_devices() -> list[Device]:
     devices = []
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
-        devices.append(Device(f"cuda:{i}", "cuda", int(total), int(free), torch.cuda.get_device_name(i)))
+        devices.append(Device(f"cuda:{i}", "cuda", int(total), int(free), torch.cuda.get_device_name(i),
+                              tuple(torch.cuda.get_device_capability(i))))
     return devices
+
+
+#: bf16 arithmetic in hardware starts with Ampere; before it torch emulates some ops and fails others.
+BF16_CAPABILITY = (8, 0)
+
+
+def check_dtype_support(devices: Sequence[Device], dtype: str | None) -> None:
+    """Refuse a dtype a chosen GPU cannot compute in, before anything is downloaded.
+
+    Raises:
+        DtypeNotSupported: ``bfloat16`` on a GPU older than compute capability 8.0.
+    """
+    if dtype != "bfloat16":
+        return
+    old = [d for d in devices if d.kind == "cuda" and d.capability is not None and d.capability < BF16_CAPABILITY]
+    if old:
+        names = ", ".join(f"{d.name} ({d.label}, compute capability {d.capability[0]}.{d.capability[1]})"
+                          for d in old)
+        raise DtypeNotSupported(f"{names} cannot compute in bf16 (it needs compute capability 8.0 or newer); ask "
+                                "for fp16 on this GPU, or pick a newer one.",
+                                details={"field": "dtype", "devices": [d.name for d in old],
+                                         "accepted": ["float16", "float32"]})
 
 
 # --- parsing -------------------------------------------------------------------------------
