@@ -174,15 +174,16 @@ def test_a_cancelled_stream_leaves_the_batch_and_its_slot_goes_to_the_next_in_li
 
 
 def test_a_client_that_disconnects_mid_batch_frees_its_row_only(server, worker, solo):
-    bodies = [{"worker_id": worker, "prompt": p, "max_tokens": 40, "temperature": 0} for p in PROMPTS[:3]]
+    bodies = [{"worker_id": worker, "prompt": p, "max_tokens": 200, "temperature": 0} for p in PROMPTS[:3]]
     leaving = Stream(server, bodies[0], hang_up_after=3)
     staying = [Stream(server, b) for b in bodies[1:]]
     leaving.thread.join(WAIT_S)
-    gone = time.monotonic()
     until(lambda: detail(server, worker)["active_sequences"] <= 2, "the row of the client that left to go")
-    assert time.monotonic() - gone < 1.0
+    # in the middle of the others (200 steps of 20 ms each), not when the batch ends: no clock, which
+    # a busy machine would stretch, but the order of events
+    assert all(s.thread.is_alive() and s.tokens < 200 for s in staying)
     for i, s in enumerate(staying, start=1):
-        assert s.answer() == solo(prompt=PROMPTS[i], max_tokens=40)
+        assert s.answer() == solo(prompt=PROMPTS[i], max_tokens=200)
 
 
 def test_a_full_batch_and_queue_answer_503_worker_busy(server, worker):
@@ -216,7 +217,9 @@ def test_kill_9_of_a_batching_worker_ends_every_stream_with_worker_died(server, 
     for s in streams:
         events = s.events()
         assert events[-2]["type"] == "error" and events[-2]["code"] == "WORKER_DIED" and events[-1] == "[DONE]"
-    assert time.monotonic() - killed < 2.0 + 0.5  # 2 s per the error table, plus the threads' joins
+    # 2 s per the error table on an idle machine; the bound here holds on a busy one, and is still far
+    # below what a stall (120 s) or a read timeout would take
+    assert time.monotonic() - killed < 10.0
     assert detail(server, worker_id)["state"] == "failed"
 
 
@@ -335,7 +338,7 @@ def test_an_interrupt_cancels_what_is_not_done_and_keeps_what_is(server, worker,
         assert item.text == solo(prompt=item.input, max_tokens=24)
     for item in result:
         assert item.ok or isinstance(item.error, Cancelled)
-    info = until(lambda: (d := detail(server, worker))["state"] == "idle" and d, "the worker to stop", timeout=5)
+    info = until(lambda: (d := detail(server, worker))["state"] == "idle" and d, "the worker to stop")
     assert info["active_sequences"] == 0 and info["queue_length"] == 0
 
 
