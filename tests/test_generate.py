@@ -25,7 +25,7 @@ from rbee_jupyter.testing.tiny_model import make_tiny_model
 
 PROMPT = "Once upon a time"
 N = 24
-WAIT_S = 30  # bound on every cross-thread wait
+WAIT_S = 60  # bound on every cross-thread wait (a busy machine included)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,8 @@ def test_cancel_from_another_thread(gen):
     cancel, chunks = threading.Event(), queue.Queue()
 
     def produce():
-        for c in gen.stream(GenerationRequest(prompt=PROMPT, max_tokens=200), cancel=cancel):
+        # 1000 (no EOS on the way): the producer may run ahead while a busy machine starves this thread
+        for c in gen.stream(GenerationRequest(prompt=PROMPT, max_tokens=1000), cancel=cancel):
             chunks.put(c)
         chunks.put(None)
 
@@ -238,7 +239,7 @@ def test_cancel_from_another_thread(gen):
     worker.join(timeout=WAIT_S)
     assert not worker.is_alive()
     assert gen.stats.stop_reason == "cancelled"
-    assert gen.stats.completion_tokens < 200
+    assert gen.stats.completion_tokens < 1000
 
 
 def test_closing_an_abandoned_stream_stops_it(gen):

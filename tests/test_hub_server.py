@@ -311,13 +311,13 @@ def test_stop_returns_promptly_during_a_stall(hub: HubServer, blob_repo: dict[st
     record = _record(hub, "small.bin")
     assert record.bytes_sent == CHUNK_SIZE
 
-    started = time.monotonic()
     hub.stop()
-    assert time.monotonic() - started < 2.0
-    client.join(5)
+    # returned with the stall (stall_s: an hour) cut short, not waited out: by the order of events (the
+    # record says so once stop() returns), not by a clock a busy machine stretches
+    assert record.fault == "stopped" and not record.completed
+    client.join(60)
     assert not client.is_alive()
     assert isinstance(client.error, http.client.IncompleteRead)
-    assert record.fault == "stopped" and not record.completed
 
 
 def test_client_times_out_on_a_stall_and_resumes(hub: HubServer, tmp_path: Path, blob_repo: dict[str, bytes],
@@ -344,7 +344,7 @@ def test_chunk_delay_slows_a_transfer_and_can_be_lifted(hub: HubServer, blob_rep
 
     hub.faults.chunk_delay_s = 0.0  # mutable at run time: the rest comes at once
     assert hub.wait_until(lambda: record.completed, 60)
-    client.join(5)
+    client.join(60)
     assert client.body == data and record.bytes_sent == len(data)
 
 

@@ -11,11 +11,14 @@ from rbee_jupyter.core.jobs import JobRegistry, JobState
 from rbee_jupyter.testing.sse import parse_frames
 
 
+WAIT_S = 60.0  # bound on waiting for what will happen, with room for a busy machine
+
+
 def progress(n: int) -> DownloadProgress:
     return DownloadProgress(bytes_downloaded=n, bytes_total=100, speed_mbps=0.0)
 
 
-async def drain(sub, timeout=2.0):
+async def drain(sub, timeout=WAIT_S):
     out = []
     async def run():
         async for record in sub:
@@ -43,7 +46,7 @@ async def test_late_subscriber_starts_at_the_current_state():
     for n in range(10):
         job.publish(progress(n))
     sub = job.subscribe()
-    first = await sub.get(timeout=1)
+    first = await sub.get(timeout=WAIT_S)
     assert first.id == 10 and first.event.bytes_downloaded == 9
     job.finish(DownloadComplete(local_path="/x"))
     late = await drain(job.subscribe())
@@ -84,20 +87,20 @@ async def test_get_times_out_for_keepalives_and_wakes_on_publish():
     job = JobRegistry().create("download")
     sub = job.subscribe(last_event_id=0)
     assert await sub.get(timeout=0.05) is None
-    waiter = asyncio.ensure_future(sub.get(timeout=5))
+    waiter = asyncio.ensure_future(sub.get(timeout=WAIT_S))
     await asyncio.sleep(0)
     job.publish(progress(1))
-    assert (await asyncio.wait_for(waiter, 2)).id == 1
+    assert (await asyncio.wait_for(waiter, WAIT_S)).id == 1
 
 
 async def test_closing_a_subscription_wakes_its_reader_and_detaches_it():
     job = JobRegistry().create("download")
     sub = job.subscribe(last_event_id=0)
-    waiter = asyncio.ensure_future(sub.get(timeout=5))
+    waiter = asyncio.ensure_future(sub.get(timeout=WAIT_S))
     await asyncio.sleep(0)
     sub.close()
     with pytest.raises(StopAsyncIteration):
-        await asyncio.wait_for(waiter, 2)
+        await asyncio.wait_for(waiter, WAIT_S)
     assert job.subscriptions == set()
 
 
@@ -109,7 +112,7 @@ async def test_work_failures_become_the_terminal_error_event():
         raise InvalidModelRef("bad ref", details={"model_ref": "x"})
 
     job = registry.start(registry.create("download"), work)
-    assert await job.wait(2) is JobState.ERROR
+    assert await job.wait(WAIT_S) is JobState.ERROR
     assert job.last.event.to_dict() == {"stage": "error", "message": "bad ref", "code": "INVALID_MODEL_REF",
                                         "details": {"model_ref": "x"}}
 
@@ -125,9 +128,9 @@ async def test_cancel_reaches_the_work_which_ends_the_job_as_cancelled():
         raise Cancelled("stopped at layer 3")
 
     job = registry.start(registry.create("load"), work)
-    await asyncio.wait_for(started.wait(), 2)
+    await asyncio.wait_for(started.wait(), WAIT_S)
     assert job.cancel() is True
-    assert await job.wait(2) is JobState.CANCELLED
+    assert await job.wait(WAIT_S) is JobState.CANCELLED
     assert job.last.event.to_dict()["code"] == "CANCELLED"
     assert job.cancel() is False  # idempotent once finished
 
@@ -142,7 +145,7 @@ async def test_same_key_gives_the_running_job_and_finished_jobs_expire():
     async def dropped():
         while job.id in {j.id for j in registry.list()}:
             await asyncio.sleep(0.01)
-    await asyncio.wait_for(dropped(), 2)
+    await asyncio.wait_for(dropped(), WAIT_S)
     with pytest.raises(LookupError):
         registry.get(job.id)
 

@@ -22,6 +22,9 @@ from rbee_jupyter.core.jobs import JobState
 from rbee_jupyter.engine.loader import plan_blocks
 
 
+WAIT_S = 60.0  # bound on waiting for what will happen (a thread reaches the gate, a plan) on a busy machine
+
+
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch):
     """Every checkpoint read waits until the test opens the gate; ``entered`` says one is waiting."""
@@ -30,7 +33,7 @@ def gate(monkeypatch: pytest.MonkeyPatch):
 
     def gated(self, req, path):
         entered.set()
-        assert opened.wait(30), "the test never opened the gate"
+        assert opened.wait(WAIT_S), "the test never opened the gate"
         return real(self, req, path)
 
     monkeypatch.setattr(hive_module.Hive, "_blocks", gated)
@@ -40,7 +43,7 @@ def gate(monkeypatch: pytest.MonkeyPatch):
 async def make_hive(tmp_path: Path, model: Path, **config) -> Hive:
     """A hive that already knows the model, so a load plans before it answers (no download first)."""
     hive = Hive(HiveConfig(cache_dir=tmp_path / "cache", catalog_path=tmp_path / "catalog.sqlite", **config))
-    assert await hive.download(f"file://{model}").wait(30) is JobState.COMPLETE
+    assert await hive.download(f"file://{model}").wait(WAIT_S) is JobState.COMPLETE
     return hive
 
 
@@ -53,13 +56,13 @@ async def test_the_loop_keeps_running_while_a_load_reads_its_checkpoint(tmp_path
     hive = await make_hive(tmp_path, rbee_tiny_model)
     try:
         load = asyncio.ensure_future(hive.load_async({"model_ref": f"file://{rbee_tiny_model}", "device": "cpu"}))
-        await wait_threadsafe(entered, 10)
+        await wait_threadsafe(entered, WAIT_S)
         # The read is stuck in its thread, and yet this coroutine runs: the loop serves other
         # requests meanwhile (planning on the loop would have blocked it until the gate opened).
         assert [d["name"] for d in hive.devices()][0] == "cpu"
         assert not load.done()
         opened.set()
-        job = await asyncio.wait_for(load, 30)
+        job = await asyncio.wait_for(load, WAIT_S)
         assert await job.wait(120) is JobState.COMPLETE, job.records[-1].data
         assert job.records[-1].event.to_dict()["stage"] == "ready"
         await hive.unload(job.id)
@@ -76,9 +79,9 @@ async def test_two_loads_planned_at_once_cannot_both_take_the_same_room(tmp_path
     body = {"model_ref": f"file://{rbee_tiny_model}", "device": "cpu"}
     try:
         loads = [asyncio.ensure_future(hive.load_async(body)) for _ in range(2)]
-        await wait_threadsafe(entered, 10)
+        await wait_threadsafe(entered, WAIT_S)
         opened.set()
-        results = await asyncio.wait_for(asyncio.gather(*loads, return_exceptions=True), 30)
+        results = await asyncio.wait_for(asyncio.gather(*loads, return_exceptions=True), WAIT_S)
         refused = [r for r in results if isinstance(r, Exception)]
         (job,) = [r for r in results if not isinstance(r, Exception)]
         assert len(refused) == 1 and isinstance(refused[0], QuotaExceeded), results

@@ -29,7 +29,8 @@ from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 
 PROMPT = "Once upon a time"
 LOAD_S = 90.0  # bound on a load (a torch import on a busy 2-core machine included)
-SLOW_LOAD = {BLOCK_DELAY_ENV: "30"}  # a load that sits after each block until cancelled or killed
+WAIT_S = 60.0  # bound on waiting for what will happen (a job ends, a worker goes idle) on a busy machine
+SLOW_LOAD = {BLOCK_DELAY_ENV: "300"}  # a load that sits after each block (longer than WAIT_S) until cancelled or killed
 SLOW_TOKENS = {TOKEN_DELAY_ENV: "0.05"}
 
 pytestmark = pytest.mark.usefixtures("no_worker_left_behind")  # (conftest.py) after every test
@@ -156,7 +157,7 @@ async def test_load_then_generate_then_keep_alive_unload(rbee_tiny_model, refere
         assert now.memory_mb == ready.memory_mb and now.devices == ["cpu"]
 
         gen = Job("inference", error_style="type")
-        await asyncio.wait_for(pool.generate(info.id, {"prompt": PROMPT, "max_tokens": 12}, gen), 30)
+        await asyncio.wait_for(pool.generate(info.id, {"prompt": PROMPT, "max_tokens": 12}, gen), WAIT_S)
         finished = time.monotonic()
         started, *tokens, end = [r.event for r in gen.records]
         assert gen.state is JobState.COMPLETE
@@ -168,7 +169,7 @@ async def test_load_then_generate_then_keep_alive_unload(rbee_tiny_model, refere
         health = await pool.health(info.id)
         assert health["tokens_computed"] == stats.completion_tokens and health["state"] == "idle"
 
-        await until(lambda: not pool.list(), 1.0 + 5, "the idle worker to be unloaded")
+        await until(lambda: not pool.list(), WAIT_S, "the idle worker to be unloaded")
         assert time.monotonic() - finished >= 1.0 - 0.05  # not before keep_alive_s of idleness
         assert not alive(info.pid)
         events = [e for e, _, _ in seen if e != "progress"]
@@ -187,12 +188,12 @@ async def test_cancel_or_timeout_stops_a_load_between_layers_and_names_the_block
         await asyncio.gather(*(next_event(job, lambda e: isinstance(e, LoadingProgress), LOAD_S)
                                for job in (cancelled_job, timed_out_job)))
 
-        asked = time.monotonic()
         assert cancelled_job.cancel()
         timing_out.loading_timeout_s = 0.5  # applies to the load in progress, already older than that
-        assert await cancelled_job.wait(5) is JobState.CANCELLED
-        assert await timed_out_job.wait(5) is JobState.ERROR
-        assert time.monotonic() - asked < 5
+        # Both end while block 2 is still 300 s away (the waits give up at WAIT_S): the cancel and the
+        # timeout cut the block delay short, by the order of events rather than a clock a busy machine stretches.
+        assert await cancelled_job.wait(WAIT_S) is JobState.CANCELLED
+        assert await timed_out_job.wait(WAIT_S) is JobState.ERROR
 
         for job in (cancelled_job, timed_out_job):  # stopped between block 1 and block 2
             assert [e.layers_loaded for e in (r.event for r in job.records[:-1])] == [1]
@@ -243,30 +244,32 @@ async def test_queue_full_is_worker_busy_cancel_frees_the_slot_and_a_stall_is_re
         assert bad.value.details["field"] == "prompt"
 
         first = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 200})
-        await next_event(first, lambda e: isinstance(e, Token), 10)
+        await next_event(first, lambda e: isinstance(e, Token), WAIT_S)
         assert pool.get(info.id).state == "busy"
         second = Job("inference", error_style="type")
         with pytest.raises(WorkerBusy):
             await pool.generate(info.id, {"prompt": PROMPT, "max_tokens": 10}, second)
         assert second.records == []  # refused before any event
 
-        asked = time.monotonic()
         first.cancel()  # what the server does when the client goes away
-        assert await first.wait(1.0) is JobState.CANCELLED
+        assert await first.wait(WAIT_S) is JobState.CANCELLED
         assert error_of(first)["code"] == "CANCELLED"
-        await asyncio.wait_for(first.task, 1.0)
+        await asyncio.wait_for(first.task, WAIT_S)
         health = await pool.health(info.id)
         assert (health["state"], health["requests"]) == ("idle", [])
-        assert pool.get(info.id).state == "idle" and time.monotonic() - asked < 1.0
+        assert pool.get(info.id).state == "idle"
+        # it stopped early in its 200 tokens: counted in tokens, not in seconds a busy machine stretches
+        assert health["tokens_computed"] < 200 // 2
+        # the thing under test: the idle counter stays still; a busy machine can only hide a move, not fake one
         await asyncio.sleep(0.3)  # six token delays: a generation still running would have counted
         assert (await pool.health(info.id))["tokens_computed"] == health["tokens_computed"]
 
         pool.inference_stall_s = 0.02  # shorter than one token (0.05 s): the next generation stalls
         stalled = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 200})
-        assert await stalled.wait(5) is JobState.ERROR
+        assert await stalled.wait(WAIT_S) is JobState.ERROR
         error = error_of(stalled)
         assert error["code"] == "INFERENCE_STALLED" and "produced nothing for 0.02 s" in error["message"]
-        await until(lambda: pool.get(info.id).state == "idle", 3, "the worker to be idle again")
+        await until(lambda: pool.get(info.id).state == "idle", WAIT_S, "the worker to be idle again")
 
 
 async def test_time_in_line_or_without_text_is_not_a_stall(rbee_tiny_model):
@@ -278,9 +281,9 @@ async def test_time_in_line_or_without_text_is_not_a_stall(rbee_tiny_model):
     async with opened(env=SLOW_TOKENS, inference_stall_s=10.0) as pool:
         info = await loaded(pool, rbee_tiny_model, queue_depth=1, max_batch_size=1)
         first = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 400})
-        await next_event(first, lambda e: isinstance(e, Token), 30)
+        await next_event(first, lambda e: isinstance(e, Token), WAIT_S)
         second = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 5})
-        await next_event(second, lambda e: isinstance(e, InferenceStarted), 30)
+        await next_event(second, lambda e: isinstance(e, InferenceStarted), WAIT_S)
         queued_at = time.monotonic()
         assert await first.wait(120) is JobState.COMPLETE, first.last.data
         assert time.monotonic() - queued_at > 10.0  # the precondition: it waited longer than the limit
@@ -302,20 +305,22 @@ async def test_sigkill_while_loading_idle_or_generating_is_worker_died(rbee_tiny
         idle, busy = await asyncio.gather(loaded(fast, rbee_tiny_model), loaded(fast, rbee_tiny_model))
         await next_event(loading_job, lambda e: isinstance(e, LoadingProgress), LOAD_S)
         stream = generating(fast, busy.id, {"prompt": PROMPT, "max_tokens": 200})
-        await next_event(stream, lambda e: isinstance(e, Token), 10)
+        await next_event(stream, lambda e: isinstance(e, Token), WAIT_S)
 
         for pool, info in ((slow, loading), (fast, idle), (fast, busy)):
             killed = time.monotonic()
             os.kill(info.pid, signal.SIGKILL)
-            await until(lambda: pool.get(info.id).state == "failed", 2.0, f"{info.id} to be failed")
-            assert time.monotonic() - killed < 2.0
+            await until(lambda: pool.get(info.id).state == "failed", WAIT_S, f"{info.id} to be failed")
+            # 2 s per the error table on an idle machine; this bound holds on a busy one and is still far
+            # below a stall (inference_stall_s) or a loading timeout
+            assert time.monotonic() - killed < 10.0
             now = pool.get(info.id)
             assert "signal 9" in now.exit_reason and not alive(info.pid)
 
-        for job in (loading_job, stream):  # every stream it fed ended, within the 2 s above
+        for job in (loading_job, stream):  # every stream it fed ended, within the bound above
             assert job.state is JobState.ERROR
             error = error_of(job)
             assert error["code"] == "WORKER_DIED" and "killed by signal 9" in error["message"]
         assert error_of(loading_job)["stage"] == "error" and error_of(stream)["type"] == "error"
-        await asyncio.wait_for(stream.task, 2.0)
+        await asyncio.wait_for(stream.task, WAIT_S)
         assert ("died", idle.id) in seen and ("died", busy.id) in seen

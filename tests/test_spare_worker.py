@@ -70,7 +70,7 @@ async def load(pool: LocalProcessPool, path: Path) -> tuple[WorkerInfo, Job]:
 
 async def greedy_text(pool: LocalProcessPool, worker_id: str) -> tuple[list[tuple[str, int]], InferenceEnd]:
     job = Job("inference", error_style="type")
-    await asyncio.wait_for(pool.generate(worker_id, {"prompt": PROMPT, "max_tokens": 12}, job), 30)
+    await asyncio.wait_for(pool.generate(worker_id, {"prompt": PROMPT, "max_tokens": 12}, job), LOAD_S)
     assert job.state is JobState.COMPLETE, job.last.data
     events = [r.event for r in job.records]
     return [(e.t, e.i) for e in events if isinstance(e, Token)], events[-1]
@@ -112,11 +112,12 @@ async def test_loads_take_the_warm_spare_and_a_new_one_is_started_only_after_eac
             assert [w.id for w in pool.list()][-1] == info.id and len(pool.list()) == round_ + 1
             spare = following
 
-        # A worker that was a spare dies like any other: WORKER_DIED within 2 s.
+        # A worker that was a spare dies like any other: WORKER_DIED within 2 s on an idle machine; the
+        # bound here holds on a busy one and is still far below a stall or a loading timeout.
         died = asyncio.Event()
         pool.listen(lambda event, _: event == "died" and died.set())
         os.kill(info.pid, signal.SIGKILL)
-        await asyncio.wait_for(died.wait(), 2.0)
+        await asyncio.wait_for(died.wait(), 10.0)
         assert "signal 9" in pool.get(info.id).exit_reason
         assert [e for e in seen if e != "progress"] == ["loading", "ready", "busy", "idle"] * 2 + ["died"]
         last_spare = spare.pid
@@ -128,7 +129,7 @@ async def test_a_dead_spare_costs_the_load_a_fresh_process_not_an_error(rbee_tin
         # Killed and noticed before the load: the pool dropped it and starts a fresh process.
         spare = await warm_spare(pool)
         os.kill(spare.pid, signal.SIGKILL)
-        assert await spare.wait_exit(5)
+        assert await spare.wait_exit(60)  # at once after SIGKILL; the bound is for a busy machine
         assert pool.spare is None  # dropped (its exit callback ran before this wait's)
         info, job = await load(pool, rbee_tiny_model)
         assert info.pid != spare.pid
@@ -154,7 +155,7 @@ async def test_a_spare_exits_quietly_when_its_stdin_closes():
         assert spare.name == f"spare-{spare.pid}"
         await asyncio.wait_for(asyncio.shield(spare.warm), LOAD_S)
         spare.proc.stdin.close()
-        assert await spare.wait_exit(10), "the spare did not exit after stdin closed"
+        assert await spare.wait_exit(60), "the spare did not exit after stdin closed"
         assert spare.returncode == 0
         assert any("stdin closed before a spec" in line for line in spare.stderr_tail)
     finally:
@@ -190,10 +191,10 @@ def test_a_server_starts_a_spare_lists_only_loaded_workers_and_ends_both(rbee_ti
         def children() -> set[int]:
             return child_worker_pids(server.proc.pid)
 
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + LOAD_S
         while not children():  # started when the server started, before any request
             assert time.monotonic() < deadline, "the server started no spare"
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling another process's children: nothing to wait on instead
         (spare,) = children()
         assert server.get("v1/workers").json()["workers"] == []
 
@@ -203,10 +204,10 @@ def test_a_server_starts_a_spare_lists_only_loaded_workers_and_ends_both(rbee_ti
         (worker,) = server.get("v1/workers").json()["workers"]
         assert worker["pid"] == spare
 
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + LOAD_S
         while len(children()) < 2:  # the next spare, once the load is ready
             assert time.monotonic() < deadline, "no new spare after the load"
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling another process's children: nothing to wait on instead
         everyone = children()
         assert [w["id"] for w in server.get("v1/workers").json()["workers"]] == [worker["id"]]
     left = wait_exited(everyone, 120)  # ends when they exit; the bound holds on a busy machine

@@ -29,7 +29,7 @@ from rbee_jupyter.worker.protocol import SECRET_ENV, TOKEN_DELAY_ENV
 
 SECRET = "worker-test-secret"
 PROMPT = "Once upon a time"
-WAIT_S = 60.0  # bound on waiting for the shared worker to load (torch import included)
+WAIT_S = 60.0  # bound on waiting for what will happen (a load, a stream's end, an exit) on a busy machine
 SHARED: set[int] = set()  # pids of module-scoped workers, alive on purpose between tests
 
 
@@ -62,8 +62,8 @@ def spawn(model_path: Path, *, env: dict[str, str] | None = None, stderr_pipe: b
                             env={**os.environ, SECRET_ENV: SECRET, **(env or {})})
     proc.stdin.write(json.dumps({"model_path": str(model_path), **spec}).encode() + b"\n")
     proc.stdin.flush()
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    assert ready, "the worker did not announce its port within 30 s"
+    ready, _, _ = select.select([proc.stdout], [], [], WAIT_S)
+    assert ready, f"the worker did not announce its port within {WAIT_S} s"
     line = json.loads(proc.stdout.readline())
     assert set(line) == {"port", "pid"} and line["pid"] == proc.pid
     spawned = Spawned(proc, line["port"])
@@ -102,13 +102,15 @@ def worker(rbee_tiny_model: Path) -> Iterator[Spawned]:
     # The parent "dies": every pipe end it held closes. The loaded worker must notice (stdin EOF),
     # survive its stderr being gone (EPIPE), and exit at once without a slow interpreter teardown.
     w.stop_draining.set()
-    w.drainer.join(5)  # it no longer reads the pipe we are about to close
+    w.drainer.join(WAIT_S)  # it no longer reads the pipe we are about to close
     assert not w.drainer.is_alive()
     w.proc.stderr.close()
     w.proc.stdin.close()
     gone = time.monotonic()
-    assert w.proc.wait(15) == 0
-    assert time.monotonic() - gone < 5
+    assert w.proc.wait(WAIT_S) == 0
+    # "at once" is milliseconds on an idle machine; the bound holds on a busy one and still catches a
+    # worker that waits out its generation thread or a lifeline poll instead of exiting
+    assert time.monotonic() - gone < 20
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +148,7 @@ async def health(c: httpx.AsyncClient) -> dict:
     return r.json()
 
 
-async def until_idle(c: httpx.AsyncClient, timeout: float = 1.0) -> dict:
+async def until_idle(c: httpx.AsyncClient, timeout: float = WAIT_S) -> dict:
     async def idle():
         h = await health(c)
         return h if h["state"] == "idle" and not h["requests"] else None
@@ -156,6 +158,7 @@ async def until_idle(c: httpx.AsyncClient, timeout: float = 1.0) -> dict:
 async def assert_compute_stopped(c: httpx.AsyncClient) -> None:
     """tokens_computed does not move over many token delays: the generation really stopped."""
     before = (await health(c))["tokens_computed"]
+    # the thing under test: nothing moves during the wait; a busy machine can only hide a move, not fake one
     await asyncio.sleep(0.2)  # ten token delays: a generation still running would have moved it
     assert (await health(c))["tokens_computed"] == before
 
@@ -212,7 +215,7 @@ async def test_generation_stream_equals_the_in_process_generator(worker, referen
     chunks, stats = reference
     await load_stream(worker)
     async with worker.client() as c:
-        s = await read_stream(c, "POST", "/generate", timeout=30,
+        s = await read_stream(c, "POST", "/generate", timeout=WAIT_S,
                               json={"prompt": PROMPT, "max_tokens": 12, "request_id": "req-1"})
     assert s.status == 200 and s.done
     started, *tokens, end = s.events
@@ -253,12 +256,12 @@ async def test_delete_stops_the_generation_within_one_token_and_frees_the_slot(w
                 assert (await control.delete("/generate/req-del")).status_code == 204
                 computed_at_delete.append((await health(control))["tokens_computed"])
 
-        s = await read_stream(c, "POST", "/generate", timeout=30, on_frame=on_frame,
+        s = await read_stream(c, "POST", "/generate", timeout=WAIT_S, on_frame=on_frame,
                               json={"prompt": PROMPT, "max_tokens": 200, "request_id": "req-del"})
         assert s.done
         assert s.events[-1] == {"type": "error", "message": s.events[-1]["message"], "code": "CANCELLED",
                                 "details": {"request_id": "req-del"}}
-        h = await until_idle(control, timeout=1.0)
+        h = await until_idle(control)
         assert h["tokens_computed"] - computed_at_delete[0] <= 1  # at most the step already under way
         await assert_compute_stopped(control)
         for _ in range(2):  # idempotent, unknown ids included
@@ -269,12 +272,14 @@ async def test_delete_stops_the_generation_within_one_token_and_frees_the_slot(w
 async def test_a_client_that_disconnects_cancels_its_generation(worker):
     await load_stream(worker)
     async with worker.client() as c, worker.client() as control:
-        s = await read_stream(c, "POST", "/generate", timeout=30, stop_after=3,
+        at_start = (await health(control))["tokens_computed"]
+        s = await read_stream(c, "POST", "/generate", timeout=WAIT_S, stop_after=3,
                               json={"prompt": PROMPT, "max_tokens": 200})
         assert [e["type"] for e in s.events] == ["started", "token", "token"]
-        gone = time.monotonic()
-        await until_idle(control, timeout=1.0)
-        assert time.monotonic() - gone < 1.0
+        h = await until_idle(control)
+        # it stopped early in its 200 tokens (4 s at 20 ms each): counted in tokens, not in seconds a busy
+        # machine stretches; the latency itself is measured by bench/inference.py (its cancel rounds)
+        assert h["tokens_computed"] - at_start < 200 // 2
         await assert_compute_stopped(control)
 
 
@@ -283,15 +288,15 @@ async def test_a_full_queue_answers_503_worker_busy(worker):
     await load_stream(worker)
     async with worker.client() as a, worker.client() as b, worker.client() as control:
         body = {"prompt": PROMPT, "max_tokens": 200}
-        running = asyncio.ensure_future(read_stream(a, "POST", "/generate", timeout=30,
+        running = asyncio.ensure_future(read_stream(a, "POST", "/generate", timeout=WAIT_S,
                                                     json={**body, "request_id": "req-a"}))
-        queued = asyncio.ensure_future(read_stream(b, "POST", "/generate", timeout=30,
+        queued = asyncio.ensure_future(read_stream(b, "POST", "/generate", timeout=WAIT_S,
                                                    json={**body, "request_id": "req-b"}))
 
         async def both_accepted():
             h = await health(control)
             return h if h["requests"] == ["req-a", "req-b"] else None
-        h = await until(both_accepted, 5, "both requests to be accepted")
+        h = await until(both_accepted, WAIT_S, "both requests to be accepted")
         assert h["state"] == "busy" and h["running"] == "req-a" and h["queue_length"] == 1
 
         r = await control.post("/generate", json=body)
@@ -304,7 +309,7 @@ async def test_a_full_queue_answers_503_worker_busy(worker):
         for stream in (await queued, await running):
             assert stream.done and stream.events[-1]["code"] == "CANCELLED"
         assert (await queued).events[0]["type"] == "started" and len((await queued).events) == 2
-        await until_idle(control, timeout=1.0)
+        await until_idle(control)
 
 
 # --- lifecycle -------------------------------------------------------------------------------
@@ -317,7 +322,7 @@ async def test_the_worker_exits_when_told_or_when_its_parent_is_gone(rbee_tiny_m
             assert (await c.post("/shutdown")).status_code == 202
     else:
         w.proc.stdin.close()
-    assert await asyncio.get_running_loop().run_in_executor(None, w.proc.wait, 10) == 0
+    assert await asyncio.get_running_loop().run_in_executor(None, w.proc.wait, WAIT_S) == 0
 
 
 # --- batching --------------------------------------------------------------------------------
@@ -344,7 +349,7 @@ async def test_the_kv_budget_makes_requests_wait_instead_of_running_out_of_memor
             async def queued():
                 h = await health(control)
                 return h if len(h["requests"]) == 3 else None
-            h = await until(queued, 10, "the three requests to be accepted")
+            h = await until(queued, WAIT_S, "the three requests to be accepted")
             assert (h["active_sequences"], h["queue_length"]) == (2, 1)  # whichever two arrived first
             assert 0 < h["kv_reserved_tokens"] <= h["kv_budget_tokens"] == int(0.1 * (1 << 20)) // 1024
             assert h["max_batch_size"] == 8
@@ -352,8 +357,8 @@ async def test_the_kv_budget_makes_requests_wait_instead_of_running_out_of_memor
                 s = await stream
                 assert s.done and s.events[-1]["type"] == "end"
                 assert "".join(e["t"] for e in s.events if e["type"] == "token") == text
-            h = await until_idle(control, timeout=5)
+            h = await until_idle(control)
             assert (h["active_sequences"], h["queue_length"], h["kv_reserved_tokens"]) == (0, 0, 0)
     finally:
         w.proc.stdin.close()
-        w.proc.wait(15)
+        w.proc.wait(WAIT_S)

@@ -54,12 +54,12 @@ class TransformersServe:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+            self.proc.wait(60)  # ends at once; the bound is for a busy machine
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(60)  # a busy machine may take a while to run its shutdown
             except subprocess.TimeoutExpired:
                 self.kill()

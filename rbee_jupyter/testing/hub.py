@@ -47,6 +47,9 @@ __all__ = ["CHUNK_SIZE", "Faults", "HubFile", "HubServer", "RequestRecord", "mak
 CHUNK_SIZE = 64 * 1024
 """Bodies go out in chunks of this size; ``Faults.chunk_delay_s`` is slept between them."""
 
+STOP_WAIT_S = 60.0
+"""Bound on ``HubServer.stop`` waiting for its handlers, which end at once: only a hang reaches it."""
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
 """Files stored in git-LFS whatever their size (the hub's default ``.gitattributes``, abridged)."""
 
@@ -289,7 +292,12 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving and end every open transfer (stalled ones too); returns within ~2 s."""
+        """Stop serving and end every open transfer (stalled ones too), and wait until their handlers are done.
+
+        Stalls, delays and sends are cut short at once (the stop event, shut sockets), so this returns in
+        milliseconds; the joins are bounded (``STOP_WAIT_S``) only against a handler that hangs, with room
+        for a machine busy with other work, where a shorter bound would return while handlers still run.
+        """
         server, thread = self._server, self._thread
         if server is None:
             return
@@ -305,7 +313,7 @@ class HubServer:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        deadline = time.monotonic() + 1.5
+        deadline = time.monotonic() + STOP_WAIT_S
         for _, handler_thread in open_connections:
             handler_thread.join(max(0.0, deadline - time.monotonic()))
         if thread is not None:

@@ -68,9 +68,10 @@ def parse_frames(text: str) -> list[Frame]:
     return frames
 
 
-async def read_stream(client, method: str, url: str, *, timeout: float = 30.0, stop_after: int | None = None,
+async def read_stream(client, method: str, url: str, *, timeout: float = 120.0, stop_after: int | None = None,
                       until: Callable[[list[Frame]], bool] | None = None, on_frame=None, **kwargs: Any) -> Stream:
-    """Read a whole SSE response (until the server ends it) within ``timeout`` seconds.
+    """Read a whole SSE response (until the server ends it) within ``timeout`` seconds (a bound only
+    against a hang, with room for a machine busy with other work).
 
     ``stop_after`` closes the connection after that many JSON events, ``until(frames)``
     as soon as it holds for the data frames so far (a client that goes away);
