@@ -65,7 +65,7 @@ def test_download_runs_then_completes(client, rbee_hub, new_repo):
     rbee_hub.faults.chunk_delay_s = 0
     *_, last = events
     assert last["stage"] == "complete" and download.state == "complete"
-    assert download.wait(timeout=30) == last and download.local_path == last["local_path"]
+    assert download.wait(timeout=60) == last and download.local_path == last["local_path"]
     assert ref in [m["ref"] for m in client.models()]
 
 
@@ -80,7 +80,7 @@ def test_cancel_a_download(client, rbee_hub, new_repo):
     assert last["stage"] == "error" and last["code"] == "CANCELLED"
     assert download.state == "cancelled"
     with pytest.raises(Cancelled):
-        download.wait(timeout=30)
+        download.wait(timeout=60)
     download.cancel()  # idempotent
     assert ref not in [m["ref"] for m in client.models()]
 
@@ -90,7 +90,7 @@ def test_http_errors_come_back_as_their_classes(client):
         client.download("hf:../../x")
     assert exc.value.status == 400 and "Accepted forms" in exc.value.message
     with pytest.raises(ModelNotFound):
-        client.download("hf:rbee-test/no-such-repo").wait(timeout=30)
+        client.download("hf:rbee-test/no-such-repo").wait(timeout=60)
     with pytest.raises(WorkerNotFound):
         client.worker("w-nope")
     with pytest.raises(ModelNotLoaded):
@@ -185,7 +185,7 @@ def test_embedded_client_has_the_same_api(rbee_hub, new_repo, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             follow(download, Interrupted(download.model_ref, mode="terminal"))
         with pytest.raises(Cancelled):
-            download.wait(timeout=10)
+            download.wait(timeout=60)
         assert download.state == "cancelled"
     finally:
         client.close()

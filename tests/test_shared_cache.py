@@ -26,11 +26,15 @@ from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import parse_frames
 
 BIG = "model.safetensors"
+WAIT_S = 60.0  # bound on waiting for what will happen (a transfer starts, a stream ends) on a busy machine
 
 
 def start_server(folder: Path, hub: HubServer, cache: Path, user: str) -> ServerProcess:
     settings = {"cache_dir": str(cache), "catalog_path": str(folder / f"{user}.sqlite"), "hub_endpoint": hub.url,
-                "sse_keepalive_s": 0.5, "download_stall_s": 10.0, "download_backoff_s": 0.05}
+                "sse_keepalive_s": 0.5, "download_backoff_s": 0.05,
+                # a holder whose partial file shows no growth is given up on after this: huggingface_hub's
+                # shows none for its whole (short, paced) transfer, which a busy machine stretches
+                "download_stall_s": 30.0}
     return ServerProcess(folder / user, rbee=settings, base_url=f"/user/{user}/").start()
 
 
@@ -48,12 +52,12 @@ def servers(rbee_hub_session: HubServer, tmp_path: Path) -> Iterator[tuple[Serve
             server.stop()
 
 
-def stream_events(server: ServerProcess, url: str, *, timeout: float = 60.0,
+def stream_events(server: ServerProcess, url: str, *, timeout: float = 120.0,
                   on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict[str, Any]], bool]:
     """The JSON events of a whole SSE stream and whether it ended with [DONE]; ``on_event`` sees each at once."""
     deadline = time.monotonic() + timeout
     events: list[dict[str, Any]] = []
-    with server.client.stream("GET", f"http://127.0.0.1:{server.port}{url}", timeout=10) as r:
+    with server.client.stream("GET", f"http://127.0.0.1:{server.port}{url}", timeout=WAIT_S) as r:
         assert r.status_code == 200, r.read()
         buf = ""
         for chunk in r.iter_text():
@@ -160,7 +164,9 @@ def test_the_waiting_server_takes_over_when_the_downloading_one_dies(servers, rb
 
     # Alice's server is half way through the big file ...
     post_download(alice, ref)
-    assert rbee_hub.wait_until(lambda: any(g.bytes_sent >= 4 * CHUNK_SIZE for g in rbee_hub.file_gets(repo, BIG)), 30)
+    assert rbee_hub.wait_until(lambda: any(g.bytes_sent >= 4 * CHUNK_SIZE for g in rbee_hub.file_gets(repo, BIG)),
+                               WAIT_S)
+    rbee_hub.faults.chunk_delay_s = 1.0  # from now on crawling: Bob joins before her end, however busy the machine
     # ... when Bob asks for the same model: his stream follows her partial file
     bob_started = post_download(bob, ref)
     waiting = threading.Event()
@@ -171,13 +177,14 @@ def test_the_waiting_server_takes_over_when_the_downloading_one_dies(servers, rb
 
     with ThreadPoolExecutor(1) as pool:
         bob_stream = pool.submit(stream_events, bob, bob_started["progress_url"], on_event=on_event)
-        assert waiting.wait(30), "Bob's stream never showed Alice's transfer"
+        assert waiting.wait(WAIT_S), "Bob's stream never showed Alice's transfer"
         assert len(rbee_hub.file_gets(repo, BIG)) == 1  # Bob is waiting, not fetching
 
         # When: Alice's server dies (the lock goes with it, the partial file stays)
         alice.proc.kill()
-        alice.proc.wait(10)
-        events, done = bob_stream.result(timeout=60)
+        alice.proc.wait(WAIT_S)
+        rbee_hub.faults.chunk_delay_s = 0.1
+        events, done = bob_stream.result(timeout=2 * WAIT_S)
 
     # Then: Bob's server resumed from her partial file and finished
     assert done and events[-1]["stage"] == "complete", events[-1]
@@ -205,10 +212,10 @@ def test_a_server_waits_for_huggingface_hub_fetching_the_same_blob(rbee_hub, rbe
         rbee_hub.faults.chunk_delay_s = 0.15
         with ThreadPoolExecutor(1) as pool:
             kernel = pool.submit(hf_hub_download, repo, BIG, cache_dir=str(cache), endpoint=rbee_hub.url)
-            assert rbee_hub.wait_until(lambda: any(g.bytes_sent > 0 for g in rbee_hub.file_gets(repo, BIG)), 30)
+            assert rbee_hub.wait_until(lambda: any(g.bytes_sent > 0 for g in rbee_hub.file_gets(repo, BIG)), WAIT_S)
             # When: the server is asked for the model while huggingface_hub is fetching its weights
             events, done = stream_events(server, post_download(server, f"hf:{repo}")["progress_url"])
-            hf_path = Path(kernel.result(timeout=60))
+            hf_path = Path(kernel.result(timeout=WAIT_S))
         # Then: the server waited for that transfer instead of repeating it, and both see the same checked
         # file (huggingface_hub writes its partial file in 10 MB steps: for this small file the waiting
         # stream sees no bytes in between, unlike when the other side is a server)
@@ -255,7 +262,10 @@ def test_a_waiting_download_gives_up_on_a_stuck_holder_and_can_be_cancelled(rbee
         # (the other files come in parallel, so the whole-repo count holds the holder's 1000 and more)
         assert events[-1].files_active == {BIG: 1000} and events[-1].bytes_downloaded >= before + 1000
 
-        # When: a waiting download is cancelled
+        # When: a waiting download is cancelled (one that would wait an hour for a stuck holder, so that
+        # only the cancel can end it: no race with the stall budget on a busy machine)
+        patient = Downloader(cache_dir=tmp_path / "cache", endpoint=rbee_hub.url, stall_s=3600, retries=1,
+                             lock_poll_s=0.05)
         cancel, waiting = threading.Event(), threading.Event()
         events = []
 
@@ -265,12 +275,13 @@ def test_a_waiting_download_gives_up_on_a_stuck_holder_and_can_be_cancelled(rbee
                 waiting.set()
 
         with ThreadPoolExecutor(1) as pool:
-            run = pool.submit(downloader.fetch, plan, emit=emit, cancel=cancel)
-            assert waiting.wait(10)
+            run = pool.submit(patient.fetch, plan, emit=emit, cancel=cancel)
+            assert waiting.wait(WAIT_S)
             cancel.set()
-            # Then: it stops at once, and still leaves the holder's partial file alone
+            # Then: it stops (at the next lock poll, 0.05 s; the bound is for a busy machine), and still
+            # leaves the holder's partial file alone
             with pytest.raises(Cancelled):
-                run.result(timeout=2)
+                run.result(timeout=WAIT_S)
         assert partial.read_bytes() == b"x" * 1000
         assert rbee_hub.file_gets(repo, BIG) == []
     finally:
@@ -330,10 +341,11 @@ def test_an_unwritable_cache_is_refused_naming_the_folder(rbee_hub, rbee_tiny_mo
         # When: a folder of the cache turns read-only while the download runs
         refs = cache / f"models--{repo.replace('/', '--')}" / "refs"
         refs.mkdir(parents=True)
-        rbee_hub.faults.chunk_delay_s = 0.1
+        rbee_hub.faults.chunk_delay_s = 1.0  # crawling (13 s in all): read-only before the end, however busy
         started = post_download(server, f"hf:{repo}")
-        assert rbee_hub.wait_until(lambda: any(g.bytes_sent > 0 for g in rbee_hub.file_gets(repo, BIG)), 30)
+        assert rbee_hub.wait_until(lambda: any(g.bytes_sent > 0 for g in rbee_hub.file_gets(repo, BIG)), WAIT_S)
         with read_only(refs):
+            rbee_hub.faults.chunk_delay_s = 0.0  # now the rest may come at once
             events, done = stream_events(server, started["progress_url"])
         # Then: an error event naming that folder, [DONE], nothing half-written, the catalog unchanged
         error = events[-1]

@@ -21,6 +21,8 @@ from .conftest import StreamReader, children_of, settings_for, wait_for
 
 PROMPT = "Once upon a time"
 LOAD_S = 120.0  # a torch import and a slowed load, on a busy 2-core machine
+WAIT_S = 60.0  # bound on waiting for what will happen (a stream ends, the registry changes) on a busy machine
+DIED_S = 10.0  # WORKER_DIED comes within 2 s on an idle machine (the error table); this holds on a busy one
 
 
 def start_load(server: ServerProcess, model) -> dict:
@@ -34,19 +36,23 @@ def state(server: ServerProcess, worker_id: str) -> dict:
 
 
 def kill_and_check(server: ServerProcess, worker_id: str, streams: list[StreamReader], stage_key: str) -> None:
-    """SIGKILL the worker; every stream ends with WORKER_DIED then [DONE] within 2 s; registry: failed."""
+    """SIGKILL the worker; every stream ends with WORKER_DIED then [DONE] within DIED_S; registry: failed.
+
+    The bound is a clock because nothing else ends these streams sooner (500 tokens of 0.1 s, a load
+    of 7 s): it tells the promptness apart from a stall or a read timeout without being the promise.
+    """
     pid = state(server, worker_id)["pid"]
     assert pid and pid_alive(pid)
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     for stream in streams:
-        assert stream.ended.wait(10), "the stream did not end"
-        assert stream.ended_at - killed < 2.0, f"the stream ended {stream.ended_at - killed:.2f} s after the kill"
+        assert stream.ended.wait(WAIT_S), "the stream did not end"
+        assert stream.ended_at - killed < DIED_S, f"the stream ended {stream.ended_at - killed:.2f} s after the kill"
         assert stream.done, stream.text[-500:]
         error = stream.events[-1]
         assert error[stage_key] == "error" and error["code"] == "WORKER_DIED", error
         assert "killed by signal 9" in error["message"]
-    info = wait_for(lambda: (s := state(server, worker_id))["state"] == "failed" and s, 2.0, "the registry")
+    info = wait_for(lambda: (s := state(server, worker_id))["state"] == "failed" and s, WAIT_S, "the registry")
     assert "signal 9" in info["exit_reason"]
     assert not pid_alive(pid)
 
@@ -61,9 +67,9 @@ def test_sigkill_while_loading_generating_or_idle_is_worker_died(rbee_hub, rbee_
         # --- while generating: the running request and the one queued behind it
         body = {"worker_id": busy["worker_id"], "prompt": PROMPT, "max_tokens": 500, "temperature": 0}
         running = StreamReader(server, "POST", "v1/inference", body=body)
-        assert running.wait_until(lambda s: sum(e.get("type") == "token" for e in s.events) >= 2, 30), running.text
+        assert running.wait_until(lambda s: sum(e.get("type") == "token" for e in s.events) >= 2, WAIT_S), running.text
         queued = StreamReader(server, "POST", "v1/inference", body=body)
-        assert queued.wait_until(lambda s: s.status == 200, 10)
+        assert queued.wait_until(lambda s: s.status == 200, WAIT_S)
         kill_and_check(server, busy["worker_id"], [running, queued], "type")
         assert [e["type"] for e in running.events][:2] == ["started", "token"]
 
@@ -86,4 +92,4 @@ def test_sigkill_while_loading_generating_or_idle_is_worker_died(rbee_hub, rbee_
         again = start_load(server, rbee_tiny_model)
         assert server.events(again["progress_url"], timeout=LOAD_S)[-1]["stage"] == "ready"
         assert server.delete(f"v1/workers/{again['worker_id']}").status_code == 204
-        wait_for(lambda: children_of(server.proc.pid) == [], 10, "the unloaded worker to exit")
+        wait_for(lambda: children_of(server.proc.pid) == [], WAIT_S, "the unloaded worker to exit")
