@@ -170,7 +170,7 @@ try {
   await page.waitForFunction(() => (document.querySelector('#rbee-panel .rbee-output')?.textContent ?? '').length > 5,
     null, { timeout: T });
   await panel.getByRole('button', { name: 'Stop the generation' }).click();
-  await panel.locator('.rbee-stats', { hasText: /Stopped|cancel/i }).waitFor({ timeout: 15_000 });
+  await panel.locator('.rbee-stats', { hasText: /Stopped|cancel/i }).waitFor({ timeout: T });
   assert(await panel.getByRole('button', { name: 'Generate an answer' }).isEnabled(), 'ready again after stop');
   await shot(page, 'playground-stopped');
   step('stop works');

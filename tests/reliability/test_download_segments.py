@@ -278,7 +278,7 @@ def test_a_full_disk_with_segments_is_a_clean_error(rbee_hub, tmp_path, tmpfs):
     make_repo(rbee_hub)
     disk = tmpfs(6 << 20)
     cache = disk / "hub"
-    rbee_hub.faults.connection_rate_bps = 128_000
+    rbee_hub.faults.connection_rate_bps = 64_000  # ~4 s per segment: the disk fills before their end, however busy
     with ServerProcess(tmp_path, rbee={**settings(tmp_path, rbee_hub), "cache_dir": str(cache)}) as server:
         stream = download(server)
         assert rbee_hub.wait_until(lambda: len(in_flight(rbee_hub, REPO, BIG)) == SEGMENTS, 60)
