@@ -217,7 +217,7 @@ def test_kill_9_of_a_batching_worker_ends_every_stream_with_worker_died(server, 
     for s in streams:
         events = s.events()
         assert events[-2]["type"] == "error" and events[-2]["code"] == "WORKER_DIED" and events[-1] == "[DONE]"
-    # 2 s per the error table on an idle machine; the bound here holds on a busy one, and is still far
+    # 2 s per the error table on an idle machine (bench/worker_died.py); the bound here holds on a busy one, and is still far
     # below what a stall (120 s) or a read timeout would take
     assert time.monotonic() - killed < 10.0
     assert detail(server, worker_id)["state"] == "failed"

@@ -22,7 +22,7 @@ from .conftest import StreamReader, children_of, settings_for, wait_for
 PROMPT = "Once upon a time"
 LOAD_S = 120.0  # a torch import and a slowed load, on a busy 2-core machine
 WAIT_S = 60.0  # bound on waiting for what will happen (a stream ends, the registry changes) on a busy machine
-DIED_S = 10.0  # WORKER_DIED comes within 2 s on an idle machine (the error table); this holds on a busy one
+DIED_S = 10.0  # WORKER_DIED within 2 s on an idle machine (the error table; bench/worker_died.py): this holds on a busy one
 
 
 def start_load(server: ServerProcess, model) -> dict:
