@@ -277,9 +277,10 @@ async def test_a_client_that_disconnects_cancels_its_generation(worker):
                               json={"prompt": PROMPT, "max_tokens": 200})
         assert [e["type"] for e in s.events] == ["started", "token", "token"]
         h = await until_idle(control)
-        # it stopped early in its 200 tokens (4 s at 20 ms each): counted in tokens, not in seconds a busy
-        # machine stretches; the latency itself is measured by bench/inference.py (its cancel rounds)
-        assert h["tokens_computed"] - at_start < 200 // 2
+        # it stopped before the end of its 200 tokens (4 s at 20 ms each; this model reaches no EOS): by the
+        # order of events, not a clock a busy machine stretches; the latency itself is measured by
+        # bench/inference.py (its cancel rounds)
+        assert h["tokens_computed"] - at_start < 200
         await assert_compute_stopped(control)
 
 
