@@ -84,6 +84,19 @@ def add_machine_options(ap) -> None:
                          "before each run (shared machines); 0: never wait")
 
 
+def bench_args(doc: str, rounds: int):
+    """The parsed command line of a bench that takes only ``--rounds`` and the machine options
+    (applied already): its description is the first line of ``doc``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    add_machine_options(parser)
+    args = parser.parse_args()
+    apply_machine_options(args)
+    return args
+
+
 def apply_machine_options(args) -> None:
     quiet_budget[0] = args.quiet_wait
     if args.nice:

@@ -13,7 +13,6 @@ Usage: python bench/spare.py [--rounds 5] [--nice -10]
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet
+from machine import MachineLoad, bench_args, wait_for_quiet
 
 MODES = ("no spare", "warm spare")
 
@@ -65,11 +64,7 @@ async def measure(model: Path, work: Path, spare: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    add_machine_options(parser)
-    args = parser.parse_args()
-    apply_machine_options(args)
+    args = bench_args(__doc__, rounds=5)
 
     from rbee_jupyter.testing.tiny_model import make_tiny_model
 

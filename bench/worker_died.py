@@ -17,7 +17,6 @@ Usage: python bench/worker_died.py [--rounds 5] [--nice -10]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet  # noqa: E402
+from machine import MachineLoad, bench_args, wait_for_quiet  # noqa: E402
 
 from rbee_jupyter.testing.server import ServerProcess  # noqa: E402
 from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV  # noqa: E402
@@ -110,11 +109,7 @@ def idle(server: ServerProcess, model: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    add_machine_options(parser)
-    args = parser.parse_args()
-    apply_machine_options(args)
+    args = bench_args(__doc__, rounds=5)
 
     from rbee_jupyter.testing.tiny_model import make_tiny_model
 
