@@ -44,6 +44,8 @@ def _kill_on(server: ServerProcess, method: str, url: str, body, trigger, pid_of
     milliseconds from the kill to the ``WORKER_DIED`` event and to ``[DONE]``."""
     killed = died = done = None
     buf = ""
+    if url.startswith("/"):  # a progress_url: an absolute path on the server
+        url = f"http://127.0.0.1:{server.port}{url}"
     with server.client.stream(method, url, json=body, timeout=120) as r:
         for chunk in r.iter_text():
             buf += chunk
