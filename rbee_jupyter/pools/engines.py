@@ -204,10 +204,8 @@ class OpenAIEnginePool(RegistryPool):
         transport = spec.egress.transport() if spec.egress is not None else None
         client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, transport=transport, timeout=httpx.Timeout(
             self.inference_stall_s, connect=self.timeout_s))
-        now = time.time()
-        info = EngineInfo(id=job.id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=[], memory_mb={},
-                          pid=None, quantization=None, dtype=None, owner=job.owner, created_at=now, last_used=now,
-                          url=spec.url, model=spec.model, name=spec.name)
+        info = EngineInfo.pending(job.id, spec.model_ref, owner=job.owner, state=WorkerState.LOADING)
+        info.url, info.model, info.name = spec.url, spec.model, spec.name
         e = _Engine(info=info, spec=spec, client=client, load_job=job, quote=self.quote_upstream)
         return self._register(e, self._check_in(e), lambda: self._drop(e, "registration cancelled", Cancelled(
             f"Registering the engine at {spec.url} was cancelled.", details={"worker_id": info.id}), close=True))
