@@ -536,8 +536,10 @@ class WorkerPool(RegistryPool):
                                 first_limit: float | None = None) -> None:
         """Relay a generation's events into ``job`` until its end or error, or until the stream ends.
 
-        Silence for ``inference_stall_s`` after ``started`` is a stall (``_stalled``); before it,
-        waiting in the worker's queue does not count, unless the transport bounds it (``first_limit``).
+        Silence for ``inference_stall_s`` after ``started`` is a stall (``_stalled``). Workers send a
+        request that waits in their queue, or computes tokens that make no text yet, a heartbeat
+        (events.Heartbeat), which ends the silence but is not relayed. Before ``started`` only the
+        transport's ``first_limit`` applies.
         """
         events = aiter(events)
         while not job.state.finished:
