@@ -178,6 +178,7 @@ async def profile_relay(url: str, model: str, tokens: int, n: int) -> None:
     from collections import defaultdict
 
     from rbee_jupyter.pools.engines import EngineSpec, OpenAIEnginePool
+    from rbee_jupyter.protocol import GenerationRequest
     from rbee_jupyter.events import Token
     from rbee_jupyter.core.jobs import Job
 
@@ -185,7 +186,7 @@ async def profile_relay(url: str, model: str, tokens: int, n: int) -> None:
     load = Job("load")
     await pool.start(EngineSpec.from_json({"url": url, "model": model}), load)
     await asyncio.wait_for(load.task, 60)
-    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    body = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
 
     async def one() -> tuple[float, int, int, str]:
         job = Job("inference")

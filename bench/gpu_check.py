@@ -29,12 +29,29 @@ the clock):
    greedy text must be equal. (The two sides run the same kernels on the same devices, so
    this one is exact even where CPU and GPU kernels differ.)
 
+7. Batching (issue 16), in one fresh process per weights type, nf4 and bf16 on ``device``:
+   the worker's ``BatchDecoder`` (driven as ``worker/batcher.py`` drives it when N requests
+   arrive together: one padded prefill, then one step per token) against transformers'
+   ``model.generate`` over the same N prompts as one left-padded batch, same model object,
+   N = 1, 8, 32 (``--batch-sizes``), greedy, a fixed number of new tokens, rounds alternating
+   (which side goes first flips): aggregate and per-sequence tok/s, the ratio to N=1 and
+   rbee/generate; whether each row's text at N=8 equals the same prompt decoded alone (for
+   both sides). Then the worker-thread question: one sequence decoded in the main thread, in a
+   long-lived thread fed jobs (like the worker's ``rbee-batch`` thread) and in a fresh thread
+   per run (what step 3's "second thread" figure is), alternating, medians.
+
+``--only load`` runs steps 1-6, ``--only batching`` steps 1 and 7: ~3-4 min on an H200,
+estimated from the H100's rates (nf4 with float32 compute ~12 tok/s for one sequence, so
+~2.7 s per 32-token run, whatever N, and ~36 such runs per weights type: ~100 s; bf16 a few
+times faster; the model written in ~30 s); the whole script ~6-8 min.
+
 The 4-bit compute dtype is transformers' default (float32) on both sides, because that is
 what the worker API gives; ``--compute-dtype bfloat16`` sets it for the in-process pair
-(the worker's text is then not compared).
+and the batching rows (the worker's text is then not compared).
 
 ``--cpu-dry-run`` runs every step on the CPU with a tiny model (hidden 64, 4 layers), so
-the script is known to work on a machine without a GPU; step 5 then "splits" over cpu+cpu.
+the script is known to work on a machine without a GPU; step 5 then "splits" over cpu+cpu,
+and step 7 makes 8 tokens per sequence in one round (bitsandbytes' CPU 4-bit kernels are slow).
 Exit code 0 when every check passed, 1 when one failed, 2 when CUDA is missing.
 """
 
@@ -216,6 +233,232 @@ def child_load(impl: str, folder: str, device: str, out: str, compute_dtype: str
     return result
 
 
+# --- batching rows (issue 16): the worker's BatchDecoder at N sequences vs a padded generate ---------
+
+BATCH_SIZES = (1, 8, 32)
+SAME_TEXT_N = 8  # the rows whose text at this N is compared with the same prompt decoded alone
+_SUBJECTS = ["Once upon a time, in a notebook far away,", "The quick brown fox jumps over", "Jupyter notebooks run",
+             "Layers load one by one onto the GPU and", "Hello world, said the kernel", "a b c d e f g",
+             "Bonjour le monde, dit le modèle", "The lazy dog sleeps all day long while the"]
+_TAILS = ["", " and then", " because the cells ran in order", " so", " while the server waited for more"]
+
+
+def batch_prompts(n: int) -> list[str]:
+    """``n`` distinct prompts of varied lengths, so a batch really has left padding."""
+    return [_SUBJECTS[i % len(_SUBJECTS)] + _TAILS[(i // len(_SUBJECTS)) % len(_TAILS)]
+            + (f" ({i})" if i >= len(_SUBJECTS) * len(_TAILS) else "") for i in range(n)]
+
+
+def decode_rbee(gen: Any, prompt_ids: list[list[int]], tokens: int) -> tuple[list[str], int]:
+    """Greedy ``tokens`` for every prompt through the worker's decoder, driven as
+    ``worker/batcher.py``'s loop drives it when they all arrive at once: one ``add_all``
+    (one padded prefill), then ``step`` until every row left. Returns texts and new tokens."""
+    from rbee_jupyter.engine.batch import BatchDecoder, BatchSequence
+    from rbee_jupyter.engine.generate import GenerationRequest
+
+    texts: dict[str, list[str]] = {str(i): [] for i in range(len(prompt_ids))}
+    made: list[int] = []
+    dec = BatchDecoder(gen, on_chunk=lambda s, c: texts[s.id].append(c.text),
+                       on_done=lambda s, st: made.append(st.completion_tokens))
+    req = GenerationRequest(prompt="(encoded before the clock)", max_tokens=tokens, temperature=0.0)
+    dec.cancel_flagged()
+    dec.add_all([BatchSequence(str(i), req, ids) for i, ids in enumerate(prompt_ids)])
+    while dec.rows:
+        dec.step()
+    return ["".join(texts[str(i)]) for i in range(len(prompt_ids))], sum(made)
+
+
+def decode_hf(model: Any, tok: Any, prompt_ids: list[list[int]], tokens: int) -> tuple[list[str], int]:
+    """The anchor: transformers' ``model.generate`` over the same prompts as one left-padded batch."""
+    import torch
+
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompt_ids], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], dtype=torch.long)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=tokens,
+                             do_sample=False)  # EOS is an id the model cannot emit: always ``tokens`` new
+    new = out[:, width:].cpu()
+    return [tok.decode(row, skip_special_tokens=True) for row in new], int(new.numel())
+
+
+def child_batch(folder: str, device: str, weights: str, compute_dtype: str | None, tokens: int,
+                sizes: list[int], rounds: int) -> dict:
+    """One process, one model (``nf4`` or ``bf16``): batching rows and the worker-thread rows."""
+    import statistics
+    import threading
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from rbee_jupyter.engine.generate import GenerationRequest, Generator
+    from rbee_jupyter.engine.loader import load_model
+
+    _warm_imports(folder)
+    quant = "nf4" if weights == "nf4" else None
+    compute = getattr(torch, compute_dtype) if compute_dtype and quant else None
+    devices = [device]
+    t0 = time.perf_counter()
+    model = load_model(folder, quantization=quant, dtype="bfloat16", compute_dtype=compute, device_map=device)
+    tok = AutoTokenizer.from_pretrained(folder)
+    gen = Generator(model, tok)
+    result: dict[str, Any] = {"weights": weights, "load_s": time.perf_counter() - t0}
+    start = time.perf_counter()
+
+    def progress(what: str) -> None:
+        print(f"  batching {weights}: {what} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+    progress(f"loaded in {result['load_s']:.1f} s")
+    prompts = batch_prompts(max(sizes))
+    ids = [gen.encode(GenerationRequest(prompt=p, max_tokens=tokens)) for p in prompts]  # before any clock
+
+    def timed(fn: Any, *fn_args: Any) -> tuple[float, Any]:
+        _sync(devices)
+        t = time.perf_counter()
+        out = fn(*fn_args)
+        _sync(devices)
+        return time.perf_counter() - t, out
+
+    impls = {"rbee": lambda n, k: decode_rbee(gen, ids[:n], k), "hf": lambda n, k: decode_hf(model, tok, ids[:n], k)}
+    for n in sizes:  # kernel selection and workspaces for every shape, off the clock
+        for run in impls.values():
+            run(n, 4)
+    progress("warm-up done")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds: dict[str, list[float]] = {f"{impl}/{n}": [] for impl in impls for n in sizes}
+    made: dict[str, int] = {}
+    texts: dict[str, list[str]] = {}
+    for r in range(rounds):  # alternating: which side goes first flips every round and every size
+        for j, n in enumerate(sizes):
+            for impl in (("rbee", "hf") if (r + j) % 2 == 0 else ("hf", "rbee")):
+                s, (txt, m) = timed(impls[impl], n, tokens)
+                seconds[f"{impl}/{n}"].append(s)
+                made[f"{impl}/{n}"], texts[f"{impl}/{n}"] = m, txt
+        progress(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"N={n} rbee {made[f'rbee/{n}'] / seconds[f'rbee/{n}'][-1]:.1f} / generate "
+            f"{made[f'hf/{n}'] / seconds[f'hf/{n}'][-1]:.1f} tok/s" for n in sizes))
+    if device.startswith("cuda"):
+        result["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result["rows"] = {key: {"seconds": s, "median_s": statistics.median(s), "tokens": made[key]}
+                      for key, s in seconds.items()}
+    check = SAME_TEXT_N if SAME_TEXT_N in sizes else max(sizes)
+    solo = [decode_rbee(gen, [p], tokens)[0][0] for p in ids[:check]]  # each prompt alone (= Generator)
+    result["same_text"] = {"n": check, **{impl: sum(a == b for a, b in zip(texts[f"{impl}/{check}"], solo))
+                                          for impl in impls}}
+    progress("solo texts done")
+
+    # The worker-thread question: one sequence, the worker's decoder, in the main thread, in a
+    # long-lived thread fed jobs (the worker's "rbee-batch" thread), and in a fresh thread per run
+    # (what child_load's "second thread" figure was). Each clock runs in the thread that decodes,
+    # between torch.cuda.synchronize() calls made in that same thread; "wall" is the main thread's
+    # clock around handing the job over and getting the result (main synchronizes first).
+    def one() -> float:
+        s, (_, m) = timed(decode_rbee, gen, ids[:1], tokens)
+        return m / s
+
+    jobs: list[Any] = []
+    cond = threading.Condition()
+
+    def do(job: dict[str, Any]) -> None:
+        try:
+            job["tps"] = one()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            job["error"] = exc
+        finally:
+            job["done"].set()
+
+    def long_lived() -> None:
+        while True:
+            with cond:
+                cond.wait_for(lambda: jobs)
+                job = jobs.pop(0)
+            if job is None:
+                return
+            do(job)
+
+    worker = threading.Thread(target=long_lived, name="rbee-batch-like", daemon=True)
+    worker.start()
+
+    def in_thread(fresh: bool) -> tuple[float, float]:
+        job: dict[str, Any] = {"done": threading.Event()}
+        _sync(devices)
+        t = time.perf_counter()
+        if fresh:
+            th = threading.Thread(target=do, args=(job,))
+            th.start()
+            th.join()
+        else:
+            with cond:
+                jobs.append(job)
+                cond.notify()
+            job["done"].wait()
+        if "error" in job:
+            raise job["error"]
+        return job["tps"], tokens / (time.perf_counter() - t)
+
+    in_thread(False)  # the long-lived thread's first decode: its one-time costs, as a worker's first request
+    thread_rows: dict[str, list[float]] = {"main": [], "thread": [], "thread_wall": [], "fresh": [], "fresh_wall": []}
+    for r in range(rounds):
+        for variant in ("main", "thread", "fresh")[r % 3:] + ("main", "thread", "fresh")[:r % 3]:
+            if variant == "main":
+                thread_rows["main"].append(one())
+            else:
+                tps, wall = in_thread(variant == "fresh")
+                thread_rows[variant].append(tps)
+                thread_rows[f"{variant}_wall"].append(wall)
+    with cond:
+        jobs.append(None)
+        cond.notify()
+    worker.join()
+    result["thread"] = {k: {"tps": v, "median": statistics.median(v)} for k, v in thread_rows.items()}
+    progress("worker-thread rows done")
+    return result
+
+
+def print_batching(results: list[dict], sizes: list[int], tokens: int, rounds: int,
+                   compute: str) -> list[tuple[str, bool]]:
+    """The batching table, the same-text lines and the worker-thread table; returns the checks."""
+    def med(res: dict, key: str) -> tuple[float, float]:
+        row = res["rows"][key]
+        agg = row["tokens"] / row["median_s"]
+        return agg, agg / int(key.split("/")[1])
+
+    print(f"\nbatching: greedy, {tokens} new tokens per sequence, all N sequences start together; median of "
+          f"{rounds} alternating rounds; nf4 compute dtype {compute}; aggregate = all new tokens / wall time (prefill included); "
+          f"xN=1 = aggregate / the same side's N=1; rbee/gen = rbee aggregate / generate's")
+    print("| weights | N | rbee tok/s | per seq | xN=1 | generate tok/s | per seq | xN=1 | rbee/gen |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    checks: list[tuple[str, bool]] = []
+    for res in results:
+        base = {impl: med(res, f"{impl}/{sizes[0]}")[0] for impl in ("rbee", "hf")}
+        for n in sizes:
+            (ra, rp), (ha, hp) = med(res, f"rbee/{n}"), med(res, f"hf/{n}")
+            print(f"| {res['weights']} | {n} | {ra:.1f} | {rp:.1f} | {ra / base['rbee']:.2f} | {ha:.1f} | {hp:.1f} | "
+                  f"{ha / base['hf']:.2f} | {ra / ha:.2f} |")
+    for res in results:
+        st = res["same_text"]
+        n = st["n"]
+        peak = f"; peak memory_allocated {res['peak_mb']:.0f} MB" if "peak_mb" in res else ""
+        print(f"{res['weights']}: same text at N={n} as each prompt alone: rbee {'yes' if st['rbee'] == n else 'no'} "
+              f"({st['rbee']}/{n}), generate {'yes' if st['hf'] == n else 'no'} ({st['hf']}/{n}){peak}")
+        # Padding changes the last bits of bf16/nf4 logits, which can flip a near-tie of a random
+        # model: rbee's batch must keep the solo text at least as often as transformers' own.
+        checks.append((f"{res['weights']}: rbee batch of {n} keeps the solo text of as many rows as generate's "
+                       f"padded batch ({st['rbee']} vs {st['hf']} of {n})", st["rbee"] >= st["hf"]))
+    print(f"\nworker-thread question: one sequence through BatchDecoder, {tokens} tokens, median of {rounds} alternating "
+          "rounds; clock and torch.cuda.synchronize() in the decoding thread (wall: main thread's clock around "
+          "the hand-over, main synchronizes before)")
+    print("| weights | main tok/s | long-lived thread | ratio | its wall | fresh thread each run | ratio | its wall |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for res in results:
+        t = {k: v["median"] for k, v in res["thread"].items()}
+        print(f"| {res['weights']} | {t['main']:.1f} | {t['thread']:.1f} | {t['thread'] / t['main']:.2f} | "
+              f"{t['thread_wall']:.1f} | {t['fresh']:.1f} | {t['fresh'] / t['main']:.2f} | {t['fresh_wall']:.1f} |")
+    return checks
+
+
 # --- the worker, through the hive -------------------------------------------------------------------
 
 async def worker_run(folder: Path, work: Path, device: str, tokens: int) -> dict:
@@ -285,11 +528,15 @@ async def worker_run(folder: Path, work: Path, device: str, tokens: int) -> dict
 
 # --- parent ------------------------------------------------------------------------------------------
 
-def run_child(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
-                          check=False)
+def run_child(*args: str, live: bool = False) -> dict:
+    """Run one step in a fresh process; its last stdout line is its JSON result. ``live``: its
+    stderr (progress lines, a traceback) goes straight to ours, so a run cut short still shows
+    how far it got."""
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE,
+                          stderr=None if live else subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"child {args[0]} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"child {args[0]} failed (exit {proc.returncode})"
+                           + ("; its stderr is above" if live else f":\n{proc.stderr[-4000:]}"))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -297,6 +544,85 @@ def fmt_mb(d: dict | None) -> str:
     if not d:
         return "-"
     return " + ".join(f"{v:.0f}" if v >= 10 else f"{v:.2f}" for v in d.values())
+
+
+def load_steps(args: argparse.Namespace, folder: Path, work: Path, device: str, n_gpus: int, made: dict,
+               size: int) -> list[tuple[str, bool]]:
+    """Steps 2-6 (the loader: worker, in-process, from_pretrained, splits); prints their table."""
+    import torch
+
+    dry = args.cpu_dry_run
+    checks: list[tuple[str, bool]] = []
+    w = asyncio.run(worker_run(folder, work, device, args.tokens))
+    print(f"worker: ready in {w['seconds']:.1f} s (first block at {w['first_block_s']:.1f} s); generation TTFT "
+          f"{w['first_ttft_ms']:.0f} ms the first time, {w['ttft_ms']:.0f} ms the second\n"
+          f"worker's timeline: {w['timeline']}", flush=True)
+    if "spare" in w:
+        print(f"worker from a warm spare: ready in {w['spare']['seconds']:.1f} s (first block at "
+              f"{w['spare']['first_block_s']:.1f} s)\nits timeline: {w['spare']['timeline']}", flush=True)
+    cd = args.compute_dtype or ""
+    ours = run_child("rbee", str(folder), device, str(work / "rbee.pt"), cd, str(args.tokens))
+    print(f"rbee in-process: {ours['seconds']:.2f} s; greedy {ours['tps']:.1f} tok/s, "
+          f"{ours['tps_thread'] or 0:.1f} tok/s in a second thread", flush=True)
+    theirs = run_child("hf", str(folder), device, str(work / "hf.pt"), cd, str(args.tokens))
+    print(f"from_pretrained: {theirs['seconds']:.2f} s", flush=True)
+    split = None
+    if dry or n_gpus >= 2:
+        split = run_child("split", str(folder), device, str(work / "split.pt"), cd, str(args.tokens))
+    xdev = {impl: run_child(impl, str(folder), device, str(work / f"{impl}.pt"), "", str(args.tokens))
+            for impl in XDEV}
+    print(f"bf16 split {'+'.join(xdev['xrbee']['devices'])}: rbee {xdev['xrbee']['seconds']:.2f} s, "
+          f"from_pretrained {xdev['xhf']['seconds']:.2f} s", flush=True)
+
+    la, lb = torch.load(work / "rbee.pt"), torch.load(work / "hf.pt")
+    equal = torch.equal(la, lb)
+    diff = (la - lb).abs().max().item()
+    checks.append(("logits rbee == from_pretrained (torch.equal)", equal))
+    checks.append(("worker loading events: layers_loaded 1..N", w["monotonic"]))
+    checks.append(("a second load ran in the warm spare, same greedy text",
+                   "spare" in w and w["spare"]["pid_was_spare"] and w["spare"]["text"] == w["text"]))
+    if not cd:
+        checks.append(("greedy text: worker == rbee in-process (Generator)", w["text"] == ours["text"]))
+    checks.append(("vram_mb of the worker's events == in-process loader's count",
+                   abs(next(iter(w["events_mb"].values())) - next(iter(ours["events_mb"].values()))) <= 1))
+    if split is not None:
+        checks.append((f"logits split {'+'.join(split['devices'])} == single device",
+                       torch.equal(torch.load(work / "split.pt"), la)))
+    xa, xb = (torch.load(work / f"{impl}.pt") for impl in XDEV)
+    xname = f"bf16 split {'+'.join(xdev['xrbee']['devices'])}: logits rbee == from_pretrained (torch.equal)"
+    checks.append((xname, torch.equal(xa, xb)))
+
+    gb = size / 1e9
+    alloc = "memory_allocated MB" if not dry else "tensor bytes MB (cpu)"
+    print(f"\nnf4 load of {made['params'] / 1e6:.1f}M params ({gb:.3f} GB bf16 checkpoint, page cache warm) "
+          f"on {'cpu (dry run)' if dry else device}")
+    print(f"| {'loader':38s} | {'load s':>7s} | {'GB/s':>5s} | {'vram_mb (events)':>16s} | {alloc:>21s} | "
+          f"{'peak MB':>8s} | {'tok/s':>6s} |")
+    print(f"|{'-' * 40}|{'-' * 9}|{'-' * 7}|{'-' * 18}|{'-' * 23}|{'-' * 10}|{'-' * 8}|")
+    rows = [("rbee worker (hive, request -> ready)", w["seconds"], w["events_mb"], None, None, w["tps"]),
+            (f"  of it: blocks 2..{w['blocks']} (after 1st event)", w["blocks_s"], None, None, None, None),
+            *([("rbee worker from a warm spare", w["spare"]["seconds"], w["spare"]["events_mb"], None, None,
+                None)] if "spare" in w else []),
+            ("rbee load_model in-process", ours["seconds"], ours.get("events_mb"), ours["allocated_mb"],
+             ours.get("peak_mb"), ours["tps"]),
+            ("from_pretrained + BitsAndBytesConfig", theirs["seconds"], None, theirs["allocated_mb"],
+             theirs.get("peak_mb"), theirs["tps"])]
+    if split is not None:
+        rows.append((f"rbee load_model split {'+'.join(split['devices'])}", split["seconds"],
+                     split.get("events_mb"), split["allocated_mb"], split.get("peak_mb"), split["tps"]))
+    for impl, who in zip(XDEV, ("rbee load_model", "from_pretrained")):
+        x = xdev[impl]
+        rows.append((f"{who} bf16 {'+'.join(x['devices'])}", x["seconds"], x.get("events_mb"),
+                     x.get("allocated_mb"), x.get("peak_mb"), x["tps"]))
+    for label, s, ev, al, pk, tps in rows:
+        gbs = f"{gb / s:5.2f}" if not label.startswith("  ") else "    -"
+        print(f"| {label:38s} | {s:7.2f} | {gbs} | {fmt_mb(ev):>16s} | {fmt_mb(al):>21s} | {fmt_mb(pk):>8s} | "
+              f"{(f'{tps:6.1f}' if tps else '     -')} |")
+    print(f"\nlogits max |rbee - from_pretrained| = {diff:g}; greedy text from_pretrained.generate == "
+          f"rbee Generator: {'yes' if theirs['text'] == ours['text'] else 'no'} ({args.tokens} tokens); "
+          f"bf16 split: |diff| = {(xa.float() - xb.float()).abs().max().item():g}, greedy text "
+          f"{'equal' if xdev['xrbee']['text'] == xdev['xhf']['text'] else 'different'}")
+    return checks
 
 
 def main() -> int:
@@ -308,6 +634,14 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens generated by each side")
     ap.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="bnb_4bit_compute_dtype of the in-process pair (default: transformers' default, float32)")
+    ap.add_argument("--only", choices=["all", "load", "batching"], default="all",
+                    help="load: the loader steps 1-6; batching: the batching and worker-thread rows (step 7)")
+    ap.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)),
+                    help="concurrent sequences of the batching rows, the first being the baseline (default 1,8,32)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="alternating rounds of the batching and worker-thread rows (median; default 3, 1 on --cpu-dry-run)")
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="greedy tokens per sequence in the batching rows (default --tokens, 8 on --cpu-dry-run)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -315,6 +649,9 @@ def main() -> int:
         kind, rest = args.child[0], args.child[1:]
         if kind == "make":
             out = child_make(rest[0], json.loads(rest[1]), rest[2])
+        elif kind == "batch":
+            out = child_batch(rest[0], rest[1], rest[2], rest[3] or None, int(rest[4]),
+                              [int(n) for n in rest[5].split(",")], int(rest[6]))
         else:
             out = child_load(kind, rest[0], rest[1], rest[2], rest[3] or None, int(rest[4]))
         print(json.dumps(out))
@@ -347,75 +684,20 @@ def main() -> int:
               f"({len(list(folder.glob('*.safetensors')))} files), written in {time.perf_counter() - t:.1f} s",
               flush=True)
 
-        w = asyncio.run(worker_run(folder, work, device, args.tokens))
-        print(f"worker: ready in {w['seconds']:.1f} s (first block at {w['first_block_s']:.1f} s); generation TTFT "
-              f"{w['first_ttft_ms']:.0f} ms the first time, {w['ttft_ms']:.0f} ms the second\n"
-              f"worker's timeline: {w['timeline']}", flush=True)
-        if "spare" in w:
-            print(f"worker from a warm spare: ready in {w['spare']['seconds']:.1f} s (first block at "
-                  f"{w['spare']['first_block_s']:.1f} s)\nits timeline: {w['spare']['timeline']}", flush=True)
-        cd = args.compute_dtype or ""
-        ours = run_child("rbee", str(folder), device, str(work / "rbee.pt"), cd, str(args.tokens))
-        print(f"rbee in-process: {ours['seconds']:.2f} s; greedy {ours['tps']:.1f} tok/s, "
-              f"{ours['tps_thread'] or 0:.1f} tok/s in a second thread", flush=True)
-        theirs = run_child("hf", str(folder), device, str(work / "hf.pt"), cd, str(args.tokens))
-        print(f"from_pretrained: {theirs['seconds']:.2f} s", flush=True)
-        split = None
-        if dry or n_gpus >= 2:
-            split = run_child("split", str(folder), device, str(work / "split.pt"), cd, str(args.tokens))
-        xdev = {impl: run_child(impl, str(folder), device, str(work / f"{impl}.pt"), "", str(args.tokens))
-                for impl in XDEV}
-        print(f"bf16 split {'+'.join(xdev['xrbee']['devices'])}: rbee {xdev['xrbee']['seconds']:.2f} s, "
-              f"from_pretrained {xdev['xhf']['seconds']:.2f} s", flush=True)
-
-        la, lb = torch.load(work / "rbee.pt"), torch.load(work / "hf.pt")
-        equal = torch.equal(la, lb)
-        diff = (la - lb).abs().max().item()
-        checks.append(("logits rbee == from_pretrained (torch.equal)", equal))
-        checks.append(("worker loading events: layers_loaded 1..N", w["monotonic"]))
-        checks.append(("a second load ran in the warm spare, same greedy text",
-                       "spare" in w and w["spare"]["pid_was_spare"] and w["spare"]["text"] == w["text"]))
-        if not cd:
-            checks.append(("greedy text: worker == rbee in-process (Generator)", w["text"] == ours["text"]))
-        checks.append(("vram_mb of the worker's events == in-process loader's count",
-                       abs(next(iter(w["events_mb"].values())) - next(iter(ours["events_mb"].values()))) <= 1))
-        if split is not None:
-            checks.append((f"logits split {'+'.join(split['devices'])} == single device",
-                           torch.equal(torch.load(work / "split.pt"), la)))
-        xa, xb = (torch.load(work / f"{impl}.pt") for impl in XDEV)
-        xname = f"bf16 split {'+'.join(xdev['xrbee']['devices'])}: logits rbee == from_pretrained (torch.equal)"
-        checks.append((xname, torch.equal(xa, xb)))
-
-        gb = size / 1e9
-        alloc = "memory_allocated MB" if not dry else "tensor bytes MB (cpu)"
-        print(f"\nnf4 load of {made['params'] / 1e6:.1f}M params ({gb:.3f} GB bf16 checkpoint, page cache warm) "
-              f"on {'cpu (dry run)' if dry else device}")
-        print(f"| {'loader':38s} | {'load s':>7s} | {'GB/s':>5s} | {'vram_mb (events)':>16s} | {alloc:>21s} | "
-              f"{'peak MB':>8s} | {'tok/s':>6s} |")
-        print(f"|{'-' * 40}|{'-' * 9}|{'-' * 7}|{'-' * 18}|{'-' * 23}|{'-' * 10}|{'-' * 8}|")
-        rows = [("rbee worker (hive, request -> ready)", w["seconds"], w["events_mb"], None, None, w["tps"]),
-                (f"  of it: blocks 2..{w['blocks']} (after 1st event)", w["blocks_s"], None, None, None, None),
-                *([("rbee worker from a warm spare", w["spare"]["seconds"], w["spare"]["events_mb"], None, None,
-                    None)] if "spare" in w else []),
-                ("rbee load_model in-process", ours["seconds"], ours.get("events_mb"), ours["allocated_mb"],
-                 ours.get("peak_mb"), ours["tps"]),
-                ("from_pretrained + BitsAndBytesConfig", theirs["seconds"], None, theirs["allocated_mb"],
-                 theirs.get("peak_mb"), theirs["tps"])]
-        if split is not None:
-            rows.append((f"rbee load_model split {'+'.join(split['devices'])}", split["seconds"],
-                         split.get("events_mb"), split["allocated_mb"], split.get("peak_mb"), split["tps"]))
-        for impl, who in zip(XDEV, ("rbee load_model", "from_pretrained")):
-            x = xdev[impl]
-            rows.append((f"{who} bf16 {'+'.join(x['devices'])}", x["seconds"], x.get("events_mb"),
-                         x.get("allocated_mb"), x.get("peak_mb"), x["tps"]))
-        for label, s, ev, al, pk, tps in rows:
-            gbs = f"{gb / s:5.2f}" if not label.startswith("  ") else "    -"
-            print(f"| {label:38s} | {s:7.2f} | {gbs} | {fmt_mb(ev):>16s} | {fmt_mb(al):>21s} | {fmt_mb(pk):>8s} | "
-                  f"{(f'{tps:6.1f}' if tps else '     -')} |")
-        print(f"\nlogits max |rbee - from_pretrained| = {diff:g}; greedy text from_pretrained.generate == "
-              f"rbee Generator: {'yes' if theirs['text'] == ours['text'] else 'no'} ({args.tokens} tokens); "
-              f"bf16 split: |diff| = {(xa.float() - xb.float()).abs().max().item():g}, greedy text "
-              f"{'equal' if xdev['xrbee']['text'] == xdev['xhf']['text'] else 'different'}")
+        if args.only in ("all", "load"):
+            checks += load_steps(args, folder, work, device, n_gpus, made, size)
+        if args.only in ("all", "batching"):
+            # On the CPU, bitsandbytes' 4-bit kernels make even the tiny model slow: fewer tokens, one round.
+            sizes = [int(n) for n in args.batch_sizes.split(",")]
+            tokens = args.batch_tokens or (8 if dry else args.tokens)
+            rounds = args.rounds or (1 if dry else 3)
+            results = []
+            for weights in ("nf4", "bf16"):
+                t = time.perf_counter()
+                results.append(run_child("batch", str(folder), device, weights, args.compute_dtype or "",
+                                         str(tokens), args.batch_sizes, str(rounds), live=True))
+                print(f"batching {weights}: done in {time.perf_counter() - t:.0f} s", flush=True)
+            checks += print_batching(results, sizes, tokens, rounds, args.compute_dtype or "float32")
         for name, ok in checks:
             print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
         return 0 if all(ok for _, ok in checks) else 1

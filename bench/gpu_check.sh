@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_check.sh                 # needs an NVIDIA GPU and torch built with CUDA
 #   bash bench/gpu_check.sh --cpu-dry-run   # the same steps on the CPU with a tiny model
+#   bash bench/gpu_check.sh --only batching # only the batching rows (issue 16): ~3-4 min on an H200
 #
 # Installs nothing but what pip can get, and only when something is missing: the project itself
 # (`pip install -e .`), with the torch already installed pinned so that pip never replaces it.

@@ -444,6 +444,7 @@ async def test_an_engine_that_stops_sending_mid_stream_ends_it_with_inference_st
     from rbee_jupyter.pools.engines import EngineSpec, OpenAIEnginePool
     from rbee_jupyter.events import ErrorEvent
     from rbee_jupyter.core.jobs import Job, JobRegistry, JobState
+    from rbee_jupyter.protocol import GenerationRequest
 
     # a limit a busy machine's healthy engine never reaches between two chunks (nor its register check,
     # whose read timeout it also is), and that a frozen one does
@@ -453,7 +454,7 @@ async def test_an_engine_that_stops_sending_mid_stream_ends_it_with_inference_st
         info = await pool.start(EngineSpec.from_json({"backend": "openai", "url": engine.url, "model": engine.model}),
                                 load)
         assert await load.wait(60) is JobState.COMPLETE, load.last.data
-        body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0}
+        body = GenerationRequest(prompt=PROMPT, max_tokens=LONG, temperature=0)
         job = jobs.start(jobs.create("inference", error_style="type"), lambda j: pool.generate(info.id, body, j))
 
         async def first_token() -> None:
@@ -471,7 +472,7 @@ async def test_an_engine_that_stops_sending_mid_stream_ends_it_with_inference_st
         event = job.last.event
         assert isinstance(event, ErrorEvent) and event.code == "INFERENCE_STALLED", job.last.data
         assert stalled_after >= 4.9, stalled_after  # not before the limit
-        body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+        body = GenerationRequest(prompt=PROMPT, max_tokens=4, temperature=0)
         again = jobs.start(jobs.create("inference", error_style="type"), lambda j: pool.generate(info.id, body, j))
         assert await again.wait(60) is JobState.COMPLETE, again.last.data  # the engine serves on
     finally:

@@ -24,6 +24,7 @@ from rbee_jupyter.errors import InvalidRequest, WorkerBusy, WorkerNotFound
 from rbee_jupyter.events import ErrorEvent, InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
 from rbee_jupyter.core.jobs import Job, JobState
 from rbee_jupyter.pools.local import LocalProcessPool, WorkerInfo, WorkerSpec
+from rbee_jupyter.protocol import GenerationRequest
 from rbee_jupyter.worker.process import child_worker_pids
 from rbee_jupyter.worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 
@@ -83,9 +84,9 @@ async def loaded(pool: LocalProcessPool, path: Path, **kwargs) -> WorkerInfo:
 
 
 def generating(pool: LocalProcessPool, worker_id: str, body: dict) -> Job:
-    """A generation running as its job's task, as the hive runs it."""
+    """A generation running as its job's task, as the hive runs it (which parses the body first)."""
     job = Job("inference", error_style="type")
-    job.task = asyncio.ensure_future(pool.generate(worker_id, body, job))
+    job.task = asyncio.ensure_future(pool.generate(worker_id, GenerationRequest.from_json(body), job))
     return job
 
 
@@ -157,7 +158,7 @@ async def test_load_then_generate_then_keep_alive_unload(rbee_tiny_model, refere
         assert now.memory_mb == ready.memory_mb and now.devices == ["cpu"]
 
         gen = Job("inference", error_style="type")
-        await asyncio.wait_for(pool.generate(info.id, {"prompt": PROMPT, "max_tokens": 12}, gen), WAIT_S)
+        await asyncio.wait_for(pool.generate(info.id, GenerationRequest(prompt=PROMPT, max_tokens=12), gen), WAIT_S)
         finished = time.monotonic()
         started, *tokens, end = [r.event for r in gen.records]
         assert gen.state is JobState.COMPLETE
@@ -231,7 +232,7 @@ async def test_a_corrupt_checkpoint_fails_with_invalid_checkpoint(rbee_tiny_mode
         with pytest.raises(WorkerNotFound):
             await pool.stop(info.id)
         with pytest.raises(WorkerNotFound):
-            await pool.generate(info.id, {"prompt": PROMPT}, Job("inference", error_style="type"))
+            await pool.generate(info.id, GenerationRequest(prompt=PROMPT), Job("inference", error_style="type"))
 
 
 # --- generation: refusals and cancels ------------------------------------------------------------
@@ -240,7 +241,7 @@ async def test_queue_full_is_worker_busy_cancel_frees_the_slot_and_a_stall_is_re
     async with opened(env=SLOW_TOKENS) as pool:
         info = await loaded(pool, rbee_tiny_model, queue_depth=0, max_batch_size=1)
         with pytest.raises(InvalidRequest) as bad:  # the worker's 400, rebuilt as its own class
-            await pool.generate(info.id, {"prompt": ""}, Job("inference", error_style="type"))
+            await pool.generate(info.id, GenerationRequest(prompt=""), Job("inference", error_style="type"))
         assert bad.value.details["field"] == "prompt"
 
         first = generating(pool, info.id, {"prompt": PROMPT, "max_tokens": 200})
@@ -248,7 +249,7 @@ async def test_queue_full_is_worker_busy_cancel_frees_the_slot_and_a_stall_is_re
         assert pool.get(info.id).state == "busy"
         second = Job("inference", error_style="type")
         with pytest.raises(WorkerBusy):
-            await pool.generate(info.id, {"prompt": PROMPT, "max_tokens": 10}, second)
+            await pool.generate(info.id, GenerationRequest(prompt=PROMPT, max_tokens=10), second)
         assert second.records == []  # refused before any event
 
         first.cancel()  # what the server does when the client goes away

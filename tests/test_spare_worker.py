@@ -22,6 +22,7 @@ import pytest
 from rbee_jupyter.events import InferenceEnd, LoadingProgress, Token
 from rbee_jupyter.core.jobs import Job, JobState
 from rbee_jupyter.pools.local import LocalProcessPool, WorkerInfo, WorkerSpec
+from rbee_jupyter.protocol import GenerationRequest
 from rbee_jupyter.core.procs import pid_alive, wait_exited
 from rbee_jupyter.server.app import RbeeApp
 from rbee_jupyter.testing.server import ServerProcess
@@ -70,7 +71,7 @@ async def load(pool: LocalProcessPool, path: Path) -> tuple[WorkerInfo, Job]:
 
 async def greedy_text(pool: LocalProcessPool, worker_id: str) -> tuple[list[tuple[str, int]], InferenceEnd]:
     job = Job("inference", error_style="type")
-    await asyncio.wait_for(pool.generate(worker_id, {"prompt": PROMPT, "max_tokens": 12}, job), LOAD_S)
+    await asyncio.wait_for(pool.generate(worker_id, GenerationRequest(prompt=PROMPT, max_tokens=12), job), LOAD_S)
     assert job.state is JobState.COMPLETE, job.last.data
     events = [r.event for r in job.records]
     return [(e.t, e.i) for e in events if isinstance(e, Token)], events[-1]

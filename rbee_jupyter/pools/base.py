@@ -6,9 +6,9 @@ are the same rules everywhere, so they live here once (as vLLM's executor base k
 bookkeeping and each executor only moves work). A transport subclass supplies:
 
 * :class:`RegistryPool`: entries in ``self._workers`` (engines, which have no load stream);
-* :class:`WorkerPool`: ``start``, ``_terminate`` (polite, waits until gone), ``_kill_now``
-  (a stuck load), ``_ask_cancel_load`` / ``_ask_cancel_generation`` (a request that may
-  fail quietly), ``_stream_generation`` and ``close``'s ``_abandon``.
+* :class:`WorkerPool`: ``_launch`` and ``_run_load`` (start a worker, relay its load
+  stream), ``_terminate`` (polite, waits until gone), ``_kill_now`` (a stuck load), ``_call``
+  (one request to the worker: cancels, health), ``_stream_generation`` and ``close``'s ``_abandon``.
 
 Everything here runs on the server's asyncio loop. Listeners (``pool.listen``) get
 ``(event, info)`` for: ``loading``, ``progress``, ``ready``, ``busy``, ``idle``,
@@ -35,15 +35,16 @@ from typing import Any
 from traitlets import Float, MetaHasTraits
 from traitlets.config import LoggingConfigurable
 
+from ..core.ids import new_id
 from ..core.jobs import Job
 from ..errors import (Cancelled, Conflict, InferenceStalled, InvalidRequest, LoadingTimeout, ModelNotLoaded, RbeeError,
                       WorkerNotFound, error_from_json)
 from ..events import InferenceEnd, InferenceStarted, LoadingProgress, Ready, Token
-from ..protocol import (FAILED_RETENTION_S, INFERENCE_STALL_S, LOADING_TIMEOUT_S, GenerationRequest, WorkerInfo,
-                        WorkerSpec, WorkerState, as_request)
+from ..protocol import (FAILED_RETENTION_S, INFERENCE_STALL_S, LOADING_TIMEOUT_S, GenerationRequest, WorkerConfig,
+                        WorkerInfo, WorkerSpec, WorkerState)
 
 __all__ = ["Pool", "RegistryPool", "WorkerPool", "Entry", "ManagedEntry", "Listener", "relay_inference",
-           "under_jupyterhub", "WorkerInfo", "WorkerSpec"]
+           "under_jupyterhub"]
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,7 @@ class Pool(LoggingConfigurable, metaclass=_PoolMeta):
     async def generate(self, worker_id: str, req: GenerationRequest, job: Job) -> None:
         """Run one generation, relaying started/token/end into ``job`` (which it finishes).
 
-        ``req`` is parsed at the edge (the hive); a JSON body is still accepted from callers
-        below the hive (scripts, benches) and parsed here.
-
+        ``req`` was parsed once, at the edge (the hive): pools take the typed request only.
         Refusals come as exceptions before any event (``WorkerBusy``, ``InvalidRequest``,
         ``ModelNotLoaded``...); ``job.cancel()`` stops the generation within one token.
         """
@@ -224,6 +223,18 @@ class RegistryPool(Pool):
     def _listed(self, w: Entry) -> bool:
         return self._workers.get(w.info.id) is w
 
+    def _register(self, w: Entry, work: Coroutine[Any, Any, Any], on_cancel: Callable[[], Any]) -> WorkerInfo:
+        """List a new worker, run ``work`` (its load or registration) as its load job's task, announce it."""
+        job = w.load_job
+        self._workers[w.info.id] = w
+        job.meta.setdefault("worker_id", w.info.id)
+        task = self._spawn(w, work)
+        if job.task is None:  # so job.cancel() waits for the work to really end (see Job.cancel)
+            job.task = task
+        job.on_cancel(on_cancel)
+        self._notify("loading", w.info)
+        return w.info.copy()
+
     @staticmethod
     def _spawn(w: Entry, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """A task tied to a worker (kept referenced; cancelled on close)."""
@@ -283,27 +294,34 @@ class WorkerPool(RegistryPool):
     #: What a stall's message blames.
     stall_suspect = "The device"
 
+    #: What means "the worker cannot be reached" to ``_call`` (a health check then says so).
+    unreachable_errors: tuple[type[BaseException], ...] = (OSError,)
+
     # --- what a transport supplies ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _launch(self, spec: WorkerSpec, worker_id: str, job: Job) -> ManagedEntry:
+        """Start the worker (a process, an actor) and return its entry; an ``RbeeError`` if none could start."""
+
+    @abc.abstractmethod
+    async def _run_load(self, w: ManagedEntry) -> None:
+        """Reach the started worker, then relay its load stream (:meth:`_relay_load`) into ``w.load_job``."""
 
     @abc.abstractmethod
     async def _terminate(self, w: ManagedEntry) -> None:
         """End the worker (politely where it can) and return once it is gone."""
 
-    @abc.abstractmethod
     async def _kill_now(self, w: ManagedEntry) -> None:
         """End a worker that cannot be asked (stuck in a block, not started yet); return once it is gone."""
+        await self._terminate(w)
 
     @abc.abstractmethod
     def _reachable(self, w: ManagedEntry) -> bool:
         """Whether the worker can be asked something now."""
 
     @abc.abstractmethod
-    async def _ask_cancel_load(self, w: ManagedEntry) -> None:
-        """Ask the worker to stop loading between blocks; transport errors are swallowed."""
-
-    @abc.abstractmethod
-    async def _ask_cancel_generation(self, w: ManagedEntry, request_id: str) -> None:
-        """Ask the worker to stop one generation; transport errors are swallowed."""
+    async def _call(self, w: ManagedEntry, method: str, *args: Any) -> Any:
+        """Call the runtime's ``method`` (``cancel_load``, ``cancel_generation``, ``health``) in the worker."""
 
     @abc.abstractmethod
     async def _stream_generation(self, w: ManagedEntry, req: GenerationRequest, job: Job) -> None:
@@ -330,20 +348,40 @@ class WorkerPool(RegistryPool):
     def _on_gone(self, w: ManagedEntry) -> None:
         """The worker left the running set (stopped or failed): wake what waits on it."""
 
+    async def _ask(self, w: ManagedEntry, method: str, *args: Any) -> None:
+        """A polite request (cancel this) bounded by ``cancel_grace_s``; failing quietly, since the
+        caller escalates next (waits, then kills or drops the stream)."""
+        if self._reachable(w):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._call(w, method, *args), self.cancel_grace_s)
+
+    async def health(self, worker_id: str) -> dict[str, Any]:
+        """The worker's own ``health`` (state, memory, ``tokens_computed``, queue, request ids) and ``reachable``."""
+        w = self._get(worker_id)
+        if self._reachable(w):
+            with contextlib.suppress(asyncio.TimeoutError, *self.unreachable_errors):  # died a moment ago:
+                return {**await self._call(w, "health"), "reachable": True}  # the death watch is about to say so
+        return {**w.info.to_dict(), "reachable": False}
+
     # --- registry -------------------------------------------------------------------------
 
-    def _register(self, w: ManagedEntry, load: Coroutine[Any, Any, Any]) -> WorkerInfo:
-        """List a started worker, run ``load`` (its relay) and its watchdog, announce it."""
-        job = w.load_job
-        self._workers[w.info.id] = w
-        job.meta.setdefault("worker_id", w.info.id)
-        relay = self._spawn(w, load)
-        if job.task is None:  # so job.cancel() waits for the work to really end (see Job.cancel)
-            job.task = relay
-        job.on_cancel(lambda: self._spawn(w, self._cancel_load(w)))
+    async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
+        try:
+            w = await self._launch(spec, spec.worker_id or new_id("w-"), job)
+        except RbeeError as exc:  # no worker at all: subscribers learn it from the job too
+            job.fail(exc)
+            raise
+        info = self._register(w, self._run_load(w), lambda: self._spawn(w, self._cancel_load(w)))
         self._spawn(w, self._loading_watchdog(w))
-        self._notify("loading", w.info)
-        return w.info.copy()
+        return info
+
+    @staticmethod
+    def _new_info(spec: WorkerSpec, config: WorkerConfig, **where: Any) -> WorkerInfo:
+        """The first snapshot of a worker that starts loading ``spec`` (``where``: its ``pid`` or ``node``)."""
+        now = time.time()
+        return WorkerInfo(id=config.worker_id, model_ref=spec.model_ref, state=WorkerState.LOADING,
+                          devices=config.devices, memory_mb={}, quantization=spec.quantization, dtype=spec.dtype,
+                          owner=spec.owner, created_at=now, last_used=now, kind=spec.kind, **where)
 
     def _forget(self, w: ManagedEntry, state: WorkerState, reason: str | None, event: str = "stopped") -> None:
         """Drop a worker from the registry (once) and tell listeners."""
@@ -440,8 +478,7 @@ class WorkerPool(RegistryPool):
             return
         w.cancelling = True
         if self._reachable(w):
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ask_cancel_load(w), self.cancel_grace_s)
+            await self._ask(w, "cancel_load")
             with contextlib.suppress(asyncio.TimeoutError):
                 await job.wait(self.cancel_grace_s)  # the relay reports CANCELLED once the worker is gone
             if job.state.finished:
@@ -482,9 +519,8 @@ class WorkerPool(RegistryPool):
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def generate(self, worker_id: str, req: GenerationRequest | dict[str, Any], job: Job) -> None:
+    async def generate(self, worker_id: str, req: GenerationRequest, job: Job) -> None:
         w = self._get(worker_id)
-        req = as_request(req)
         self._refuse_unless_ready(w, connected=self._can_serve(w))
         self._cancel_idle_timer(w)
         job.on_cancel(lambda: self._spawn(w, self._cancel_generation(w, job)))
@@ -496,11 +532,31 @@ class WorkerPool(RegistryPool):
                 self._update_busy(w)
                 self._touch(w)
 
+    async def _relay_generation(self, w: ManagedEntry, job: Job, events: AsyncIterator[dict[str, Any]],
+                                first_limit: float | None = None) -> None:
+        """Relay a generation's events into ``job`` until its end or error, or until the stream ends.
+
+        Silence for ``inference_stall_s`` after ``started`` is a stall (``_stalled``). Workers send a
+        request that waits in their queue, or computes tokens that make no text yet, a heartbeat
+        (events.Heartbeat), which ends the silence but is not relayed. Before ``started`` only the
+        transport's ``first_limit`` applies.
+        """
+        events = aiter(events)
+        while not job.state.finished:
+            limit = self.inference_stall_s if job.records else first_limit
+            try:
+                event = await asyncio.wait_for(anext(events), limit)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                await self._stalled(w, job, limit)
+                return
+            if relay_inference(job, event):
+                return
+
     async def _stalled(self, w: ManagedEntry, job: Job, limit: float | None) -> None:
         """Nothing came for ``limit`` seconds after ``started``: stop the generation and say so."""
-        if self._reachable(w):
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ask_cancel_generation(w, job.id), self.cancel_grace_s)
+        await self._ask(w, "cancel_generation", job.id)
         job.fail(InferenceStalled(
             f"Worker {w.info.id} produced nothing for {limit:g} s after {len(job.records) - 1} tokens; the "
             f"generation was stopped. {self.stall_suspect} may be overloaded; raise c.RbeeApp.inference_stall_s "
@@ -509,9 +565,7 @@ class WorkerPool(RegistryPool):
 
     async def _cancel_generation(self, w: ManagedEntry, job: Job) -> None:
         """``job.cancel()`` (e.g. the client went away): stop the worker's generation now."""
-        if self._reachable(w):
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ask_cancel_generation(w, job.id), self.cancel_grace_s)
+        await self._ask(w, "cancel_generation", job.id)
         with contextlib.suppress(asyncio.TimeoutError):
             await job.wait(self.cancel_grace_s)  # the worker's stream ends with CANCELLED
         if not job.state.finished:

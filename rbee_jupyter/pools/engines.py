@@ -45,7 +45,7 @@ from ..core.jobs import Job
 from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
                       InvalidRequest, ModelNotFound, RbeeError, WorkerBusy)
 from ..events import DONE, InferenceEnd, InferenceStarted, Ready, Token
-from ..protocol import GenerationRequest, WorkerInfo, WorkerState, as_request
+from ..protocol import GenerationRequest, WorkerInfo, WorkerState
 from ..sse_client import SSEParser
 from .base import Entry, RegistryPool
 
@@ -204,23 +204,13 @@ class OpenAIEnginePool(RegistryPool):
         transport = spec.egress.transport() if spec.egress is not None else None
         client = httpx.AsyncClient(base_url=spec.url + "/", headers=headers, transport=transport, timeout=httpx.Timeout(
             self.inference_stall_s, connect=self.timeout_s))
-        now = time.time()
-        info = EngineInfo(id=job.id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=[], memory_mb={},
-                          pid=None,
-                          quantization=None, dtype=None, owner=job.owner, created_at=now, last_used=now,
-                          url=spec.url, model=spec.model, name=spec.name)
+        info = EngineInfo.pending(job.id, spec.model_ref, owner=job.owner, state=WorkerState.LOADING)
+        info.url, info.model, info.name = spec.url, spec.model, spec.name
         e = _Engine(info=info, spec=spec, client=client, load_job=job, quote=self.quote_upstream)
-        self._workers[info.id] = e
-        job.meta.setdefault("worker_id", info.id)
-        check = self._spawn(e, self._register(e))
-        if job.task is None:
-            job.task = check
-        job.on_cancel(lambda: self._drop(e, "registration cancelled", Cancelled(
+        return self._register(e, self._check_in(e), lambda: self._drop(e, "registration cancelled", Cancelled(
             f"Registering the engine at {spec.url} was cancelled.", details={"worker_id": info.id}), close=True))
-        self._notify("loading", info)
-        return info.copy()
 
-    async def _register(self, e: _Engine) -> None:
+    async def _check_in(self, e: _Engine) -> None:
         try:
             await self._probe(e)
         except RbeeError as error:
@@ -323,9 +313,8 @@ class OpenAIEnginePool(RegistryPool):
 
     # --- generation ------------------------------------------------------------------------
 
-    async def generate(self, worker_id: str, req: GenerationRequest | dict[str, Any], job: Job) -> None:
+    async def generate(self, worker_id: str, req: GenerationRequest, job: Job) -> None:
         e = self._get(worker_id)
-        req = as_request(req)
         if not e.info.ready:
             raise Conflict(f"Engine worker {worker_id} is {e.info.state}"
                            f"{f' ({e.info.exit_reason})' if e.info.exit_reason else ''}.",

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,15 @@ from typing import Any
 import httpx
 from traitlets import Bool, Dict, Float, Instance, Unicode, Union, default
 
-from ..core.ids import new_id
 from ..core.jobs import Job
 from ..errors import Cancelled, RbeeError, WorkerDied
-from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerInfo, WorkerSpec, WorkerState
+from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerInfo, WorkerSpec
 from ..worker.client import WorkerClient
 from ..worker.process import WorkerProcess
 from ..worker.protocol import describe_exit
-from .base import Listener, ManagedEntry, Pool, WorkerPool, relay_inference, under_jupyterhub
+from .base import ManagedEntry, Pool, WorkerPool, under_jupyterhub
 
-__all__ = ["Pool", "LocalProcessPool", "WorkerSpec", "WorkerInfo", "Listener", "relay_inference"]
+__all__ = ["Pool", "LocalProcessPool", "WorkerSpec", "WorkerInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +82,7 @@ class LocalProcessPool(WorkerPool):
         return self.parent is not None and not under_jupyterhub()
 
     death_grace_s = 1.5  # after a broken connection, how long to wait for the process to exit
+    unreachable_errors = (httpx.TransportError,)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -91,33 +90,20 @@ class LocalProcessPool(WorkerPool):
         self._spare_starting: asyncio.Task | None = None
         self._closed = False
 
-    @property
-    def _log_dir(self) -> Path | None:
-        return Path(self.log_dir) if self.log_dir is not None else None
-
     # --- loading ---------------------------------------------------------------------------
 
-    async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
-        worker_id = spec.worker_id or new_id("w-")
+    async def _launch(self, spec: WorkerSpec, worker_id: str, job: Job) -> _Worker:
         config = spec.worker_config(worker_id)
         log_path = None
-        if self._log_dir is not None:
-            self._log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = self._log_dir / f"{worker_id}.log"
-        try:
-            process = await self._process_for(config, log_path)
-        except RbeeError as exc:  # no process at all: subscribers learn it from the job too
-            job.fail(exc)
-            raise
-        now = time.time()
-        info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=config.devices,
-                          memory_mb={}, pid=process.pid, quantization=spec.quantization, dtype=spec.dtype,
-                          owner=spec.owner, created_at=now, last_used=now, kind=spec.kind)
-        w = _Worker(info=info, spec=spec, process=process, load_job=job)
+        if self.log_dir is not None:
+            Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+            log_path = Path(self.log_dir) / f"{worker_id}.log"
+        process = await self._process_for(config, log_path)
+        w = _Worker(info=self._new_info(spec, config, pid=process.pid), spec=spec, process=process, load_job=job)
         job.on_finish(lambda _: self._start_spare())  # ready or failed: the machine is free for imports again
         if not process.spare:  # a spare's exit is watched once it announced (see _handshake)
             self._spawn(w, self._watch_exit(w))
-        return self._register(w, self._run_load(w))
+        return w
 
     async def _run_load(self, w: _Worker) -> None:
         """Handshake, then relay ``GET /load`` into the load job."""
@@ -180,15 +166,8 @@ class LocalProcessPool(WorkerPool):
     def _starting_where(self, w: _Worker) -> str | None:
         return "stuck while the worker process was starting" if w.client is None else None
 
-    async def _ask_cancel_load(self, w: _Worker) -> None:
-        if w.client is not None:
-            with contextlib.suppress(httpx.HTTPError, RbeeError):
-                await w.client.cancel_load()
-
-    async def _ask_cancel_generation(self, w: _Worker, request_id: str) -> None:
-        if w.client is not None:
-            with contextlib.suppress(httpx.HTTPError, RbeeError):
-                await w.client.cancel_generation(request_id)
+    async def _call(self, w: _Worker, method: str, *args: Any) -> Any:
+        return await getattr(w.client, method)(*args)  # its HTTP route (worker/client.py)
 
     async def _drop_stream(self, w: _Worker, job: Job) -> None:
         stream = w.streams.get(job)
@@ -196,13 +175,11 @@ class LocalProcessPool(WorkerPool):
             await stream.aclose()  # dropping the connection cancels on the worker too
 
     async def _kill_now(self, w: _Worker) -> None:
-        w.expected_exit = True
         await w.process.terminate(0.0)
         await self._release(w)
 
     async def _terminate(self, w: _Worker) -> None:
         """Ask the process to exit, kill it if it does not within ``stop_grace_s``; wait until gone."""
-        w.expected_exit = True
         if w.process.alive and w.client is not None:
             with contextlib.suppress(httpx.HTTPError, RbeeError, asyncio.TimeoutError):
                 await asyncio.wait_for(w.client.shutdown(), 2.0)
@@ -352,23 +329,14 @@ class LocalProcessPool(WorkerPool):
             spare.close()
         return await WorkerProcess.spawn(config, python=self.python, env=self.env, log_path=log_path)
 
-    async def _stop_spare(self) -> None:
-        """End the spare (SIGTERM: it may be in the middle of its imports) and wait until it is gone."""
-        if self._spare_starting is not None:
-            await asyncio.shield(self._spare_starting)  # it sees _closed and ends what it started
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            await spare.terminate(grace_s=2.0)
-            spare.close()
-
     # --- generation ----------------------------------------------------------------------------
 
     async def embed(self, worker_id: str, body: dict[str, Any]) -> dict[str, Any]:
         w = self._get(worker_id)
-        self._refuse_unless_ready(w, connected=w.client is not None)
+        self._refuse_unless_ready(w, connected=self._can_serve(w))
         self._cancel_idle_timer(w)
         try:
-            return await w.client.embed(body)  # type: ignore[union-attr] - checked just above
+            return await self._call(w, "embed", body)
         except httpx.TransportError:
             if await w.process.wait_exit(self.death_grace_s):
                 raise WorkerDied(f"Worker {worker_id} died while embeddings were computed "
@@ -380,39 +348,15 @@ class LocalProcessPool(WorkerPool):
                 self._touch(w)
 
     async def _stream_generation(self, w: _Worker, req: GenerationRequest, job: Job) -> None:
-        client = w.client
-        if client is None:  # released a moment ago: the death or the stop reports it
-            raise WorkerDied(f"Worker {w.info.id} is gone.", details={"worker_id": w.info.id})
-        try:
-            async with client.generate({**req.to_json(), "request_id": job.id}) as stream:
+        try:  # generate() checked _can_serve just before, with no await in between: w.client is set
+            async with w.client.generate({**req.to_json(), "request_id": job.id}) as stream:
                 w.streams[job] = stream  # accepted: from here a death must reach this job
                 self._update_busy(w)
-                events = stream.__aiter__()
-                while True:
-                    limit = self.inference_stall_s if job.records else None  # from "started" on
-                    try:
-                        _, event = await asyncio.wait_for(events.__anext__(), limit)
-                    except StopAsyncIteration:
-                        break
-                    except asyncio.TimeoutError:
-                        await self._stalled(w, job, limit)
-                        break
-                    if job.state.finished or relay_inference(job, event):
-                        break
+                await self._relay_generation(w, job, (event async for _, event in stream))
             if not job.state.finished:
                 raise httpx.RemoteProtocolError("the generation stream ended without end or error")
         except httpx.HTTPError as exc:
             await self._relay_broke(w, job, exc)
-
-    async def health(self, worker_id: str) -> dict[str, Any]:
-        """``GET /health`` of the worker: state, memory, ``tokens_computed``, queue, request ids."""
-        w = self._get(worker_id)
-        if w.client is None or not w.process.alive:
-            return {**w.info.to_dict(), "reachable": False}
-        try:
-            return {**await w.client.health(), "reachable": True}
-        except httpx.TransportError:  # it died a moment ago; the watcher is about to say so
-            return {**w.info.to_dict(), "reachable": False}
 
     # --- closing ---------------------------------------------------------------------------------
 
@@ -421,7 +365,12 @@ class LocalProcessPool(WorkerPool):
 
     async def close(self) -> None:
         self._closed = True
-        await self._stop_spare()
+        if self._spare_starting is not None:
+            await asyncio.shield(self._spare_starting)  # it sees _closed and ends what it started
+        spare, self._spare = self._spare, None
+        if spare is not None:  # SIGTERM: it may be in the middle of its imports; wait until it is gone
+            await spare.terminate(grace_s=2.0)
+            spare.close()
         await super().close()
 
     async def _abandon(self, workers: list[_Worker]) -> None:

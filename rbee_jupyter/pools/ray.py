@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -59,13 +60,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 from traitlets import Dict, Float, List, Unicode
 
-from ..core.ids import new_id
 from ..core.jobs import Job
 from ..errors import (Cancelled, ClusterUnavailable, InvalidRequest, ModelNotLoaded, RbeeError, WorkerDied,
                       error_from_json)
-from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerInfo, WorkerSpec, WorkerState
+from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerSpec
 from ..worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
-from .base import ManagedEntry, WorkerPool, relay_inference
+from .base import ManagedEntry, WorkerPool
 
 __all__ = ["RayPool", "WorkerActor", "node_name"]
 
@@ -159,7 +159,7 @@ class WorkerActor:
         finally:  # ray.cancel() on the stream lands here: the generation must stop too
             runtime.cancel(task.request_id)
 
-    async def cancel(self, request_id: str) -> bool:
+    async def cancel_generation(self, request_id: str) -> bool:
         return self._runtime is not None and self._runtime.cancel(request_id)
 
     async def health(self) -> dict[str, Any]:
@@ -168,14 +168,9 @@ class WorkerActor:
         return self._runtime.health()
 
 
-_remote_class: Any = None
-
-
+@functools.cache
 def _actor_class() -> Any:
-    global _remote_class
-    if _remote_class is None:
-        _remote_class = ray.remote(WorkerActor)
-    return _remote_class
+    return ray.remote(WorkerActor)
 
 
 # --- nodes ---------------------------------------------------------------------------------
@@ -185,10 +180,6 @@ def node_name(node: dict[str, Any]) -> str:
     custom = sorted(k for k in node.get("Resources", {})
                     if k not in _BUILTIN_RESOURCES and ":" not in k and not k.startswith("TPU-"))
     return custom[0] if custom else str(node.get("NodeManagerAddress", node.get("NodeID", "?")))
-
-
-def _alive_nodes() -> list[dict[str, Any]]:
-    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 # --- the pool ------------------------------------------------------------------------------
@@ -253,6 +244,7 @@ class RayPool(WorkerPool):
     )
 
     kill_timeout_s = 10.0
+    unreachable_errors = (RayError,)
     check_connect_timeout_s = 5.0
     check_hint = "the node, the device and the model files"
     stall_suspect = "The node"
@@ -300,7 +292,7 @@ class RayPool(WorkerPool):
         """The cluster's live nodes: ``{"name", "id", "ip", "resources"}`` (blocking: a cluster call)."""
         self._ensure_connected()
         return [{"name": node_name(n), "id": n["NodeID"], "ip": n.get("NodeManagerAddress"),
-                 "resources": dict(n.get("Resources", {}))} for n in _alive_nodes()]
+                 "resources": dict(n.get("Resources", {}))} for n in ray.nodes() if n.get("Alive")]
 
     def check_node(self, node: str) -> None:
         # Runs on the server's loop (before the 202): wait briefly for a connection still being made.
@@ -327,7 +319,7 @@ class RayPool(WorkerPool):
 
     def _actor_options(self, spec: WorkerSpec, worker_id: str) -> dict[str, Any]:
         placement = self._placement(spec.node)
-        gpus = len({d for d in _devices(spec.device_map) if d.startswith("cuda")})
+        gpus = len(_cuda(spec.device_map))
         env = {k: os.environ[k] for k in self.forward_env if k in os.environ}
         options: dict[str, Any] = {
             "name": worker_id, "namespace": self.namespace, "max_restarts": 0, "num_cpus": 0, "num_gpus": gpus,
@@ -341,27 +333,17 @@ class RayPool(WorkerPool):
 
     # --- loading -------------------------------------------------------------------------------
 
-    async def start(self, spec: WorkerSpec, job: Job) -> WorkerInfo:
-        worker_id = spec.worker_id or new_id("w-")
+    async def _launch(self, spec: WorkerSpec, worker_id: str, job: Job) -> _Actor:
         config = spec.worker_config(worker_id, device_map=_visible_cuda(spec.device_map), watch_stdin=False)
         try:
             await asyncio.to_thread(self._ensure_connected)
             options = await asyncio.to_thread(self._actor_options, spec, worker_id)
             handle = _actor_class().options(**options).remote(json.loads(config.to_json()))
-        except RbeeError as exc:
-            job.fail(exc)
-            raise
         except (RayError, ValueError) as exc:  # e.g. a worker of that name still being torn down
-            error = ClusterUnavailable(f"Ray refused to start worker {worker_id}: {exc}",
-                                       details={"worker_id": worker_id})
-            job.fail(error)
-            raise error from None
-        now = time.time()
-        info = WorkerInfo(id=worker_id, model_ref=spec.model_ref, state=WorkerState.LOADING, devices=config.devices,
-                          memory_mb={}, pid=None, quantization=spec.quantization, dtype=spec.dtype,
-                          owner=spec.owner, created_at=now, last_used=now, node=spec.node)
-        a = _Actor(info=info, spec=spec, handle=handle, load_job=job)
-        return self._register(a, self._run_load(a))
+            raise ClusterUnavailable(f"Ray refused to start worker {worker_id}: {exc}",
+                                     details={"worker_id": worker_id}) from None
+        return _Actor(info=self._new_info(spec, config, pid=None, node=spec.node), spec=spec, handle=handle,
+                      load_job=job)
 
     async def _run_load(self, a: _Actor) -> None:
         """Wait for placement, then relay the actor's load stream into the load job."""
@@ -379,7 +361,8 @@ class RayPool(WorkerPool):
             await self._died(a, exc)
             return
         a.node_id, a.info.pid, a.placed = where["node_id"], where["pid"], True
-        a.info.node = await asyncio.to_thread(self._name_of, a.node_id)
+        a.info.node = next((n["name"] for n in await asyncio.to_thread(self.nodes) if n["id"] == a.node_id),
+                           a.node_id)
         self._spawn(a, self._watch_health(a))
         try:
             a.load_stream = a.handle.load.options(num_returns="streaming").remote()
@@ -395,19 +378,16 @@ class RayPool(WorkerPool):
                     f"Worker {a.info.id} failed while loading: {exc}", details={"worker_id": a.info.id}))
 
     async def _events(self, stream: Any):
-        """The dicts of a Ray streaming generator, each bounded by ``call_timeout_s``."""
+        """The dicts of a Ray streaming generator, each bounded by ``call_timeout_s``; a refusal is raised."""
         async for ref in stream:
-            yield await asyncio.wait_for(ref, self.call_timeout_s)
-
-    def _name_of(self, node_id: str | None) -> str | None:
-        for n in _alive_nodes():
-            if n["NodeID"] == node_id:
-                return node_name(n)
-        return node_id
+            event = await asyncio.wait_for(ref, self.call_timeout_s)
+            if event.get("type") == "refused":
+                raise error_from_json(event["error"])
+            yield event
 
     def _actor_needs(self, a: _Actor) -> str:
         """What the actor waits for, for messages: "GPU=1, llm-node=0.01, node node-b"."""
-        gpus = len({d for d in _devices(a.spec.device_map) if d.startswith("cuda")})
+        gpus = len(_cuda(a.spec.device_map))
         needs = [f"GPU={gpus}"] if gpus else []
         needs += [f"{k}={v:g}" for k, v in self.ray_resources.items()]
         if a.spec.node:
@@ -428,13 +408,8 @@ class RayPool(WorkerPool):
     def _on_gone(self, a: _Actor) -> None:
         a.gone.set()
 
-    async def _ask_cancel_load(self, a: _Actor) -> None:
-        with contextlib.suppress(RayError):
-            await a.handle.cancel_load.remote()
-
-    async def _ask_cancel_generation(self, a: _Actor, request_id: str) -> None:
-        with contextlib.suppress(RayError):
-            await a.handle.cancel.remote(request_id)
+    async def _call(self, a: _Actor, method: str, *args: Any) -> Any:
+        return await asyncio.wait_for(getattr(a.handle, method).remote(*args), self.call_timeout_s)
 
     async def _drop_stream(self, a: _Actor, job: Job) -> None:
         stream = a.streams.get(job)
@@ -442,15 +417,8 @@ class RayPool(WorkerPool):
             with contextlib.suppress(Exception):
                 ray.cancel(stream)
 
-    async def _kill_now(self, a: _Actor) -> None:
-        await self._kill(a)
-
     async def _terminate(self, a: _Actor) -> None:
-        await self._kill(a)
-
-    async def _kill(self, a: _Actor) -> None:
         """``ray.kill`` the actor and wait (bounded) until Ray says it is dead: its memory is then free."""
-        a.expected_exit = True
         if a.dead:
             return
         with contextlib.suppress(Exception):
@@ -515,23 +483,8 @@ class RayPool(WorkerPool):
         stream = a.handle.generate.options(num_returns="streaming").remote({**req.to_json(), "request_id": job.id})
         a.streams[job] = stream  # from here a death must reach this job
         self._update_busy(a)
-        try:
-            events = stream.__aiter__()
-            while not job.state.finished:
-                # Until "started" the actor answers at once; after it, silence is a stall.
-                limit = self.inference_stall_s if job.records else self.call_timeout_s
-                try:
-                    ref = await asyncio.wait_for(events.__anext__(), limit)
-                    event = await asyncio.wait_for(ref, self.call_timeout_s)
-                except StopAsyncIteration:
-                    break
-                except asyncio.TimeoutError:
-                    await self._stalled(a, job, limit)
-                    break
-                if event.get("type") == "refused":
-                    raise error_from_json(event["error"])
-                if relay_inference(job, event):
-                    break
+        try:  # until "started" the actor answers at once (it queues itself): silence then is no stall
+            await self._relay_generation(a, job, self._events(stream), first_limit=self.call_timeout_s)
             if not job.state.finished:
                 raise RbeeError(f"The generation stream of worker {a.info.id} ended without end or error.")
         except TaskCancelledError:
@@ -546,21 +499,13 @@ class RayPool(WorkerPool):
         if job.records:
             await super()._stalled(a, job, limit)
         else:  # not even "started": the actor does not answer
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ask_cancel_generation(a, job.id), self.cancel_grace_s)
+            await self._ask(a, "cancel_generation", job.id)
             job.fail(ClusterUnavailable(f"Worker {a.info.id} on node {a.info.node} did not answer within "
                                         f"{limit:g} s.", details={"worker_id": a.info.id, "node": a.info.node}))
         await self._drop_stream(a, job)
 
     async def health(self, worker_id: str) -> dict[str, Any]:
-        a = self._get(worker_id)
-        if not a.placed or a.dead:
-            return {**a.info.to_dict(), "reachable": False}
-        try:
-            live = await asyncio.wait_for(a.handle.health.remote(), self.call_timeout_s)
-        except (RayError, asyncio.TimeoutError):
-            return {**a.info.to_dict(), "reachable": False}
-        return {**live, "node": a.info.node, "reachable": True}
+        return {**await super().health(worker_id), "node": self._get(worker_id).info.node}
 
     # --- closing -------------------------------------------------------------------------------
 
@@ -575,15 +520,15 @@ class RayPool(WorkerPool):
             await asyncio.to_thread(ray.shutdown)
 
 
-def _devices(device_map: dict[str, str] | str) -> list[str]:
-    return [device_map] if isinstance(device_map, str) else list(dict.fromkeys(device_map.values()))
+def _cuda(device_map: dict[str, str] | str) -> list[str]:
+    """The CUDA devices of a plan, in index order: the GPUs its actor asks Ray for."""
+    devices = {device_map} if isinstance(device_map, str) else set(device_map.values())
+    return sorted((d for d in devices if d.startswith("cuda")), key=lambda d: int(d.split(":")[1]) if ":" in d else 0)
 
 
 def _visible_cuda(device_map: dict[str, str] | str) -> dict[str, str] | str:
     """Renumber CUDA devices for the actor: Ray shows it only its own GPUs, as cuda:0, cuda:1..."""
-    cuda = sorted({d for d in _devices(device_map) if d.startswith("cuda")},
-                  key=lambda d: int(d.split(":")[1]) if ":" in d else 0)
-    mapping = {d: f"cuda:{i}" for i, d in enumerate(cuda)}
+    mapping = {d: f"cuda:{i}" for i, d in enumerate(_cuda(device_map))}
     if isinstance(device_map, str):
         return mapping.get(device_map, device_map)
     return {block: mapping.get(d, d) for block, d in device_map.items()}
