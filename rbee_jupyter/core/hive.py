@@ -309,8 +309,13 @@ class Hive:
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
             check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
-        if ref.scheme == "file" and not ref.is_gguf:
+        if ref.scheme == "file" and not ref.is_gguf and self._confined(ref):
             check_folder(ref.path or "")  # 400 now for a link out of the folder, before any job starts
+
+    def _confined(self, ref: ModelRef) -> bool:
+        """Whether every file of the model must stay inside its folder (core/confine.py): always, except a
+        ``file://`` folder on a single-user server, whose user is the admin and may link it anywhere."""
+        return self.config.service_mode or ref.scheme != "file"
 
     _CAP_JOBS = {"workers": "load", "downloads": "download", "streams": "inference"}
 
@@ -664,7 +669,8 @@ class Hive:
         # One at a time: the first call imports transformers, whose lazy imports fail
         # ("cannot import name AutoConfig") in a second thread while the first is mid-way.
         with _BLOCKS_LOCK:
-            return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
+            return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
+                               confined=self._confined(req.ref))
 
     def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str] | str:
         """Plan against free memory, the allowed devices and the quota; reserve what the plan takes.
@@ -738,7 +744,7 @@ class Hive:
                           owner=job.owner, queue_depth=self.config.queue_depth,
                           max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node,
                           max_batch_size=self.config.max_batch_size, kv_budget_mb=self.config.kv_budget_mb,
-                          kind=_kind_of(req, entry.local_path))
+                          kind=_kind_of(req, entry.local_path), confined=self._confined(req.ref))
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)
