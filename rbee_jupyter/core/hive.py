@@ -505,6 +505,7 @@ class Hive:
             AccessDenied: in service mode, a ``file://`` ref outside ``allowed_local_dirs``,
                 or a gated model someone else downloaded and the caller sent no token.
         """
+        self._check_engine_host(body, principal)
         admitted = self._admit_load(body, owner, principal, hf_token)
         if isinstance(admitted, Job):
             return admitted
@@ -523,6 +524,8 @@ class Hive:
         from ..engine.devices import inventory
 
         engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
+        if engine:  # resolves the engine's host name (blocking): not on the loop either
+            await asyncio.to_thread(self._check_engine_host, body, principal)
         # The first inventory imports torch (seconds): not on the loop, which serves everyone's streams.
         devices = None if engine else await asyncio.to_thread(inventory)
         admitted = self._admit_load(body, owner, principal, hf_token, devices=devices)
@@ -617,6 +620,17 @@ class Hive:
                                details={"field": "backend"})
         self._egress.check_url(spec.url)
         return dataclasses.replace(spec, egress=self._egress)
+
+    def _check_engine_host(self, body: dict[str, Any] | LoadRequest, principal: Principal | None) -> None:
+        """403 ``URL_NOT_ALLOWED`` now, not a 202 whose first connection fails, when a user who is not an admin
+        registers an engine whose host name resolves to an address the server may not open for them.
+
+        Blocking: it resolves the name. The check at each connection stays (the name may be rebound).
+        """
+        if (isinstance(body, LoadRequest) or backend_of(body) != "openai" or not self.config.service_mode
+                or principal is None or principal.admin or self.config.engine_registration != "users"):
+            return
+        self._egress.check_registration(EngineSpec.from_json(body).url)
 
     def _share_check(self, principal: Principal | None, *, engine: bool, owner: str | None = None) -> None:
         """A local worker is shared by its owner or an admin; an engine (its key, its URL) only by an admin."""
