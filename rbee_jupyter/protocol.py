@@ -437,6 +437,7 @@ class WorkerSpec:
     worker_id: str | None = None  # the hive names workers before they start (their load job's id)
     node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
     kind: str = "generate"  # "embedding": a sentence-transformers model served by worker/embedding.py
+    confined: bool = True  # False: a single user's own file:// folder, whose links may lead outside it
 
     def worker_config(self, worker_id: str, **overrides: Any) -> WorkerConfig:
         """The start-up spec a worker reads: this load's fields plus the transport's ``overrides``."""
@@ -469,6 +470,8 @@ class WorkerConfig:
     keepalive_s: float = 10.0
     watch_stdin: bool = True
     kind: str = "generate"  # "generate" (a causal LM) or "embedding" (a sentence-transformers model)
+    #: False: a single user's own file:// folder, whose links may lead outside it (core/confine.py).
+    confined: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -493,6 +496,8 @@ class WorkerConfig:
             raise InvalidRequest("kv_budget_mb must be a number >= 0 (0: no limit) or null")
         if config.kind not in WORKER_KINDS:
             raise InvalidRequest(f"kind must be one of {', '.join(WORKER_KINDS)}")
+        if not isinstance(config.confined, bool):
+            raise InvalidRequest("confined must be true or false")
         return config
 
     def to_json(self) -> str:

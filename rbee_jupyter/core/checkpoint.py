@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidCheckpoint
-from .confine import model_folder, resolve_inside
+from .confine import ModelFolder, model_folder, open_resolved, resolve_inside
 
 __all__ = ["MAX_HEADER_BYTES", "checkpoint_files", "probe", "read_header"]
 
@@ -24,13 +24,17 @@ MAX_HEADER_BYTES = 100_000_000
 INDEX = "model.safetensors.index.json"
 
 
-def checkpoint_files(folder: str | Path) -> list[Path]:
+def checkpoint_files(folder: str | Path | ModelFolder, *, confined: bool = True) -> list[Path]:
     """The resolved paths of a single-file or sharded checkpoint's weight files (all inside ``folder``).
+
+    Args:
+        confined: False for a single user's own ``file://`` folder: its links may lead anywhere
+            (see :mod:`.confine`); names the index spells still may not be absolute or hold ``..``.
 
     Raises:
         InvalidCheckpoint: no weights, an unreadable index, or a name that leaves the folder.
     """
-    where = model_folder(folder)
+    where = model_folder(folder, confined=confined)
     root = where.root
     if (root / INDEX).is_file():
         try:
@@ -52,18 +56,15 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{tensor name: (dtype, shape)}`` of a safetensors file, checked so a truncated or corrupt
     file fails before loading starts.
 
-    ``file`` is a resolved path (:func:`checkpoint_files`); it is opened without following a
-    link, so a name swapped for a link after the check fails instead of being read. The header
+    ``file`` is a resolved path (:func:`checkpoint_files`); it is opened one part at a time
+    without following a link (:func:`.confine.open_resolved`), so a file or folder swapped for a
+    link after the check fails instead of being read. The header
     is capped at :data:`MAX_HEADER_BYTES` before it is read, as the safetensors library caps it.
 
     Raises:
         InvalidCheckpoint: unreadable, over the cap, corrupt, or truncated.
     """
-    try:
-        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise InvalidCheckpoint(f"{file.name} cannot be opened ({exc.strerror}); download it again.",
-                                details={"file": str(file)}) from None
+    fd = open_resolved(file)
     try:
         with os.fdopen(fd, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -86,6 +87,6 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return tensors
 
 
-def probe(emit: Any, *, folder: str) -> int:
+def probe(emit: Any, *, folder: str, confined: bool = True) -> int:
     """Read every header of the checkpoint in ``folder``; the number of tensors (a helper process's job)."""
-    return sum(len(read_header(f)) for f in checkpoint_files(folder))
+    return sum(len(read_header(f)) for f in checkpoint_files(folder, confined=confined))

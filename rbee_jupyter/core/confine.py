@@ -13,6 +13,19 @@ the same repository. Anything else that resolves outside the folder is refused w
 ``INVALID_CHECKPOINT`` (400): a checkpoint naming a file outside itself is malformed for
 every caller, admins included, and the message is the same whether or not the target
 exists, so the refusal reveals nothing about other users' files.
+
+One exception, ``confined=False``: a ``file://`` folder of a single-user server (or read in
+the user's own kernel). There the user is the administrator and may read every file the
+process may, so a folder assembled from links to elsewhere (a common way to build a
+checkpoint) loads as it always did. Names a checkpoint *spells* (a shard index) are still
+refused when absolute or holding ``..``: those are malformed whoever loads them. Hub
+snapshots are confined in every mode: their names come from whoever published the repo.
+
+Checking a path and then reading it by name leaves a gap: a folder on the way swapped for
+a link in between (a co-user of a group-writable cache can do that) redirects the read.
+:func:`open_resolved` opens a checked path one part at a time, never following a link,
+and :func:`private_copy` copies what transformers reads by name (config, tokenizer, chat
+template) through such descriptors into a folder only this process may enter.
 """
 
 from __future__ import annotations
@@ -21,12 +34,15 @@ import contextlib
 import os
 import shutil
 import stat
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import InvalidCheckpoint
 
-__all__ = ["ModelFolder", "check_folder", "model_folder", "remove_snapshot", "resolve_inside"]
+__all__ = ["ModelFolder", "check_folder", "fd_path", "model_folder", "open_resolved", "private_copy",
+           "remove_snapshot", "resolve_inside"]
 
 
 @dataclass(frozen=True)
@@ -35,22 +51,31 @@ class ModelFolder:
 
     root: Path
     blobs: Path | None  # ``<repo>/blobs`` when ``root`` is a huggingface_hub snapshot, else None
+    confined: bool = True  # False: links may lead anywhere (a single user's own folder, see the module doc)
 
     def holds(self, target: Path) -> bool:
-        """Whether the resolved path ``target`` is inside the folder (or is a blob of its own repo)."""
-        if target == self.root or target.is_relative_to(self.root):
+        """Whether the resolved path ``target`` may be read: inside the folder (or a blob of its own repo),
+        anywhere when the folder is not confined."""
+        if not self.confined or target == self.root or target.is_relative_to(self.root):
             return True
         return self.blobs is not None and target.parent == self.blobs
 
 
-def model_folder(folder: str | Path) -> ModelFolder:
-    """``folder`` resolved; in huggingface_hub's layout, with its repository's ``blobs/``."""
+def model_folder(folder: str | Path | ModelFolder, *, confined: bool = True) -> ModelFolder:
+    """``folder`` resolved; in huggingface_hub's layout, with its repository's ``blobs/``.
+
+    ``confined=False`` is ignored for a hub snapshot: what it holds came from the hub. A
+    :class:`ModelFolder` is returned as it is: resolve a folder once, and derive every path
+    from that one resolution.
+    """
+    if isinstance(folder, ModelFolder):
+        return folder
     root = Path(folder).expanduser().resolve()
     snapshots = root.parent
     repo = snapshots.parent
     blobs = repo / "blobs" if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--")) \
         else None
-    return ModelFolder(root, blobs)
+    return ModelFolder(root, blobs, confined=confined or blobs is not None)
 
 
 def _refuse(name: str, folder: ModelFolder, why: str) -> InvalidCheckpoint:
@@ -71,7 +96,7 @@ def resolve_inside(folder: str | Path | ModelFolder, name: str) -> Path:
 
     Raises:
         InvalidCheckpoint: ``name`` is empty, absolute, holds ``..``, a backslash or a NUL, resolves
-            outside the folder (other than into its own repository's blobs), or is not a regular file.
+            outside a confined folder (other than into its own repository's blobs), or is not a regular file.
     """
     where = folder if isinstance(folder, ModelFolder) else model_folder(folder)
     if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
@@ -91,18 +116,22 @@ def resolve_inside(folder: str | Path | ModelFolder, name: str) -> Path:
     return target
 
 
-def check_folder(folder: str | Path) -> ModelFolder:
+def check_folder(folder: str | Path | ModelFolder, *, confined: bool = True) -> ModelFolder:
     """Refuse a model folder any of whose entries is a symlink that leads outside it.
 
     What transformers reads by itself (``config.json``, ``tokenizer.json``, ``tokenizer_config.json``,
     the chat template, ...) is read through the folder, so every link in it must stay inside
     before any of them is opened.
 
+    Args:
+        confined: False for a single user's own ``file://`` folder, whose links may lead anywhere
+            (nothing is refused then; a hub snapshot stays confined whatever this says).
+
     Raises:
         InvalidCheckpoint: a link resolves outside the folder (or into another repository's blobs).
     """
-    where = model_folder(folder)
-    if not where.root.is_dir():
+    where = model_folder(folder, confined=confined)
+    if not where.root.is_dir() or not where.confined:
         return where  # the caller reports a missing folder in its own words
     for entry in sorted(where.root.rglob("*")):
         if entry.is_symlink():
@@ -118,6 +147,113 @@ def _check_dir_link(where: ModelFolder, entry: Path) -> None:
         raise _refuse(entry.name, where, "cannot be resolved") from None
     if not target.is_relative_to(where.root):
         raise _refuse(entry.relative_to(where.root).as_posix(), where, "resolves outside the folder")
+
+
+# --- reading what was checked --------------------------------------------------------------
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz", ".ot")
+SIDE_FILE_BYTES = 256 * 2**20
+"""Largest file :func:`private_copy` copies (a big vocabulary's tokenizer.json is ~30 MB); larger ones are weights."""
+_SIDE_FOLDERS = ("additional_chat_templates",)  # the only sub-folder transformers reads by name (chat templates)
+
+
+def open_resolved(path: Path) -> int:
+    """A read-only descriptor of the resolved absolute ``path``, opened one part at a time, never through a link.
+
+    ``path`` came from :func:`resolve_inside`, so no part of it is a link; one that is a link
+    now was swapped in since the check, and the open fails instead of following it.
+
+    Raises:
+        InvalidCheckpoint: a part of the path is a link (or is gone) now.
+    """
+    if not os.supports_dir_fd >= {os.open} or not path.is_absolute():  # no openat: the last part, at least
+        return _checked_open(path, lambda: os.open(path, os.O_RDONLY | _NOFOLLOW))
+
+    def walk() -> int:
+        fd = os.open("/", os.O_RDONLY | _DIRECTORY)
+        try:
+            for part in path.parts[1:-1]:
+                inner = os.open(part, os.O_RDONLY | _DIRECTORY | _NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+            return os.open(path.name, os.O_RDONLY | _NOFOLLOW, dir_fd=fd)
+        finally:
+            os.close(fd)
+    return _checked_open(path, walk)
+
+
+def fd_path(fd: int, path: Path) -> str:
+    """A name for the file open as ``fd``, for a library that only takes paths (safetensors):
+    ``/proc/self/fd/N`` opens that very file whatever ``path`` names now (``path`` where there is no /proc)."""
+    return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(path)
+
+
+def _checked_open(path: Path, opener: Callable[[], int]) -> int:
+    try:
+        fd = opener()
+    except OSError as exc:
+        raise InvalidCheckpoint(f"{path.name} cannot be opened ({exc.strerror}): it changed since it was checked, "
+                                "or a folder on its way was replaced by a link. Load the model again.",
+                                details={"file": str(path)}) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidCheckpoint(f"{path.name} is not a regular file.", details={"file": str(path)})
+    return fd
+
+
+@contextlib.contextmanager
+def private_copy(folder: str | Path | ModelFolder, *, confined: bool = True) -> Iterator[Path]:
+    """A private copy of the files of a model folder that transformers reads by name; removed on exit.
+
+    transformers opens ``config.json``, ``generation_config.json``, the tokenizer's files and
+    the chat templates by path, after our check: a folder swapped for a link in between would
+    redirect those reads. So each (top-level, not a weight, at most :data:`SIDE_FILE_BYTES`)
+    file is resolved and checked (:func:`resolve_inside`), opened through :func:`open_resolved`,
+    and copied into a fresh folder of mode 0700, which is what transformers is pointed at.
+    Weights are not copied: the loader reads them from the resolved paths it checked.
+
+    Yields:
+        The copy's folder: it exists until the ``with`` block ends, however it ends.
+
+    Raises:
+        InvalidCheckpoint: a file leads outside a confined folder, or changed since its check.
+    """
+    where = check_folder(folder, confined=confined)
+    copy = Path(tempfile.mkdtemp(prefix="rbee-load-"))  # mode 0700: no co-user reads or swaps its files
+    try:
+        for name in _side_files(where.root):
+            _copy_one(resolve_inside(where, name), copy / name)
+        yield copy
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def _side_files(root: Path) -> list[str]:
+    """Relative names of the folder's small non-weight files (top level, and the chat-template folder)."""
+    names = []
+    for sub in ("", *_SIDE_FOLDERS):
+        folder = root / sub
+        if not folder.is_dir():
+            continue  # no such folder: the caller reports a missing model in its own words
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name.endswith(_WEIGHTS) or not entry.is_file():
+                    continue
+                if entry.stat().st_size <= SIDE_FILE_BYTES:
+                    names.append(f"{sub}/{entry.name}" if sub else entry.name)
+    return sorted(names)
+
+
+def _copy_one(source: Path, target: Path) -> None:
+    fd = open_resolved(source)
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    with os.fdopen(fd, "rb") as src, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
+        if os.fstat(src.fileno()).st_size > SIDE_FILE_BYTES:
+            raise InvalidCheckpoint(f"{source.name} grew over {SIDE_FILE_BYTES} bytes since it was checked.",
+                                    details={"file": str(source)})
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 # --- deleting a snapshot ---------------------------------------------------------------------

@@ -15,7 +15,9 @@ The address check is made on what the name resolves to *when the connection is m
 the connection goes to that very address (:class:`CheckedTransport`): a name that answered
 a public address at registration and a loopback one a minute later (DNS rebinding) is
 refused at the second connection, and there is no second resolution between the check
-and the connect for an attacker to win.
+and the connect for an attacker to win. The name is also resolved once at registration
+(:meth:`EgressPolicy.check_registration`), so a name that leads somewhere refused is a 403
+at once, not an accepted registration whose first connection fails.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,6 +40,7 @@ __all__ = ["METADATA_HOSTS", "CheckedTransport", "EgressPolicy"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+Lookup = Callable[[str, int], list[str]]  # the blocking kind, for registration (run in a thread)
 
 #: Names of cloud metadata services, refused whatever they resolve to (some resolve only inside the cloud).
 METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
@@ -97,6 +101,40 @@ class EgressPolicy:
             return
         self.check_address(host, ip)
 
+    def check_registration(self, url: str, *, lookup: Lookup | None = None) -> None:
+        """At registration: :meth:`check_url`, then every address the URL's host name resolves to now.
+
+        Blocking (it resolves the name): call it in a thread from an event loop. A name that
+        does not resolve is let through: the first connection reports it as unreachable, as it
+        does for any user. The check at each connection stays (:class:`CheckedTransport`):
+        a name may resolve elsewhere later.
+
+        Args:
+            lookup: ``(host, port) -> addresses``; default the system resolver.
+
+        Raises:
+            UrlNotAllowed: as :meth:`check_url`, or an address of the name is refused; the
+                details name the address and its kind (loopback, link-local, private, ...).
+        """
+        self.check_url(url)
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower().rstrip(".")
+        try:
+            ipaddress.ip_address(host)
+            return  # a literal address: check_url judged it
+        except ValueError:
+            pass
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            port = 80
+        try:
+            addresses = (lookup or _lookup)(host, port)
+        except OSError:
+            return  # unresolvable now: the connection says so, for admins and users alike
+        for address in addresses:
+            self.check_address(host, ipaddress.ip_address(address))
+
     def check_address(self, host: str, ip: Address) -> None:
         """Raise ``UrlNotAllowed`` unless ``ip`` (what ``host`` resolved to) is public or in an allowed network."""
         kind = _kind(ip)
@@ -133,6 +171,15 @@ async def _getaddrinfo(host: str, port: int) -> list[str]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise httpx.ConnectError(f"cannot resolve {host}: {e.strerror}") from None
+    return _addresses(infos)
+
+
+def _lookup(host: str, port: int) -> list[str]:
+    """The system resolver's addresses of ``host``, blocking (``socket.gaierror`` is an ``OSError``)."""
+    return _addresses(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+
+
+def _addresses(infos: list[Any]) -> list[str]:
     seen: list[str] = []
     for *_, sockaddr in infos:
         address = str(sockaddr[0]).split("%", 1)[0]  # an IPv6 scope id is not part of the address

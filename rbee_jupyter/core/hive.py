@@ -312,8 +312,13 @@ class Hive:
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
             check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
-        if ref.scheme == "file" and not ref.is_gguf:
+        if ref.scheme == "file" and not ref.is_gguf and self._confined(ref):
             check_folder(ref.path or "")  # 400 now for a link out of the folder, before any job starts
+
+    def _confined(self, ref: ModelRef) -> bool:
+        """Whether every file of the model must stay inside its folder (core/confine.py): always, except a
+        ``file://`` folder on a single-user server, whose user is the admin and may link it anywhere."""
+        return self.config.service_mode or ref.scheme != "file"
 
     _CAP_JOBS = {"workers": "load", "downloads": "download", "streams": "inference"}
 
@@ -503,6 +508,7 @@ class Hive:
             AccessDenied: in service mode, a ``file://`` ref outside ``allowed_local_dirs``,
                 or a gated model someone else downloaded and the caller sent no token.
         """
+        self._check_engine_host(body, principal)
         admitted = self._admit_load(body, owner, principal, hf_token)
         if isinstance(admitted, Job):
             return admitted
@@ -521,6 +527,8 @@ class Hive:
         from ..engine.devices import inventory
 
         engine = not isinstance(body, LoadRequest) and backend_of(body) == "openai"
+        if engine:  # resolves the engine's host name (blocking): not on the loop either
+            await asyncio.to_thread(self._check_engine_host, body, principal)
         # The first inventory imports torch (seconds): not on the loop, which serves everyone's streams.
         devices = None if engine else await asyncio.to_thread(inventory)
         admitted = self._admit_load(body, owner, principal, hf_token, devices=devices)
@@ -619,6 +627,17 @@ class Hive:
         self._egress.check_url(spec.url)
         return dataclasses.replace(spec, egress=self._egress)
 
+    def _check_engine_host(self, body: dict[str, Any] | LoadRequest, principal: Principal | None) -> None:
+        """403 ``URL_NOT_ALLOWED`` now, not a 202 whose first connection fails, when a user who is not an admin
+        registers an engine whose host name resolves to an address the server may not open for them.
+
+        Blocking: it resolves the name. The check at each connection stays (the name may be rebound).
+        """
+        if (isinstance(body, LoadRequest) or backend_of(body) != "openai" or not self.config.service_mode
+                or principal is None or principal.admin or self.config.engine_registration != "users"):
+            return
+        self._egress.check_registration(EngineSpec.from_json(body).url)
+
     def _share_check(self, principal: Principal | None, *, engine: bool, owner: str | None = None) -> None:
         """A local worker is shared by its owner or an admin; an engine (its key, its URL) only by an admin."""
         if not self.config.service_mode or principal is None or principal.admin:
@@ -670,7 +689,8 @@ class Hive:
         # One at a time: the first call imports transformers, whose lazy imports fail
         # ("cannot import name AutoConfig") in a second thread while the first is mid-way.
         with _BLOCKS_LOCK:
-            return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant)
+            return plan_blocks(path, quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
+                               confined=self._confined(req.ref))
 
     def _place(self, req: LoadRequest, blocks: list[Any], worker_id: str) -> dict[str, str] | str:
         """Plan against free memory, the allowed devices and the quota; reserve what the plan takes.
@@ -744,7 +764,7 @@ class Hive:
                           owner=job.owner, queue_depth=self.config.queue_depth,
                           max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node,
                           max_batch_size=self.config.max_batch_size, kv_budget_mb=self.config.kv_budget_mb,
-                          kind=_kind_of(req, entry.local_path))
+                          kind=_kind_of(req, entry.local_path), confined=self._confined(req.ref))
         if job.cancel_event.is_set():
             raise Cancelled("Loading was cancelled before it started.")
         await self.pool.start(spec, job)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..core.checkpoint import MAX_HEADER_BYTES, checkpoint_files, read_header
-from ..core.confine import check_folder
+from ..core.confine import ModelFolder, check_folder, fd_path, open_resolved, private_copy
 from ..errors import Cancelled, InvalidCheckpoint, InvalidRequest, ModelNotFound, OutOfMemory
 from ..protocol import DTYPE_NAMES, QUANTIZATIONS
 
@@ -183,41 +183,66 @@ class _TensorMeta:
         return math.prod(self.shape) * _SAFETENSORS_DTYPE_BYTES.get(self.dtype, 1)
 
 
-def _checkpoint_tensors(folder: Path) -> dict[str, _TensorMeta]:
+def _checkpoint_tensors(files: list[Path]) -> dict[str, _TensorMeta]:
     """Every tensor of a single-file or sharded safetensors checkpoint, from headers only."""
     return {key: _TensorMeta(file, key, dtype, shape)
-            for file in checkpoint_files(folder) for key, (dtype, shape) in read_header(file).items()}
+            for file in files for key, (dtype, shape) in read_header(file).items()}
 
 
-def load_tokenizer(path: str | Path) -> Any:
+def load_tokenizer(path: str | Path, *, confined: bool = True) -> Any:
     """The folder's tokenizer, read only from inside it (links checked) and never running its code.
+
+    transformers reads a private copy of the folder's small files (:func:`.confine.private_copy`),
+    made through descriptors of the checked paths, so nothing swapped in after the check is read.
+
+    Args:
+        confined: False for a single user's own ``file://`` folder, whose links may lead anywhere.
 
     Raises:
         InvalidCheckpoint: a file of the folder leads outside it, or the tokenizer cannot be loaded.
     """
     from transformers import AutoTokenizer
 
-    root = check_folder(path).root
-    try:
-        return AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
-        raise InvalidCheckpoint(f"The tokenizer in {path} cannot be loaded: {exc}", details={"path": str(path)}) \
-            from None
+    with private_copy(path, confined=confined) as copy:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(copy, local_files_only=True, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
+            raise InvalidCheckpoint(f"The tokenizer in {path} cannot be loaded: {exc}",
+                                    details={"path": str(path)}) from None
+    tokenizer.name_or_path = str(Path(path).expanduser().resolve())  # the model's folder, not the gone copy
+    return tokenizer
 
 
-def _load_config(folder: Path):
-    from transformers import AutoConfig
-
+def _check_model_folder(folder: Path, copy: Path | None = None) -> None:
+    """404 for a missing folder, 400 for one without config.json (looked for in ``copy`` when given)."""
     if not folder.is_dir():
         raise ModelNotFound(f"Model folder {folder} does not exist.", details={"path": str(folder)})
-    if not (folder / "config.json").is_file():
+    if not ((copy or folder) / "config.json").is_file():
         raise InvalidCheckpoint(f"{folder} has no config.json; is this a transformers model folder?",
                                 details={"path": str(folder)})
+
+
+def _load_config(folder: Path, copy: Path):
+    """``config.json`` of ``folder``, read from its private copy ``copy``."""
+    from transformers import AutoConfig
+
+    _check_model_folder(folder, copy)
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(copy)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad checkpoint to the user
         raise InvalidCheckpoint(f"config.json in {folder} cannot be read: {exc}", details={"path": str(folder)}) \
             from None
+
+
+def _load_generation_config(copy: Path) -> Any | None:
+    """``generation_config.json`` from the private copy, or None (absent or unreadable: the model's defaults)."""
+    if not (copy / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    with contextlib.suppress(Exception):
+        return GenerationConfig.from_pretrained(copy)
+    return None
 
 
 # --- skeleton and blocks --------------------------------------------------------------------
@@ -445,13 +470,23 @@ class _Prepared:
     tied: dict[str, str]
     fp32_patterns: re.Pattern | None
     copy_files: set[Path] = field(default_factory=set)
+    generation_config: Any | None = None
 
 
-def _prepare(path: str | Path, quantization, dtype, compute_dtype=None, double_quant: bool = False) -> _Prepared:
-    folder = check_folder(path).root  # every link stays inside; from here on only resolved paths are read
-    config = _load_config(folder)
+def _prepare(path: str | Path, quantization, dtype, compute_dtype=None, double_quant: bool = False, *,
+             confined: bool = True) -> _Prepared:
+    # The folder is resolved and checked once; the weights' paths come from that resolution, and
+    # are opened without following a link; transformers reads a private copy of the small files:
+    # nothing swapped in after the check is read.
+    where: ModelFolder = check_folder(path, confined=confined)
+    folder = where.root
+    _check_model_folder(folder)
+    files = checkpoint_files(where)
+    with private_copy(where) as copy:
+        config = _load_config(folder, copy)
+        generation_config = _load_generation_config(copy)
     opts = _resolve_options(config, quantization, dtype, compute_dtype, double_quant)
-    tensors = _checkpoint_tensors(folder)
+    tensors = _checkpoint_tensors(files)
     _require_bitsandbytes(opts)
     model = _build_skeleton(config, opts)
     tied = _tied_targets(model)
@@ -463,7 +498,7 @@ def _prepare(path: str | Path, quantization, dtype, compute_dtype=None, double_q
         block.tied_to = _tied_source_block(block, blocks, tied)
     plan = model._get_dtype_plan(opts.dtype) if hasattr(model, "_get_dtype_plan") else {}
     fp32 = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in plan)) if plan else None
-    prep = _Prepared(folder, opts, model, blocks, sources, tied, fp32)
+    prep = _Prepared(folder, opts, model, blocks, sources, tied, fp32, generation_config=generation_config)
     prep.copy_files = _files_to_copy_from(prep)
     return prep
 
@@ -592,13 +627,14 @@ def _block_infos(prep: _Prepared) -> list[BlockInfo]:
 
 
 def plan_blocks(path: str | Path, *, quantization: Quantization | None = None, dtype: str | None = None,
-                double_quant: bool = False) -> list[BlockInfo]:
+                double_quant: bool = False, confined: bool = True) -> list[BlockInfo]:
     """The blocks ``load_model`` will load, in order, with their size after cast/quantization.
 
     Reads config.json and the safetensors headers only, so the placement planner can
-    refuse a plan that does not fit before a single weight is read.
+    refuse a plan that does not fit before a single weight is read. ``confined``: as for
+    :func:`load_model`.
     """
-    return _block_infos(_prepare(path, quantization, dtype, double_quant=double_quant))
+    return _block_infos(_prepare(path, quantization, dtype, double_quant=double_quant, confined=confined))
 
 
 def device_map_for(blocks: list[BlockInfo], assignments: dict[str, str]) -> dict[str, str]:
@@ -666,10 +702,17 @@ class _ShardReader:
 
         try:
             handle = self._handles.get(meta.file)
-            if handle is None:
-                handle = self._stack.enter_context(safe_open(str(meta.file), framework="pt", device="cpu"))
+            if handle is None:  # opened as checked: no folder swapped for a link since is followed
+                fd = open_resolved(meta.file)
+                try:
+                    handle = self._stack.enter_context(safe_open(fd_path(fd, meta.file), framework="pt",
+                                                                 device="cpu"))
+                finally:
+                    os.close(fd)
                 self._handles[meta.file] = handle
             return handle.get_tensor(meta.key)
+        except InvalidCheckpoint:
+            raise
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise InvalidCheckpoint(f"Cannot read {meta.key!r} from {meta.file.name}: {exc}; download it again.",
                                     details={"file": str(meta.file), "key": meta.key}) from None
@@ -779,11 +822,8 @@ def _finish(prep: _Prepared) -> nn.Module:
     if left:
         raise InvalidCheckpoint(f"These tensors were not in the checkpoint: {', '.join(left[:8])}.",
                                 details={"missing_keys": left[:50]})
-    if (prep.folder / "generation_config.json").is_file():
-        from transformers import GenerationConfig
-
-        with contextlib.suppress(Exception):
-            model.generation_config = GenerationConfig.from_pretrained(prep.folder)
+    if prep.generation_config is not None:
+        model.generation_config = prep.generation_config
     model.config.name_or_path = str(prep.folder)
     if prep.opts.bnb is not None:
         setattr(model, "is_loaded_in_4bit" if prep.opts.four_bit else "is_loaded_in_8bit", True)
@@ -808,6 +848,7 @@ def load_model(
     device_map: dict[str, str] | str | list[str] = "cpu",
     on_progress: Callable[[LoadProgress], None] | None = None,
     cancel: threading.Event | None = None,
+    confined: bool = True,
 ) -> nn.Module:
     """Load a causal LM block by block; the result equals ``from_pretrained`` with the same options.
 
@@ -823,11 +864,14 @@ def load_model(
             one); or "auto" / a list of devices, planned here against free memory.
         on_progress: called after each block with a :class:`LoadProgress`.
         cancel: set it to stop between blocks; :class:`Cancelled` is raised.
+        confined: every file must stay inside ``path`` (links into its own hub repository's blobs
+            aside). False only for a single user's own ``file://`` folder, whose links may lead
+            anywhere (see :mod:`rbee_jupyter.core.confine`).
 
     Raises:
         InvalidRequest, InvalidCheckpoint, ModelNotFound, DeviceNotAvailable, OutOfMemory, Cancelled.
     """
-    prep = _prepare(path, quantization, dtype, compute_dtype, double_quant)
+    prep = _prepare(path, quantization, dtype, compute_dtype, double_quant, confined=confined)
     assignments = _resolve_plan(device_map, prep)
     _check_mixed_offload(prep.opts, set(assignments.values()))
     _check_devices(set(assignments.values()))

@@ -45,7 +45,7 @@ def _local_path(client: Client, ref: str, *, progress: bool) -> str:
 
 
 def _device_map(path: str, device: str | Sequence[str] | dict[str, str], quantization: str | None,
-                dtype: str | None) -> dict[str, str] | str:
+                dtype: str | None, confined: bool = True) -> dict[str, str] | str:
     """One device as is; "auto" or a list goes through the placement planner (fits or refuses first)."""
     if isinstance(device, dict):
         return device
@@ -55,7 +55,7 @@ def _device_map(path: str, device: str | Sequence[str] | dict[str, str], quantiz
     from ..engine.loader import plan_blocks
 
     spec = device.split(",") if isinstance(device, str) and "," in device else device
-    blocks = plan_blocks(path, quantization=quantization, dtype=dtype)
+    blocks = plan_blocks(path, quantization=quantization, dtype=dtype, confined=confined)
     return plan_placement(blocks, spec if isinstance(spec, str) else list(spec), inventory()).assignments
 
 
@@ -82,8 +82,13 @@ def load_model(ref: str, *, quantization: str | None = None, device: str | Seque
         quantization = None
     dtype = DTYPES.get(dtype, dtype) if dtype else None
     client = client or default_client()
+    from ..core.refs import parse_ref
+
     path = _local_path(client, ref, progress=progress)
-    device_map = _device_map(path, device, quantization, dtype)
+    # A file:// folder is read by the user's own process, with the user's own rights: its links may
+    # lead anywhere. A hub snapshot's names come from the hub: they stay inside it (core/confine.py).
+    confined = parse_ref(ref).scheme != "file"
+    device_map = _device_map(path, device, quantization, dtype, confined)
     view = None
     if progress:
         from ..engine.devices import inventory
@@ -101,12 +106,12 @@ def load_model(ref: str, *, quantization: str | None = None, device: str | Seque
 
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rbee-load")
     future = pool.submit(load_layers, path, quantization=quantization, dtype=dtype, device_map=device_map,
-                         on_progress=on_progress, cancel=cancel)
+                         on_progress=on_progress, cancel=cancel, confined=confined)
     try:
         model = future.result()
         from ..engine.loader import load_tokenizer
 
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, confined=confined)
     except KeyboardInterrupt:
         cancel.set()
         if view is not None:

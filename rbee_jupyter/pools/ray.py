@@ -64,6 +64,7 @@ from ..core.jobs import Job
 from ..errors import (Cancelled, ClusterUnavailable, InvalidRequest, ModelNotLoaded, RbeeError, WorkerDied,
                       error_from_json)
 from ..protocol import ACTIVE_STATES, GenerationRequest, WorkerConfig, WorkerSpec
+from ..worker.environment import blanked_secrets, scrub_environ
 from ..worker.protocol import BLOCK_DELAY_ENV, TOKEN_DELAY_ENV
 from .base import ManagedEntry, WorkerPool
 
@@ -121,6 +122,7 @@ class WorkerActor:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self._config = WorkerConfig.from_json(config)
+        scrub_environ(keep=self._config.extra.get("forwarded_env", ()))  # no server secret (worker/environment.py)
         self._runtime: Any = None
 
     async def where(self) -> dict[str, Any]:
@@ -259,6 +261,7 @@ class RayPool(WorkerPool):
         self.ray_resources = {str(k): float(v) for k, v in self.resources.items()}
         self._owns_ray = False
         self._connect_error: BaseException | None = None
+        self._connected, self._released = threading.Event(), threading.Event()
         self._connector = threading.Thread(target=self._connect, name="rbee-ray-connect", daemon=True)
         self._connector.start()
 
@@ -274,12 +277,15 @@ class RayPool(WorkerPool):
         except BaseException as exc:  # noqa: BLE001 - reported to every request that needs the cluster
             log.error("rbee: cannot connect to the Ray cluster at %s: %s", self.address or "(local)", exc)
             self._connect_error = exc
+        self._connected.set()
+        if self._owns_ray and not self.address:  # Ray's processes die with the thread that started them
+            self._released.wait()  # (PR_SET_PDEATHSIG, Linux): this one lives until close()
 
     def _ensure_connected(self, timeout: float | None = None) -> None:
         timeout = self.connect_timeout_s if timeout is None else timeout
-        self._connector.join(timeout)
+        self._connected.wait(timeout)
         where = self.address or "a local Ray instance"
-        if self._connector.is_alive():
+        if not self._connected.is_set():
             raise ClusterUnavailable(f"Still connecting to the Ray cluster at {where} after {timeout:g} s; "
                                      "retry in a moment, and check c.RayPool.address if this persists.",
                                      details={"ray_address": self.address})
@@ -320,7 +326,7 @@ class RayPool(WorkerPool):
     def _actor_options(self, spec: WorkerSpec, worker_id: str) -> dict[str, Any]:
         placement = self._placement(spec.node)
         gpus = len(_cuda(spec.device_map))
-        env = {k: os.environ[k] for k in self.forward_env if k in os.environ}
+        env = {**blanked_secrets(), **{k: os.environ[k] for k in self.forward_env if k in os.environ}}
         options: dict[str, Any] = {
             "name": worker_id, "namespace": self.namespace, "max_restarts": 0, "num_cpus": 0, "num_gpus": gpus,
             "resources": {**self.ray_resources, **placement.get("resources", {})},
@@ -334,7 +340,8 @@ class RayPool(WorkerPool):
     # --- loading -------------------------------------------------------------------------------
 
     async def _launch(self, spec: WorkerSpec, worker_id: str, job: Job) -> _Actor:
-        config = spec.worker_config(worker_id, device_map=_visible_cuda(spec.device_map), watch_stdin=False)
+        config = spec.worker_config(worker_id, device_map=_visible_cuda(spec.device_map), watch_stdin=False,
+                                    extra={"forwarded_env": list(self.forward_env)})
         try:
             await asyncio.to_thread(self._ensure_connected)
             options = await asyncio.to_thread(self._actor_options, spec, worker_id)
@@ -516,8 +523,11 @@ class RayPool(WorkerPool):
 
     async def close(self) -> None:
         await super().close()
-        if self._owns_ray:
-            await asyncio.to_thread(ray.shutdown)
+        try:
+            if self._owns_ray:
+                await asyncio.to_thread(ray.shutdown)
+        finally:
+            self._released.set()
 
 
 def _cuda(device_map: dict[str, str] | str) -> list[str]:

@@ -95,9 +95,10 @@ class WorkerRuntime:
             timeline.mark("cuda_init")
             model = load_model(c.model_path, quantization=c.quantization, dtype=c.dtype,
                                double_quant=c.double_quant, compute_dtype=c.compute_dtype,
-                               device_map=c.device_map, on_progress=self._on_progress, cancel=self.load_cancel)
-            generator = Generator(model, load_tokenizer(c.model_path))
-            validator = Generator(model, load_tokenizer(c.model_path))
+                               device_map=c.device_map, on_progress=self._on_progress, cancel=self.load_cancel,
+                               confined=c.confined)
+            generator = Generator(model, load_tokenizer(c.model_path, confined=c.confined))
+            validator = Generator(model, load_tokenizer(c.model_path, confined=c.confined))
             timeline.mark("finish")
         except BaseException as exc:  # noqa: BLE001 - every failure must become an error event
             self._load_crashed(exc)

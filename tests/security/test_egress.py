@@ -125,3 +125,36 @@ async def test_the_system_resolver_is_used_by_default(loopback_server):
         with pytest.raises(UrlNotAllowed, match="localhost resolves to 127.0.0.1, which is a loopback address"):
             await client.get(f"http://localhost:{loopback_server}/v1/models")
     assert _Recorder.hosts == []
+
+
+# --- a host name is resolved at registration too ------------------------------------------------------
+
+def test_a_name_that_resolves_to_a_refused_address_is_refused_at_registration():
+    table = {"engine.attacker.test": ["127.0.0.1"], "meta.attacker.test": ["93.184.216.34", "169.254.169.254"],
+             "lan.attacker.test": ["10.0.0.7"], "ok.example.org": ["93.184.216.34"]}
+    asked = []
+
+    def lookup(host: str, port: int) -> list[str]:
+        asked.append((host, port))
+        if host not in table:
+            raise OSError("no such name")
+        return table[host]
+
+    policy = EgressPolicy()
+    for host, kind, address in (("engine.attacker.test", "loopback", "127.0.0.1"),
+                                ("meta.attacker.test", "link-local", "169.254.169.254"),
+                                ("lan.attacker.test", "private", "10.0.0.7")):
+        with pytest.raises(UrlNotAllowed) as refused:
+            policy.check_registration(f"http://{host}:8000/v1", lookup=lookup)
+        assert refused.value.status == 403 and refused.value.code == "URL_NOT_ALLOWED"
+        assert refused.value.details == {"field": "url", "host": host, "address": address, "kind": kind}
+        assert f"{host} resolves to {address}, which is a {kind} address" in refused.value.message
+    policy.check_registration("https://ok.example.org/v1", lookup=lookup)
+    policy.check_registration("https://unknown.example.org/v1", lookup=lookup)  # the connection will say
+    assert ("ok.example.org", 443) in asked and ("engine.attacker.test", 8000) in asked
+    # a literal address is judged without a lookup; an opened network opens names that resolve into it
+    with pytest.raises(UrlNotAllowed):
+        policy.check_registration("http://127.0.0.1/v1", lookup=lookup)
+    assert ("127.0.0.1", 80) not in asked
+    EgressPolicy.from_config([], ["10.0.0.0/8"]).check_registration("http://lan.attacker.test/v1", lookup=lookup)
+
