@@ -136,6 +136,16 @@ def _literal(s: str, i: int, lit: str) -> int:
     return i + len(lit) if len(part) == len(lit) else _NEED
 
 
+def _value_after_colon(s: str, i: int) -> int:
+    """The index of the value after the ``:`` that follows ``i`` (whitespace around it skipped);
+    ``_NEED`` while ``s`` ends before the value, ``_MISMATCH`` when there is no colon."""
+    r = _literal(s, _skip_ws(s, i), ":")
+    if r < 0:
+        return r
+    i = _skip_ws(s, r)
+    return i if i < len(s) else _NEED
+
+
 def _string_end(s: str, i: int) -> int:
     """The index after the JSON string that opens at ``s[i]``, or -1 while it is open."""
     escaped = False
@@ -165,13 +175,9 @@ def _match_head(s: str, names: Collection[str] | None) -> tuple[int, str | None,
     r = _literal(s, i, '"name"')
     if r < 0:
         return (_MORE if r == _NEED else _OTHER), None, 0
-    i = _skip_ws(s, r)
-    r = _literal(s, i, ":")
-    if r < 0:
-        return (_MORE if r == _NEED else _FAIL), None, 0
-    i = _skip_ws(s, r)
-    if i == len(s):
-        return _MORE, None, 0
+    i = _value_after_colon(s, r)
+    if i < 0:
+        return (_MORE if i == _NEED else _FAIL), None, 0
     if s[i] != '"':
         return _FAIL, None, 0
     end = _string_end(s, i)
@@ -196,13 +202,9 @@ def _match_head(s: str, names: Collection[str] | None) -> tuple[int, str | None,
         return _MORE, name, 0
     if max(keys) < 0:
         return _OTHER, name, 0
-    i = _skip_ws(s, max(keys))
-    r = _literal(s, i, ":")
-    if r < 0:
-        return (_MORE if r == _NEED else _FAIL), name, 0
-    i = _skip_ws(s, r)
-    if i == len(s):
-        return _MORE, name, 0
+    i = _value_after_colon(s, max(keys))
+    if i < 0:
+        return (_MORE if i == _NEED else _FAIL), name, 0
     return (_OBJECT, name, i) if s[i] == "{" else (_OTHER, name, 0)
 
 
