@@ -75,7 +75,11 @@ def main() -> int:
             r = server.post("v1/workers", {"model_ref": f"hf:{REPO}", "device": "cpu"})
             r.raise_for_status()
             assert server.events(r.json()["progress_url"], timeout=300)[-1]["stage"] == "ready"
-            pid = next(w["pid"] for w in server.get("v1/workers").json()["workers"])
+            worker = next(w for w in server.get("v1/workers").json()["workers"])
+            pid = worker["pid"]
+
+            def encode_calls() -> int | None:  # the worker's count (None before the worker merged requests)
+                return server.get(f"v1/workers/{worker['id']}").json().get("encode_calls")
             priority = align_worker_priority(pid)
             threads = worker_threads(pid)
             torch.set_num_threads(threads)
@@ -102,6 +106,7 @@ def main() -> int:
             via_rbee(check), in_process(check)  # warm both
             times: dict[str, list[float]] = {"rbee": [], "rbee concurrent": [], "in-process": []}
             wait_for_quiet()
+            calls_before = encode_calls()
             with MachineLoad() as load:
                 for i in range(args.rounds):
                     batch = texts(args.batch, i + 1)
@@ -110,6 +115,7 @@ def main() -> int:
                         start = time.perf_counter()
                         fn(batch)
                         times[name].append(time.perf_counter() - start)
+            calls_after = encode_calls()
             pool.shutdown()
             client.close()
     rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
@@ -118,6 +124,9 @@ def main() -> int:
     print("| path | median s | texts/s |\n|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {statistics.median(t):.4f} | {rate[name]:.1f} |")
+    if calls_before is not None and calls_after is not None:  # one call per single request, the rest concurrent
+        merged = (calls_after - calls_before - args.rounds) / args.rounds
+        print(f"\nworker encode calls per round of {args.split} concurrent requests: {merged:.1f}")
     print(f"\nratio rbee / in-process: **{rate['rbee'] / rate['in-process']:.3f}** (goal >= 0.9); "
           f"{args.split} concurrent requests / in-process: **{rate['rbee concurrent'] / rate['in-process']:.3f}**. "
           f"{load.note()}")
