@@ -12,7 +12,12 @@ Per round, order alternating: a batch of ``--batch`` short texts (5-12 words) th
 included) and through ``model.encode(texts)``. Median texts/s and the ratio rbee/in-process
 (goal >= 0.9). The vectors are checked equal (allclose 1e-5) once.
 
-Usage: python bench/embeddings.py [--rounds 7] [--batch 64] [--nice -10] [--quiet-wait 60]
+A third path, "rbee concurrent", sends the same batch as ``--split`` requests of equal size at
+once (one thread each), as several notebook cells or a RAG pipeline's workers would: the
+worker merges concurrent requests into shared ``encode`` batches, so this should approach the
+one-request rate rather than fall to ``--split`` small batches in a row.
+
+Usage: python bench/embeddings.py [--rounds 7] [--batch 64] [--split 8] [--nice -10] [--quiet-wait 60]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +52,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--split", type=int, default=8, help="requests the concurrent path splits the batch into")
     add_machine_options(ap)
     args = ap.parse_args()
     apply_machine_options(args)
@@ -68,7 +75,11 @@ def main() -> int:
             r = server.post("v1/workers", {"model_ref": f"hf:{REPO}", "device": "cpu"})
             r.raise_for_status()
             assert server.events(r.json()["progress_url"], timeout=300)[-1]["stage"] == "ready"
-            pid = next(w["pid"] for w in server.get("v1/workers").json()["workers"])
+            worker = next(w for w in server.get("v1/workers").json()["workers"])
+            pid = worker["pid"]
+
+            def encode_calls() -> int | None:  # the worker's count (None before the worker merged requests)
+                return server.get(f"v1/workers/{worker['id']}").json().get("encode_calls")
             priority = align_worker_priority(pid)
             threads = worker_threads(pid)
             torch.set_num_threads(threads)
@@ -82,19 +93,30 @@ def main() -> int:
             def in_process(batch: list[str]) -> np.ndarray:
                 return local.encode(batch)
 
+            pool = ThreadPoolExecutor(args.split)
+
+            def via_rbee_concurrent(batch: list[str]) -> np.ndarray:
+                size = -(-len(batch) // args.split)
+                parts = [batch[i:i + size] for i in range(0, len(batch), size)]
+                return np.concatenate(list(pool.map(via_rbee, parts)))
+
             check = texts(args.batch, 0)
             np.testing.assert_allclose(via_rbee(check), in_process(check), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(via_rbee_concurrent(check), in_process(check), atol=1e-5, rtol=0)
             via_rbee(check), in_process(check)  # warm both
-            times: dict[str, list[float]] = {"rbee": [], "in-process": []}
+            times: dict[str, list[float]] = {"rbee": [], "rbee concurrent": [], "in-process": []}
             wait_for_quiet()
+            calls_before = encode_calls()
             with MachineLoad() as load:
                 for i in range(args.rounds):
                     batch = texts(args.batch, i + 1)
-                    order = [("rbee", via_rbee), ("in-process", in_process)]
+                    order = [("rbee", via_rbee), ("rbee concurrent", via_rbee_concurrent), ("in-process", in_process)]
                     for name, fn in order if i % 2 == 0 else order[::-1]:
                         start = time.perf_counter()
                         fn(batch)
                         times[name].append(time.perf_counter() - start)
+            calls_after = encode_calls()
+            pool.shutdown()
             client.close()
     rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
     print(f"\nEmbeddings, batch of {args.batch} short texts, MiniLM-shaped random model, CPU, {threads} torch "
@@ -102,7 +124,12 @@ def main() -> int:
     print("| path | median s | texts/s |\n|---|---|---|")
     for name, t in times.items():
         print(f"| {name} | {statistics.median(t):.4f} | {rate[name]:.1f} |")
-    print(f"\nratio rbee / in-process: **{rate['rbee'] / rate['in-process']:.3f}** (goal >= 0.9). {load.note()}")
+    if calls_before is not None and calls_after is not None:  # one call per single request, the rest concurrent
+        merged = (calls_after - calls_before - args.rounds) / args.rounds
+        print(f"\nworker encode calls per round of {args.split} concurrent requests: {merged:.1f}")
+    print(f"\nratio rbee / in-process: **{rate['rbee'] / rate['in-process']:.3f}** (goal >= 0.9); "
+          f"{args.split} concurrent requests / in-process: **{rate['rbee concurrent'] / rate['in-process']:.3f}**. "
+          f"{load.note()}")
     return 0
 
 

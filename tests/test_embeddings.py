@@ -1,12 +1,15 @@
 """Embeddings: a sentence-transformers model served by an embedding worker, through the openai SDK."""
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import openai
 import pytest
 
 from rbee_jupyter.testing.pytest_plugin import EMBED_REPO, TINY_REPO
+from rbee_jupyter.testing.server import ServerProcess
+from rbee_jupyter.worker.protocol import TOKEN_DELAY_ENV
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world!", "Jupyter notebooks run Python code."]
 
@@ -115,3 +118,36 @@ def test_notebook_client_embed(rbee_server, embed_worker, reference):
     np.testing.assert_allclose(one, reference.encode(TEXTS[1]), atol=1e-5, rtol=0)
     np.testing.assert_allclose(many, reference.encode(TEXTS), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.linalg.norm(by_ref, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def slow_encode_server(rbee_hub_session, rbee_embed_repo, tmp_path_factory):
+    """A server whose embedding worker pauses 2 s in each ``encode`` (the worker's test hook) and
+    lets 16 requests wait: requests sent together are all queued while the first encode runs."""
+    folder = tmp_path_factory.mktemp("slow-encode")
+    settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
+                "hub_endpoint": rbee_hub_session.url, "queue_depth": 16}
+    with ServerProcess(folder, rbee=settings, env={TOKEN_DELAY_ENV: "2.0"}) as server:
+        r = server.post("v1/workers", {"model_ref": f"hf:{rbee_embed_repo}", "device": "cpu"})
+        assert r.status_code == 202, r.text
+        assert server.events(r.json()["progress_url"])[-1]["stage"] == "ready"
+        yield server, r.json()["worker_id"]
+
+
+def test_concurrent_requests_share_encode_calls_and_each_gets_its_own_vectors(slow_encode_server, reference):
+    server, worker = slow_encode_server
+    sizes = [1, 5, 2, 7, 3, 6, 4, 4]  # 32 texts: the worker's batch_size
+    inputs = [[f"{TEXTS[(i + k) % 3]} {'cell ' * k}" for k in range(n)] for i, n in enumerate(sizes)]
+    before = server.get(f"v1/workers/{worker}").json()
+    client = openai.OpenAI(base_url=server.url + "rbee/openai/v1", api_key=server.token, max_retries=0)
+    # When
+    with client, ThreadPoolExecutor(len(inputs)) as pool:
+        answers = list(pool.map(lambda texts: client.embeddings.create(model=EMBED_REPO, input=texts), inputs))
+    # Then
+    for texts, answer in zip(inputs, answers):
+        assert [d.index for d in answer.data] == list(range(len(texts)))
+        np.testing.assert_allclose(np.array([d.embedding for d in answer.data]), reference.encode(texts),
+                                   atol=1e-5, rtol=0)
+    after = server.get(f"v1/workers/{worker}").json()
+    assert after["embed_requests"] - before["embed_requests"] == 8
+    assert after["encode_calls"] - before["encode_calls"] <= 2  # the first, then all that queued behind it

@@ -818,7 +818,8 @@ class Hive:
             return info
         live = await self.pool.health(worker_id)
         keys = ("tokens_computed", "queue_length", "queue_depth", "running", "rss_mb", "active_sequences",
-                "batch_size", "max_batch_size", "tokens_per_second", "kv_budget_tokens", "kv_reserved_tokens")
+                "batch_size", "max_batch_size", "tokens_per_second", "kv_budget_tokens", "kv_reserved_tokens",
+                "embed_requests", "encode_calls")
         return {**info, **{k: live[k] for k in keys if k in live}}
 
     def _load_job(self, worker_id: str) -> Job:

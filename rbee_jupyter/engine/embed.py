@@ -98,6 +98,7 @@ class Embedder:
         self.dimension = int(model.get_embedding_dimension())
         self.max_seq_length = int(model.max_seq_length)
         self.normalizes = any(type(m).__name__ == "Normalize" for m in model)
+        self.encode_calls = 0  # model.encode calls so far (the worker's /health shows how requests merged)
 
     @classmethod
     def load(cls, path: str, *, device: str = "cpu", batch_size: int = 32,
@@ -149,14 +150,34 @@ class Embedder:
         With ``dimensions``, the vectors are cut to that many leading components (the
         Matryoshka convention) and, for a model that normalises, normalised again.
         """
+        return self.encode_many([req])[0]
+
+    def encode_many(self, reqs: Sequence[EmbeddingRequest]) -> list[Any]:
+        """The vectors of several requests from one ``model.encode`` over all their texts, split back.
+
+        Why: requests that arrive together share forward passes (the embedding worker merges
+        its queue), so many small requests cost about what one request of all their texts
+        costs. Each request gets its own rows, in order, cut to its own ``dimensions``.
+        """
         import numpy as np
 
+        texts = [text for req in reqs for text in req.texts]
         with self._lock:
-            vectors = self.model.encode(list(req.texts), batch_size=self.batch_size, convert_to_numpy=True,
+            vectors = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
                                         show_progress_bar=False)
+            self.encode_calls += 1
         vectors = np.asarray(vectors, dtype=np.float32)
-        if req.dimensions is not None and req.dimensions < self.dimension:
-            vectors = vectors[:, :req.dimensions]
+        out, start = [], 0
+        for req in reqs:
+            out.append(self._cut(vectors[start:start + len(req.texts)], req.dimensions))
+            start += len(req.texts)
+        return out
+
+    def _cut(self, vectors: Any, dimensions: int | None) -> Any:
+        import numpy as np
+
+        if dimensions is not None and dimensions < self.dimension:
+            vectors = vectors[:, :dimensions]
             if self.normalizes:
                 vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors

@@ -22,7 +22,6 @@ from tornado.iostream import StreamClosedError
 from ..core.hive import worker_names
 from ..errors import HTTP_ERROR_CODES, InvalidRequest, RbeeError
 from ..events import sse_done, to_json
-from ..engine.tool_calls import ToolPlan
 from .handlers import RbeeHandler
 from .sse import open_owned, release
 from .tools import ToolAnswer, tool_fields
@@ -116,15 +115,15 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
         """One streamed choice: the first (role), a piece of text, or the finish."""
 
     @abc.abstractmethod
-    def full_choice(self, text: str, finish: str) -> dict[str, Any]:
-        """The single choice of a non-streamed answer."""
+    def full_choice(self, i: int, text: str, finish: str) -> dict[str, Any]:
+        """Choice ``i`` of a non-streamed answer."""
 
-    def text_choices(self, text: str) -> list[dict[str, Any]]:
-        """The streamed choices for one piece of text (chat with tools may hold it back)."""
+    def text_choices(self, i: int, text: str) -> list[dict[str, Any]]:
+        """The streamed choices for one piece of choice ``i``'s text (chat with tools may hold it back)."""
         return [self.chunk_choice(text, None, False)]
 
-    def end_choices(self, finish: str) -> list[dict[str, Any]]:
-        """The streamed choices that close the answer."""
+    def end_choices(self, i: int, finish: str) -> list[dict[str, Any]]:
+        """The streamed choices that close choice ``i``."""
         return [self.chunk_choice(None, finish, False)]
 
     @web.authenticated
@@ -195,10 +194,10 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
             async for i, event in events:
                 kind = event.get("type")
                 if kind == "token":
-                    for choice in self.text_choices(event["t"]):
+                    for choice in self.text_choices(i, event["t"]):
                         await send({**chunk, "choices": [{**choice, "index": i}]})
                 elif kind == "end":
-                    for choice in self.end_choices(_FINISH.get(event["stop_reason"], "stop")):
+                    for choice in self.end_choices(i, _FINISH.get(event["stop_reason"], "stop")):
                         await send({**chunk, "choices": [{**choice, "index": i}]})
                     ends.append(event)
                 elif kind == "error":
@@ -230,7 +229,7 @@ class _CompletionBase(OpenAIHandler, metaclass=abc.ABCMeta):
             _cancel_all(subs)
         if len(ends) != len(subs):  # an inference job always ends with end or error; say so if that ever breaks
             raise RbeeError("A generation ended without its end event.")
-        choices = [{**self.full_choice("".join(texts[i]), _FINISH.get(ends[i]["stop_reason"], "stop")), "index": i}
+        choices = [{**self.full_choice(i, "".join(texts[i]), _FINISH.get(ends[i]["stop_reason"], "stop")), "index": i}
                    for i in range(len(subs))]
         self.reply(200, {**base, "object": self.object_name, "choices": choices,
                          "usage": _usage([ends[i] for i in range(len(subs))])})
@@ -298,23 +297,18 @@ class ChatCompletionsHandler(_CompletionBase):
         if body.get("response_format") is not None:  # checked by the hive, enforced by the worker's grammar
             fields["response_format"] = body["response_format"]
         plan, tool_fields_ = tool_fields(body)
-        self._tools = ToolAnswer(plan)
-        if self._tools.active and _choices(body) > 1:  # one answer's call parser; n choices would need n
-            raise InvalidRequest("n > 1 is not supported together with tools; ask for one choice.",
-                                 details={"field": "n"})
+        self._answers = [ToolAnswer(plan) for _ in range(_choices(body))]  # each choice its own parser
         return {**fields, **tool_fields_}
 
-    _tools = ToolAnswer(ToolPlan("none"))
+    def text_choices(self, i: int, text: str) -> list[dict[str, Any]]:
+        if not self._answers[i].active:
+            return super().text_choices(i, text)
+        return [_delta(d) for d in self._answers[i].deltas(text)]
 
-    def text_choices(self, text: str) -> list[dict[str, Any]]:
-        if not self._tools.active:
-            return super().text_choices(text)
-        return [_delta(d) for d in self._tools.deltas(text)]
-
-    def end_choices(self, finish: str) -> list[dict[str, Any]]:
-        if not self._tools.active:
-            return super().end_choices(finish)
-        deltas, is_call = self._tools.final_deltas()
+    def end_choices(self, i: int, finish: str) -> list[dict[str, Any]]:
+        if not self._answers[i].active:
+            return super().end_choices(i, finish)
+        deltas, is_call = self._answers[i].final_deltas()
         return [*map(_delta, deltas), self.chunk_choice(None, "tool_calls" if is_call and finish == "stop" else finish,
                                                          False)]
 
@@ -323,8 +317,8 @@ class ChatCompletionsHandler(_CompletionBase):
             {"content": text} if text is not None else {})
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    def full_choice(self, text: str, finish: str) -> dict[str, Any]:
-        message, is_call = self._tools.message(text)
+    def full_choice(self, i: int, text: str, finish: str) -> dict[str, Any]:
+        message, is_call = self._answers[i].message(text)
         return {"index": 0, "message": message, "logprobs": None,
                 "finish_reason": "tool_calls" if is_call and finish == "stop" else finish}
 
@@ -347,7 +341,7 @@ class CompletionsHandler(_CompletionBase):
     def chunk_choice(self, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-    def full_choice(self, text: str, finish: str) -> dict[str, Any]:
+    def full_choice(self, i: int, text: str, finish: str) -> dict[str, Any]:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 

@@ -1,20 +1,24 @@
 """OpenAI's tool calls on chat completions: the request's fields, and the answer's shape.
 
-The decisions live in ``engine/tool_calls.py`` (:func:`tool_plan`, the parsers); this
-module only turns generated text into OpenAI's message and stream deltas:
+The decisions live in ``engine/tool_calls.py`` (:func:`tool_plan`, :class:`ToolCallParser`);
+this module only turns one choice's generated text into OpenAI's stream deltas and message:
 
 * ``named``: every token is argument text (the grammar constrains it to the function's
   parameters), so it streams at once as ``tool_calls[0].function.arguments`` deltas.
-* ``required`` / ``auto``: the text is held until the end (a call's name comes first in
-  the envelope, and "auto" cannot know a call from prose before it is complete), then sent
-  as calls (one delta with id and name, one with the arguments) or as content.
+* ``auto`` / ``required``: the text goes through the incremental parser, so content streams
+  as ``content`` deltas, and a call as its id and name, then its arguments. ``required`` is
+  grammar-constrained to a ``{"name", "arguments"}`` object; the grammar writes its keys
+  sorted, arguments first, so that call is held until its object closes, then sent whole.
+
+The non-streamed message is the fold of the very same pieces, so a stream's joined deltas
+equal the message of the same generation.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..engine.tool_calls import ToolCall, ToolPlan, forced_calls, parse_tool_calls, tool_plan
+from ..engine.tool_calls import Arguments, CallStart, Content, ToolCall, ToolCallParser, ToolPlan, assemble, tool_plan
 
 __all__ = ["ToolAnswer", "tool_fields"]
 
@@ -37,62 +41,56 @@ def tool_fields(body: dict[str, Any]) -> tuple[ToolPlan, dict[str, Any]]:
 
 
 class ToolAnswer:
-    """One answer's text, shaped by its plan: deltas while it streams, the message at the end."""
+    """One choice's text, shaped by its plan: deltas while it streams, the message at the end.
+
+    One per choice (``n > 1`` gets ``n``): each has its own parser state and call ids.
+    """
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
-        self._held: list[str] = []
-        self._named_id: ToolCall | None = None
+        self._parser = (ToolCallParser(plan.names, forced=plan.mode == "required")
+                        if plan.mode in ("auto", "required") else None)
+        self._pieces: list[Any] = []
 
     @property
     def active(self) -> bool:
         return self.plan.mode != "none"
 
     def deltas(self, text: str) -> list[dict[str, Any]]:
-        """What to stream for one piece of text (nothing while it is held)."""
-        self._held.append(text)
-        if self.plan.mode != "named":
-            return []
-        out = []
-        if self._named_id is None:
-            self._named_id = ToolCall(self.plan.function or "", "")
-            out.append({"tool_calls": [{"index": 0, "id": self._named_id.id, "type": "function",
-                                        "function": {"name": self._named_id.name, "arguments": ""}}]})
-        out.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
-        return out
-
-    def calls(self) -> tuple[ToolCall, ...]:
-        text = "".join(self._held)
-        if self.plan.mode in ("named", "required"):
-            try:
-                calls = forced_calls(self.plan, text)
-            except (ValueError, KeyError):  # cut by max_tokens: not a whole call
-                return ()
-            if self._named_id is not None:  # keep the id the stream already announced
-                calls = (ToolCall(calls[0].name, calls[0].arguments, self._named_id.id),)
-            return calls
-        return parse_tool_calls(text, self.plan.names).tool_calls
+        """What to stream for one piece of text (nothing while the parser holds it)."""
+        if self._parser is not None:
+            pieces = self._parser.feed(text)
+        else:  # named: the text is the arguments
+            pieces = [] if self._pieces else [CallStart(0, ToolCall(self.plan.function or "", ""))]
+            pieces.append(Arguments(0, text))
+        self._pieces += pieces
+        return [_delta(p) for p in pieces]
 
     def final_deltas(self) -> tuple[list[dict[str, Any]], bool]:
         """What is left to stream at the end, and whether the answer is tool calls."""
-        calls = self.calls()
-        if self.plan.mode == "named":
-            return [], True
-        if not calls:
-            text = "".join(self._held)
-            return ([{"content": text}] if text else []), False
-        out = []
-        for i, call in enumerate(calls):
-            out.append({"tool_calls": [{"index": i, "id": call.id, "type": "function",
-                                        "function": {"name": call.name, "arguments": ""}}]})
-            out.append({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]})
-        return out, True
+        pieces = self._parser.finish() if self._parser is not None else []
+        self._pieces += pieces
+        return [_delta(p) for p in pieces], any(isinstance(p, CallStart) for p in self._pieces)
 
     def message(self, text: str) -> tuple[dict[str, Any], bool]:
         """The non-streamed assistant message for ``text``, and whether it is tool calls."""
-        self._held = [text]
-        calls = self.calls()
-        if not calls:
+        if not self.active:
             return {"role": "assistant", "content": text}, False
-        content = parse_tool_calls(text, self.plan.names).content if self.plan.mode == "auto" else None
-        return {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}, True
+        if text:
+            self.deltas(text)
+        _, is_call = self.final_deltas()
+        parsed = assemble(self._pieces)
+        if not is_call:
+            return {"role": "assistant", "content": parsed.content or ""}, False
+        return {"role": "assistant", "content": parsed.content,
+                "tool_calls": [c.to_openai() for c in parsed.tool_calls]}, True
+
+
+def _delta(piece: Content | CallStart | Arguments) -> dict[str, Any]:
+    """OpenAI's ``delta`` for one piece."""
+    if isinstance(piece, Content):
+        return {"content": piece.text}
+    if isinstance(piece, CallStart):
+        return {"tool_calls": [{"index": piece.index, "id": piece.call.id, "type": "function",
+                                "function": {"name": piece.call.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": piece.index, "function": {"arguments": piece.text}}]}

@@ -5,6 +5,11 @@ generating worker; only the model and the one route differ. The model comes whol
 sentence-transformers (one "block"), so its load stream is one progress event then
 ``ready``. Requests answer with JSON, not SSE: an embedding has no tokens to stream.
 
+Requests that arrive while an ``encode`` runs wait in a queue; the next ``encode`` takes
+all of them, up to ``batch_size`` texts, in one call (continuous batching, as the
+generating worker's decoder does), so eight notebook cells or RAG workers embedding at once
+cost about one forward pass, not eight in a row. Each caller gets exactly its own rows.
+
 The vectors cross the process boundary as base64 float32 (exact, and a quarter of the
 bytes of JSON numbers); the OpenAI layer turns them into what the client asked for.
 """
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +42,28 @@ class _Progress:
     bytes_on_device: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Waiting:
+    """One request in the queue, and where its ``(token counts, vectors)`` go."""
+
+    req: Any  # engine.embed.EmbeddingRequest
+    done: asyncio.Future
+
+
 class EmbeddingRuntime(WorkerRuntime):
-    """Loads a sentence-transformers model and answers :meth:`embed`; refuses generations."""
+    """Loads a sentence-transformers model and answers :meth:`embed`; refuses generations.
+
+    ``token_delay_s`` (the test hook behind ``RBEE_WORKER_TOKEN_DELAY_S``) is, here, a pause
+    in each ``encode``: tests send requests together and know they queue behind the first.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._embedder: Any = None  # engine.embed.Embedder, set once loaded
         self._in_flight = 0
+        self._queue: deque[_Waiting] = deque()
+        self._drainer: asyncio.Task | None = None
+        self.embed_requests = 0
 
     def _load(self) -> None:
         """Loading thread: import, read the model onto its device, report it as one block."""
@@ -79,8 +101,9 @@ class EmbeddingRuntime(WorkerRuntime):
         """Embed ``body["input"]`` (validated here too: the worker trusts no caller).
 
         Returns ``{"embeddings": [base64 float32...], "dimension", "prompt_tokens"}``.
-        Requests run one at a time in a thread (each in batches of ``batch_size``); up to
-        ``queue_depth`` more wait, beyond that ``WorkerBusy``.
+        The request waits for the next ``encode``, which it shares with every request then
+        waiting (up to ``batch_size`` texts); up to ``queue_depth`` requests wait, beyond
+        that ``WorkerBusy``.
         """
         from ..engine.embed import EmbeddingRequest, encode_base64
 
@@ -95,16 +118,15 @@ class EmbeddingRuntime(WorkerRuntime):
             raise WorkerBusy(f"The worker is busy: {self._in_flight} embedding requests running or queued "
                              f"(queue_depth {self.config.queue_depth}). Retry later.",
                              details={"queue_length": self._in_flight - 1, "queue_depth": self.config.queue_depth})
-        embedder = self._embedder
-
-        def run() -> tuple[list[int], Any]:
-            counts = embedder.check(req)  # the tokenizer is not thread-safe: same thread as encode
-            return counts, embedder.encode(req)
-
+        waiting = _Waiting(req, self.loop.create_future())
+        self._queue.append(waiting)
         self._in_flight += 1
+        self.embed_requests += 1
         self.state = WorkerState.BUSY
+        if self._drainer is None or self._drainer.done():
+            self._drainer = self.loop.create_task(self._drain())
         try:
-            counts, vectors = await asyncio.to_thread(run)
+            counts, vectors = await waiting.done
         finally:
             self._in_flight -= 1
             if self._in_flight == 0 and self.state is WorkerState.BUSY:
@@ -112,8 +134,70 @@ class EmbeddingRuntime(WorkerRuntime):
         return {"embeddings": [encode_base64(v) for v in vectors], "dimension": int(vectors.shape[1]),
                 "prompt_tokens": sum(counts)}
 
+    async def _drain(self) -> None:
+        """Encode the queue, group by group, until it is empty (one task at a time)."""
+        while self._queue:
+            group = self._next_group()
+            if not group:
+                continue
+            try:
+                results = await asyncio.to_thread(self._encode_group, [w.req for w in group])
+            except asyncio.CancelledError:  # the worker stops: nobody may wait forever
+                for w in (*group, *self._queue):
+                    w.done.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - the model failed: every caller of the group gets it
+                results = [exc] * len(group)
+            for w, result in zip(group, results):
+                if w.done.done():  # its caller went away meanwhile
+                    continue
+                if isinstance(result, BaseException):
+                    w.done.set_exception(result)
+                else:
+                    w.done.set_result(result)
+
+    def _next_group(self) -> list[_Waiting]:
+        """The requests at the head of the queue, up to ``batch_size`` texts (always at least one)."""
+        group: list[_Waiting] = []
+        texts = 0
+        while self._queue:
+            head = self._queue[0]
+            if head.done.done():  # its caller went away while it waited
+                self._queue.popleft()
+                continue
+            if group and texts + len(head.req.texts) > self._embedder.batch_size:
+                break
+            group.append(self._queue.popleft())
+            texts += len(head.req.texts)
+        return group
+
+    def _encode_group(self, reqs: list[Any]) -> list[Any]:
+        """Worker thread: check each request (alone), then one ``encode`` for those that passed.
+
+        The tokenizer is not thread-safe, so the checks run in the same thread as ``encode``.
+        A request that fails its check gets its own error; the others are not affected.
+        """
+        results: list[Any] = [None] * len(reqs)
+        passed: list[tuple[int, list[int]]] = []
+        for i, req in enumerate(reqs):
+            try:
+                passed.append((i, self._embedder.check(req)))
+            except Exception as exc:  # noqa: BLE001 - the caller's error (too long, bad dimensions)
+                results[i] = exc
+        if self.token_delay_s:  # test hook: an encode that takes a while
+            time.sleep(self.token_delay_s)
+        if passed:
+            vectors = self._embedder.encode_many([reqs[i] for i, _ in passed])
+            for (i, counts), v in zip(passed, vectors):
+                results[i] = (counts, v)
+        return results
+
     def health(self) -> dict[str, Any]:
         data = super().health()
+        embedder = self._embedder
         data.update(kind=EMBEDDING, running=None, queue_length=max(0, self._in_flight - 1),
-                    dimension=self._embedder.dimension if self._embedder is not None else None)
+                    dimension=embedder.dimension if embedder is not None else None,
+                    batch_size=embedder.batch_size if embedder is not None else None,
+                    embed_requests=self.embed_requests,
+                    encode_calls=embedder.encode_calls if embedder is not None else 0)
         return data
