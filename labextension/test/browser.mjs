@@ -144,6 +144,10 @@ try {
   }
   assert((await worker.getAttribute('data-state')) === 'idle', 'the worker turns idle');
   assert(layers.length >= 2 && layers.every((v, i) => i === 0 || v > layers[i - 1]), `layers count up (${layers})`);
+  assert((await worker.locator('.rbee-kind').textContent()) === 'generate', 'the worker says it generates');
+  assert(await worker.locator('.rbee-shared').isHidden(), 'not shared');
+  assert((await worker.getByRole('button', { name: /^Share / }).count()) === 0 ||
+    await worker.getByRole('button', { name: /^Share / }).isHidden(), 'a single user has no one to share with');
   await shot(page, 'worker-idle');
   step(`load shows layers ${layers.join(',')} and the worker turns idle`);
 
@@ -169,9 +173,15 @@ try {
   await panel.getByRole('button', { name: 'Generate an answer' }).click();
   await page.waitForFunction(() => (document.querySelector('#rbee-panel .rbee-output')?.textContent ?? '').length > 5,
     null, { timeout: T });
+  // while it generates, the worker's row shows its load (from the feed's "stats" events)
+  const loadLine = worker.locator('.rbee-load');
+  await loadLine.filter({ hasText: /^1 active · 0 queued · batch 1\/\d+ · [\d.]+ tok\/s$/ }).waitFor({ timeout: T });
+  await shot(page, 'worker-load');
+  step(`the worker shows its load: ${await loadLine.textContent()}`);
   await panel.getByRole('button', { name: 'Stop the generation' }).click();
   await panel.locator('.rbee-stats', { hasText: /Stopped|cancel/i }).waitFor({ timeout: 15_000 });
   assert(await panel.getByRole('button', { name: 'Generate an answer' }).isEnabled(), 'ready again after stop');
+  await loadLine.waitFor({ state: 'hidden', timeout: T }); // idle again: no load line
   await shot(page, 'playground-stopped');
   step('stop works');
 
