@@ -1,9 +1,10 @@
 """The JupyterLab sidebar in a real browser (Debian's Chromium + playwright-core) against `jupyter lab`.
 
-The scenario lives in ``labextension/test/browser.mjs``; this test starts the lab server
-with the extension and the local hub, runs the script, stops the server when the script
-says ``RESTART`` and starts it again on ``START``, and prints where the screenshots are. ``labextension/ci.sh`` installs
-Chromium and the node packages.
+The scenarios live in ``labextension/test/``: ``browser.mjs`` (single user) and ``share.mjs``
+(a shared hive). Each test starts the lab server with the extension and the local hub, runs
+its script and answers the lines it prints (``RESTART``: stop the server, ``START``: start it
+again; ``BUSY``: run four streams...), and prints where the screenshots are.
+``labextension/ci.sh`` installs Chromium and the node packages.
 """
 
 import os
@@ -43,29 +44,21 @@ def test_sidebar_in_chromium(rbee_hub, tmp_path):
     env = {"RBEE_WORKER_BLOCK_DELAY_S": "0.5", "RBEE_WORKER_TOKEN_DELAY_S": "0.03"}
     server = ServerProcess(tmp_path / "lab", rbee=settings, module="jupyterlab", env=env, startup_timeout=120,
                            server={"jpserver_extensions": {"rbee_jupyter": True, "jupyterlab": True}})
+
+    def on_line(line: str) -> str | None:
+        if line == "RESTART":  # stop, let the panel see it, then start again on START
+            server.stop()
+            return "STOPPED"
+        if line == "START":
+            server.start()
+            return "RESTARTED"
+        return None
+
     with server:
-        proc = subprocess.Popen(
-            ["node", str(LABEXT / "test" / "browser.mjs")], cwd=LABEXT, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, "RBEE_LAB_URL": server.url, "RBEE_TOKEN": server.token, "RBEE_SHOTS": str(shots),
-                 "CHROMIUM": CHROMIUM, "RBEE_TINY_REF": f"hf:{TINY_REPO}", "RBEE_OTHER_REF": f"hf:{SHARDED_REPO}"})
-        killer = threading.Timer(540, proc.kill)
-        killer.start()
-        out = []
-        try:
-            for line in proc.stdout:
-                out.append(line)
-                sys.stdout.write(line)
-                command = line.strip()
-                if command in ("RESTART", "START"):  # stop, let the panel see it, then start again
-                    server.stop() if command == "RESTART" else server.start()
-                    proc.stdin.write("STOPPED\n" if command == "RESTART" else "RESTARTED\n")
-                    proc.stdin.flush()
-            proc.wait()
-        finally:
-            killer.cancel()
-    log = "".join(out)
-    assert proc.returncode == 0 and out and out[-1].strip() == "OK", \
+        code, log = run_script("browser.mjs", {
+            "RBEE_LAB_URL": server.url, "RBEE_TOKEN": server.token, "RBEE_SHOTS": str(shots), "CHROMIUM": CHROMIUM,
+            "RBEE_TINY_REF": f"hf:{TINY_REPO}", "RBEE_OTHER_REF": f"hf:{SHARDED_REPO}"}, on_line)
+    assert code == 0 and log.strip().splitlines()[-1] == "OK", \
         f"browser scenario failed:\n{log}\n--- server log (tail) ---\n{server.log()[-4000:]}"
 
 

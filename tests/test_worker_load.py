@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 
 import openai
 import pytest
 
 from rbee_jupyter.kernel.client import Client
 from rbee_jupyter.protocol import WorkerView
-from rbee_jupyter.testing.feed import FeedReader
+from rbee_jupyter.testing.feed import FeedReader, stats_of, until
 from rbee_jupyter.testing.pytest_plugin import TINY_REPO
 from rbee_jupyter.testing.server import ServerProcess
 from rbee_jupyter.testing.sse import parse_frames
@@ -69,19 +68,6 @@ class Stream:
 def listed(server, worker_id: str) -> dict:
     (w,) = [w for w in server.get("v1/workers").json()["workers"] if w["id"] == worker_id]
     return w
-
-
-def until(predicate, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
-
-
-def stats_of(events: list, worker_id: str) -> list[dict]:
-    return [e["worker"] for e in events if e.get("topic") == "worker" and e.get("action") == "stats"
-            and e["worker"]["id"] == worker_id]
 
 
 def test_an_idle_worker_lists_zero_load_and_its_batch_size(server, worker):

@@ -1,8 +1,9 @@
-"""Reading the server-wide feed (``GET v1/events``) from blocking tests, in a thread."""
+"""Reading the server-wide feed (``GET v1/events``) from blocking tests, in a thread, and waiting on what it says."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,22 @@ import httpx
 
 from .sse import Frame, parse_frames
 
-__all__ = ["FeedReader"]
+__all__ = ["FeedReader", "stats_of", "until"]
+
+
+def until(predicate: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
+    """Poll ``predicate()`` until it is truthy and return its value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def stats_of(events: list[dict[str, Any]], worker_id: str) -> list[dict[str, Any]]:
+    """The worker views of ``worker_id``'s ``stats`` events (its load changed) among feed ``events``."""
+    return [e["worker"] for e in events if e.get("topic") == "worker" and e.get("action") == "stats"
+            and e["worker"]["id"] == worker_id]
 
 
 class FeedReader:

@@ -7,11 +7,10 @@ loads a worker, runs four streams on it, and bob looks at ``v1/workers`` and the
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
-from rbee_jupyter.testing.feed import FeedReader
+from rbee_jupyter.testing.feed import FeedReader, stats_of, until
 from rbee_jupyter.worker.protocol import TOKEN_DELAY_ENV
 
 from .conftest import PROMPT, PUBLIC, start_team
@@ -28,21 +27,8 @@ def load_team(security_hub, rbee_tiny_model, tmp_path_factory):
         yield made
 
 
-def until(predicate, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
-
-
 def listed(client, worker_id: str) -> dict | None:
     return next((w for w in client.get("v1/workers").json()["workers"] if w["id"] == worker_id), None)
-
-
-def stats_of(events: list, worker_id: str) -> list[dict]:
-    return [e["worker"] for e in events if e.get("topic") == "worker" and e.get("action") == "stats"
-            and e["worker"]["id"] == worker_id]
 
 
 def run_streams(team, worker_id: str, n: int = 4) -> list[threading.Thread]:
