@@ -101,8 +101,11 @@ def make_model(folder: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=UNUSED_EOS, pad_token_id=UNUSED_EOS,
                                                do_sample=False)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    from rbee_jupyter.quiet import transformers_bars_off
+
+    with transformers_bars_off():  # every bench that makes this model prints its own lines only
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
     (folder / "TOKENIZER_SOURCE").write_text(source)
     return folder
 

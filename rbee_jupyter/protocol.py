@@ -10,20 +10,26 @@ checks that, and import-linter keeps it at the bottom of the layers).
 from __future__ import annotations
 
 import json
+import re
 import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .errors import InvalidRequest
 from .response_format import ResponseFormat
 
+if TYPE_CHECKING:
+    from .core.egress import EgressPolicy
+
 __all__ = ["WORKER_KINDS", "EMBEDDING",
            "WorkerState", "READY_STATES", "ACTIVE_STATES", "GONE_STATES", "QUANTIZATIONS", "DTYPES", "DTYPE_NAMES",
            "GenerationRequest", "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH",
-           "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int", "as_request",
+           "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int",
+           "BACKENDS", "EngineSpec", "EngineInfo", "backend_of",
            "Record", "CatalogEntry", "DeviceInfo"]
 
 
@@ -158,16 +164,6 @@ class GenerationRequest:
             out["response_format"] = self.response_format.to_json()
         return out
 
-
-
-def as_request(value: GenerationRequest | Mapping[str, Any]) -> GenerationRequest:
-    """A request as given, or parsed from a body (a caller below the hive that still passes JSON).
-
-    No ``max_tokens`` limit here: the hive enforced its own, and a worker enforces its own.
-    """
-    if isinstance(value, GenerationRequest):
-        return value
-    return GenerationRequest.from_json(value, max_tokens_limit=2**31 - 1)
 
 def _bad(fld: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, details={"field": fld})
@@ -510,3 +506,104 @@ class WorkerConfig:
         if isinstance(self.device_map, str):
             return [self.device_map]
         return list(dict.fromkeys(self.device_map.values()))
+
+
+# --- engines (POST v1/workers with backend "openai") --------------------------------------
+
+BACKENDS = ("local", "openai")
+_FIELDS = ("backend", "url", "model", "api_key", "name", "shared")
+#: An engine's name lives in a namespace of its own: no ``:`` or ``/``, so it can never read as a
+#: model ref (``hf:org/repo``, ``org/repo``, ``file://``), and no ``w-`` prefix, which worker ids have.
+_ENGINE_NAME = re.compile(r"^(?!w-)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+EXAMPLE_ENGINE_URL = "http://gpu-node:8000/v1"
+
+
+# --- request ------------------------------------------------------------------------------
+
+def backend_of(body: Any) -> str:
+    """Which backend a ``POST v1/workers`` body asks for (``local`` when it does not say)."""
+    backend = body.get("backend", "local") if isinstance(body, Mapping) else "local"
+    if backend not in BACKENDS:
+        raise InvalidRequest(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)} "
+                             "(local: load a model here; openai: an OpenAI-compatible engine by URL).",
+                             details={"field": "backend", "accepted": list(BACKENDS)})
+    return backend
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A validated engine registration; ``url`` is the OpenAI base (``.../v1``) without a trailing slash."""
+
+    url: str
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+    name: str | None = None
+    #: In service mode, for a user who is not an admin: every connection is checked against it.
+    egress: EgressPolicy | None = field(default=None, repr=False, compare=False)  # core/egress.py
+
+    @classmethod
+    def from_json(cls, body: Any) -> EngineSpec:
+        """Validate an untrusted body; each mistake is a 400 naming the field.
+
+        Unknown keys are refused: a misspelt ``apikey`` would otherwise register the engine
+        without its key and fail later with a confusing 401.
+        """
+        if not isinstance(body, Mapping):
+            raise InvalidRequest("The engine registration must be a JSON object.", details={"field": "body"})
+        unknown = sorted(set(body) - set(_FIELDS))
+        if unknown:
+            raise InvalidRequest(f"Unknown field(s) {', '.join(unknown)} for an openai engine; accepted: "
+                                 f"{', '.join(_FIELDS)}.", details={"field": unknown[0], "accepted": list(_FIELDS)})
+        url = _url(body.get("url"))
+        model = body.get("model")
+        if not isinstance(model, str) or not model.strip() or len(model) > 256:
+            raise InvalidRequest("model must be the model's name on the engine (what its GET /v1/models lists), "
+                                 "a non-empty string.", details={"field": "model"})
+        api_key = body.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise InvalidRequest("api_key must be a string (or left out for an engine without a key).",
+                                 details={"field": "api_key"})
+        name = body.get("name")
+        if name is not None and (not isinstance(name, str) or not _ENGINE_NAME.match(name.strip())):
+            raise InvalidRequest("name must be the model name clients use for this engine: 1 to 64 letters, digits, "
+                                 "'.', '_' or '-', not starting with 'w-' (so it cannot be read as a model ref or a "
+                                 "worker id).", details={"field": "name"})
+        if not isinstance(body.get("shared", False), bool):
+            raise InvalidRequest("shared must be true or false.", details={"field": "shared"})
+        return cls(url=url, model=model.strip(), api_key=api_key or None, name=name.strip() if name else None)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def model_ref(self) -> str:
+        return f"openai:{self.model}@{self.host}"
+
+
+def _url(value: Any) -> str:
+    bad = InvalidRequest(f"url must be the engine's OpenAI base URL with http or https, e.g. {EXAMPLE_ENGINE_URL!r}.",
+                         details={"field": "url"})
+    if not isinstance(value, str) or not value.strip():
+        raise bad
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise bad
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise InvalidRequest("url must not carry credentials or a query: put the key in api_key, which is never "
+                             "shown back.", details={"field": "url"})
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+@dataclass
+class EngineInfo(WorkerInfo):
+    """A worker that is an external engine: where it is and what it serves (never its key)."""
+
+    backend: str = "openai"
+    url: str = ""
+    model: str = ""
+    name: str | None = None

@@ -82,8 +82,12 @@ class ResponseFormat:
 
     @property
     def key(self) -> str:
-        """A stable text form, for caches."""
-        return json.dumps(self.schema, sort_keys=True, separators=(",", ":"))
+        """The schema's text, for the grammar and its cache.
+
+        Not sorted: the grammar writes an object's properties in the order the schema lists them,
+        as OpenAI's structured outputs do, and a caller's code (or eye) may rely on that order.
+        """
+        return json.dumps(self.schema, separators=(",", ":"))
 
 
 def check_schema(schema: Mapping[str, Any], *, field: str = "response_format") -> None:

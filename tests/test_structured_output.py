@@ -73,6 +73,18 @@ def test_json_schema_streamed_joins_to_a_valid_document(client):
     jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), schema)
 
 
+def test_properties_come_in_the_order_the_schema_lists_them(client):
+    """As OpenAI's structured outputs do: code that reads the text (or a person) may rely on it."""
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "alpha": {"type": "boolean"}, "mid": {"enum": ["a", "b"]}},
+              "required": ["zeta", "alpha", "mid"], "additionalProperties": False}
+    for seed in (1, 2):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Order"}],
+                                           response_format=schema_format(schema), max_tokens=100,
+                                           temperature=1.0, seed=seed)
+        assert list(json.loads(r.choices[0].message.content)) == ["zeta", "alpha", "mid"]
+
+
 def test_json_object_gives_an_object(client):
     # Greedy, so the run is the same every time: keys and strings are unbounded in json_object,
     # and a random model sampling freely may fill max_tokens before it closes them.

@@ -22,12 +22,12 @@ from ..events import DownloadComplete, FeedEvent
 from ..hub.download import Downloader, partial_bytes
 from ..pools.base import Pool
 from ..pools.composite import CompositePool
-from ..pools.engines import EngineSpec, OpenAIEnginePool, backend_of, engine_aliases
+from ..pools.engines import OpenAIEnginePool, engine_aliases
 from ..pools.local import LocalProcessPool
 from ..protocol import (DOWNLOAD_BACKOFF_S, DOWNLOAD_CONNECTIONS, DOWNLOAD_RETRIES, DOWNLOAD_SEGMENT_MB,
                         DOWNLOAD_SPREAD_BELOW_MBPS, DOWNLOAD_STALL_S, DTYPE_NAMES, DTYPES, EMBEDDING, GONE_STATES,
-                        MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH, WORKER_KINDS, GenerationRequest, WorkerInfo,
-                        WorkerSpec, WorkerState)
+                        MAX_TOKENS_LIMIT, QUANTIZATIONS, QUEUE_DEPTH, WORKER_KINDS, EngineSpec, GenerationRequest,
+                        WorkerInfo, WorkerSpec, WorkerState, backend_of)
 from .catalog import Catalog, CatalogEntry
 from .confine import check_folder, remove_snapshot
 from .ids import new_id

@@ -30,22 +30,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from traitlets import Float
 
-from ..core.egress import EgressPolicy
 from ..core.jobs import Job
 from ..errors import (AccessDenied, Cancelled, Conflict, EngineError, EngineUnreachable, InferenceStalled,
                       InvalidRequest, ModelNotFound, RbeeError, WorkerBusy)
 from ..events import DONE, InferenceEnd, InferenceStarted, Ready, Token
-from ..protocol import GenerationRequest, WorkerInfo, WorkerState
+from ..protocol import (BACKENDS, EXAMPLE_ENGINE_URL, EngineInfo, EngineSpec, GenerationRequest, WorkerInfo,
+                        WorkerState, backend_of)
 from ..sse_client import SSEParser
 from .base import Entry, RegistryPool
 
@@ -53,106 +50,7 @@ __all__ = ["BACKENDS", "EngineSpec", "EngineInfo", "OpenAIEnginePool", "backend_
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("local", "openai")
-_FIELDS = ("backend", "url", "model", "api_key", "name", "shared")
-#: An engine's name lives in a namespace of its own: no ``:`` or ``/``, so it can never read as a
-#: model ref (``hf:org/repo``, ``org/repo``, ``file://``), and no ``w-`` prefix, which worker ids have.
-_ENGINE_NAME = re.compile(r"^(?!w-)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_EXAMPLE_URL = "http://gpu-node:8000/v1"
-
-
-# --- request ------------------------------------------------------------------------------
-
-def backend_of(body: Any) -> str:
-    """Which backend a ``POST v1/workers`` body asks for (``local`` when it does not say)."""
-    backend = body.get("backend", "local") if isinstance(body, Mapping) else "local"
-    if backend not in BACKENDS:
-        raise InvalidRequest(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)} "
-                             "(local: load a model here; openai: an OpenAI-compatible engine by URL).",
-                             details={"field": "backend", "accepted": list(BACKENDS)})
-    return backend
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """A validated engine registration; ``url`` is the OpenAI base (``.../v1``) without a trailing slash."""
-
-    url: str
-    model: str
-    api_key: str | None = field(default=None, repr=False)
-    name: str | None = None
-    #: In service mode, for a user who is not an admin: every connection is checked against it.
-    egress: EgressPolicy | None = field(default=None, repr=False, compare=False)
-
-    @classmethod
-    def from_json(cls, body: Any) -> EngineSpec:
-        """Validate an untrusted body; each mistake is a 400 naming the field.
-
-        Unknown keys are refused: a misspelt ``apikey`` would otherwise register the engine
-        without its key and fail later with a confusing 401.
-        """
-        if not isinstance(body, Mapping):
-            raise InvalidRequest("The engine registration must be a JSON object.", details={"field": "body"})
-        unknown = sorted(set(body) - set(_FIELDS))
-        if unknown:
-            raise InvalidRequest(f"Unknown field(s) {', '.join(unknown)} for an openai engine; accepted: "
-                                 f"{', '.join(_FIELDS)}.", details={"field": unknown[0], "accepted": list(_FIELDS)})
-        url = _url(body.get("url"))
-        model = body.get("model")
-        if not isinstance(model, str) or not model.strip() or len(model) > 256:
-            raise InvalidRequest("model must be the model's name on the engine (what its GET /v1/models lists), "
-                                 "a non-empty string.", details={"field": "model"})
-        api_key = body.get("api_key")
-        if api_key is not None and not isinstance(api_key, str):
-            raise InvalidRequest("api_key must be a string (or left out for an engine without a key).",
-                                 details={"field": "api_key"})
-        name = body.get("name")
-        if name is not None and (not isinstance(name, str) or not _ENGINE_NAME.match(name.strip())):
-            raise InvalidRequest("name must be the model name clients use for this engine: 1 to 64 letters, digits, "
-                                 "'.', '_' or '-', not starting with 'w-' (so it cannot be read as a model ref or a "
-                                 "worker id).", details={"field": "name"})
-        if not isinstance(body.get("shared", False), bool):
-            raise InvalidRequest("shared must be true or false.", details={"field": "shared"})
-        return cls(url=url, model=model.strip(), api_key=api_key or None, name=name.strip() if name else None)
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.url).netloc
-
-    @property
-    def model_ref(self) -> str:
-        return f"openai:{self.model}@{self.host}"
-
-
-def _url(value: Any) -> str:
-    bad = InvalidRequest(f"url must be the engine's OpenAI base URL with http or https, e.g. {_EXAMPLE_URL!r}.",
-                         details={"field": "url"})
-    if not isinstance(value, str) or not value.strip():
-        raise bad
-    try:
-        parts = urlsplit(value.strip())
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        raise bad from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise bad
-    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
-        raise InvalidRequest("url must not carry credentials or a query: put the key in api_key, which is never "
-                             "shown back.", details={"field": "url"})
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-
-
 # --- registry -----------------------------------------------------------------------------
-
-@dataclass
-class EngineInfo(WorkerInfo):
-    """A worker that is an external engine: where it is and what it serves (never its key)."""
-
-    backend: str = "openai"
-    url: str = ""
-    model: str = ""
-    name: str | None = None
-
 
 @dataclass(eq=False, kw_only=True)
 class _Engine(Entry):
@@ -251,12 +149,12 @@ class OpenAIEnginePool(RegistryPool):
         if r.status_code != 200:
             said = _quote(e, _message(r))
             raise EngineError(f"GET {url}/models answered HTTP {r.status_code} ({said}); is this the engine's "
-                              f"OpenAI base URL (e.g. {_EXAMPLE_URL})?", details=where)
+                              f"OpenAI base URL (e.g. {EXAMPLE_ENGINE_URL})?", details=where)
         try:
             served = [m["id"] for m in r.json()["data"]]
         except (ValueError, KeyError, TypeError):
             raise EngineError(f"GET {url}/models did not answer an OpenAI model list; is this the engine's OpenAI "
-                              f"base URL (e.g. {_EXAMPLE_URL})?", details=where) from None
+                              f"base URL (e.g. {EXAMPLE_ENGINE_URL})?", details=where) from None
         if e.spec.model not in served:
             raise ModelNotFound(f"The engine at {url} does not serve {e.spec.model!r}; it serves: "
                                 f"{', '.join(map(str, served)) or 'nothing'}. Register it with one of these names.",

@@ -363,7 +363,7 @@ class RbeeApp(ExtensionApp):
 
     @validate("engines")
     def _check_engines(self, proposal):
-        from ..pools.engines import EngineSpec
+        from ..protocol import EngineSpec
 
         for entry in proposal["value"]:
             try:

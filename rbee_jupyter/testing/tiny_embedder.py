@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..quiet import transformers_bars_off
 from .tiny_model import CORPUS
 
 
@@ -60,8 +61,9 @@ def make_tiny_embedder(path: str | Path, *, hidden: int = 32, layers: int = 2, h
                         num_attention_heads=heads, intermediate_size=intermediate or hidden * 2,
                         max_position_embeddings=max_seq_length)
     torch.manual_seed(seed)
-    BertModel(config).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    with transformers_bars_off():  # "Writing model shards" is not ours to print
+        BertModel(config).save_pretrained(base)
+        tokenizer.save_pretrained(base)
     transformer = Transformer(str(base), max_seq_length=max_seq_length)
     model = SentenceTransformer(modules=[transformer, Pooling(hidden, pooling_mode="mean"), Normalize()],
                                 device="cpu")
