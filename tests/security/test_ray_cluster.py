@@ -12,6 +12,9 @@ pytest.importorskip("ray")
 
 from rbee_jupyter.pools.ray import private_cluster_options
 
+#: Starts a Ray instance (slow): only with RBEE_TEST_RAY=1, as the other Ray tests.
+needs_ray = pytest.mark.skipif(os.environ.get("RBEE_TEST_RAY") != "1", reason="starts a Ray instance (slow): RBEE_TEST_RAY=1")
+
 
 def test_the_private_cluster_needs_a_token_and_has_no_dashboard(monkeypatch, tmp_path):
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
@@ -36,7 +39,7 @@ def test_the_private_cluster_needs_a_token_and_has_no_dashboard(monkeypatch, tmp
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(os.environ.get("RBEE_TEST_RAY") != "1", reason="starts a Ray instance (slow): RBEE_TEST_RAY=1")
+@needs_ray
 def test_a_client_without_the_token_is_refused():
     """The real thing, in a child process (Ray is process-wide): the private cluster refuses a client
     that does not hold its token."""
@@ -99,7 +102,7 @@ asyncio.run(main())
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(os.environ.get("RBEE_TEST_RAY") != "1", reason="starts a Ray instance (slow): RBEE_TEST_RAY=1")
+@needs_ray
 def test_a_ray_actor_holds_none_of_the_servers_secrets(rbee_tiny_model, tmp_path):
     """Gap of finding 9: local workers got an allow-listed environment, Ray actors the server's own.
 
