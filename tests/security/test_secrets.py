@@ -41,12 +41,13 @@ def test_worker_env_keeps_what_running_needs_and_drops_credentials():
     base = {"PATH": "/bin", "HOME": "/h", "CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "2", "LANG": "C.UTF-8",
             "TOKENIZERS_PARALLELISM": "false", "HF_HOME": "/hf", "HF_TOKEN": "x", "HUGGING_FACE_HUB_TOKEN": "x",
             "JUPYTERHUB_API_TOKEN": "x", "JPY_API_TOKEN": "x", "JUPYTER_TOKEN": "x", "RBEE_TOKEN": "x",
-            "CUDA_API_KEY": "x", "AWS_SECRET_ACCESS_KEY": "x", "GITHUB_TOKEN": "x", "SOMETHING_ELSE": "x"}
+            "CUDA_API_KEY": "x", "AWS_SECRET_ACCESS_KEY": "x", "GITHUB_TOKEN": "x", "SOMETHING_ELSE": "x",
+            "RBEE_WORKER_TOKEN_DELAY_S": "0.05"}
     env = worker_env({"RBEE_WORKER_BLOCK_DELAY_S": "0.1"}, base=base)
     assert env == {"PATH": "/bin", "HOME": "/h", "CUDA_VISIBLE_DEVICES": "1", "OMP_NUM_THREADS": "2",
                    "LANG": "C.UTF-8", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": "/hf",
                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                   "RBEE_WORKER_BLOCK_DELAY_S": "0.1"}
+                   "RBEE_WORKER_TOKEN_DELAY_S": "0.05", "RBEE_WORKER_BLOCK_DELAY_S": "0.1"}
 
 
 def test_a_kernel_of_a_shared_hive_gets_no_server_token(team):
