@@ -30,7 +30,7 @@ __all__ = ["WORKER_KINDS", "EMBEDDING",
            "GenerationRequest", "WorkerInfo", "WorkerSpec", "WorkerConfig", "MAX_TOKENS_LIMIT", "QUEUE_DEPTH",
            "INFERENCE_STALL_S", "LOADING_TIMEOUT_S", "FAILED_RETENTION_S", "is_int",
            "BACKENDS", "EngineSpec", "EngineInfo", "backend_of",
-           "Record", "CatalogEntry", "DeviceInfo"]
+           "Record", "CatalogEntry", "DeviceInfo", "WorkerView"]
 
 
 # --- defaults (the traits, dataclasses and pools that take these settings all read them here) ---
@@ -408,6 +408,28 @@ class WorkerInfo(Record):
         now = time.time()
         return cls(id=worker_id, model_ref=model_ref, state=WorkerState(state), devices=[], memory_mb={},
                    pid=None, quantization=None, dtype=None, owner=owner, created_at=now, last_used=now)
+
+
+@dataclass(eq=False)
+class WorkerView(WorkerInfo):
+    """A worker as ``GET v1/workers`` and the feed show it: the registry's view, whether it is shared,
+    the hive's ``load`` (its generations not yet ended) and the worker's last-known load counters
+    (None while it is not ready, and for engines). Another user's shared worker comes without
+    ``owner``, ``pid`` and ``exit_reason`` (None here)."""
+
+    shared: bool = False
+    load: int = 0
+    active_sequences: int | None = None  # sequences in the running batch
+    queue_length: int | None = None  # requests waiting for room in the batch
+    batch_size: int | None = None  # rows in the last decode step
+    max_batch_size: int | None = None
+    tokens_per_second: float | None = None  # every sequence together, over the last seconds
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Any:
+        """As :meth:`Record.from_json`; a public view lacks fields a full one has, and they read as None."""
+        return super().from_json({"pid": None, "owner": None, "created_at": 0.0, "last_used": 0.0,
+                                  "devices": [], "memory_mb": {}, "quantization": None, "dtype": None, **data})
 
 
 @dataclass

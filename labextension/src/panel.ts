@@ -32,6 +32,57 @@ export interface WorkerInfo {
   layers_loaded: number;
   layers_total: number;
   exit_reason?: string | null;
+  kind?: string; // "generate" | "embedding"
+  shared?: boolean;
+  owner?: string | null; // absent from another user's shared worker (its public view)
+  backend?: string; // "openai": an external engine
+  load?: number;
+  // the worker's last-known load (null until known, and for engines)
+  active_sequences?: number | null;
+  queue_length?: number | null;
+  batch_size?: number | null;
+  max_batch_size?: number | null;
+  tokens_per_second?: number | null;
+}
+
+/** Who reads the feed (its snapshot says): in service mode, owners and admins may share workers. */
+export interface Reader {
+  serviceMode: boolean;
+  name: string | null;
+  admin: boolean;
+}
+
+/** "3 active · 2 queued · batch 3/8 · 41.2 tok/s": what a worker reports while it works ('' when idle). */
+export function loadLine(w: WorkerInfo): string {
+  const working = w.state === 'busy' || (w.active_sequences ?? 0) > 0 || (w.queue_length ?? 0) > 0;
+  if (!working) {
+    return '';
+  }
+  const parts: string[] = [];
+  if (w.active_sequences != null) {
+    parts.push(`${w.active_sequences} active`);
+  }
+  if (w.queue_length != null) {
+    parts.push(`${w.queue_length} queued`);
+  }
+  if (w.batch_size != null) {
+    parts.push(`batch ${w.batch_size}/${w.max_batch_size ?? '?'}`);
+  }
+  if (w.tokens_per_second != null) {
+    parts.push(`${w.tokens_per_second.toFixed(1)} tok/s`);
+  }
+  return parts.join(' · ');
+}
+
+/** Whether ``reader`` gets a Share button for ``w``: a shared hive only, its owner or an admin (an engine: admins). */
+export function mayShare(reader: Reader, w: WorkerInfo): boolean {
+  if (!reader.serviceMode || (w.state !== 'idle' && w.state !== 'busy')) {
+    return false;
+  }
+  if (w.backend === 'openai') {
+    return reader.admin;
+  }
+  return reader.admin || (w.owner != null && w.owner === reader.name);
 }
 
 export interface JobSummary {
@@ -219,6 +270,7 @@ export class RbeePanel extends Widget {
   models = new Map<string, Model>();
   workers = new Map<string, WorkerInfo>();
   jobs = new Map<string, JobSummary>();
+  reader: Reader = { serviceMode: false, name: null, admin: false };
   private feed: SSEConnection | null = null;
   private status = h('div', { class: 'rbee-status', role: 'status', 'aria-live': 'polite' }, 'Connecting…');
   private sections: Record<string, Section> = {};
@@ -327,6 +379,7 @@ export class RbeePanel extends Widget {
   onFeed(ev: any): void {
     switch (ev.topic) {
       case 'snapshot':
+        this.reader = { serviceMode: !!ev.service_mode, name: ev.user?.name ?? null, admin: !!ev.user?.admin };
         this.devices = ev.devices ?? [];
         this.models = new Map((ev.models ?? []).map((m: Model) => [m.ref, m]));
         this.workers = new Map((ev.workers ?? []).map((w: WorkerInfo) => [w.id, w]));
@@ -467,17 +520,37 @@ export class RbeePanel extends Widget {
   private workerRow(w: WorkerInfo) {
     const name = h('span', { class: 'rbee-name' }, w.model_ref);
     const state = h('span', { class: 'rbee-badge' });
+    const kind = h('span', { class: 'rbee-badge rbee-kind' });
+    const shared = h('span', { class: 'rbee-badge rbee-shared', title: 'Every user of this server may use it' },
+      'shared');
+    const badges = h('span', { class: 'rbee-badges' }, kind, shared, state);
+    const load = h('div', { class: 'rbee-detail rbee-load', 'aria-live': 'off' });
     const text = h('span', { class: 'rbee-detail' });
     const layers = h('span', { class: 'rbee-detail rbee-layers' });
     const bar = new Bar(`Loading of ${w.model_ref}`);
     const message = h('div', { class: 'rbee-message' });
     const unload = button('Unload', `Unload ${w.model_ref} (${w.id})`, () =>
       void this.sections.workers.run(() => requestAPI(`v1/workers/${w.id}`, { method: 'DELETE' })), 'jp-mod-warn');
-    const el = h('li', { class: 'rbee-item' }, h('div', { class: 'rbee-row' }, name, state),
-      h('div', { class: 'rbee-row' }, text, h('span', { class: 'rbee-actions' }, unload)), bar.node, layers, message);
+    let current = w;
+    const share = button('Share', '', () => void this.share(current));
+    const el = h('li', { class: 'rbee-item' }, h('div', { class: 'rbee-row' }, name, badges),
+      h('div', { class: 'rbee-row' }, text, h('span', { class: 'rbee-actions' }, share, unload)), load, bar.node, layers,
+      message);
     return {
       el,
       update: (x: WorkerInfo) => {
+        current = x;
+        kind.textContent = x.kind === 'embedding' ? 'embed' : 'generate';
+        kind.dataset.kind = x.kind ?? 'generate';
+        kind.title = x.kind === 'embedding' ? 'Computes embeddings (openai/v1/embeddings)' : 'Generates text';
+        shared.hidden = !x.shared;
+        share.hidden = !mayShare(this.reader, x);
+        share.textContent = x.shared ? 'Unshare' : 'Share';
+        share.setAttribute('aria-label', x.shared ? `Stop sharing ${x.model_ref} (${x.id})`
+          : `Share ${x.model_ref} (${x.id}) with every user`);
+        const line = loadLine(x);
+        load.textContent = line;
+        load.hidden = !line;
         state.textContent = x.state;
         state.dataset.state = x.state;
         el.dataset.state = x.state;
@@ -541,6 +614,17 @@ export class RbeePanel extends Widget {
     }
     const body = { model_ref: ref, ...result.value };
     await this.sections.models.run(() => requestAPI('v1/workers', { method: 'POST', body: JSON.stringify(body) }));
+  }
+
+  /** Share a worker with every user of a shared hive, or stop; the feed confirms it to everyone. */
+  async share(w: WorkerInfo): Promise<void> {
+    await this.sections.workers.run(async () => {
+      const view = await requestAPI<WorkerInfo>(`v1/workers/${w.id}`, {
+        method: 'PATCH', body: JSON.stringify({ shared: !w.shared })
+      });
+      this.workers.set(w.id, { ...(this.workers.get(w.id) ?? w), ...view });
+      this.scheduleRender();
+    });
   }
 
   async deleteModel(ref: string): Promise<void> {

@@ -1,56 +1,15 @@
 // Browser test of the rbee sidebar in Debian's Chromium, driven by tests/test_sidebar_browser.py,
 // which starts `jupyter lab` (RBEE_LAB_URL, RBEE_TOKEN) with the local hub and reads our stdout:
 // "STEP name" per passed step, "RESTART" when the server must restart (we wait for a line on stdin).
-import { chromium } from 'playwright-core';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import readline from 'node:readline';
+import { assert, nextLine, run, shot, step, T } from './harness.mjs';
 
 const url = process.env.RBEE_LAB_URL;
 const token = process.env.RBEE_TOKEN;
-const shots = process.env.RBEE_SHOTS ?? fs.mkdtempSync(path.join(os.tmpdir(), 'rbee-shots-'));
 const TINY = process.env.RBEE_TINY_REF ?? 'hf:rbee-test/tiny-llama';
 const OTHER = process.env.RBEE_OTHER_REF ?? 'hf:rbee-test/tiny-llama-sharded';
-fs.mkdirSync(shots, { recursive: true });
 
-const stdin = readline.createInterface({ input: process.stdin });
-const lines = [];
-let waiter = null;
-stdin.on('line', l => (waiter ? (waiter(l), (waiter = null)) : lines.push(l)));
-const nextLine = () => (lines.length ? Promise.resolve(lines.shift()) : new Promise(r => (waiter = r)));
-
-let n = 0;
-async function shot(page, name) {
-  n += 1;
-  const file = path.join(shots, `${String(n).padStart(2, '0')}-${name}.png`);
-  await page.screenshot({ path: file });
-  console.log(`SHOT ${file}`);
-}
-function step(name) {
-  console.log(`STEP ${name}`);
-}
-function assert(ok, message) {
-  if (!ok) {
-    throw new Error(`assertion failed: ${message}`);
-  }
-}
-
-// a fresh profile per run (playwright passes it as --user-data-dir)
-const context = await chromium.launchPersistentContext(fs.mkdtempSync(path.join(os.tmpdir(), 'rbee-chromium-')), {
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  headless: true,
-  viewport: { width: 1280, height: 900 },
-  args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
-    '--disable-sync', '--no-first-run', '--disable-dev-shm-usage']
-});
-const page = await context.newPage();
-const consoleErrors = [];
-page.on('console', m => m.type() === 'error' && consoleErrors.push(m.text()));
-const panel = page.locator('#rbee-panel');
-const T = 60_000;
-
-try {
+await run(async page => {
+  const panel = page.locator('#rbee-panel');
   // --- the panel opens (command palette) ------------------------------------------------
   await page.goto(`${url}lab?token=${token}`, { timeout: 120_000 });
   await page.locator('#jp-main-dock-panel').waitFor({ timeout: 120_000 });
@@ -144,6 +103,10 @@ try {
   }
   assert((await worker.getAttribute('data-state')) === 'idle', 'the worker turns idle');
   assert(layers.length >= 2 && layers.every((v, i) => i === 0 || v > layers[i - 1]), `layers count up (${layers})`);
+  assert((await worker.locator('.rbee-kind').textContent()) === 'generate', 'the worker says it generates');
+  assert(await worker.locator('.rbee-shared').isHidden(), 'not shared');
+  assert((await worker.getByRole('button', { name: /^Share / }).count()) === 0 ||
+    await worker.getByRole('button', { name: /^Share / }).isHidden(), 'a single user has no one to share with');
   await shot(page, 'worker-idle');
   step(`load shows layers ${layers.join(',')} and the worker turns idle`);
 
@@ -169,9 +132,15 @@ try {
   await panel.getByRole('button', { name: 'Generate an answer' }).click();
   await page.waitForFunction(() => (document.querySelector('#rbee-panel .rbee-output')?.textContent ?? '').length > 5,
     null, { timeout: T });
+  // while it generates, the worker's row shows its load (from the feed's "stats" events)
+  const loadLine = worker.locator('.rbee-load');
+  await loadLine.filter({ hasText: /^1 active · 0 queued · batch 1\/\d+ · [\d.]+ tok\/s$/ }).waitFor({ timeout: T });
+  await shot(page, 'worker-load');
+  step(`the worker shows its load: ${await loadLine.textContent()}`);
   await panel.getByRole('button', { name: 'Stop the generation' }).click();
   await panel.locator('.rbee-stats', { hasText: /Stopped|cancel/i }).waitFor({ timeout: T });
   assert(await panel.getByRole('button', { name: 'Generate an answer' }).isEnabled(), 'ready again after stop');
+  await loadLine.waitFor({ state: 'hidden', timeout: T }); // idle again: no load line
   await shot(page, 'playground-stopped');
   step('stop works');
 
@@ -194,13 +163,4 @@ try {
   await panel.locator(`.rbee-models li[data-key="${TINY}"]`).waitFor({ timeout: T });
   await shot(page, 'reloaded');
   step('state survives a reload');
-  console.log('OK');
-} catch (e) {
-  await shot(page, 'failure').catch(() => undefined);
-  console.log(`FAIL ${e?.stack ?? e}`);
-  console.log(`console errors: ${consoleErrors.join('\n')}`);
-  process.exitCode = 1;
-} finally {
-  await context.close();
-  stdin.close();
-}
+});

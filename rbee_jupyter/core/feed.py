@@ -7,7 +7,10 @@ The feed is a long-lived ``Job`` of kind ``"feed"`` that never finishes. It publ
   (``id``, ``kind``, ``state``, ``model_ref``, ``worker_id``, ``last_event``); progress is
   throttled to ``progress_interval_s`` per job, the newest always arriving in the end;
 - ``worker``: ``action`` is the pool's event (``loading``, ``progress``, ``ready``, ``busy``,
-  ``idle``, ``draining``, ``stopped``, ``failed``...) with the worker's info;
+  ``idle``, ``draining``, ``stopped``, ``failed``...), ``shared`` / ``unshared``, or ``stats``
+  (its load counters changed while it works: at most one a second per worker, none while idle;
+  see core/live.py), with the worker as ``GET v1/workers`` shows it (``shared``, ``load``,
+  ``active_sequences``, ``queue_length``, ``batch_size``, ``max_batch_size``, ``tokens_per_second``);
 - ``catalog``: ``action`` ``added`` / ``removed`` with the model (from ``Hive._feed``);
 - ``devices``: every device with total and free memory, every ``devices_interval_s``
   while at least one subscriber is connected.
@@ -15,7 +18,8 @@ The feed is a long-lived ``Job`` of kind ``"feed"`` that never finishes. It publ
 Its log is bounded: only the last ``keep`` records are kept. A subscriber that comes
 without ``Last-Event-ID`` (or whose id fell out of the window) first gets one
 ``snapshot`` event with the whole current state (devices, models, workers, active
-jobs), whose id is the newest record's, so resuming from it loses nothing.
+jobs, and who the reader is: ``service_mode`` and ``user`` ``{"name", "admin"}``, so a UI knows
+which workers it may share), whose id is the newest record's, so resuming from it loses nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..errors import RbeeError
 from ..events import FeedEvent, dumps, sse_event
 from .jobs import Job, JobState, Record, Subscription
 from .owners import ANYONE, Principal, may_control, public_worker
@@ -45,12 +50,13 @@ class FeedJob(Job):
     """The feed's log: a window of recent records plus a snapshot for newcomers."""
 
     def __init__(self, hive: Hive, *, keep: int = 512, progress_interval_s: float = 0.25,
-                 devices_interval_s: float = 3.0) -> None:
+                 devices_interval_s: float = 3.0, stats_interval_s: float = 1.0) -> None:
         super().__init__("feed", job_id="feed")
         self.hive = hive
         self.keep = max(16, keep)
         self.progress_interval_s = progress_interval_s
         self.devices_interval_s = devices_interval_s
+        self.stats_interval_s = stats_interval_s
         self.window: collections.deque[Record] = collections.deque(maxlen=self.keep)
         # ids start from the clock: an id kept from before a server restart is below this
         # feed's window, so that client gets a fresh snapshot instead of a wrong resume
@@ -61,7 +67,7 @@ class FeedJob(Job):
         self._pending: dict[Any, asyncio.TimerHandle] = {}
         self._unannounced: set[str] = set()
         self._devices_task: asyncio.Task | None = None
-        self._unlisten = [hive.pool.listen(self._on_worker)]
+        self._unlisten = [hive.pool.listen(self._on_worker), hive.live.listen(self._on_load)]
         hive.jobs.listen(self._on_job)
         for job in hive.jobs.list():
             if not job.state.finished:
@@ -110,19 +116,31 @@ class FeedJob(Job):
 
     def _on_worker(self, event: str, info: WorkerInfo) -> None:
         key = ("worker", info.id)
-        payload = info.to_dict()
+        payload = self.hive.worker_view(info, None)  # in full: each reader's copy is cut down in _as_seen
         if event in _WORKER_PROGRESS:
             self._throttled(key, lambda: self.emit("worker", action=event, worker=payload))
             return
         self._cancel_pending(key)
         if event in ("stopped", "removed"):
             self._last_sent.pop(key, None)
+            self._cancel_pending(("stats", info.id))
+            self._last_sent.pop(("stats", info.id), None)
         self.emit("worker", action=event, worker=payload)
 
-    def _throttled(self, key: Any, send: Any, alive: Any = None) -> None:
-        """Send now if the key was quiet for ``progress_interval_s``; else once, at the end of it."""
+    def _on_load(self, worker_id: str, counters: dict[str, Any]) -> None:
+        """A worker's load counters changed (core/live.py reads them at most once a second, only while it works)."""
+        def send() -> None:
+            try:
+                info = self.hive.pool.get(worker_id)
+            except RbeeError:  # unloaded meanwhile: its "stopped" says so
+                return
+            self.emit("worker", action="stats", worker=self.hive.worker_view(info, None))
+        self._throttled(("stats", worker_id), send, interval=self.stats_interval_s)
+
+    def _throttled(self, key: Any, send: Any, alive: Any = None, interval: float | None = None) -> None:
+        """Send now if the key was quiet for ``interval`` (``progress_interval_s``); else once, at the end of it."""
         now = time.monotonic()
-        wait = self._last_sent.get(key, 0.0) + self.progress_interval_s - now
+        wait = self._last_sent.get(key, 0.0) + (self.progress_interval_s if interval is None else interval) - now
         self._cancel_pending(key)
         if wait <= 0:
             self._last_sent[key] = now
@@ -165,7 +183,9 @@ class FeedJob(Job):
     def snapshot(self, principal: Principal | None = None) -> dict[str, Any]:
         """The whole current state, as one ``snapshot`` event's fields (as ``principal`` may see it)."""
         hive = self.hive
-        return {"devices": hive.devices(), "models": hive.models(principal=ANYONE),
+        user = {"name": principal.name, "admin": principal.admin} if principal is not None else None
+        return {"service_mode": hive.config.service_mode, "user": user,
+                "devices": hive.devices(), "models": hive.models(principal=ANYONE),
                 "workers": hive.workers(principal),
                 "jobs": [_summary(j) for j in hive.jobs.list()
                          if not j.state.finished and j is not self and hive.sees_job(principal, j)]}
@@ -287,9 +307,12 @@ def _as_seen(hive: Hive, principal: Principal, record: Record) -> Record | None:
     info = event.data.get("worker") or {}
     if may_control(principal, info.get("owner")):
         return record
-    if not hive.is_shared(info.get("id")):
+    if event.data.get("action") == "unshared":  # it leaves the lists of those who saw it shared
+        seen = FeedEvent(topic="worker", data={"action": "removed", "worker": {"id": info.get("id")}})
+    elif not hive.is_shared(info.get("id")):
         return None
-    seen = FeedEvent(topic="worker", data={**event.data, "worker": public_worker(info)})
+    else:
+        seen = FeedEvent(topic="worker", data={**event.data, "worker": public_worker(info)})
     data = dumps(seen)
     return Record(record.id, seen, data, sse_event(record.id, data))
 

@@ -34,6 +34,7 @@ from .ids import new_id
 from .jobs import Job, JobRegistry
 from .egress import EgressPolicy
 from .limits import UserLimits, check_cap
+from .live import LiveLoad
 from .owners import Principal, check_control, check_local_path, may_control, may_see, public_worker, token_fingerprint
 from .refs import ModelRef, parse_ref
 
@@ -192,6 +193,7 @@ class Hive:
         primary = config.pool_class(**where, **config.pool_options)
         engines = OpenAIEnginePool(**where, quote_upstream=not config.service_mode)
         self.pool: Pool = CompositePool(primary, engines, **where)  # external engines sit beside the primary pool
+        self.live = LiveLoad(self.pool)  # each worker's last-known load, for v1/workers and the feed
         self._planned: dict[str, dict[str, int]] = {}  # worker id -> bytes per device its plan reserved
         # Service mode: workers their owner or an admin shared, and who joined whose download.
         self._shared: set[str] = set()
@@ -201,6 +203,7 @@ class Hive:
 
     async def stop(self) -> None:
         await self.jobs.shutdown()
+        await self.live.close()
         await self.pool.close()
         self._download_threads.shutdown(wait=False, cancel_futures=True)
         self.catalog.close()
@@ -366,7 +369,8 @@ class Hive:
 
     def worker_view(self, worker: WorkerInfo, principal: Principal | None) -> dict[str, Any]:
         """A worker as ``principal`` sees it: in full (theirs, or an admin), else its public view."""
-        info = {**worker.to_dict(), "shared": worker.id in self._shared, "load": self._loads().get(worker.id, 0)}
+        info = {**worker.to_dict(), "shared": worker.id in self._shared, "load": self._loads().get(worker.id, 0),
+                **self.live.get(worker.id)}  # the counters are public too: see PUBLIC_WORKER_FIELDS
         if self.may_see_all_of(principal, worker):
             return info
         return public_worker(info)
@@ -659,7 +663,7 @@ class Hive:
         worker = self.visible_worker(worker_id, principal)
         self._share_check(principal, engine=getattr(worker, "backend", None) == "openai", owner=worker.owner)
         (self._shared.add if shared else self._shared.discard)(worker_id)
-        self._feed("worker", {"action": "shared" if shared else "unshared", "worker": worker.to_dict()})
+        self._feed("worker", {"action": "shared" if shared else "unshared", "worker": self.worker_view(worker, None)})
         return self.worker_view(worker, principal)
 
     def _register_engine(self, spec: EngineSpec, *, owner: str | None, shared: bool = False) -> Job:
@@ -785,7 +789,9 @@ class Hive:
         return entry
 
     def workers(self, principal: Principal | None = None) -> list[dict[str, Any]]:
-        """``GET v1/workers``: every worker ``principal`` may see, as they may see it, with ``load``."""
+        """``GET v1/workers``: every worker ``principal`` may see, as they may see it, with ``load`` and the
+        worker's last-known counters (:mod:`.live`: a copy the hive keeps while it works, so that one slow
+        worker never slows or fails the list)."""
         return [self.worker_view(w, principal) for w in self.pool.list() if self.sees_worker(principal, w)]
 
     def _loads(self) -> dict[str, int]:
@@ -1004,7 +1010,8 @@ class Hive:
             raise InvalidRequest(f"{worker.model_ref} (worker {worker.id}) generates text and does not embed; load "
                                  "a sentence-transformers model (POST v1/workers with \"kind\": \"embedding\").",
                                  details={"field": "model", "worker_id": worker.id, "kind": worker.kind})
-        return await self.pool.embed(worker.id, req.to_json())
+        async with self.live.working(worker.id):  # the pool has no busy state for embeddings: watch its queue
+            return await self.pool.embed(worker.id, req.to_json())
 
     # --- server-wide feed -----------------------------------------------------------
 

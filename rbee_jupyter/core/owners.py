@@ -84,9 +84,13 @@ def may_see(principal: Principal | None, owner: str | None, *, shared: bool = Fa
 
 
 #: What users other than its owner see of a shared worker: no URL, owner, process or failure text.
+#: Its load counters are public: they are counts and a rate, summed over every user's requests, so
+#: they reveal no prompt, text or user, and they are what another user needs to choose between
+#: replicas (``load`` was public already and says as much).
 PUBLIC_WORKER_FIELDS = ("id", "model_ref", "state", "devices", "memory_mb", "quantization", "dtype", "created_at",
                         "last_used", "layers_loaded", "layers_total", "backend", "model", "name", "shared", "load",
-                        "kind")
+                        "kind", "active_sequences", "queue_length", "batch_size", "max_batch_size",
+                        "tokens_per_second")
 
 
 def public_worker(info: dict[str, Any]) -> dict[str, Any]:

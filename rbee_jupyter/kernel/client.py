@@ -34,7 +34,7 @@ import httpx
 
 from .. import errors as _errors
 from ..errors import Cancelled, RbeeError, error_from_json
-from ..protocol import READY_STATES, CatalogEntry, DeviceInfo, WorkerInfo, WorkerState
+from ..protocol import READY_STATES, CatalogEntry, DeviceInfo, WorkerState, WorkerView
 from .kernel_env import ENV_TOKEN, ENV_URL, Connection, discover
 
 __all__ = ["Client", "Download", "Worker", "JobHandle", "Generation", "Connection", "discover",
@@ -81,6 +81,7 @@ class Transport(Protocol):
     def workers(self) -> list[dict[str, Any]]: ...
     def worker(self, worker_id: str) -> dict[str, Any]: ...
     def unload(self, worker_id: str) -> None: ...
+    def share(self, worker_id: str, shared: bool) -> dict[str, Any]: ...
     def devices(self) -> list[dict[str, Any]]: ...
     def close(self) -> None: ...
 
@@ -242,6 +243,9 @@ class HttpTransport:
 
     def unload(self, worker_id: str) -> None:
         self._request("DELETE", f"v1/workers/{worker_id}")
+
+    def share(self, worker_id: str, shared: bool) -> dict[str, Any]:
+        return self._json("PATCH", f"v1/workers/{worker_id}", json={"shared": shared})
 
     def devices(self) -> list[dict[str, Any]]:
         return self._json("GET", "v1/devices")["devices"]
@@ -458,6 +462,10 @@ class Worker:
         """Chat on this worker (once it is ready); see :meth:`Client.chat`."""
         self._ensure_ready()
         return self.client.chat(messages, model=self, **options)
+
+    def share(self, shared: bool = True) -> WorkerView:
+        """Let every user of a shared hive see and use this worker (``False``: stop); see :meth:`Client.share`."""
+        return self.client.share(self, shared=shared)
 
     def unload(self) -> None:
         """Stop the worker (a load in progress is cancelled); its process exits and frees its memory."""
@@ -733,13 +741,15 @@ class Client:
         answer = self._transport.load(body)
         return Worker(self, answer["worker_id"], model_ref=answer.get("model_ref", model_ref))
 
-    def workers(self) -> list[WorkerInfo]:
-        """Every worker: ``id``, ``model_ref``, ``state``, ``devices``, ``memory_mb``, ... (``w["id"]`` works too)."""
-        return [WorkerInfo.from_json(w) for w in self._transport.workers()]
+    def workers(self) -> list[WorkerView]:
+        """Every worker: ``id``, ``model_ref``, ``state``, ``devices``, ``memory_mb``, ``kind``, ``shared``, and its
+        load: ``active_sequences``, ``queue_length``, ``batch_size``, ``max_batch_size``, ``tokens_per_second``
+        (the hive's last reading, at most a second old while it works) (``w["id"]`` works too)."""
+        return [WorkerView.from_json(w) for w in self._transport.workers()]
 
     def worker(self, worker_id: str) -> Worker:
         """A handle on an existing worker (``WorkerNotFound`` if there is none)."""
-        info = WorkerInfo.from_json(self._transport.worker(worker_id))
+        info = WorkerView.from_json(self._transport.worker(worker_id))
         return Worker(self, worker_id, model_ref=info.model_ref, ready=info.ready)
 
     def unload(self, worker: Worker | str) -> list[str]:
@@ -765,6 +775,22 @@ class Client:
         for worker_id in ids:
             self._transport.unload(worker_id)
         return ids
+
+    def share(self, worker: Worker | str, *, shared: bool = True) -> WorkerView:
+        """Share a worker (by handle or id) with every user of a shared hive, or stop (``shared=False``).
+
+        Others then see it without its owner or process and may generate with it, not unload it.
+        A single-user server has no one to share with; the flag is kept all the same.
+
+        Returns:
+            The worker as the hive shows it now.
+
+        Raises:
+            WorkerNotFound: no such worker. NotOwner / AccessDenied: someone else's worker, or an
+                engine, and the caller is not an admin.
+        """
+        worker_id = worker.id if isinstance(worker, Worker) else worker
+        return WorkerView.from_json(self._transport.share(worker_id, shared))
 
     def devices(self) -> list[DeviceInfo]:
         """The hive's devices: ``name``, ``kind``, ``total_bytes``, ``free_bytes``, ``label`` (``d["name"]`` too)."""

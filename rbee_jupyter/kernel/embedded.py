@@ -234,6 +234,9 @@ class EmbeddedTransport:
     def unload(self, worker_id: str) -> None:
         self.owner.run(self.hive.unload(worker_id))
 
+    def share(self, worker_id: str, shared: bool) -> dict[str, Any]:
+        return self.owner.call(self.hive.set_shared, worker_id, shared)
+
     def devices(self) -> list[dict[str, Any]]:
         from ..engine.devices import inventory
 
