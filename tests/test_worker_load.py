@@ -1,7 +1,8 @@
 """Each worker's load where users look: ``GET v1/workers``, the feed (``v1/events``), the client, the OpenAI models.
 
-One ``jupyter server`` process with a tiny Llama worker (``max_batch_size`` 8, 20 ms per decode
-step so that four streams of 32 tokens run for seconds) serves the module. The counters come from the hive's
+One ``jupyter server`` process with a tiny Llama worker (``max_batch_size`` 8, 100 ms per decode
+step, so that four streams of 48 tokens last five seconds or more: several of the hive's
+once-a-second readings fall inside them) serves the module. The counters come from the hive's
 last-known copy (core/live.py), read from the worker once a second while it works.
 """
 
@@ -32,7 +33,7 @@ def server(rbee_hub_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("load")
     settings = {"cache_dir": str(folder / "cache"), "catalog_path": str(folder / "catalog.sqlite"),
                 "hub_endpoint": rbee_hub_session.url, "sse_keepalive_s": 0.5, "max_batch_size": BATCH}
-    with ServerProcess(folder, rbee=settings, env={TOKEN_DELAY_ENV: "0.02"}) as server:
+    with ServerProcess(folder, rbee=settings, env={TOKEN_DELAY_ENV: "0.1"}) as server:
         yield server
 
 
@@ -80,7 +81,7 @@ def test_the_list_and_the_feed_show_four_streams_then_zero(server, worker):
     with FeedReader(server.client) as feed:
         feed.wait_for(lambda es: any(e["topic"] == "snapshot" for e in es), "the snapshot")
         # When: four streams run at once
-        streams = [Stream(server, {"worker_id": worker, "prompt": p, "max_tokens": 32, "temperature": 0})
+        streams = [Stream(server, {"worker_id": worker, "prompt": p, "max_tokens": 48, "temperature": 0})
                    for p in PROMPTS]
         # Then: the list shows them batched, with a rate
         busy = until(lambda: (w := listed(server, worker))["active_sequences"] == 4 and w["batch_size"] == 4

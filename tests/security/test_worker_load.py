@@ -1,6 +1,7 @@
 """A worker's load on a shared hive: its owner sees it in full, other users only once it is shared, in its public view.
 
-Its own service-mode server (20 ms per decode step, so that four streams run for seconds): alice
+Its own service-mode server (100 ms per decode step, so that four streams of 48 tokens last five
+seconds or more, across several of the hive's once-a-second readings): alice
 loads a worker, runs four streams on it, and bob looks at ``v1/workers`` and the feed.
 """
 
@@ -22,7 +23,7 @@ COUNTERS = ("active_sequences", "queue_length", "batch_size", "max_batch_size", 
 @pytest.fixture(scope="module")
 def load_team(security_hub, rbee_tiny_model, tmp_path_factory):
     server, made = start_team(tmp_path_factory.mktemp("load"), security_hub, rbee_tiny_model,
-                              env={TOKEN_DELAY_ENV: "0.02"}, max_batch_size=8)
+                              env={TOKEN_DELAY_ENV: "0.1"}, max_batch_size=8)
     with server:
         yield made
 
@@ -34,7 +35,7 @@ def listed(client, worker_id: str) -> dict | None:
 def run_streams(team, worker_id: str, n: int = 4) -> list[threading.Thread]:
     def one() -> None:
         with team.http("alice") as alice, alice.stream("POST", "v1/inference", timeout=300, json={
-                "worker_id": worker_id, "prompt": PROMPT, "max_tokens": 32, "temperature": 0}) as r:
+                "worker_id": worker_id, "prompt": PROMPT, "max_tokens": 48, "temperature": 0}) as r:
             assert r.status_code == 200
             for _ in r.iter_text():
                 pass
