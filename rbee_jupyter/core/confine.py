@@ -25,7 +25,9 @@ Checking a path and then reading it by name leaves a gap: a folder on the way sw
 a link in between (a co-user of a group-writable cache can do that) redirects the read.
 :func:`open_resolved` opens a checked path one part at a time, never following a link,
 and :func:`private_copy` copies what transformers reads by name (config, tokenizer, chat
-template) through such descriptors into a folder only this process may enter.
+template; for sentence-transformers, which reads everything by name, the whole model) through
+such descriptors into a folder only this process may enter. A copy a killed process left
+behind is swept by the next one (:func:`sweep_private_copies`).
 """
 
 from __future__ import annotations
