@@ -388,15 +388,17 @@ class Hive:
         from ..events import ImportProgress
         from ..hub import gguf
 
-        source = Path(entry.local_path)
+        source, checked = Path(entry.local_path), False
         if source.is_dir():  # a hub snapshot: the ref names the file inside it, and it must stay there
             from .confine import resolve_inside
 
-            source = resolve_inside(source, ref.filename or "")
-        target = gguf.imported_dir(Path(self.config.cache_dir), source)
-        folder = await asyncio.to_thread(
-            gguf.import_gguf_isolated, source, target, cancel=job.cancel_event, memory_bytes=self._import_budget(),
-            on_progress=lambda p: job.publish_threadsafe(ImportProgress(step=p.step, fraction=p.fraction)))
+            source, checked = resolve_inside(source, ref.filename or ""), True
+        with gguf.opened(source, resolved=checked) as fd:  # read through this descriptor only, in the child too
+            target = gguf.imported_dir(Path(self.config.cache_dir), source, fd=fd)
+            folder = await asyncio.to_thread(
+                gguf.import_gguf_isolated, source, target, fd=fd, cancel=job.cancel_event,
+                memory_bytes=self._import_budget(),
+                on_progress=lambda p: job.publish_threadsafe(ImportProgress(step=p.step, fraction=p.fraction)))
         await asyncio.sleep(0)  # let the last threadsafe progress event land first
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         return CatalogEntry(ref=entry.ref, repo_id=entry.repo_id, revision=entry.revision, local_path=str(folder),

@@ -23,6 +23,7 @@ __all__ = ["EmbeddingRequest", "Embedder", "is_embedding_model", "EMBEDDING_FILE
 #: Files that make a folder a sentence-transformers model (either is enough).
 EMBEDDING_FILES = ("modules.json", "sentence_bert_config.json")
 ENCODING_FORMATS = ("float", "base64")
+_MODULES_BYTES = 1 << 20  # modules.json lists a few modules: a few hundred bytes
 
 
 def is_embedding_model(path: str | Path) -> bool:
@@ -83,6 +84,31 @@ def encode_base64(vector: Sequence[float]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
 
 
+def _module_folders(where: Any) -> list[str]:
+    """The module folders ``modules.json`` names (``1_Pooling``...), read through a checked descriptor.
+
+    Names that are not relative folder names are left to :func:`.confine.private_copy`, which refuses them.
+    """
+    import json
+    import os
+
+    from ..core.confine import open_resolved, resolve_inside
+
+    if not (where.root / "modules.json").is_file():
+        return []  # a bare transformers folder (or sentence_bert_config.json only): sentence-transformers pools it
+    fd = open_resolved(resolve_inside(where, "modules.json"))
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            modules = json.loads(fh.read(_MODULES_BYTES))
+    except ValueError:
+        raise InvalidCheckpoint(f"modules.json of {where.root} is not valid JSON.",
+                                details={"path": str(where.root)}) from None
+    if not isinstance(modules, list):
+        raise InvalidCheckpoint(f"modules.json of {where.root} is not a list of modules.",
+                                details={"path": str(where.root)})
+    return [str(m.get("path", "")) for m in modules if isinstance(m, dict) and m.get("path")]
+
+
 class Embedder:
     """A loaded sentence-transformers model; one ``encode`` at a time (the model is not re-entrant).
 
@@ -101,20 +127,34 @@ class Embedder:
         self.encode_calls = 0  # model.encode calls so far (the worker's /health shows how requests merged)
 
     @classmethod
-    def load(cls, path: str, *, device: str = "cpu", batch_size: int = 32,
+    def load(cls, path: str, *, device: str = "cpu", batch_size: int = 32, confined: bool = True,
              on_loaded: Callable[[int], None] | None = None) -> Embedder:
         """Read the model from its folder onto ``device``; ``on_loaded(bytes)`` reports its size.
 
+        sentence-transformers reads every file of the model by name (``modules.json``, each
+        module's folder, the tokenizer, the weights), after the hive checked the folder: a folder
+        of a shared cache swapped for a link in between would redirect those reads. So it reads
+        a private copy made through descriptors of the checked files (:func:`.confine.private_copy`
+        with the weights and the module folders; embedding models are small), removed once loaded.
+
+        Args:
+            confined: False for a single user's own ``file://`` folder, whose links may lead anywhere.
+
         Raises:
-            InvalidCheckpoint: the folder is not a sentence-transformers model.
+            InvalidCheckpoint: the folder is not a sentence-transformers model, or a file of it leads
+                outside it (or changed since its check).
         """
         from sentence_transformers import SentenceTransformer
 
-        try:
-            model = SentenceTransformer(path, device=device, local_files_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
-            raise InvalidCheckpoint(f"{path} cannot be loaded as a sentence-transformers model: {exc}",
-                                    details={"path": path}) from None
+        from ..core.confine import check_folder, private_copy
+
+        where = check_folder(path, confined=confined)
+        with private_copy(where, weights=True, folders=_module_folders(where)) as copy:
+            try:
+                model = SentenceTransformer(str(copy), device=device, local_files_only=True)
+            except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
+                raise InvalidCheckpoint(f"{path} cannot be loaded as a sentence-transformers model: "
+                                        f"{str(exc).replace(str(copy), path)}", details={"path": path}) from None
         model.eval()
         if on_loaded is not None:
             on_loaded(sum(p.numel() * p.element_size() for p in model.parameters()))

@@ -49,10 +49,11 @@ from typing import Any
 
 from ..errors import (Cancelled, InsufficientDisk, InsufficientRam, InvalidCheckpoint, InvalidRequest, ModelNotFound,
                       OutOfMemory, RbeeError)
+from ..core.confine import fd_path, open_resolved
 from ..core.procs import pid_alive as _pid_alive
 from ..quiet import transformers_bars_off
 
-__all__ = ["ImportProgress", "import_gguf", "demo_gguf", "imported_dir", "MARKER"]
+__all__ = ["ImportProgress", "import_gguf", "demo_gguf", "imported_dir", "open_gguf", "opened", "MARKER"]
 
 MARKER = ".rbee-import-complete"
 _FORMAT = 1  # bump when the folder layout changes, so old imports are redone
@@ -96,8 +97,58 @@ def demo_gguf() -> Path | None:
     return None
 
 
-def _identity(gguf_file: Path) -> dict[str, Any]:
-    """What identifies a GGUF file's content, cheaply (a ``stat`` and 2 MiB read).
+def open_gguf(gguf_file: str | Path, *, resolved: bool = False) -> int:
+    """A read-only descriptor of ``gguf_file``, through which every read of an import goes.
+
+    The import reads the file several times (identity, header, config, tensors, tokenizer) and
+    in a child process; by name, a file or folder swapped for a link between the check and a
+    read (a co-user of a shared cache can do that) would redirect it. Through the descriptor
+    (``/proc/self/fd/N``, inherited by the child) every read is of the file opened here, which
+    is opened one path part at a time without following a link (:func:`.confine.open_resolved`).
+
+    Args:
+        resolved: ``gguf_file`` is already resolved and checked (:func:`.confine.resolve_inside`):
+            it is opened as it is, so a link swapped in since is refused, not followed. Otherwise
+            the path's links are resolved first (a user's own file, or a snapshot's link to its blob).
+
+    Raises:
+        ModelNotFound: no such file. InvalidRequest: it is a folder.
+        InvalidCheckpoint: it cannot be read, or a part of the resolved path is a link now.
+    """
+    path = Path(gguf_file).expanduser().absolute()
+    try:
+        path = path if resolved else path.resolve(strict=True)
+        is_dir = path.is_dir()
+        exists = is_dir or path.exists()
+    except FileNotFoundError:
+        exists = is_dir = False
+    except (OSError, RuntimeError) as exc:  # a link loop, a permission
+        raise InvalidCheckpoint(f"Cannot read {gguf_file}: {getattr(exc, 'strerror', None) or exc}.",
+                                details={"file": str(gguf_file)}) from None
+    if not exists:
+        raise ModelNotFound(f"GGUF file {gguf_file} does not exist; check the path.",
+                            details={"file": str(gguf_file)})
+    if is_dir:
+        raise InvalidRequest(f"{gguf_file} is a folder; pass the .gguf file inside it.",
+                             details={"file": str(gguf_file)})
+    return open_resolved(path)
+
+
+@contextlib.contextmanager
+def opened(gguf_file: str | Path, fd: int | None = None, *, resolved: bool = False) -> Iterator[int]:
+    """``fd`` as it is, or a descriptor of ``gguf_file`` (:func:`open_gguf`) opened here and closed on exit."""
+    if fd is not None:
+        yield fd
+        return
+    fd = open_gguf(gguf_file, resolved=resolved)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _identity(gguf_file: Path, fd: int) -> dict[str, Any]:
+    """What identifies a GGUF file's content, cheaply (a ``stat`` and 2 MiB read), read from ``fd``.
 
     Name, size and modification time change with any ordinary rewrite or new download. The
     SHA-256 of the first and last MiB adds the content: the first holds the metadata and
@@ -107,19 +158,11 @@ def _identity(gguf_file: Path) -> dict[str, Any]:
     every time a notebook asks for the model; a false "changed" only costs a re-import.
     """
     try:
-        st = gguf_file.stat()
+        st = os.fstat(fd)
         digest = hashlib.sha256()
-        with gguf_file.open("rb") as fh:
-            digest.update(fh.read(_MIB))
-            if st.st_size > _MIB:
-                fh.seek(max(_MIB, st.st_size - _MIB))
-                digest.update(fh.read(_MIB))
-    except FileNotFoundError:
-        raise ModelNotFound(f"GGUF file {gguf_file} does not exist; check the path.",
-                            details={"file": str(gguf_file)}) from None
-    except IsADirectoryError:
-        raise InvalidRequest(f"{gguf_file} is a folder; pass the .gguf file inside it.",
-                             details={"file": str(gguf_file)}) from None
+        digest.update(os.pread(fd, _MIB, 0))
+        if st.st_size > _MIB:
+            digest.update(os.pread(fd, _MIB, max(_MIB, st.st_size - _MIB)))
     except OSError as exc:
         raise InvalidCheckpoint(f"Cannot read {gguf_file}: {exc.strerror or exc}.",
                                 details={"file": str(gguf_file)}) from None
@@ -127,15 +170,17 @@ def _identity(gguf_file: Path) -> dict[str, Any]:
             "head_tail_sha256": digest.hexdigest()}
 
 
-def imported_dir(cache_dir: Path, gguf_file: Path) -> Path:
+def imported_dir(cache_dir: Path, gguf_file: Path, *, fd: int | None = None) -> Path:
     """The folder under ``cache_dir / "rbee-gguf"`` where ``gguf_file`` is (or will be) imported.
 
     Named ``<file stem>-<16 hex digits>``, the digits a hash of the file's identity (name,
     size, mtime and a hash of its first and last MiB; see :func:`_identity`), so the same
-    file always maps to the same folder and a changed file to a new one.
+    file always maps to the same folder and a changed file to a new one. ``fd``: the file
+    as :func:`open_gguf` opened it (else it is opened here).
     """
     gguf_file = Path(gguf_file)
-    key = hashlib.sha256(json.dumps(_identity(gguf_file), sort_keys=True).encode()).hexdigest()[:16]
+    with opened(gguf_file, fd) as handle:
+        key = hashlib.sha256(json.dumps(_identity(gguf_file, handle), sort_keys=True).encode()).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", gguf_file.stem).strip(".-")[:80] or "model"
     return Path(cache_dir) / "rbee-gguf" / f"{stem}-{key}"
 
@@ -172,7 +217,7 @@ def _require_gguf() -> None:
                                 f"(at least {_GGUF_MIN_VERSION}).", details={"gguf": have})
 
 
-def _read_header(gguf_file: Path) -> tuple[str, int, Any]:
+def _read_header(gguf_file: Path, read: str) -> tuple[str, int, Any]:
     """``(architecture, bytes the weights take once imported, torch dtype to import in)``.
 
     Parses the metadata and the tensor table (milliseconds, no tensor data) and checks that
@@ -182,9 +227,9 @@ def _read_header(gguf_file: Path) -> tuple[str, int, Any]:
     import torch
     from transformers.integrations.gguf import GgufHeader
 
-    size = gguf_file.stat().st_size
+    size = os.stat(read).st_size
     try:
-        header = GgufHeader.from_file(str(gguf_file))
+        header = GgufHeader.from_file(read)
     except MemoryError:
         raise
     except OSError as exc:
@@ -312,7 +357,7 @@ def _tensor_progress(report: Callable[[str, float], None], cancel: threading.Eve
 
 # --- the import ----------------------------------------------------------------------------
 
-def import_gguf_isolated(gguf_file: str | Path, out_dir: str | Path, *, memory_bytes: int,
+def import_gguf_isolated(gguf_file: str | Path, out_dir: str | Path, *, memory_bytes: int, fd: int | None = None,
                          on_progress: Callable[[ImportProgress], None] | None = None,
                          cancel: threading.Event | None = None) -> Path:
     """:func:`import_gguf` in a child process whose memory may grow by at most ``memory_bytes``.
@@ -321,30 +366,34 @@ def import_gguf_isolated(gguf_file: str | Path, out_dir: str | Path, *, memory_b
     and dequantized in the child (:mod:`.isolate`), so a hostile or oversized file costs that
     child, never the server. Same results, progress and errors as :func:`import_gguf`, plus
     ``OutOfMemory`` past the limit; a cancel kills the child and its temporary folder is
-    swept at once.
+    swept at once. The child reads the file through the descriptor ``fd`` (:func:`open_gguf`;
+    opened here when not given), never by its name.
     """
     from .isolate import run_isolated
 
     out_dir = Path(out_dir).expanduser().absolute()
     try:
-        done = run_isolated(f"{__name__}:_import_in_child", {"gguf_file": str(gguf_file), "out_dir": str(out_dir)},
-                            memory_bytes=memory_bytes, cancel=cancel, preload=("torch", "transformers"),
-                            on_message=None if on_progress is None else lambda m: on_progress(ImportProgress(*m)),
-                            what=f"The GGUF import of {Path(gguf_file).name}")
+        with opened(gguf_file, fd) as handle:
+            done = run_isolated(
+                f"{__name__}:_import_in_child", {"gguf_file": str(gguf_file), "out_dir": str(out_dir), "fd": handle},
+                memory_bytes=memory_bytes, cancel=cancel, preload=("torch", "transformers"), pass_fds=(handle,),
+                on_message=None if on_progress is None else lambda m: on_progress(ImportProgress(*m)),
+                what=f"The GGUF import of {Path(gguf_file).name}")
     except BaseException:
         _sweep_stale(out_dir)  # the child is gone: its temporary folder goes too
         raise
     return Path(done)
 
 
-def _import_in_child(emit: Callable[[Any], None], *, gguf_file: str, out_dir: str) -> str:
-    return str(import_gguf(gguf_file, out_dir, on_progress=lambda p: emit([p.step, p.fraction])))
+def _import_in_child(emit: Callable[[Any], None], *, gguf_file: str, out_dir: str, fd: int) -> str:
+    return str(import_gguf(gguf_file, out_dir, fd=fd, on_progress=lambda p: emit([p.step, p.fraction])))
 
 
 def import_gguf(
     gguf_file: str | Path,
     out_dir: str | Path,
     *,
+    fd: int | None = None,
     on_progress: Callable[[ImportProgress], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> Path:
@@ -353,6 +402,7 @@ def import_gguf(
     A folder already imported from this very file (same identity, see :func:`imported_dir`)
     is returned at once, with a single ``done`` progress. A folder imported from another
     version of the file is replaced (atomically); any other non-empty folder is refused.
+    Every read of the file goes through ``fd`` (:func:`open_gguf`; opened here when not given).
 
     Raises:
         ModelNotFound: the file does not exist.
@@ -363,7 +413,14 @@ def import_gguf(
         Cancelled: ``cancel`` was set; nothing is left behind.
     """
     gguf_file = Path(gguf_file).expanduser().absolute()
-    out_dir = Path(out_dir).expanduser().absolute()
+    with opened(gguf_file, fd) as handle:
+        return _import(gguf_file, fd_path(handle, gguf_file), _identity(gguf_file, handle),
+                       Path(out_dir).expanduser().absolute(), on_progress, cancel)
+
+
+def _import(gguf_file: Path, read: str, identity: dict, out_dir: Path,
+            on_progress: Callable[[ImportProgress], None] | None, cancel: threading.Event | None) -> Path:
+    """:func:`import_gguf` of the file open as ``read`` (``/proc/self/fd/N``); ``gguf_file`` names it."""
     last = [-1.0]
 
     def report(step: str, fraction: float) -> None:
@@ -376,7 +433,6 @@ def import_gguf(
             raise Cancelled(f"The GGUF import of {gguf_file.name} was cancelled before {step}; nothing was kept.",
                             details={"step": step})
 
-    identity = _identity(gguf_file)
     if _is_complete(out_dir, identity):
         report("done", _F_DONE)
         return out_dir
@@ -384,7 +440,7 @@ def import_gguf(
     report("reading gguf", _F_READ)
     _require_gguf()
     _prepare_target(out_dir)
-    architecture, weight_bytes, dtype = _read_header(gguf_file)
+    architecture, weight_bytes, dtype = _read_header(gguf_file, read)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(out_dir.parent, weight_bytes)
     _check_ram(weight_bytes)
@@ -395,13 +451,13 @@ def import_gguf(
     # our events are the progress; transformers' own bars would leak into cells
     with transformers_bars_off():
         try:
-            config = _config(tmp, gguf_file, architecture)
+            config = _config(tmp, gguf_file, read, architecture)
             check_cancel("dequantizing")
             report("dequantizing", _F_DEQUANT)
-            model = _dequantize(tmp, gguf_file, config, architecture, dtype, report, cancel)
+            model = _dequantize(tmp, gguf_file, read, config, architecture, dtype, report, cancel)
             check_cancel("tokenizer")
             report("tokenizer", _F_TOKENIZER)
-            tokenizer = _tokenizer(tmp, gguf_file)
+            tokenizer = _tokenizer(tmp, gguf_file, read)
             check_cancel("writing safetensors")
             report("writing safetensors", _F_WRITE)
             _save(model, tokenizer, tmp, out_dir)
@@ -428,7 +484,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _config(tmp: Path, gguf_file: Path, architecture: str):
+def _config(tmp: Path, gguf_file: Path, read: str, architecture: str):
     """The transformers config rebuilt from the GGUF metadata; fails for architectures transformers lacks.
 
     ``tmp`` is empty at this point and serves as the "repository": transformers resolves an
@@ -438,7 +494,7 @@ def _config(tmp: Path, gguf_file: Path, architecture: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(tmp), gguf_file=str(gguf_file), local_files_only=True)
+        return AutoConfig.from_pretrained(str(tmp), gguf_file=read, local_files_only=True)
     except Exception as exc:
         raise InvalidCheckpoint(
             f"{gguf_file.name} has architecture {architecture!r}, which transformers {transformers.__version__} "
@@ -447,7 +503,7 @@ def _config(tmp: Path, gguf_file: Path, architecture: str):
             details={"file": str(gguf_file), "architecture": architecture}) from None
 
 
-def _dequantize(tmp: Path, gguf_file: Path, config, architecture: str, dtype, report, cancel):
+def _dequantize(tmp: Path, gguf_file: Path, read: str, config, architecture: str, dtype, report, cancel):
     """``from_pretrained(gguf_file=...)`` with every tensor unpacked, detached from the GGUF quantizer."""
     import transformers
     from transformers import AutoModelForCausalLM, GgufConfig
@@ -456,7 +512,7 @@ def _dequantize(tmp: Path, gguf_file: Path, config, architecture: str, dtype, re
     _hook.wrap = _tensor_progress(report, cancel)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(tmp), gguf_file=str(gguf_file), config=config, dtype=dtype, local_files_only=True,
+            str(tmp), gguf_file=read, config=config, dtype=dtype, local_files_only=True,
             quantization_config=GgufConfig(dequantize=True))
     except RbeeError:
         raise
@@ -476,12 +532,12 @@ def _dequantize(tmp: Path, gguf_file: Path, config, architecture: str, dtype, re
     return model
 
 
-def _tokenizer(tmp: Path, gguf_file: Path):
+def _tokenizer(tmp: Path, gguf_file: Path, read: str):
     """The tokenizer from the GGUF metadata, chat template included when the file has one."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(tmp), gguf_file=str(gguf_file), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(tmp), gguf_file=read, local_files_only=True)
     except Exception as exc:
         raise InvalidCheckpoint(f"Could not build a tokenizer from {gguf_file.name}'s metadata: "
                                 f"{type(exc).__name__}: {exc}", details={"file": str(gguf_file)}) from None

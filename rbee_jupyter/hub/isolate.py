@@ -37,7 +37,7 @@ _MIB = 1 << 20
 
 def run_isolated(target: str, kwargs: dict[str, Any], *, memory_bytes: int,
                  on_message: Callable[[Any], None] | None = None, cancel: threading.Event | None = None,
-                 preload: Sequence[str] = (), what: str = "The job") -> Any:
+                 preload: Sequence[str] = (), what: str = "The job", pass_fds: Sequence[int] = ()) -> Any:
     """``target(emit, **kwargs)`` in a child process whose address space may grow by ``memory_bytes``.
 
     Args:
@@ -49,6 +49,8 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, memory_bytes: int,
         cancel: set it to kill the child; :class:`Cancelled` is raised.
         preload: modules imported before the limit is set.
         what: how messages name the job ("The GGUF import of x.gguf").
+        pass_fds: descriptors the child inherits under the same numbers (a checked file, opened here,
+            that the child reads as ``/proc/self/fd/N`` rather than by a name that may change).
 
     Returns:
         What ``target`` returned.
@@ -62,7 +64,7 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, memory_bytes: int,
 
     proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=worker_env({"PYTHONUNBUFFERED": "1"}),
-                            start_new_session=True)
+                            start_new_session=True, pass_fds=tuple(pass_fds))
     done = threading.Event()
     tail: list[str] = []
 

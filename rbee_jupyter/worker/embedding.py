@@ -75,6 +75,7 @@ class EmbeddingRuntime(WorkerRuntime):
             c = self.config
             device = c.devices[0] if c.devices else "cpu"
             embedder = Embedder.load(c.model_path, device=device, batch_size=int(c.extra.get("batch_size", 32)),
+                                     confined=c.confined,
                                      on_loaded=lambda n: self._on_progress(
                                          _Progress(1, 1, "model", device, {device: n})))
             timeline.mark("finish")
