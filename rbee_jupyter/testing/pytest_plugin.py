@@ -9,14 +9,21 @@ cache folder::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .hub import Faults, HubServer
-from .tiny_model import make_tiny_model
+# One CPU thread for torch here and in every worker and kernel the tests start (they inherit it),
+# set before anything imports torch: the tests' tiny models gain nothing from a second thread, and
+# on a machine that other work keeps busy an OpenMP team of two stalls at every op (a tiny worker
+# made 3 tokens/s instead of 80 with a core held by another process). An explicit setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from .hub import Faults, HubServer  # noqa: E402 - after the thread setting above
+from .tiny_model import make_tiny_model  # noqa: E402
 
 TINY_REPO = "rbee-test/tiny-llama"
 SHARDED_REPO = "rbee-test/tiny-llama-sharded"
