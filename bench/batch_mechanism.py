@@ -10,10 +10,11 @@ In this process, same model, same prompts, greedy, ``--tokens`` new tokens for e
 
 Reports aggregate tok/s (all new tokens / wall time) per mechanism and the ratio to ``single``.
 Models: ``tiny`` (the tests' Llama, hidden 64) and ``135m`` (SmolLM2-135M's shape, random
-weights, as bench/inference.py makes it), each in fp32 and nf4.
+weights, as bench/inference.py makes it); weights ``none`` (fp32), ``bf16``, ``nf4``, ``int8``
+(bitsandbytes, quantized at load as the worker does).
 
-Usage: python bench/batch_mechanism.py [--models tiny,135m] [--quant none,nf4] [--batch 8]
-                                       [--tokens 16] [--rounds 2]
+Usage: python bench/batch_mechanism.py [--models tiny,135m] [--quant none,bf16,nf4,int8] [--batch 8]
+                                       [--tokens 16] [--rounds 2] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ PROMPTS = ["Once upon a time", "The quick brown fox jumps over", "Jupyter notebo
            "The lazy dog sleeps all day long"]
 
 
-def model_dir(name: str, work: Path) -> Path:
+def model_dir(name: str, work: Path, reuse: Path | None = None) -> Path:
     if name == "tiny":
         from rbee_jupyter.testing.tiny_model import make_tiny_model
 
         return make_tiny_model(work / "tiny")
     from inference import make_model
 
-    return make_model(work / "smollm2-135m-shape")
+    return make_model(reuse or work / "smollm2-135m-shape")
 
 
 def run_single(gen, prompts, tokens) -> int:
@@ -86,8 +87,9 @@ def bench(name: str, quant: str, args, work: Path) -> dict[str, float]:
     from rbee_jupyter.engine.loader import load_model
 
     torch.manual_seed(0)
-    folder = model_dir(name, work)
-    model = load_model(folder, quantization=None if quant == "none" else quant)
+    folder = model_dir(name, work, args.model_dir)
+    model = load_model(folder, quantization=quant if quant in ("nf4", "fp4", "int8") else None,
+                       dtype="bfloat16" if quant == "bf16" else None)
     tok = AutoTokenizer.from_pretrained(folder)
     gen = Generator(model, tok)
     gen.eos_token_ids = frozenset()  # random weights: run the full length everywhere
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--model-dir", type=Path, default=None, help="reuse (or create) the 135M checkpoint here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
