@@ -19,7 +19,7 @@ import pytest
 # One CPU thread for torch here and in every worker and kernel the tests start (they inherit it),
 # set before anything imports torch: the tests' tiny models gain nothing from a second thread, and
 # on a machine that other work keeps busy an OpenMP team of two stalls at every op (a tiny worker
-# made 3 tokens/s instead of 80 with a core held by another process). An explicit setting wins.
+# made 3 tokens/s with two threads, 80 with one, while other processes kept both cores busy). An explicit setting wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from .hub import Faults, HubServer  # noqa: E402 - after the thread setting above
