@@ -291,6 +291,12 @@ async def test_a_full_queue_answers_503_worker_busy(worker):
         body = {"prompt": PROMPT, "max_tokens": 200}
         running = asyncio.ensure_future(read_stream(a, "POST", "/generate", timeout=WAIT_S,
                                                     json={**body, "request_id": "req-a"}))
+
+        async def first_running():
+            return (await health(control))["running"] == "req-a"
+        # two requests sent at once may be accepted in either order: send the second only once the
+        # first runs, so which one waits is known
+        await until(first_running, WAIT_S, "the first request to run")
         queued = asyncio.ensure_future(read_stream(b, "POST", "/generate", timeout=WAIT_S,
                                                    json={**body, "request_id": "req-b"}))
 
