@@ -173,6 +173,33 @@ def test_a_gguf_is_read_through_the_descriptor_checked_not_a_file_swapped_in(two
     assert refused.value.code == "INVALID_CHECKPOINT"
 
 
+async def test_a_local_gguf_swapped_for_a_link_after_post_is_not_read(two_ggufs, tmp_path):
+    """Service mode: a ``file://`` GGUF is allowed at POST; by the time its import runs, bob has swapped it
+    for a link to a GGUF outside the allowed folders. The import checks again and reads nothing of it."""
+    from rbee_jupyter.core.hive import Hive, HiveConfig
+    from rbee_jupyter.core.jobs import JobState
+    from rbee_jupyter.core.owners import Principal
+
+    mine, outside = two_ggufs
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    path = allowed / "tiny.Q8_0.gguf"
+    shutil.copy(mine, path)
+    hive = Hive(HiveConfig(cache_dir=tmp_path / "cache", catalog_path=tmp_path / "catalog.sqlite", service_mode=True,
+                           allowed_local_dirs=(str(allowed),)))
+    try:
+        job = hive.download(f"file://{path}", principal=Principal("alice"))  # checked here: inside the allowed folder
+        path.unlink()
+        path.symlink_to(outside)  # before the job's first step runs
+        assert await job.wait(120) is JobState.ERROR
+        error = job.last.event
+        assert error.code == "ACCESS_DENIED" and "outside the folders" in error.message
+        assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+        assert hive.catalog.get(f"file://{path}") is None
+    finally:
+        await hive.stop()
+
+
 # --- private copies left by killed workers ----------------------------------------------------------
 
 _HOLD_A_COPY = """
