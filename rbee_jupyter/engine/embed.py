@@ -24,6 +24,7 @@ __all__ = ["EmbeddingRequest", "Embedder", "is_embedding_model", "EMBEDDING_FILE
 EMBEDDING_FILES = ("modules.json", "sentence_bert_config.json")
 ENCODING_FORMATS = ("float", "base64")
 _MODULES_BYTES = 1 << 20  # modules.json lists a few modules: a few hundred bytes
+_ROUTER_DEPTH = 3  # routers inside routers: real models nest one level
 
 
 def is_embedding_model(path: str | Path) -> bool:
@@ -85,28 +86,51 @@ def encode_base64(vector: Sequence[float]) -> str:
 
 
 def _module_folders(where: Any) -> list[str]:
-    """The module folders ``modules.json`` names (``1_Pooling``...), read through a checked descriptor.
+    """The module folders the model is made of, each read by its JSON through a checked descriptor.
 
-    Names that are not relative folder names are left to :func:`.confine.private_copy`, which refuses them.
+    ``modules.json`` names the top modules (``1_Pooling``...). A ``Router`` (or its older name
+    ``Asym``: a query and a document branch) keeps its own modules in sub-folders that its
+    ``router_config.json`` (``config.json`` for ``Asym``) names, and a branch may be a router in
+    turn: followed :data:`_ROUTER_DEPTH` levels down. Names that are not relative folder names
+    are left to :func:`.confine.private_copy`, which refuses them.
     """
+    if not (where.root / "modules.json").is_file():
+        return []  # a bare transformers folder (or sentence_bert_config.json only): sentence-transformers pools it
+    modules = _checked_json(where, "modules.json")
+    if not isinstance(modules, list):
+        raise InvalidCheckpoint(f"modules.json of {where.root} is not a list of modules.",
+                                details={"path": str(where.root)})
+    folders: list[str] = []
+    pending = [(str(m.get("path") or ""), str(m.get("type") or ""), 0) for m in modules if isinstance(m, dict)]
+    while pending:
+        folder, kind, depth = pending.pop(0)
+        if folder:
+            folders.append(folder)
+        router = kind.rsplit(".", 1)[-1] in ("Router", "Asym")
+        if not router or depth >= _ROUTER_DEPTH:
+            continue  # a router deeper than that fails to load: its branches are not in the copy
+        name = "router_config.json" if kind.endswith("Router") else "config.json"
+        config = _checked_json(where, f"{folder}/{name}" if folder else name)
+        types = config.get("types") if isinstance(config, dict) else None
+        if isinstance(types, dict):
+            pending += [(f"{folder}/{sub}" if folder else str(sub), str(t), depth + 1) for sub, t in types.items()]
+    return folders
+
+
+def _checked_json(where: Any, name: str) -> Any:
+    """A small JSON file of the model, read through a descriptor of the file that was checked."""
     import json
     import os
 
     from ..core.confine import open_resolved, resolve_inside
 
-    if not (where.root / "modules.json").is_file():
-        return []  # a bare transformers folder (or sentence_bert_config.json only): sentence-transformers pools it
-    fd = open_resolved(resolve_inside(where, "modules.json"))
+    fd = open_resolved(resolve_inside(where, name))
     try:
         with os.fdopen(fd, "rb") as fh:
-            modules = json.loads(fh.read(_MODULES_BYTES))
+            return json.loads(fh.read(_MODULES_BYTES))
     except ValueError:
-        raise InvalidCheckpoint(f"modules.json of {where.root} is not valid JSON.",
-                                details={"path": str(where.root)}) from None
-    if not isinstance(modules, list):
-        raise InvalidCheckpoint(f"modules.json of {where.root} is not a list of modules.",
-                                details={"path": str(where.root)})
-    return [str(m.get("path", "")) for m in modules if isinstance(m, dict) and m.get("path")]
+        raise InvalidCheckpoint(f"{name} of {where.root} is not valid JSON.",
+                                details={"path": str(where.root), "file": name}) from None
 
 
 class Embedder:
@@ -147,11 +171,13 @@ class Embedder:
         from sentence_transformers import SentenceTransformer
 
         from ..core.confine import check_folder, private_copy
+        from ..quiet import transformers_bars_off
 
         where = check_folder(path, confined=confined)
         with private_copy(where, weights=True, folders=_module_folders(where)) as copy:
             try:
-                model = SentenceTransformer(str(copy), device=device, local_files_only=True)
+                with transformers_bars_off():  # its "Loading weights" bar is not ours to print
+                    model = SentenceTransformer(str(copy), device=device, local_files_only=True)
             except Exception as exc:  # noqa: BLE001 - any failure is an unusable model folder
                 raise InvalidCheckpoint(f"{path} cannot be loaded as a sentence-transformers model: "
                                         f"{str(exc).replace(str(copy), path)}", details={"path": path}) from None

@@ -70,3 +70,25 @@ def make_tiny_embedder(path: str | Path, *, hidden: int = 32, layers: int = 2, h
     model.save(str(path))
     shutil.rmtree(base)
     return path
+
+
+def make_tiny_router_embedder(path: str | Path, embedder: str | Path) -> Path:
+    """Write an asymmetric model: a ``Router`` whose query and document branches are two tiny BERTs
+    (``embedder``'s and one of another seed), then mean pooling and normalisation.
+
+    The branches live in sub-folders that only the router's ``router_config.json`` names, one level
+    below the top modules, as sentence-transformers saves query/document models.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.router import Router
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    path = Path(path)
+    other = make_tiny_embedder(path.parent / f".{path.name}-document", seed=1)
+    with transformers_bars_off():
+        query, document = (SentenceTransformer(str(p), device="cpu")[0] for p in (embedder, other))
+        router = Router.for_query_document(query_modules=[query], document_modules=[document])
+        SentenceTransformer(modules=[router, Pooling(query.get_embedding_dimension(), pooling_mode="mean"),
+                                     Normalize()], device="cpu").save(str(path))
+    shutil.rmtree(other)
+    return path

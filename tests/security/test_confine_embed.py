@@ -130,6 +130,34 @@ def test_an_embedding_model_linking_outside_its_folder_is_refused(rbee_tiny_embe
     assert Embedder.load(str(folder), confined=False).dimension == 32  # a single user's own folder: as before
 
 
+def test_an_asymmetric_model_loads_from_its_copy_and_its_branches_stay_inside(rbee_tiny_embedder, tmp_path,
+                                                                               private_tmp):
+    """A Router's query and document branches live in folders only its router_config.json names: the copy
+    holds them (the model loads, and encodes as sentence-transformers does from the folder itself), and a
+    branch named outside the model is refused like any module folder."""
+    from sentence_transformers import SentenceTransformer
+
+    from rbee_jupyter.engine.embed import Embedder
+    from rbee_jupyter.testing.tiny_embedder import make_tiny_router_embedder
+
+    folder = make_tiny_router_embedder(tmp_path / "routed", rbee_tiny_embedder)
+    texts = ["a question", "a passage of text"]
+    direct = SentenceTransformer(str(folder), device="cpu")
+    want = {task: direct.encode(texts, task=task) for task in ("query", "document")}
+    assert not (want["query"] == want["document"]).all()  # two branches, two different models
+
+    embedder = Embedder.load(str(folder))
+    for task, vectors in want.items():
+        assert (embedder.model.encode(texts, task=task) == vectors).all()
+    assert list(private_tmp.iterdir()) == []
+
+    config = json.loads((folder / "router_config.json").read_text())
+    config["types"] = {"../../elsewhere": next(iter(config["types"].values()))}
+    (folder / "router_config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidCheckpoint, match="absolute names and '..' are not allowed"):
+        Embedder.load(str(folder))
+
+
 # --- GGUF ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
