@@ -85,12 +85,13 @@ def run_script(script: str, env: dict[str, str], on_line) -> tuple[int, str]:
 
 def test_share_button_and_load_line_in_a_shared_hive(rbee_hub, tmp_path):
     """Service mode: alice's row shows its kind and, while four streams run, its load; Share and Unshare
-    change what bob sees."""
+    change what bob sees; a load refused at POST (her cap) shows its reason in place at once."""
     assert (LABEXT / "node_modules" / "playwright-core").exists(), "node packages missing: run labextension/ci.sh"
     pytest.importorskip("jupyterlab", reason="jupyterlab is a test extra")
     shots = Path(os.environ.get("RBEE_SHOTS") or tmp_path / "screenshots")
     settings = {"cache_dir": str(tmp_path / "cache"), "catalog_path": str(tmp_path / "catalog.sqlite"),
-                "hub_endpoint": rbee_hub.url, "sse_keepalive_s": 2.0, "service_mode": True, "max_batch_size": 8}
+                "hub_endpoint": rbee_hub.url, "sse_keepalive_s": 2.0, "service_mode": True, "max_batch_size": 8,
+                "max_user_workers": 1}  # her one worker is her cap: the scenario's last load is refused
     server = ServerProcess(tmp_path / "lab", rbee=settings, module="jupyterlab", startup_timeout=120,
                            env={"RBEE_WORKER_TOKEN_DELAY_S": "0.03"},
                            server={"jpserver_extensions": {"rbee_jupyter": True, "jupyterlab": True},

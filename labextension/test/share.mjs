@@ -65,4 +65,20 @@ await run(async page => {
   await shot(page, 'unshared', 'share-');
   step('Unshare takes it back');
   assert(!(await panel.locator('.rbee-workers .rbee-error').isVisible()), 'no error shown');
+
+  // --- a load the hive refuses at POST: the reason at once, where she clicked ---------------------
+  // alice holds her cap of one worker (c.RbeeApp.max_user_workers = 1 in this test)
+  const model = panel.locator('.rbee-models li').first();
+  await model.getByRole('button', { name: /^Load / }).click({ timeout: T });
+  const dialog = page.locator('.jp-Dialog');
+  await dialog.waitFor({ timeout: T });
+  await dialog.getByRole('button', { name: 'Load' }).click();
+  const refusal = panel.locator('.rbee-models .rbee-error');
+  await refusal.waitFor({ state: 'visible', timeout: T });
+  const why = await refusal.textContent();
+  assert(/^alice already has 1 worker \(loading or loaded.*c\.RbeeApp\.max_user_workers = 1/.test(why), `the refusal says why (${why})`);
+  assert((await panel.locator('.rbee-workers li[data-state]').count()) === 1, 'no second worker appears');
+  assert((await panel.locator('.rbee-downloads li[data-state]').count()) === 0, 'nothing is downloaded for it');
+  await shot(page, 'load-refused', 'share-');
+  step(`a refused load says why in place: ${why}`);
 });

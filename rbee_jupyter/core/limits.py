@@ -15,8 +15,13 @@ from ..errors import UserLimit
 __all__ = ["UserLimits", "check_cap"]
 
 _TRAITS = {"workers": "max_user_workers", "downloads": "max_user_downloads", "streams": "max_user_streams"}
-_WHAT = {"workers": "workers (loading or loaded, engines included)", "downloads": "downloads running",
-         "streams": "generations streaming"}
+_WHAT = {"workers": ("worker", "workers", " (loading or loaded, engines included)"),
+         "downloads": ("download", "downloads", " running"), "streams": ("generation", "generations", " streaming")}
+
+
+def _held(cap: str, n: int) -> str:
+    one, many, how = _WHAT[cap]
+    return f"{n} {one if n == 1 else many}{how}"
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,6 @@ def check_cap(cap: str, limit: int, held: int, user: str) -> None:
     if limit <= 0 or held < limit:
         return
     trait = f"c.RbeeApp.{_TRAITS[cap]}"
-    raise UserLimit(f"{user} already has {held} {_WHAT[cap]}, the most one user may have on this shared hive "
+    raise UserLimit(f"{user} already has {_held(cap, held)}, the most one user may have on this shared hive "
                     f"({trait} = {limit}). Stop one first, or ask an administrator to raise {trait}.",
                     details={"cap": cap, "limit": limit, "held": held, "trait": trait, "user": user})
