@@ -25,6 +25,7 @@ EMBEDDING_FILES = ("modules.json", "sentence_bert_config.json")
 ENCODING_FORMATS = ("float", "base64")
 _MODULES_BYTES = 1 << 20  # modules.json lists a few modules: a few hundred bytes
 _ROUTER_DEPTH = 3  # routers inside routers: real models nest one level
+_MAX_MODULES = 256  # module folders one model may name; real ones have a handful
 
 
 def is_embedding_model(path: str | Path) -> bool:
@@ -106,6 +107,9 @@ def _module_folders(where: Any) -> list[str]:
         folder, kind, depth = pending.pop(0)
         if folder:
             folders.append(folder)
+        if len(folders) > _MAX_MODULES:
+            raise InvalidCheckpoint(f"{where.root} names more than {_MAX_MODULES} module folders.",
+                                    details={"path": str(where.root)})
         router = kind.rsplit(".", 1)[-1] in ("Router", "Asym")
         if not router or depth >= _ROUTER_DEPTH:
             continue  # a router deeper than that fails to load: its branches are not in the copy

@@ -156,6 +156,11 @@ def test_an_asymmetric_model_loads_from_its_copy_and_its_branches_stay_inside(rb
     (folder / "router_config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidCheckpoint, match="absolute names and '..' are not allowed"):
         Embedder.load(str(folder))
+    config["types"] = {f"branch_{i}": "sentence_transformers.sentence_transformer.modules.Transformer"
+                       for i in range(300)}
+    (folder / "router_config.json").write_text(json.dumps(config))  # a hostile config: bounded, not walked
+    with pytest.raises(InvalidCheckpoint, match="names more than 256 module folders"):
+        Embedder.load(str(folder))
 
 
 # --- GGUF ----------------------------------------------------------------------------------------
