@@ -41,9 +41,12 @@ def test_a_chunked_body_is_cut_at_the_limit(team):
             r = bob.post("v1/inference", content=iter([b" " * 65536] * 40),
                          headers={"Content-Type": "application/json"})
         except httpx.TransportError:
-            r = None  # Tornado drops the connection at max_body_bytes: nothing more is read
-        # Then it is never taken as a request, and the service goes on answering
-        assert r is None or r.status_code == 413, r.text
+            r = None
+        # Then the connection stops reading at max_body_bytes and closes: a client still sending sees it
+        # dropped; one whose last bytes were already on their way reads Tornado's own bare "400 Bad
+        # Request", its answer to any message it will not read (which of the two is a race on a busy
+        # machine). Either way it is never taken as a request, and the service goes on answering
+        assert r is None or (r.status_code == 400 and r.content == b""), r.text
         assert bob.get("v1/models").status_code == 200
 
 
