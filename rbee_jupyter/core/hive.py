@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -315,9 +314,18 @@ class Hive:
 
     def _check_local(self, ref: ModelRef) -> None:
         if self.config.service_mode and ref.scheme == "file":
-            check_local_path(ref.path or "", self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
+            self._allowed_local(ref.path or "")
         if ref.scheme == "file" and not ref.is_gguf and self._confined(ref):
             check_folder(ref.path or "")  # 400 now for a link out of the folder, before any job starts
+
+    def _allowed_local(self, path: str) -> Path:
+        """``path`` resolved now, or ``ACCESS_DENIED`` when that is outside ``allowed_local_dirs`` (service mode).
+
+        What is read must be the path checked: a co-user who can write in an allowed folder may swap a
+        part of it for a link later. A GGUF import checks again when it starts and opens the returned
+        path one part at a time without following links (``gguf.opened(resolved=True)``).
+        """
+        return Path(check_local_path(path, self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir)))
 
     def _confined(self, ref: ModelRef) -> bool:
         """Whether every file of the model must stay inside its folder (core/confine.py): always, except a
@@ -395,7 +403,7 @@ class Hive:
 
             source, checked = resolve_inside(source, ref.filename or ""), True
         elif self.config.service_mode:  # a file:// GGUF, allowed at POST, maybe long before this job ran
-            source, checked = self._allowed_local_file(source), True
+            source, checked = self._allowed_local(str(source)), True
         with gguf.opened(source, resolved=checked) as fd:  # read through this descriptor only, in the child too
             target = gguf.imported_dir(Path(self.config.cache_dir), source, fd=fd)
             folder = await asyncio.to_thread(
@@ -407,19 +415,6 @@ class Hive:
         return CatalogEntry(ref=entry.ref, repo_id=entry.repo_id, revision=entry.revision, local_path=str(folder),
                             size_bytes=sum((folder / f).stat().st_size for f in files), files=files,
                             source=entry.source, restricted=entry.restricted)
-
-    def _allowed_local_file(self, path: Path) -> Path:
-        """``path`` resolved now and checked against ``allowed_local_dirs`` again, to be opened without links.
-
-        The check at POST resolved the path then; a co-user who can write in an allowed folder could
-        since have swapped a part of it for a link to a file of the server's account. Checked again
-        here, and opened one part at a time without following links (``gguf.opened(resolved=True)``),
-        what is read is inside an allowed folder, or the job fails with ``ACCESS_DENIED`` or
-        ``INVALID_CHECKPOINT``.
-        """
-        real = Path(os.path.realpath(path))
-        check_local_path(str(real), self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir))
-        return real
 
     def _import_budget(self) -> int:
         """Bytes a GGUF import's helper process may grow by: the configured cap, else what the host has free."""

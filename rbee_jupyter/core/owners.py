@@ -101,8 +101,8 @@ def public_worker(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_local_path(path: str, allowed_dirs: Iterable[str], *, cache_dir: str | None = None) -> None:
-    """Raise ``AccessDenied`` unless ``path`` resolves (symlinks followed) inside an allowed folder.
+def check_local_path(path: str, allowed_dirs: Iterable[str], *, cache_dir: str | None = None) -> str:
+    """``path`` resolved (symlinks followed); ``AccessDenied`` unless that is inside an allowed folder.
 
     The real path is compared, not the text, so a symlink inside an allowed folder that
     points elsewhere does not open the rest of the machine. The model cache is never a
@@ -115,7 +115,7 @@ def check_local_path(path: str, allowed_dirs: Iterable[str], *, cache_dir: str |
         raise AccessDenied(f"{path} is inside the model cache; ask for the model by its hub ref (hf:org/repo).",
                            details={"path": path})
     if any(_inside(real, root) for root in roots):
-        return
+        return real
     listed = ", ".join(roots) if roots else "none are listed"
     raise AccessDenied(f"{path} is outside the folders this shared server may read models from ({listed}). "
                        "Ask the administrator to add its folder to c.RbeeApp.allowed_local_dirs, or download "
