@@ -456,6 +456,7 @@ class WorkerSpec:
     node: str | None = None  # a cluster node asked for by name or id (pools that have nodes; validated first)
     kind: str = "generate"  # "embedding": a sentence-transformers model served by worker/embedding.py
     confined: bool = True  # False: a single user's own file:// folder, whose links may lead outside it
+    pinned: bool = False  # True: model_path is the real path the hive checked (see WorkerConfig.pinned)
 
     def worker_config(self, worker_id: str, **overrides: Any) -> WorkerConfig:
         """The start-up spec a worker reads: this load's fields plus the transport's ``overrides``."""
@@ -490,6 +491,9 @@ class WorkerConfig:
     kind: str = "generate"  # "generate" (a causal LM) or "embedding" (a sentence-transformers model)
     #: False: a single user's own file:// folder, whose links may lead outside it (core/confine.py).
     confined: bool = True
+    #: True: ``model_path`` is the real path the hive resolved and checked (a shared server's file://
+    #: folder, allowed by ``allowed_local_dirs``); the worker refuses it if it now resolves elsewhere.
+    pinned: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -516,6 +520,8 @@ class WorkerConfig:
             raise InvalidRequest(f"kind must be one of {', '.join(WORKER_KINDS)}")
         if not isinstance(config.confined, bool):
             raise InvalidRequest("confined must be true or false")
+        if not isinstance(config.pinned, bool):
+            raise InvalidRequest("pinned must be true or false")
         return config
 
     def to_json(self) -> str:

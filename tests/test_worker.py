@@ -319,6 +319,25 @@ async def test_a_full_queue_answers_503_worker_busy(worker):
         await until_idle(control)
 
 
+async def test_a_pinned_path_that_now_leads_elsewhere_is_not_loaded(rbee_tiny_model, tmp_path):
+    """A shared server hands a worker the real path it checked (``pinned``); a part of it swapped for a
+    link since then makes the load fail before anything is read, and the worker serves nothing."""
+    real = tmp_path / "allowed" / "model"
+    real.parent.mkdir()
+    real.symlink_to(rbee_tiny_model)  # what the path is now: a link (to a model, as an attacker would make it)
+    w = spawn(real, pinned=True, worker_id="w-pinned")
+    try:
+        events = [f.data for f in await load_stream(w)]
+        assert events[-1] == "[DONE]" and events[-2]["stage"] == "error"
+        assert events[-2]["code"] == "INVALID_CHECKPOINT" and "a part of it is a link now" in events[-2]["message"]
+        assert str(rbee_tiny_model) not in events[-2]["message"]  # where the link leads is not said
+        assert not any(e.get("stage") == "progress" for e in events[:-2] if isinstance(e, dict))
+    finally:
+        async with w.client() as c:
+            await c.post("/shutdown")
+        assert await asyncio.get_running_loop().run_in_executor(None, w.proc.wait, WAIT_S) == 0
+
+
 # --- lifecycle -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["shutdown", "parent gone"])

@@ -45,7 +45,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import InvalidCheckpoint
 from .procs import pid_alive
 
-__all__ = ["ModelFolder", "check_folder", "fd_path", "model_folder", "open_resolved", "private_copy",
+__all__ = ["ModelFolder", "check_folder", "check_unmoved", "fd_path", "model_folder", "open_resolved", "private_copy",
            "remove_snapshot", "resolve_inside", "sweep_private_copies"]
 
 
@@ -118,6 +118,21 @@ def resolve_inside(folder: str | Path | ModelFolder, name: str) -> Path:
         raise InvalidCheckpoint(f"{name} is missing from {where.root}; download the model again.",
                                 details={"file": name, "path": str(where.root)})
     return target
+
+
+def check_unmoved(path: str) -> None:
+    """Refuse a path the server resolved and checked that now resolves elsewhere.
+
+    A shared server checks a ``file://`` folder against its allowed folders, then a worker reads it
+    seconds later; a co-user who can write in an allowed folder could swap a part of the path for
+    a link in between. The path handed over is the real one, so any link in it now is such a swap.
+
+    Raises:
+        InvalidCheckpoint: a part of ``path`` is a link now (where it leads is not said).
+    """
+    if os.path.realpath(path) != path:
+        raise InvalidCheckpoint(f"{path} changed since the server checked it: a part of it is a link now. "
+                                "Load the model again.", details={"path": path})
 
 
 def check_folder(folder: str | Path | ModelFolder, *, confined: bool = True) -> ModelFolder:

@@ -322,8 +322,10 @@ class Hive:
         """``path`` resolved now, or ``ACCESS_DENIED`` when that is outside ``allowed_local_dirs`` (service mode).
 
         What is read must be the path checked: a co-user who can write in an allowed folder may swap a
-        part of it for a link later. A GGUF import checks again when it starts and opens the returned
-        path one part at a time without following links (``gguf.opened(resolved=True)``).
+        part of it for a link later. So a load checks again when it starts and hands the worker the
+        returned path, which the worker refuses if it resolves elsewhere by then (``WorkerSpec.pinned``);
+        a GGUF import checks again and opens the returned path one part at a time without following
+        links (``gguf.opened(resolved=True)``).
         """
         return Path(check_local_path(path, self.config.allowed_local_dirs, cache_dir=str(self.config.cache_dir)))
 
@@ -776,7 +778,11 @@ class Hive:
             plan = self._place(req, await asyncio.to_thread(self._blocks, req, entry.local_path), job.id)
         if plan is None:  # the download above plans; a load of a model on disk came with its plan
             raise RbeeError(f"Loading {req.ref} has no placement plan.", details={"model_ref": str(req.ref)})
-        spec = WorkerSpec(model_ref=str(req.ref), model_path=entry.local_path, device_map=plan,
+        model_path, pinned = entry.local_path, False
+        if self.config.service_mode and req.ref.scheme == "file" and not req.ref.is_gguf:
+            # allowed at POST; checked again now, and the worker refuses it if it resolves elsewhere later
+            model_path, pinned = str(self._allowed_local(entry.local_path)), True
+        spec = WorkerSpec(model_ref=str(req.ref), model_path=model_path, device_map=plan, pinned=pinned,
                           quantization=req.quantization, dtype=req.dtype, double_quant=req.double_quant,
                           owner=job.owner, queue_depth=self.config.queue_depth,
                           max_tokens_limit=self.config.max_tokens_limit, worker_id=job.id, node=req.node,

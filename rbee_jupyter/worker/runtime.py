@@ -80,7 +80,19 @@ class WorkerRuntime:
     # --- loading -------------------------------------------------------------------------
 
     def start_loading(self) -> None:
-        threading.Thread(target=self._load, name="rbee-load", daemon=True).start()
+        threading.Thread(target=self._load_unmoved, name="rbee-load", daemon=True).start()
+
+    def _load_unmoved(self) -> None:
+        """Loading thread: :meth:`_load`, once a path the hive pinned is known to lead where it did."""
+        from ..core.confine import check_unmoved
+
+        try:
+            if self.config.pinned:
+                check_unmoved(self.config.model_path)
+        except BaseException as exc:  # noqa: BLE001 - every failure must become an error event
+            self._load_crashed(exc)
+            return
+        self._load()
 
     def _load(self) -> None:
         """Loading thread: heavy imports, the layer-by-layer load, the tokenizer."""

@@ -233,6 +233,32 @@ async def test_a_local_gguf_swapped_for_a_link_after_post_is_not_read(two_ggufs,
         await hive.stop()
 
 
+async def test_a_local_folder_swapped_for_a_link_after_post_is_not_loaded(rbee_tiny_model, tmp_path):
+    """Service mode: a ``file://`` folder allowed at POST is checked again when its load starts; swapped by
+    then for a link to a model outside the allowed folders, the load fails and no worker starts.
+    (A swap after this check is the worker's to refuse: ``test_worker.py``, a pinned path.)"""
+    from rbee_jupyter.core.hive import Hive, HiveConfig
+    from rbee_jupyter.core.jobs import JobState
+    from rbee_jupyter.core.owners import Principal
+
+    allowed = tmp_path / "allowed"
+    path = allowed / "tiny"
+    shutil.copytree(rbee_tiny_model, path)
+    hive = Hive(HiveConfig(cache_dir=tmp_path / "cache", catalog_path=tmp_path / "catalog.sqlite", service_mode=True,
+                           allowed_local_dirs=(str(allowed),)))
+    try:  # registered once (a file:// model is catalogued like a download), then loaded: no download step
+        assert await hive.download(f"file://{path}", principal=Principal("alice")).wait(120) is JobState.COMPLETE
+        job = await hive.load_async({"model_ref": f"file://{path}", "device": "cpu"}, principal=Principal("alice"))
+        shutil.rmtree(path)
+        path.symlink_to(rbee_tiny_model)  # outside the allowed folders; before the job's first step runs
+        assert await job.wait(120) is JobState.ERROR
+        error = job.last.event
+        assert error.code == "ACCESS_DENIED" and "outside the folders" in error.message
+        assert hive.workers() == []
+    finally:
+        await hive.stop()
+
+
 # --- private copies left by killed workers ----------------------------------------------------------
 
 _HOLD_A_COPY = """
