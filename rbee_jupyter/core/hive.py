@@ -268,21 +268,9 @@ class Hive:
         if plan.restricted and self.config.service_mode:  # cached files must not bypass the hub's say
             await asyncio.to_thread(self._check_hub_access, plan, token)
         job.meta.update(revision=plan.commit, bytes_total=plan.bytes_total)
-        active: list[Any] = []
-
-        def remember(response: Any) -> None:
-            active[:] = [response] if response is not None else []
-
-        def interrupt() -> None:  # a blocked read returns at once when its response closes
-            for r in list(active):
-                try:
-                    r.close()
-                except Exception:
-                    pass
-
-        job.on_cancel(interrupt)
+        # a cancel stops the fetch at once: its watcher wakes on the event and closes every open response
         path = await loop.run_in_executor(self._download_threads, functools.partial(
-            self.downloader.fetch, plan, emit=job.publish_threadsafe, cancel=job.cancel_event, on_response=remember))
+            self.downloader.fetch, plan, emit=job.publish_threadsafe, cancel=job.cancel_event))
         await asyncio.sleep(0)  # let the last threadsafe progress event land before `complete`
         return CatalogEntry(ref=str(ref), repo_id=ref.repo_id, revision=plan.commit, local_path=str(path),
                             size_bytes=plan.bytes_total, files=[f.path for f in plan.files], source="hub",

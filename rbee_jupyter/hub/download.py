@@ -346,7 +346,7 @@ class Downloader:
     # --- fetching -----------------------------------------------------------------
 
     def fetch(self, plan: DownloadPlan, *, emit: Callable[[DownloadProgress], None],
-              cancel: threading.Event, on_response: Callable[[object | None], None] | None = None) -> Path:
+              cancel: threading.Event) -> Path:
         """Download every file of ``plan``; returns the snapshot folder.
 
         Up to ``connections`` transfers run at once, across files and across the ranged
@@ -354,9 +354,10 @@ class Downloader:
 
         Args:
             emit: receives throttled progress (the last state is always emitted).
-            cancel: checked between chunks; when set, partial files are removed.
-            on_response: told, once, an object whose ``close()`` closes every open HTTP
-                response of this fetch, so a canceller interrupts blocked reads at once.
+            cancel: when set, the fetch stops at once: a watcher wakes on it, marks the fetch
+                stopped and then closes every open response, so blocked reads return and end as
+                ``Cancelled`` (closed in the other order, a reader would see a closed stream it
+                could not tell from a bug); partial files are removed.
 
         Raises:
             CacheNotWritable: a folder of the cache cannot be written (named in the error).
@@ -369,14 +370,10 @@ class Downloader:
             run = _Run(threading.Event(), _Responses(), threading.BoundedSemaphore(max(1, self.connections)))
             watcher = threading.Thread(target=run.watch, args=(cancel,), name="rbee-download-cancel", daemon=True)
             watcher.start()
-            if on_response is not None:
-                on_response(run.responses)
             try:
                 self._fetch_files(plan, meter, run)
             finally:
                 run.finish()
-                if on_response is not None:
-                    on_response(None)
             ref_file = plan.repo_dir / "refs" / (plan.ref.revision or "main")
             if plan.ref.revision != plan.commit and _read(ref_file) != plan.commit:
                 _write_atomic(ref_file, plan.commit)
